@@ -1,0 +1,195 @@
+"""Frozen configuration: what a model is, how an engine runs it, what a device offers.
+
+Facts discovered at run time (pages free, measured rates) live in state objects, never here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration a user gave us is wrong; the message names what and where."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling (rope_type "llama3"); other types are refused."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of one Llama-family model, read from a Hugging Face config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q, k and v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k
+    rope_scaling: RopeScaling | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def kv_bytes_per_token(self, dtype_size: int) -> int:
+        return 2 * self.num_layers * self.kv_size * dtype_size
+
+    def num_params(self) -> int:
+        h, i, layers = self.hidden_size, self.intermediate_size, self.num_layers
+        attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
+        if self.attention_bias:
+            attn += self.q_size + 2 * self.kv_size
+        if self.qk_norm:
+            attn += 2 * self.head_dim
+        per_layer = attn + 3 * h * i + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return layers * per_layer + embed + h
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf_dict(raw, source=str(path))
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict, source: str = "config") -> "ModelConfig":
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"{source}: unsupported architecture {arch!r}; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        try:
+            num_heads = int(raw["num_attention_heads"])
+            hidden = int(raw["hidden_size"])
+            eos = raw.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            max_pos = int(raw.get("max_position_embeddings", 4096))
+            if arch == "MistralForCausalLM" and raw.get("sliding_window"):
+                # We do not implement sliding-window attention; within the window it is
+                # identical to full attention, so cap the context there instead of being wrong.
+                max_pos = min(max_pos, int(raw["sliding_window"]))
+            return cls(
+                architecture=arch,
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_layers=int(raw["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+                head_dim=int(raw.get("head_dim") or hidden // num_heads),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(_rope_value(raw, "rope_theta", 10000.0)),
+                max_position_embeddings=max_pos,
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                attention_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
+                qk_norm=arch == "Qwen3ForCausalLM",
+                rope_scaling=_parse_rope_scaling(raw, source),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: bad value: {e}") from None
+
+
+def _rope_value(raw: dict, key: str, default):
+    # transformers 5 writes rope settings under "rope_parameters"; hub files use top-level keys.
+    params = raw.get("rope_parameters") or {}
+    return raw.get(key, params.get(key, default))
+
+
+def _parse_rope_scaling(raw: dict, source: str) -> RopeScaling | None:
+    scaling = raw.get("rope_scaling") or raw.get("rope_parameters")
+    if not scaling:
+        return None
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type != "llama3":
+        raise ConfigError(f"{source}: unsupported rope scaling type {rope_type!r} (only llama3)")
+    return RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one model's engine batches work."""
+
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # running requests at once
+    max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ConfigError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One device and its physical page budget."""
+
+    device: str = "cpu"  # "cpu" or "cuda:N"
+    memory_bytes: int = 4 << 30  # the page budget shared by all arenas of this device
+    page_size: int = 2 << 20  # 2 MiB: the CUDA VMM granularity; the CPU backend accepts smaller
+    num_spare_pages: int = 4  # kept mapped-ready to hide create/map latency
+
+    @property
+    def num_pages(self) -> int:
+        return self.memory_bytes // self.page_size
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+@dataclass(frozen=True)
+class ServeModel:
+    """A model as named by a user: a catalog name, an HF folder, a GGUF file, or a config."""
+
+    name: str
+    source: str
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    seed: int = 0  # for random weights
+    extra: dict = field(default_factory=dict)
