@@ -1,0 +1,140 @@
+"""A model's weights laid out in one elastic arena.
+
+Fused tensors are laid out so that each Hugging Face parameter is a view into them: q, k and v
+projections sit back to back (one [q + 2kv, hidden] matrix), gate and up likewise. Loading
+copies each checkpoint tensor into its view; the forward pass uses the fused views, so one
+matmul does the work of three. The arena's address never changes, so a later eviction can
+unmap the pages and a reactivation can copy the bytes back into the same place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from prism.config import ModelConfig
+from prism.memory import Arena, Owner, PagePool
+
+ALIGN = 256  # bytes; keeps every tensor aligned for vectorized loads
+WEIGHT_CHUNK_PAGES = 512  # map weights 1 GiB at a time: one large handle maps far faster than many pages
+
+
+class WeightsLoadError(ValueError):
+    """A checkpoint does not fit the model (missing, unexpected or misshaped tensors)."""
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    offset: int  # bytes into the arena
+    shape: tuple[int, ...]
+
+
+@dataclass
+class WeightLayout:
+    """Where every fused tensor lives, and each HF name's (fused name, row range)."""
+
+    slots: dict[str, TensorSlot] = field(default_factory=dict)
+    hf_names: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    num_bytes: int = 0
+
+    def add(self, name: str, shape: tuple[int, ...], itemsize: int, parts: Iterable[tuple[str, int]]):
+        """Add fused tensor `name`; `parts` are (hf_name, rows) stacked along dim 0."""
+        self.num_bytes = -(-self.num_bytes // ALIGN) * ALIGN
+        self.slots[name] = TensorSlot(self.num_bytes, shape)
+        numel = 1
+        for d in shape:
+            numel *= d
+        self.num_bytes += numel * itemsize
+        row = 0
+        for hf_name, rows in parts:
+            self.hf_names[hf_name] = (name, row, row + rows)
+            row += rows
+        assert row == shape[0], f"parts of {name} do not add up"
+
+
+def plan_layout(config: ModelConfig, dtype: torch.dtype) -> WeightLayout:
+    c, sz = config, dtype.itemsize
+    h, q, kv, i = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
+    lay = WeightLayout()
+    lay.add("embed", (c.vocab_size, h), sz, [("model.embed_tokens.weight", c.vocab_size)])
+    for n in range(c.num_layers):
+        p = f"model.layers.{n}."
+        att = p + "self_attn."
+        lay.add(p + "qkv", (q + 2 * kv, h), sz, [(att + "q_proj.weight", q), (att + "k_proj.weight", kv), (att + "v_proj.weight", kv)])
+        if c.attention_bias:
+            lay.add(p + "qkv_bias", (q + 2 * kv,), sz, [(att + "q_proj.bias", q), (att + "k_proj.bias", kv), (att + "v_proj.bias", kv)])
+        if c.qk_norm:
+            lay.add(p + "q_norm", (c.head_dim,), sz, [(att + "q_norm.weight", c.head_dim)])
+            lay.add(p + "k_norm", (c.head_dim,), sz, [(att + "k_norm.weight", c.head_dim)])
+        lay.add(p + "o", (h, q), sz, [(att + "o_proj.weight", h)])
+        mlp = p + "mlp."
+        lay.add(p + "gate_up", (2 * i, h), sz, [(mlp + "gate_proj.weight", i), (mlp + "up_proj.weight", i)])
+        lay.add(p + "down", (h, i), sz, [(mlp + "down_proj.weight", h)])
+        lay.add(p + "input_norm", (h,), sz, [(p + "input_layernorm.weight", h)])
+        lay.add(p + "post_norm", (h,), sz, [(p + "post_attention_layernorm.weight", h)])
+    lay.add("norm", (h,), sz, [("model.norm.weight", h)])
+    if not c.tie_word_embeddings:
+        lay.add("lm_head", (c.vocab_size, h), sz, [("lm_head.weight", c.vocab_size)])
+    return lay
+
+
+class ModelWeights:
+    """The weight arena of one model and typed views of its fused tensors."""
+
+    def __init__(self, model_id: str, config: ModelConfig, dtype: torch.dtype, pool: PagePool):
+        self.config = config
+        self.dtype = dtype
+        self.layout = plan_layout(config, dtype)
+        self.arena = Arena(pool, Owner(model_id, "weights"), self.layout.num_bytes)
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    @property
+    def num_bytes(self) -> int:
+        return self.layout.num_bytes
+
+    @property
+    def num_pages(self) -> int:
+        return -(-self.layout.num_bytes // self.arena.page_size)
+
+    def map(self) -> bool:
+        """Back the whole arena with physical pages; False if the pool cannot give them."""
+        ok = self.arena.map(0, self.num_pages, chunk_pages=WEIGHT_CHUNK_PAGES)
+        if ok:
+            self.tensors = {
+                name: self.arena.view(self.dtype, slot.shape, slot.offset)
+                for name, slot in self.layout.slots.items()
+            }
+        return ok
+
+    def unmap(self) -> None:
+        self.tensors = {}
+        self.arena.unmap_all()
+
+    def load(self, named_tensors: Iterator[tuple[str, torch.Tensor]], source: str) -> None:
+        """Copy a checkpoint in, checking that every expected tensor comes exactly once."""
+        missing = set(self.layout.hf_names)
+        for hf_name, tensor in named_tensors:
+            if hf_name not in self.layout.hf_names:
+                if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
+                    continue  # some tied checkpoints still carry a copy of the embedding
+                if "rotary_emb" in hf_name:
+                    continue
+                raise WeightsLoadError(f"{source}: unexpected tensor {hf_name!r}")
+            fused, lo, hi = self.layout.hf_names[hf_name]
+            dst = self.tensors[fused][lo:hi]
+            if tuple(tensor.shape) != tuple(dst.shape):
+                raise WeightsLoadError(
+                    f"{source}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(dst.shape)}"
+                )
+            dst.copy_(tensor)
+            missing.discard(hf_name)
+        if missing:
+            raise WeightsLoadError(
+                f"{source}: {len(missing)} tensors missing, e.g. {sorted(missing)[0]!r}"
+            )
+
+    def close(self) -> None:
+        self.tensors = {}
+        self.arena.close()

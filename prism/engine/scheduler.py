@@ -1,0 +1,116 @@
+"""Continuous batching for one model: which sequences run this step, with how many tokens.
+
+Policy only (no torch): running sequences go first (decodes and unfinished prefill chunks),
+then waiting prefills fill what is left of the per-step token budget (chunked prefill). When
+KV pages run out, the most recently admitted sequence is preempted and recomputed later
+rather than anything failing. The cross-model, SLO-aware order comes from the device's local
+scheduler (a later layer); this class only forms batches.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from prism.config import EngineConfig
+from prism.engine.block_manager import BlockManager
+from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
+from prism.types import FinishReason, SeqStatus
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last is preempted first
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        scheduled: set[int] = set()
+
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num = min(seq.num_uncomputed_tokens, budget)
+            if not self._grow_or_preempt(seq, num, preempted, scheduled):
+                continue
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+            scheduled.add(id(seq))
+            budget -= num
+
+        # New prefills only when nothing had to be preempted: admitting work while evicting
+        # other work would thrash.
+        while self.waiting and budget > 0 and not preempted:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            seq = self.waiting[0]
+            num = min(seq.num_uncomputed_tokens, budget)
+            # Leave one block per running sequence so their next decodes do not preempt.
+            reserve = len(self.running)
+            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + num, reserve):
+                break
+            if not self.blocks.allocate(seq, seq.num_computed_tokens + num):
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
+            budget -= num
+        return StepPlan(tuple(chunks), tuple(preempted))
+
+    def _grow_or_preempt(
+        self, seq: Sequence, num: int, preempted: list[Sequence], scheduled: set[int]
+    ) -> bool:
+        """Make room for seq's next `num` tokens, preempting the newest others if needed.
+        False when seq itself had to be preempted."""
+        target = seq.num_computed_tokens + num
+        while not self.blocks.allocate(seq, target):
+            victim = next(
+                (s for s in reversed(self.running) if id(s) not in scheduled), None
+            )
+            if victim is None:
+                victim = seq
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: drop its KV, keep its tokens, put it back at the queue head."""
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.is_finished:
+            return
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        self.blocks.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def commit(self, plan: StepPlan) -> None:
+        """The step ran: advance what each chunk computed (sampled tokens are added by the
+        engine, which also decides when a sequence finishes)."""
+        for chunk in plan.chunks:
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens

@@ -1,0 +1,88 @@
+"""A request as the engine sees it: its tokens, its KV blocks and how far it has been computed.
+
+Torch-free on purpose: the schedulers (and later the simulator) read and move these.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prism.types import FinishReason, SamplingParams, SeqStatus
+
+
+@dataclass(eq=False)  # identity semantics: a sequence is a live object, two are never "equal"
+class Sequence:
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    # Tokens whose K/V are in the cache. After a recompute preemption this drops to 0 and
+    # prompt + outputs so far are prefilled again; outputs are kept, so greedy results match.
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt followed by outputs."""
+        n_prompt = len(self.prompt_token_ids)
+        if end <= n_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt : end - n_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Compute tokens [start, start + num_tokens) of seq this step; sample after it if the
+    chunk reaches the end of what the sequence knows (a finished prefill, or a decode)."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one engine step runs: small and per step (the runner turns it into tensors)."""
+
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[Sequence, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
