@@ -10,3 +10,53 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- tiny Hugging Face checkpoints, one per supported architecture -----------------------
+TINY_CONFIGS = {
+    "LlamaForCausalLM": dict(
+        model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        rope_theta=500000.0,
+    ),
+    "MistralForCausalLM": dict(model_type="mistral", sliding_window=None, rope_theta=10000.0),
+    "Qwen2ForCausalLM": dict(model_type="qwen2", rope_theta=1000000.0),
+    "Qwen3ForCausalLM": dict(model_type="qwen3", head_dim=24, rope_theta=1000000.0, tie_word_embeddings=True),
+}
+
+
+def make_tiny_checkpoint(folder, architecture: str, seed: int = 0, **overrides):
+    """Save a tiny random HF model of `architecture` to `folder`; return the HF model."""
+    import transformers
+
+    extra = dict(TINY_CONFIGS[architecture])
+    model_type = extra.pop("model_type")
+    kwargs = dict(
+        vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    config.architectures = [architecture]
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config).float().eval()
+    # HF initializes norms to exactly 1; perturb them so a mixed-up norm would show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Factory: tiny_checkpoint(architecture) -> (folder, hf_model)."""
+
+    def make(architecture: str, **overrides):
+        folder = tmp_path / architecture
+        return str(folder), make_tiny_checkpoint(folder, architecture, **overrides)
+
+    return make

@@ -100,6 +100,13 @@ class ModelRunner:
         tokens = sample(logits, params, gens).tolist()
         return list(zip(batch.sampled_seqs, tokens))
 
+    @torch.inference_mode()
+    def logits_for(self, plan: StepPlan) -> torch.Tensor:
+        """Logits of every token the plan computes (for scoring, profiling and tests)."""
+        batch = self.prepare(plan)
+        hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv)
+        return self.model.logits(hidden)
+
     def _generator(self, seq: Sequence) -> torch.Generator | None:
         if seq.req_id not in self._generators:
             self._generators[seq.req_id] = make_generator(seq.params.seed, self.device)

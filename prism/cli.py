@@ -1,0 +1,104 @@
+"""`prism` command line. Errors a user can cause end in one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
+              "g": 1 << 30, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512MiB', '2g', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4GiB or 512MiB)")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="complete one prompt and print the text")
+    p.add_argument("--model", required=True, help="catalog name (e.g. smollm2-135m, llama-3.2-1b:random), HF folder, .gguf file or config.json")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--memory", type=parse_size, default=None, help="device page budget (default: 4GiB on CPU, 90%% of free GPU memory)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from prism.config import DeviceConfig
+    from prism.engine.llm_engine import LLMEngine
+    from prism.types import SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+    )
+    device = DeviceConfig(device=args.device, memory_bytes=args.memory or default_memory(args.device))
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    engine = LLMEngine(args.model, device_config=device, dtype=dtype, show_progress=True)
+    try:
+        prompt = args.prompt
+        if args.chat:
+            if engine.tokenizer is None:
+                raise ValueError(f"model {args.model} has no tokenizer, so no chat template")
+            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        start = time.perf_counter()
+        out = engine.generate([prompt], params)[0]
+        elapsed = time.perf_counter() - start
+    finally:
+        engine.close()
+    sys.stdout.write(out.text + "\n")
+    sys.stdout.flush()
+    n = len(out.token_ids)
+    print(f"{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s "
+          f"(finish: {out.finish_reason.value})", file=sys.stderr)
+    return 0
+
+
+def default_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * 0.9)
+    return 4 << 30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism", description="Prism: many LLMs on shared GPUs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:
+        # User-caused problems (bad model name, corrupt weights, prompt too long, no memory)
+        # arrive here as exceptions with a message meant for people: one line, no traceback.
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"prism: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
