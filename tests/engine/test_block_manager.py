@@ -1,0 +1,83 @@
+"""Block accounting over elastic pages (pure policy, no torch)."""
+import random
+
+from prism.engine.block_manager import BlockManager
+from prism.engine.sequence import Sequence
+from prism.types import SamplingParams
+
+
+class CountingMapper:
+    """A page mapper with a fixed page budget that records what is mapped."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.mapped: set[int] = set()
+
+    def num_mappable_pages(self):
+        return self.budget - len(self.mapped)
+
+    def map_page(self, page):
+        assert page not in self.mapped
+        if len(self.mapped) >= self.budget:
+            return False
+        self.mapped.add(page)
+        return True
+
+    def unmap_page(self, page):
+        self.mapped.remove(page)
+
+
+def seq(n=0):
+    return Sequence(f"s{n}", [1], SamplingParams())
+
+
+def test_pages_are_mapped_on_demand_and_unmapped_when_free():
+    mapper = CountingMapper(budget=4)
+    bm = BlockManager(num_virtual_pages=10, blocks_per_page=4, block_size=16, mapper=mapper, num_spare_pages=0)
+    a = seq()
+    assert bm.allocate(a, 16 * 6)  # 6 blocks -> 2 pages
+    assert mapper.mapped == {0, 1}
+    assert bm.num_free_blocks == 2
+    bm.free(a)
+    assert mapper.mapped == set()
+
+
+def test_allocation_is_all_or_nothing_at_the_budget():
+    mapper = CountingMapper(budget=2)
+    bm = BlockManager(10, 4, 16, mapper, num_spare_pages=0)
+    a, b = seq(0), seq(1)
+    assert bm.allocate(a, 16 * 5)
+    assert not bm.can_allocate(b, 16 * 4)
+    assert not bm.allocate(b, 16 * 4)
+    assert b.block_table == [] and len(a.block_table) == 5
+    assert mapper.mapped == {0, 1}
+
+
+def test_spare_page_stays_mapped():
+    mapper = CountingMapper(budget=8)
+    bm = BlockManager(10, 4, 16, mapper, num_spare_pages=1)
+    a = seq()
+    bm.allocate(a, 16 * 12)
+    bm.free(a)
+    assert len(mapper.mapped) == 1
+    bm.release_all_free_pages()
+    assert mapper.mapped == set()
+
+
+def test_random_alloc_free_keeps_invariants():
+    rng = random.Random(0)
+    mapper = CountingMapper(budget=6)
+    bm = BlockManager(16, 3, 4, mapper, num_spare_pages=1)
+    live = []
+    for step in range(2000):
+        if live and rng.random() < 0.45:
+            bm.free(live.pop(rng.randrange(len(live))))
+        else:
+            s = seq(step)
+            if bm.allocate(s, rng.randint(1, 20)):
+                live.append(s)
+        used = [b for s in live for b in s.block_table]
+        assert len(used) == len(set(used)), "a block was handed out twice"
+        assert all(b // 3 in mapper.mapped for b in used), "a used block lies in an unmapped page"
+        assert len(mapper.mapped) <= 6
+        assert bm.num_free_blocks == len(mapper.mapped) * 3 - len(used)
