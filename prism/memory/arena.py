@@ -76,6 +76,10 @@ class Arena:
         already = [p for p in range(first_page, first_page + num_pages) if self.is_mapped(p)]
         if already:
             raise ValueError(f"pages {already[:8]} of the arena are already mapped")
+        if not self.pool.can_allocate(self.owner, num_pages):
+            # Refuse before touching anything, so a refusal leaves the pool exactly as it was.
+            self.pool.note_refusal()
+            return False
         done: list[int] = []
         try:
             page = first_page

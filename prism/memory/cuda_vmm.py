@@ -135,6 +135,7 @@ class CudaVmmBackend(MemoryBackend):
     def create(self, num_pages: int) -> PhysicalChunk | None:
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        self._bind()
         err, handle = self._drv.cuMemCreate(num_pages * self.page_size, self._prop, 0)
         if err == self._drv.CUresult.CUDA_ERROR_OUT_OF_MEMORY:
             return None  # not sticky: the context stays usable
@@ -151,6 +152,7 @@ class CudaVmmBackend(MemoryBackend):
         self._check_inside(addr, num_bytes)
         if addr in self._mapped:
             raise ValueError(f"address {addr:#x} is already mapped")
+        self._bind()
         self._call("cuMemMap", addr, num_bytes, 0, chunk.handle, 0)
         try:
             self._call("cuMemSetAccess", addr, num_bytes, self._access, 1)
@@ -178,6 +180,7 @@ class CudaVmmBackend(MemoryBackend):
         # (cudaPointerGetAttributes), which fails on an unmapped address: back it with a
         # scratch page for that moment. No kernel runs, so nothing touches the scratch page.
         scratch = self._scratch_handle()
+        self._bind()
         self._call("cuMemMap", base, self.page_size, 0, scratch, 0)
         try:
             self._call("cuMemSetAccess", base, self.page_size, self._access, 1)

@@ -156,6 +156,11 @@ class PagePool:
             self._holder[chunk.handle] = owner
             return chunk
 
+    def note_refusal(self) -> None:
+        """Count a request refused by a caller that asked can_allocate() first."""
+        with self._lock:
+            self._counts["refusals"] += 1
+
     def _take_spare(self) -> PhysicalChunk | None:
         if not self._spares:
             return None
