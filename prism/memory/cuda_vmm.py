@@ -174,7 +174,7 @@ class CudaVmmBackend(MemoryBackend):
     # -- views and teardown ---------------------------------------------------------------
     def tensor(self, base: int, num_bytes: int) -> torch.Tensor:
         self._check_inside(base, num_bytes)
-        if base in self._mapped:
+        if any(a <= base < a + n for a, n in self._mapped.items()):
             return self._wrap(base, num_bytes)
         # Some torch versions ask the runtime which device owns the first byte
         # (cudaPointerGetAttributes), which fails on an unmapped address: back it with a
