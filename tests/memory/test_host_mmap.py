@@ -107,3 +107,12 @@ def test_free_range_keeps_live_views_safe(backend):
     # The CPU backend keeps the mapping alive while a view exists (contents dropped).
     assert int(view.sum()) == 0
     backend.release(chunk)
+
+
+def test_make_backend_picks_by_device():
+    from prism.memory import make_backend
+
+    b = make_backend("cpu", PAGE)
+    assert isinstance(b, HostMmapBackend) and b.page_size == PAGE
+    with pytest.raises(ValueError):
+        make_backend("tpu:0", PAGE)
