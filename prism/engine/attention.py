@@ -106,9 +106,13 @@ def _decode_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
         t = by_block[pages, in_page]  # [B, max_blocks, bs, heads, dim]
         return t.reshape(t.shape[0], -1, heads, dim).transpose(1, 2).float()
 
-    k, v = gather(k_cache), gather(v_cache)
-    positions = torch.arange(k.shape[2], device=q.device)
+    positions = torch.arange(blocks.shape[1] * bs, device=q.device)
     mask = positions[None, :] < meta.context_lens[:, None]  # [B, max_len]
+    # Slots past a context hold whatever the page held before (fresh CUDA pages are not
+    # zeroed): zero them, since NaN bit patterns would leak through a masked softmax.
+    keep = mask[:, None, :, None]
+    k = gather(k_cache).masked_fill(~keep, 0.0)
+    v = gather(v_cache).masked_fill(~keep, 0.0)
     o = F.scaled_dot_product_attention(
         q.float().unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
     )
