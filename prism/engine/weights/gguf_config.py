@@ -11,10 +11,18 @@ from gguf.quants import dequantize
 
 from .errors import WeightsError
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 ROPE_FREQS_TENSOR = "rope_freqs.weight"  # llama.cpp's precomputed Llama-3 RoPE scaling factors
 # llama.cpp's converter does not store these three; it assumes Meta's published values.
-LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_FIXED = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 class _Metadata:
@@ -39,7 +47,8 @@ def hf_config_from_gguf(reader: GGUFReader, path: Path) -> dict:
     meta = _Metadata(reader, path)
     if meta.arch not in ARCHITECTURES:
         raise WeightsError(
-            f"{path}: unsupported GGUF architecture {meta.arch!r}; supported: {', '.join(ARCHITECTURES)}"
+            f"{path}: unsupported GGUF architecture {meta.arch!r}; "
+            f"supported: {', '.join(ARCHITECTURES)}"
         )
     hidden = int(meta.require(Keys.LLM.EMBEDDING_LENGTH))
     heads = int(meta.require(Keys.Attention.HEAD_COUNT))
@@ -54,7 +63,9 @@ def hf_config_from_gguf(reader: GGUFReader, path: Path) -> dict:
         "num_key_value_heads": _kv_heads(meta, heads),
         # Qwen3 heads are wider than hidden/heads; key_length says so, rope dims for llama.
         "head_dim": int(
-            meta.get(Keys.Attention.KEY_LENGTH) or meta.get(Keys.Rope.DIMENSION_COUNT) or hidden // heads
+            meta.get(Keys.Attention.KEY_LENGTH)
+            or meta.get(Keys.Rope.DIMENSION_COUNT)
+            or hidden // heads
         ),
         "rms_norm_eps": _float32_shortest(meta.require(Keys.Attention.LAYERNORM_RMS_EPS)),
         "rope_theta": _float32_shortest(meta.get(Keys.Rope.FREQ_BASE, 10000.0)),
@@ -131,13 +142,14 @@ def _llama3_scaling(factors: np.ndarray, config: dict, path: Path) -> dict | Non
     expected = llama3_rope_factors(scaling, config["rope_theta"], config["head_dim"])
     if expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-4):
         raise WeightsError(
-            f"{path}: {ROPE_FREQS_TENSOR} is not Llama-3 RoPE scaling with {LLAMA3_FIXED}; unsupported"
+            f"{path}: {ROPE_FREQS_TENSOR} is not Llama-3 RoPE scaling with "
+            f"{LLAMA3_FIXED}; unsupported"
         )
     return scaling
 
 
 def llama3_rope_factors(scaling: dict, theta: float, head_dim: int) -> np.ndarray:
-    """The divisor of each RoPE frequency under Llama-3 scaling, as llama.cpp's converter stores it."""
+    """Each RoPE frequency's divisor under Llama-3 scaling, as llama.cpp's converter stores it."""
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_context = scaling["original_max_position_embeddings"]

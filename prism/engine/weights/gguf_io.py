@@ -56,12 +56,15 @@ class GgufCheckpoint:
                 raise WeightsError(f"{self.path}: unexpected tensor {tensor.name}")
             yield hf_name, self._load(tensor, hf_name, shapes[hf_name], config)
 
-    def _load(self, tensor: ReaderTensor, hf_name: str, shape: Shape, config: ModelConfig) -> torch.Tensor:
+    def _load(
+        self, tensor: ReaderTensor, hf_name: str, shape: Shape, config: ModelConfig
+    ) -> torch.Tensor:
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
         except Exception as e:  # NotImplementedError for types gguf-py cannot dequantize
             raise WeightsError(
-                f"{self.path}: tensor {tensor.name} of type {tensor.tensor_type.name}: {one_line(e)}"
+                f"{self.path}: tensor {tensor.name} of type {tensor.tensor_type.name}: "
+                f"{one_line(e)}"
             ) from None
         if tuple(array.shape) != shape:
             raise WeightsError(

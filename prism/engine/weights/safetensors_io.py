@@ -15,7 +15,9 @@ from .shapes import NamedTensor, check_weights
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def iter_safetensors(folder: str | Path, config: ModelConfig | None = None) -> Iterator[NamedTensor]:
+def iter_safetensors(
+    folder: str | Path, config: ModelConfig | None = None
+) -> Iterator[NamedTensor]:
     """Yield (hf_name, tensor) in stored dtype for every tensor of an HF checkpoint folder.
 
     With `config`, tensors are checked against its parameters (see check_weights)."""
