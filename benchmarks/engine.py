@@ -99,6 +99,19 @@ def run_case(engine, batch, context, steps, bandwidth) -> dict:
     )
 
 
+def profile_step(engine: LLMEngine, batch: int, context: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    seqs = prefill(engine, batch, context)
+    time_decode(engine, seqs, steps=1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time_decode(engine, seqs, steps=2, warmup=0)
+    for s in seqs:
+        engine.blocks.free(s)
+    for key in ("self_cuda_time_total", "cpu_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=50))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.1-8b:random")
@@ -107,6 +120,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--memory-gib", type=float, default=60.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="print where one decode step's time goes")
     args = ap.parse_args()
     device = torch.device("cuda:0")
     card = torch.cuda.get_device_name(device)
@@ -116,6 +130,8 @@ def main() -> int:
         DeviceConfig("cuda:0", int(args.memory_gib * 2**30)), show_progress=True,
     )
     cases = [run_case(engine, b, args.context, args.steps, bandwidth) for b in args.batches]
+    if args.profile:
+        profile_step(engine, args.batches[0], args.context)
     engine.close()
     result = dict(
         benchmark="engine_decode", card=card, date=datetime.date.today().isoformat(),

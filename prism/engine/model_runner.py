@@ -82,10 +82,8 @@ class ModelRunner:
         )
 
     def _tensor(self, data, dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        # Small per-step tensors: a direct copy is cheaper than pinning host memory each time.
+        return torch.tensor(data, dtype=dtype, device=self.device)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[tuple[Sequence, int]]:
