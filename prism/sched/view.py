@@ -1,0 +1,87 @@
+"""What policies see and what they return: plain, torch-free snapshots and decisions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float  # time to first token, from arrival
+    tpot_s: float  # time per output token after the first
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """One request of one model on this device, as of `DeviceView.now`."""
+
+    req_id: str
+    model_id: str
+    arrival: float
+    slo: SLO
+    num_prompt_tokens: int
+    num_computed_tokens: int  # tokens whose KV is cached now (0 after a recompute preemption)
+    num_output_tokens: int
+    max_tokens: int
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    running: bool = False  # holds KV blocks (admitted), as opposed to waiting
+    priority: int = 0  # higher runs first among otherwise equal requests
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_output_tokens
+
+    @property
+    def ttft_deadline(self) -> float:
+        return self.arrival + self.slo.ttft_s
+
+    @property
+    def has_first_token(self) -> bool:
+        return self.first_token_time is not None
+
+
+@dataclass(frozen=True)
+class ModelView:
+    model_id: str
+    resident: bool  # weights mapped on this device
+    last_used: float  # last time a request of it arrived or ran
+    weight_pages: int  # pages its weights take when resident
+    kv_pages: int  # pages its KV holds now
+    activating: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    now: float
+    budget_pages: int
+    free_pages: int
+    models: tuple[ModelView, ...]
+    requests: tuple[RequestView, ...]
+
+    def model(self, model_id: str) -> ModelView:
+        return next(m for m in self.models if m.model_id == model_id)
+
+    def requests_of(self, model_id: str) -> list[RequestView]:
+        return [r for r in self.requests if r.model_id == model_id]
+
+
+class CostModel(Protocol):
+    """Time estimates the policies plan with (from measured profiles, or defaults)."""
+
+    def prefill_time(self, model_id: str, num_tokens: int) -> float: ...
+
+    def decode_step_time(self, model_id: str, batch_size: int, num_context_tokens: int) -> float: ...
+
+    def activation_time(self, model_id: str) -> float: ...
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """What the device does next. Evictions happen first, then activations, then one step of
+    `run_model` (None: nothing runnable now)."""
+
+    run_model: str | None
+    admit_order: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> waiting req_ids, best first
+    activate: tuple[str, ...] = ()
+    evict: tuple[str, ...] = ()
