@@ -46,7 +46,8 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2: bias on q, k and v projections
+    attention_bias: bool = False  # bias on q, k and v projections (always for Qwen2)
+    attention_out_bias: bool = False  # bias on o_proj too (Llama/Qwen3 with attention_bias)
     qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k
     rope_scaling: RopeScaling | None = None
     bos_token_id: int | None = None
@@ -68,6 +69,8 @@ class ModelConfig:
         attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
         if self.attention_bias:
             attn += self.q_size + 2 * self.kv_size
+        if self.attention_out_bias:
+            attn += h
         if self.qk_norm:
             attn += 2 * self.head_dim
         per_layer = attn + 3 * h * i + 2 * h
@@ -117,7 +120,12 @@ class ModelConfig:
                 rope_theta=float(_rope_value(raw, "rope_theta", 10000.0)),
                 max_position_embeddings=max_pos,
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                attention_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
+                # As transformers builds them: Qwen2 always has q/k/v biases and never an
+                # o_proj bias, Mistral ignores attention_bias, Llama and Qwen3 put it on all four.
+                attention_bias=arch == "Qwen2ForCausalLM"
+                or (arch != "MistralForCausalLM" and bool(raw.get("attention_bias", False))),
+                attention_out_bias=arch in ("LlamaForCausalLM", "Qwen3ForCausalLM")
+                and bool(raw.get("attention_bias", False)),
                 qk_norm=arch == "Qwen3ForCausalLM",
                 rope_scaling=_parse_rope_scaling(raw, source),
                 bos_token_id=raw.get("bos_token_id"),

@@ -104,7 +104,7 @@ class LlamaModel:
         k = self.rotary.apply(k, positions)
         write_kv(kv.k_caches[n], kv.v_caches[n], k, v, meta)
         o = self.attention(q, kv.k_caches[n], kv.v_caches[n], meta, self.scale)
-        h = h + F.linear(o.reshape(-1, c.q_size), w[p + "o"])
+        h = h + F.linear(o.reshape(-1, c.q_size), w[p + "o"], w.get(p + "o_bias"))
         x = rms_norm(h, w[p + "post_norm"], c.rms_norm_eps)
         gate, up = F.linear(x, w[p + "gate_up"]).chunk(2, dim=-1)
         return h + F.linear(F.silu(gate) * up, w[p + "down"])

@@ -68,6 +68,8 @@ def plan_layout(config: ModelConfig, dtype: torch.dtype) -> WeightLayout:
             lay.add(p + "q_norm", (c.head_dim,), sz, [(att + "q_norm.weight", c.head_dim)])
             lay.add(p + "k_norm", (c.head_dim,), sz, [(att + "k_norm.weight", c.head_dim)])
         lay.add(p + "o", (h, q), sz, [(att + "o_proj.weight", h)])
+        if c.attention_out_bias:
+            lay.add(p + "o_bias", (h,), sz, [(att + "o_proj.bias", h)])
         mlp = p + "mlp."
         lay.add(p + "gate_up", (2 * i, h), sz, [(mlp + "gate_proj.weight", i), (mlp + "up_proj.weight", i)])
         lay.add(p + "down", (h, i), sz, [(mlp + "down_proj.weight", h)])

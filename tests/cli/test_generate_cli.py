@@ -56,3 +56,20 @@ def test_prompt_longer_than_context_is_refused(tmp_path):
                        timeout=120)
     assert result.returncode == 2
     assert "context limit" in result.stderr
+
+
+def test_unknown_architecture_and_missing_weights(tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}')
+    result = run_prism("generate", "--model", str(gpt2), "--prompt", "hi", timeout=120)
+    assert result.returncode == 2 and "unsupported architecture 'GPT2LMHeadModel'" in result.stderr
+
+    no_weights = tmp_path / "llama"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(
+        '{"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 16,'
+        ' "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}')
+    result = run_prism("generate", "--model", str(no_weights), "--prompt", "hi", timeout=120)
+    assert result.returncode == 2 and "safetensors" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -113,3 +113,26 @@ def test_seeded_sampling_is_reproducible(folder):
     finally:
         engine.close()
     assert a == b
+
+
+def test_corrupt_model_loaded_beside_a_running_engine_leaks_no_pages(folder, tmp_path):
+    import shutil
+
+    running = engine_for(folder)
+    try:
+        req = running.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        running.step()
+        used = running.pool.used_pages
+        broken = tmp_path / "broken"
+        shutil.copytree(folder, broken)
+        weights = next(broken.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+        with pytest.raises(ValueError, match="safetensors"):
+            LLMEngine(str(broken), pool=running.pool, model_id="broken", dtype=torch.float32)
+        assert running.pool.used_pages == used
+        done = []
+        while running.has_unfinished:
+            done += running.step()
+        assert [o.req_id for o in done] == [req] and len(done[0].token_ids) == 6
+    finally:
+        running.close()

@@ -72,6 +72,18 @@ def test_prefill_decode_and_recompute_match_transformers(tiny_checkpoint, arch, 
     assert engine.pool.used_pages == 0
 
 
+def test_llama_with_attention_bias_matches_transformers(tiny_checkpoint):
+    folder, hf = tiny_checkpoint("LlamaForCausalLM", attention_bias=True)
+    engine = make_engine(folder)
+    try:
+        ids = list(range(5, 30))
+        logits = run_chunk(engine, Sequence("r", ids, SamplingParams()), 0, len(ids))
+    finally:
+        engine.close()
+    assert engine.config.attention_out_bias
+    assert rel_err(logits, hf_logits(hf, ids, "cpu")) < 1e-4
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_generation_matches_transformers_generate(tiny_checkpoint, arch):
     folder, hf = tiny_checkpoint(arch)

@@ -34,7 +34,7 @@ def expected_parameter_shapes(config: ModelConfig) -> dict[str, Shape]:
 
 def _layer_shapes(config: ModelConfig, prefix: str) -> dict[str, Shape]:
     h, q, kv, inter = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
-    qkv_bias, o_bias = _attention_biases(config)
+    qkv_bias, o_bias = config.attention_bias, config.attention_out_bias
     attn = f"{prefix}self_attn."
     shapes: dict[str, Shape] = {}
     for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
@@ -53,16 +53,6 @@ def _layer_shapes(config: ModelConfig, prefix: str) -> dict[str, Shape]:
     shapes[f"{prefix}input_layernorm.weight"] = (h,)
     shapes[f"{prefix}post_attention_layernorm.weight"] = (h,)
     return shapes
-
-
-def _attention_biases(config: ModelConfig) -> tuple[bool, bool]:
-    """(q/k/v have biases, o_proj has a bias), as each transformers implementation builds them."""
-    if config.architecture == "Qwen2ForCausalLM":
-        return True, False  # Qwen2 hard-codes q/k/v biases and never an o_proj bias
-    if config.architecture == "MistralForCausalLM":
-        return False, False  # Mistral ignores attention_bias
-    # Llama and Qwen3 put config.attention_bias on all four projections.
-    return config.attention_bias, config.attention_bias
 
 
 def check_weights(
