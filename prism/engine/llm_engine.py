@@ -1,13 +1,14 @@
 """One model's engine: weights and KV in elastic memory, batching, forward, sampling, text.
 
-Several engines can share one device by sharing its PagePool (the device worker of a later
-issue arranges that); each engine only ever takes pages through the pool.
+Several engines share one device by sharing its PagePool (the device worker arranges that);
+an engine only ever takes pages through the pool. An engine can be evicted (weights and KV
+unmapped, a host copy of the weights kept) and activated again at the same addresses.
 """
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -15,15 +16,16 @@ from tqdm import tqdm
 from prism.config import DeviceConfig, EngineConfig
 from prism.engine.block_manager import BlockManager
 from prism.engine.catalog import ModelSource, resolve_model
-from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from prism.engine.kv_cache import KVLayout, PagedKVCache
 from prism.engine.llama import LlamaModel
 from prism.engine.model_runner import ModelRunner
 from prism.engine.model_weights import ModelWeights
-from prism.engine.scheduler import Scheduler
+from prism.engine.output_processor import OutputProcessor, TokenEvent
+from prism.engine.scheduler import Scheduler, VictimChooser
 from prism.engine.sequence import Sequence
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
 from prism.memory import PagePool, make_backend
+from prism.sched.view import SLO
 from prism.types import CompletionOutput, FinishReason, RequestError, SamplingParams
 
 
@@ -33,16 +35,6 @@ class OutOfDeviceMemory(RuntimeError):
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-@dataclass
-class _RequestState:
-    seq: Sequence
-    detokenizer: IncrementalDetokenizer | None
-    stops: StopStringMatcher | None
-    text: str = ""
-    hit_stop_string: bool = False
-    first_token_time: float | None = None
 
 
 class LLMEngine:
@@ -55,12 +47,16 @@ class LLMEngine:
         dtype: torch.dtype | None = None,
         model_id: str | None = None,
         show_progress: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        choose_victim: VictimChooser | None = None,
+        keep_host_copy: bool = False,
     ):
         self.source = resolve_model(model) if isinstance(model, str) else model
         self.model_id = model_id or self.source.name
         self.config = self.source.config
         self.device = torch.device(device_config.device)
         self.dtype = dtype or default_dtype(self.device)
+        self.clock = clock
         self._owns_pool = pool is None
         self.pool = pool or PagePool(
             make_backend(device_config.device, device_config.page_size),
@@ -69,39 +65,48 @@ class LLMEngine:
         )
         self.weights = ModelWeights(self.model_id, self.config, self.dtype, self.pool)
         self.kv: PagedKVCache | None = None
+        self.blocks: BlockManager | None = None
+        self.outputs = OutputProcessor(None, (), 0)
         try:
             self._load_weights(show_progress)
-            self._build(engine_config)
+            if keep_host_copy:  # now, so that a later eviction is only an unmap
+                self.weights.save_host_copy()
+            self._build(engine_config, choose_victim)
+            self.tokenizer: Tokenizer | None = (
+                load_tokenizer(self.source.tokenizer_path) if self.source.tokenizer_path else None
+            )
         except BaseException:
             self.close()
             raise
-        self.tokenizer: Tokenizer | None = (
-            load_tokenizer(self.source.tokenizer_path) if self.source.tokenizer_path else None
-        )
-        self._requests: dict[str, _RequestState] = {}
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
+        self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
+        self._events: list[TokenEvent] = []
         self._req_counter = itertools.count()
 
     # ---- construction ----------------------------------------------------------------------
     def _load_weights(self, show_progress: bool) -> None:
-        if not self.weights.map():
-            raise OutOfDeviceMemory(
-                f"{self.model_id}: weights need {self.weights.num_pages} pages "
-                f"({self.weights.num_bytes / 2**30:.2f} GiB) but the device has "
-                f"{self.pool.free_pages} free of {self.pool.budget_pages}"
-            )
+        self._map_weights()
         tensors = self.source.iter_weights(self.dtype, self.device)
         num = len(self.weights.layout.hf_names)
         with tqdm(total=num, desc=f"loading {self.source.name}", unit="tensor",
                   disable=not show_progress, leave=False) as bar:
             self.weights.load(_counted(tensors, bar), self.source.name)
 
-    def _build(self, engine_config: EngineConfig) -> None:
+    def _map_weights(self) -> None:
+        if not self.weights.map():
+            raise OutOfDeviceMemory(
+                f"{self.model_id}: weights need {self.weights.num_pages} pages "
+                f"({self.weights.num_bytes / 2**30:.2f} GiB) but the device has "
+                f"{self.pool.free_pages} free of {self.pool.budget_pages}"
+            )
+
+    def _build(self, engine_config: EngineConfig, choose_victim: VictimChooser | None) -> None:
         layout = KVLayout.plan(self.config, self.dtype, engine_config.block_size, self.pool)
         self.kv = PagedKVCache(self.model_id, self.config, layout, self.pool)
         self.blocks = BlockManager(
             layout.num_virtual_pages, layout.blocks_per_page, layout.block_size, self.kv
         )
-        self.scheduler = Scheduler(engine_config, self.blocks)
+        self.scheduler = Scheduler(engine_config, self.blocks, choose_victim)
         limit = engine_config.max_model_len or self.config.max_position_embeddings
         self.max_model_len = min(limit, self.config.max_position_embeddings)
         model = LlamaModel(self.config, self.weights, self.max_model_len)
@@ -111,20 +116,22 @@ class LLMEngine:
     def add_request(
         self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
         req_id: str | None = None, arrival_time: float | None = None,
+        slo: SLO | None = None, priority: int = 0,
     ) -> str:
+        seq = self.make_sequence(prompt, params, req_id, arrival_time, slo, priority)
+        self.outputs.add(seq)
+        self.scheduler.add(seq)
+        return seq.req_id
+
+    def make_sequence(self, prompt, params, req_id=None, arrival_time=None, slo=None, priority=0) -> Sequence:
+        """Validate a request and build its sequence, without queueing it."""
         token_ids = self._prompt_ids(prompt)
         self._check_fits(len(token_ids))
         req_id = req_id or f"{self.model_id}-{next(self._req_counter)}"
-        if req_id in self._requests:
+        if req_id in self.outputs:
             raise RequestError(f"request id {req_id!r} is already in use")
-        seq = Sequence(req_id, token_ids, params, arrival_time or time.monotonic())
-        detok = stops = None
-        if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-            stops = StopStringMatcher(params.stop) if params.stop else None
-        self._requests[req_id] = _RequestState(seq, detok, stops)
-        self.scheduler.add(seq)
-        return req_id
+        arrival = self.clock() if arrival_time is None else arrival_time
+        return Sequence(req_id, token_ids, params, arrival, slo=slo, priority=priority)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -159,11 +166,18 @@ class LLMEngine:
         kv_pages = (self.pool.budget_pages - self.weights.num_pages) // self.kv.pages_per_kv_page
         return min(self.blocks.max_blocks(), kv_pages * self.blocks.blocks_per_page)
 
-    def abort(self, req_id: str) -> None:
-        state = self._requests.pop(req_id, None)
-        if state is not None:
-            self.scheduler.finish(state.seq, FinishReason.ABORT)
-            self.runner.forget(state.seq)
+    def abort(self, req_id: str) -> CompletionOutput | None:
+        seq = self.sequence(req_id)
+        if seq is None:
+            return None
+        return self._finish(seq, FinishReason.ABORT, self.clock())
+
+    def sequence(self, req_id: str) -> Sequence | None:
+        return next((s for s in self.sequences() if s.req_id == req_id), None)
+
+    def sequences(self) -> list[Sequence]:
+        """Every unfinished request: running ones first, then waiting in queue order."""
+        return list(self.scheduler.running) + list(self.scheduler.waiting)
 
     @property
     def has_unfinished(self) -> bool:
@@ -171,66 +185,38 @@ class LLMEngine:
 
     # ---- stepping --------------------------------------------------------------------------
     def step(self) -> list[CompletionOutput]:
-        """Run one batch; return the requests that finished in it."""
+        """Run one batch; return the requests that finished in it (token events: drain_events)."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
+        now = self.clock()
+        for chunk in plan.chunks:
+            if chunk.seq.admitted_time is None:
+                chunk.seq.admitted_time = now
         sampled = self.runner.execute(plan)
         self.scheduler.commit(plan)
-        now = time.monotonic()
+        now = self.clock()
         finished = []
         for seq, token in sampled:
-            state = self._requests[seq.req_id]
-            state.first_token_time = state.first_token_time or now
-            reason = self._append_token(state, token)
-            if reason is not None:
-                finished.append(self._finish(state, reason, now))
+            event = self.outputs.on_token(seq, token, now)
+            self._events.append(event)
+            if event.finish_reason is not None:
+                finished.append(self._finish(seq, event.finish_reason, now))
         return finished
 
-    def _append_token(self, state: _RequestState, token: int) -> FinishReason | None:
-        seq, params = state.seq, state.seq.params
-        seq.output_token_ids.append(token)
-        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
-        if (token in eos and not params.ignore_eos) or token in params.stop_token_ids:
-            return FinishReason.STOP
-        if state.detokenizer is not None:
-            new_text = state.detokenizer.step(token)
-            if state.stops is not None:
-                new_text, hit = state.stops.feed(new_text)
-                state.text += new_text
-                if hit:
-                    state.hit_stop_string = True
-                    return FinishReason.STOP
-            else:
-                state.text += new_text
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
-
-    def _finish(self, state: _RequestState, reason: FinishReason, now: float) -> CompletionOutput:
-        seq = state.seq
-        if state.detokenizer is not None and not state.hit_stop_string:
-            tail = state.detokenizer.flush()
-            if state.stops is not None:
-                tail, _ = state.stops.feed(tail)
-                tail += state.stops.flush()
-            state.text += tail
+    def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> CompletionOutput:
+        tail, out = self.outputs.finish(seq, reason, now)
+        if tail or reason == FinishReason.ABORT:
+            self._events.append(TokenEvent(seq.req_id, -1, tail, now, reason))
         self.scheduler.finish(seq, reason)
         self.runner.forget(seq)
-        del self._requests[seq.req_id]
-        return CompletionOutput(
-            req_id=seq.req_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(seq.output_token_ids),
-            text=state.text,
-            finish_reason=reason,
-            num_preemptions=seq.num_preemptions,
-            metrics={
-                "arrival_time": seq.arrival_time,
-                "first_token_time": state.first_token_time,
-                "finish_time": now,
-            },
-        )
+        return out
+
+    def drain_events(self) -> list[TokenEvent]:
+        """Token events since the last call, in order (what a streaming client receives).
+        An event with token_id -1 carries text flushed at the end, or an abort."""
+        events, self._events = self._events, []
+        return events
 
     def generate(
         self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams(),
@@ -242,14 +228,40 @@ class LLMEngine:
         while len(done) < len(ids):
             for out in self.step():
                 done[out.req_id] = out
+        self.drain_events()
         return [done[i] for i in ids]
+
+    # ---- residency -------------------------------------------------------------------------
+    @property
+    def resident(self) -> bool:
+        return bool(self.weights.tensors)
+
+    def evict(self) -> list[Sequence]:
+        """Unmap weights and all KV; every unfinished request is preempted (recomputed after
+        activation). Returns the preempted sequences. The host copy makes activation cheap."""
+        self.weights.save_host_copy()
+        preempted = self.scheduler.preempt_all()
+        self.blocks.release_all_free_pages()
+        self.weights.unmap()
+        return preempted
+
+    def activate(self) -> None:
+        """Map the weights again (same addresses) and copy them in from the host copy."""
+        if self.resident:
+            return
+        self._map_weights()
+        self.weights.restore_host_copy()
+
+    @property
+    def num_kv_pages(self) -> int:
+        return self.kv.num_mapped_pages * self.kv.pages_per_kv_page if self.kv else 0
 
     # ---- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
         """Give every page back to the pool (and the pool's to the device if we own it)."""
-        for req_id in list(getattr(self, "_requests", {})):
-            self.abort(req_id)
-        if getattr(self, "blocks", None) is not None:
+        if self.blocks is not None:
+            for seq in self.sequences():
+                self._finish(seq, FinishReason.ABORT, self.clock())
             self.blocks.release_all_free_pages()
         if self.kv is not None:
             self.kv.close()

@@ -90,6 +90,7 @@ class ModelWeights:
         self.layout = plan_layout(config, dtype)
         self.arena = Arena(pool, Owner(model_id, "weights"), self.layout.num_bytes)
         self.tensors: dict[str, torch.Tensor] = {}
+        self._host_copy: torch.Tensor | None = None
 
     @property
     def num_bytes(self) -> int:
@@ -137,6 +138,29 @@ class ModelWeights:
                 f"{source}: {len(missing)} tensors missing, e.g. {sorted(missing)[0]!r}"
             )
 
+    def save_host_copy(self) -> None:
+        """Keep the weight bytes in host memory (pinned on CUDA) so the model can be evicted
+        and restored. Weights never change after loading, so one copy serves every eviction."""
+        if self._host_copy is not None:
+            return
+        device_bytes = self.arena.tensor[: self.num_bytes]
+        pin = device_bytes.device.type == "cuda"
+        self._host_copy = torch.empty(self.num_bytes, dtype=torch.uint8, pin_memory=pin)
+        self._host_copy.copy_(device_bytes)
+
+    def restore_host_copy(self, chunk_bytes: int = 256 << 20) -> None:
+        """Copy the host copy back in (after map()). Chunked: on CUDA each chunk is an
+        asynchronous copy from pinned memory, so copies queue back to back on the stream."""
+        if self._host_copy is None:
+            raise RuntimeError("no host copy of the weights to restore")
+        dst = self.arena.tensor
+        for start in range(0, self.num_bytes, chunk_bytes):
+            end = min(start + chunk_bytes, self.num_bytes)
+            dst[start:end].copy_(self._host_copy[start:end], non_blocking=True)
+        if dst.device.type == "cuda":
+            torch.cuda.synchronize(dst.device)
+
     def close(self) -> None:
         self.tensors = {}
+        self._host_copy = None
         self.arena.close()

@@ -9,6 +9,7 @@ scheduler (a later layer); this class only forms batches.
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from prism.config import EngineConfig
 from prism.engine.block_manager import BlockManager
@@ -16,10 +17,21 @@ from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
 from prism.types import FinishReason, SeqStatus
 
 
+# Picks whom to preempt among candidates (running, not yet scheduled this step). The device's
+# local scheduler supplies an SLO-aware one; the default takes the most recently admitted.
+VictimChooser = Callable[[list[Sequence]], Sequence]
+
+
+def newest_first(candidates: list[Sequence]) -> Sequence:
+    return candidates[-1]
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager,
+                 choose_victim: VictimChooser | None = None):
         self.config = config
         self.blocks = block_manager
+        self.choose_victim = choose_victim or newest_first
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self.num_preemptions = 0
@@ -77,11 +89,8 @@ class Scheduler:
         False when seq itself had to be preempted."""
         target = seq.num_computed_tokens + num
         while not self.blocks.allocate(seq, target):
-            victim = next(
-                (s for s in reversed(self.running) if id(s) not in scheduled), None
-            )
-            if victim is None:
-                victim = seq
+            candidates = [s for s in self.running if id(s) not in scheduled]
+            victim = self.choose_victim(candidates) if candidates else seq
             self._preempt(victim)
             preempted.append(victim)
             if victim is seq:
@@ -97,6 +106,19 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def preempt_all(self) -> list[Sequence]:
+        """Drop every running sequence's KV (model eviction); all of them wait again."""
+        victims = list(self.running)
+        for seq in reversed(victims):  # appendleft in reverse keeps their order at the head
+            self._preempt(seq)
+        return victims
+
+    def reorder_waiting(self, req_ids: list[str]) -> None:
+        """Put the named waiting sequences first, in that order (the device's admission
+        order); any others keep their relative order behind them."""
+        rank = {r: i for i, r in enumerate(req_ids)}
+        self.waiting = deque(sorted(self.waiting, key=lambda s: rank.get(s.req_id, len(rank))))
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.is_finished:

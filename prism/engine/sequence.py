@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from prism.sched.view import SLO
 from prism.types import FinishReason, SamplingParams, SeqStatus
 
 
@@ -23,6 +24,11 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    slo: SLO | None = None  # None: no latency target (plain generate)
+    priority: int = 0
+    admitted_time: float | None = None  # first scheduled
+    first_token_time: float | None = None
+    last_token_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,0 +1,218 @@
+"""Measure one engine on its device: prefill time per prompt length, decode step time per
+(batch size, context length). The result is a `ModelProfile` (prism.sched.cost), the input of
+the cost model the schedulers plan with.
+
+Steps are driven directly through the engine's block manager, model runner and scheduler
+commit (as benchmarks/engine.py does), bypassing request bookkeeping, and timed around
+`runner.execute` (batch building, forward, sampling), synchronizing the device on CUDA.
+The engine must be idle; every block is freed afterwards and the engine's KV pages are
+restored to exactly what it held before.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from prism.engine.llm_engine import LLMEngine
+from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
+from prism.sched.cost import ModelProfile
+from prism.types import SamplingParams
+
+DEFAULT_PREFILL_LENGTHS = (32, 128, 512, 2048)
+DEFAULT_BATCH_SIZES = (1, 4, 16, 64)
+DEFAULT_CONTEXT_LENGTHS = (128, 1024)
+QUICK_PREFILL_LENGTHS = (32, 512)
+QUICK_BATCH_SIZES = (1, 8)
+QUICK_CONTEXT_LENGTHS = (256,)
+
+_PARAMS = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
+
+
+@dataclass
+class _Session:
+    """The sequences a profiling run created, so that all of them are freed in the end."""
+
+    engine: LLMEngine
+    seqs: list[Sequence] = field(default_factory=list)
+    tokens: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    def new_seq(self, num_tokens: int) -> Sequence:
+        ids = torch.randint(0, self.engine.config.vocab_size, (num_tokens,),
+                            generator=self.tokens).tolist()
+        seq = Sequence(f"profile-{len(self.seqs)}", ids, _PARAMS)
+        self.seqs.append(seq)
+        return seq
+
+    def free(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.engine.blocks.free(seq)
+            self.engine.runner.forget(seq)
+
+
+def profile_engine(
+    engine: LLMEngine,
+    prefill_lengths=DEFAULT_PREFILL_LENGTHS,
+    batch_sizes=DEFAULT_BATCH_SIZES,
+    context_lengths=DEFAULT_CONTEXT_LENGTHS,
+    repeats: int = 3,
+    h2d_bytes_per_s: float | None = None,
+) -> ModelProfile:
+    """Profile `engine` (idle) on its device. Times are medians of `repeats` runs after one
+    warm-up. Cases that do not fit the engine's free KV memory or max_model_len are skipped."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if engine.has_unfinished:
+        raise RuntimeError(f"{engine.model_id} has requests in flight: profile an idle engine")
+    session = _Session(engine)
+    kv_pages_before = engine.blocks.num_mapped_pages
+    try:
+        prefill = [(n, t) for n in sorted(set(prefill_lengths))
+                   if (t := _time_prefill(session, n, repeats)) is not None]
+        decode = [(b, c, t) for b in sorted(set(batch_sizes)) for c in sorted(set(context_lengths))
+                  if (t := _time_decode(session, b, c, repeats)) is not None]
+    finally:
+        session.free(session.seqs)
+        _restore_kv_pages(engine, kv_pages_before)
+    return ModelProfile(
+        model=engine.source.name,
+        device=str(engine.device),
+        card=device_name(engine.device),
+        dtype=str(engine.dtype).removeprefix("torch."),
+        date=datetime.date.today().isoformat(),
+        weight_bytes=engine.weights.num_bytes,
+        kv_bytes_per_token=engine.config.kv_bytes_per_token(engine.dtype.itemsize),
+        prefill=prefill,
+        decode=decode,
+        h2d_bytes_per_s=h2d_bytes_per_s,
+    )
+
+
+def _fits(engine: LLMEngine, num_seqs: int, num_tokens: int) -> bool:
+    """num_seqs sequences of num_tokens KV tokens each: within the context limit (positions
+    0..num_tokens-1, plus the sampled token, as add_request demands) and the free KV memory."""
+    if num_tokens < 1 or num_tokens >= engine.max_model_len:
+        return False
+    need = num_seqs * engine.blocks.num_blocks_for(num_tokens)
+    return need <= engine.blocks.num_available_blocks()
+
+
+def _time_prefill(session: _Session, num_tokens: int, repeats: int) -> float | None:
+    """One sequence, the whole prompt in one chunk; the same KV slots are rewritten each run."""
+    engine = session.engine
+    if not _fits(engine, 1, num_tokens):
+        return None
+    seq = session.new_seq(num_tokens)
+    try:
+        if not engine.blocks.allocate(seq, num_tokens):
+            return None
+        plan = StepPlan((ScheduledChunk(seq, 0, num_tokens),))
+        times = [_timed_execute(engine, plan)[0] for _ in range(1 + repeats)]
+        return statistics.median(times[1:])
+    finally:
+        session.free([seq])
+
+
+def _time_decode(session: _Session, batch: int, context: int, repeats: int) -> float | None:
+    """`batch` sequences with `context` tokens in KV (prefilled for real), then one warm-up
+    and `repeats` timed decode steps of the whole batch."""
+    engine = session.engine
+    num_steps = 1 + repeats
+    if not _fits(engine, batch, context + num_steps):
+        return None
+    seqs = [session.new_seq(context) for _ in range(batch)]
+    try:
+        for seq in seqs:
+            if not engine.blocks.allocate(seq, context + num_steps):
+                return None
+        _prefill_all(engine, seqs, context)
+        times = []
+        for _ in range(num_steps):
+            plan = StepPlan(tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs))
+            seconds, sampled = _timed_execute(engine, plan)
+            engine.scheduler.commit(plan)
+            for seq, token in sampled:
+                seq.output_token_ids.append(token)
+            times.append(seconds)
+        return statistics.median(times[1:])
+    finally:
+        session.free(seqs)
+
+
+def _prefill_all(engine: LLMEngine, seqs: list[Sequence], context: int) -> None:
+    """Fill the sequences' KV, as many per step as the engine's token budget allows."""
+    per_step = max(1, engine.scheduler.config.max_num_batched_tokens // context)
+    for i in range(0, len(seqs), per_step):
+        plan = StepPlan(tuple(ScheduledChunk(s, 0, context) for s in seqs[i : i + per_step]))
+        for seq, token in engine.runner.execute(plan):
+            seq.output_token_ids.append(token)
+        engine.scheduler.commit(plan)
+
+
+def _timed_execute(engine: LLMEngine, plan: StepPlan) -> tuple[float, list]:
+    _synchronize(engine.device)
+    start = time.perf_counter()
+    sampled = engine.runner.execute(plan)
+    _synchronize(engine.device)
+    return time.perf_counter() - start, sampled
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _restore_kv_pages(engine: LLMEngine, num_pages: int) -> None:
+    """Leave the engine with exactly `num_pages` KV pages mapped, as before profiling (an idle
+    engine's pages are all free spares, so unmap every free one, then map back that many)."""
+    blocks = engine.blocks
+    if blocks.num_mapped_pages == num_pages:
+        return
+    blocks.release_all_free_pages()
+    if blocks.num_mapped_pages < num_pages:
+        filler = Sequence("profile-restore", [0], _PARAMS)
+        need = num_pages - blocks.num_mapped_pages
+        blocks.allocate(filler, need * blocks.blocks_per_page * blocks.block_size)
+        blocks.free(filler)  # keeps up to the block manager's number of spare pages mapped
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name on CUDA; the CPU's model name otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def measure_h2d_bandwidth(device: torch.device | str, num_bytes: int = 256 << 20,
+                          repeats: int = 5) -> float:
+    """Pinned host -> device copy rate in bytes/s (median of `repeats` after one warm-up),
+    timed with CUDA events: what activating a model's weights from host memory costs."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"host-to-device bandwidth needs a CUDA device, not {device}")
+    src = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    times = []
+    with torch.cuda.device(device):
+        for i in range(1 + repeats):
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            if i:
+                times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return num_bytes / statistics.median(times)
