@@ -193,11 +193,18 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
-class ServeModel:
-    """A model as named by a user: a catalog name, an HF folder, a GGUF file, or a config."""
+class ModelSpec:
+    """A model as an operator names it: where its weights come from and its latency targets."""
 
-    name: str
-    source: str
+    name: str  # the id clients use
+    source: str  # catalog name, HF folder, .gguf file or config.json (see catalog.resolve_model)
+    ttft_slo_s: float = 2.0
+    tpot_slo_s: float = 0.2
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    seed: int = 0  # for random weights
-    extra: dict = field(default_factory=dict)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self):
+        if self.ttft_slo_s <= 0 or self.tpot_slo_s <= 0:
+            raise ConfigError(f"model {self.name}: SLOs must be positive")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"model {self.name}: unknown dtype {self.dtype!r}")

@@ -35,6 +35,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self.num_preemptions = 0
+        self.admission_paused = False  # set while the model drains before an eviction
 
     @property
     def has_work(self) -> bool:
@@ -64,7 +65,7 @@ class Scheduler:
 
         # New prefills only when nothing had to be preempted: admitting work while evicting
         # other work would thrash.
-        while self.waiting and budget > 0 and not preempted:
+        while self.waiting and budget > 0 and not preempted and not self.admission_paused:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]

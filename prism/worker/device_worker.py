@@ -1,0 +1,268 @@
+"""One device, many models: shared page pool, eviction and activation, one SLO-aware queue.
+
+Mechanism only: each step the worker shows the local scheduler a snapshot (DeviceView) and
+carries out its decision (evict, activate, admission order, which model steps). Every model
+keeps a host copy of its weights, so eviction is an unmap and activation a map plus a copy
+back to the same addresses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from prism.config import DeviceConfig, ModelSpec
+from prism.engine.catalog import resolve_model
+from prism.engine.llm_engine import LLMEngine, default_dtype
+from prism.engine.model_weights import plan_layout
+from prism.engine.output_processor import TokenEvent
+from prism.engine.sequence import Sequence
+from prism.memory import PagePool, make_backend
+from prism.sched.clock import Clock, MonotonicClock
+from prism.sched.cost import ProfileCostModel
+from prism.sched.local import LocalScheduler, LocalSchedulerConfig
+from prism.sched.view import SLO, CostModel, DeviceView, ModelView, RequestView
+from prism.types import CompletionOutput, RequestError, SamplingParams
+from prism.worker.metrics import DeviceCounters, MetricsLog
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    device: DeviceConfig
+    models: tuple[ModelSpec, ...]
+    scheduler: LocalSchedulerConfig = field(default_factory=LocalSchedulerConfig)
+    metrics_path: str | None = None
+    sample_interval_s: float = 0.1
+
+
+@dataclass
+class StepOutput:
+    events: list[TokenEvent]
+    finished: list[tuple[str, CompletionOutput]]  # (model_id, output)
+    ran_model: str | None
+
+
+class DeviceWorker:
+    def __init__(self, config: WorkerConfig, clock: Clock | None = None,
+                 cost: CostModel | None = None, show_progress: bool = False):
+        if not config.models:
+            raise ValueError("a device worker needs at least one model")
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        dev = config.device
+        self.pool = PagePool(make_backend(dev.device, dev.page_size), dev.num_pages, dev.num_spare_pages)
+        self.cost = cost or ProfileCostModel()
+        self.local = LocalScheduler(config.scheduler, self.cost)
+        self.metrics = MetricsLog(config.metrics_path, config.sample_interval_s)
+        self.counters = DeviceCounters()
+        self.engines: dict[str, LLMEngine] = {}
+        self.specs: dict[str, ModelSpec] = {}
+        self.last_used: dict[str, float] = {}
+        self.draining: set[str] = set()
+        try:
+            for spec in config.models:
+                self._register(spec, show_progress)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- models ----------------------------------------------------------------------------
+    def _register(self, spec: ModelSpec, show_progress: bool) -> None:
+        if spec.name in self.engines:
+            raise ValueError(f"model name {spec.name!r} is used twice")
+        source = resolve_model(spec.source)
+        dtype = default_dtype(torch.device(self.config.device.device)) if spec.dtype == "auto" else getattr(torch, spec.dtype)
+        self._make_room_for_loading(plan_layout(source.config, dtype).num_bytes)
+        engine = LLMEngine(
+            source, spec.engine, self.config.device, pool=self.pool, dtype=dtype,
+            model_id=spec.name, show_progress=show_progress, clock=self.clock.now,
+            choose_victim=lambda cands, m=spec.name: self._choose_victim(m, cands),
+            keep_host_copy=True,
+        )
+        self.engines[spec.name] = engine
+        self.specs[spec.name] = spec
+        self.last_used[spec.name] = self.clock.now()
+        if hasattr(self.cost, "set_model_size"):
+            self.cost.set_model_size(spec.name, engine.weights.num_bytes,
+                                     engine.config.kv_bytes_per_token(engine.dtype.itemsize))
+
+    def _make_room_for_loading(self, weight_bytes: int) -> None:
+        # Loading needs the weights mapped: models registered earlier step aside (they keep
+        # host copies), oldest first, until the new weights fit.
+        needed = -(-weight_bytes // self.pool.page_size)
+        for name in list(self.engines):
+            if self.pool.free_pages >= needed:
+                return
+            self.evict(name)
+
+    def resident_models(self) -> list[str]:
+        return [m for m, e in self.engines.items() if e.resident]
+
+    def evict(self, model_id: str, mode: str = "preempt") -> None:
+        """preempt: running requests are preempted now and recomputed after reactivation.
+        drain: admission stops, running requests finish, then the model is evicted."""
+        engine = self._engine(model_id)
+        if not engine.resident:
+            return
+        if mode == "drain" and engine.scheduler.running:
+            self.draining.add(model_id)
+            engine.scheduler.admission_paused = True
+            return
+        if mode not in ("preempt", "drain"):
+            raise ValueError(f"unknown eviction mode {mode!r} (preempt or drain)")
+        preempted = engine.evict()
+        self.counters.preemptions[model_id] += len(preempted)
+        self.counters.evictions[model_id] += 1
+        self.draining.discard(model_id)
+        engine.scheduler.admission_paused = False
+
+    def activate(self, model_id: str) -> bool:
+        engine = self._engine(model_id)
+        if engine.resident:
+            return True
+        if self.pool.free_pages < engine.weights.num_pages:
+            return False
+        start = self.clock.now()
+        engine.activate()
+        self.counters.activations[model_id] += 1
+        self.counters.activation_seconds[model_id] += self.clock.now() - start
+        return True
+
+    def _engine(self, model_id: str) -> LLMEngine:
+        try:
+            return self.engines[model_id]
+        except KeyError:
+            raise RequestError(
+                f"unknown model {model_id!r}; this device serves: {', '.join(self.engines)}"
+            ) from None
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(
+        self, model_id: str, prompt: str | list[int], params: SamplingParams = SamplingParams(),
+        req_id: str | None = None, slo: SLO | None = None, priority: int = 0,
+    ) -> str:
+        engine = self._engine(model_id)
+        spec = self.specs[model_id]
+        slo = slo or SLO(spec.ttft_slo_s, spec.tpot_slo_s)
+        if req_id is not None and any(req_id in e.outputs for e in self.engines.values()):
+            raise RequestError(f"request id {req_id!r} is already in use")
+        req_id = engine.add_request(prompt, params, req_id=req_id, slo=slo, priority=priority)
+        self.last_used[model_id] = self.clock.now()
+        return req_id
+
+    def abort(self, req_id: str) -> bool:
+        for engine in self.engines.values():
+            if req_id in engine.outputs:
+                engine.abort(req_id)
+                return True
+        return False
+
+    @property
+    def has_unfinished(self) -> bool:
+        return any(e.has_unfinished for e in self.engines.values())
+
+    # ---- stepping --------------------------------------------------------------------------
+    def step(self) -> StepOutput:
+        self._finish_drains()
+        view = self.snapshot()
+        decision = self.local.decide(view)
+        for model_id in decision.evict:
+            self.evict(model_id)
+        for model_id in decision.activate:
+            self.activate(model_id)
+        for model_id, order in decision.admit_order.items():
+            self.engines[model_id].scheduler.reorder_waiting(list(order))
+        finished: list[tuple[str, CompletionOutput]] = []
+        run = decision.run_model
+        if run is not None and self.engines[run].resident:
+            before = self.engines[run].scheduler.num_preemptions
+            finished = [(run, out) for out in self.engines[run].step()]
+            self.counters.preemptions[run] += self.engines[run].scheduler.num_preemptions - before
+            self.last_used[run] = self.clock.now()
+        events = [ev for e in self.engines.values() for ev in e.drain_events()]
+        for model_id, out in finished:
+            self.metrics.record_request(model_id, out.req_id, out.finish_reason.value, out.metrics)
+        self._maybe_sample()
+        return StepOutput(events, finished, run)
+
+    def _finish_drains(self) -> None:
+        for model_id in list(self.draining):
+            if not self.engines[model_id].scheduler.running:
+                self.evict(model_id)
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> list[tuple[str, CompletionOutput]]:
+        """Step until every request has finished (tests, offline batches)."""
+        done = []
+        for _ in range(max_steps):
+            if not self.has_unfinished and not self.draining:
+                return done
+            done += self.step().finished
+        raise RuntimeError(f"still busy after {max_steps} steps")
+
+    # ---- snapshots for the policy ----------------------------------------------------------
+    def snapshot(self) -> DeviceView:
+        now = self.clock.now()
+        models = tuple(
+            ModelView(m, e.resident, self.last_used[m], e.weights.num_pages, e.num_kv_pages)
+            for m, e in self.engines.items()
+        )
+        requests = tuple(
+            _request_view(m, seq, running=seq in e.scheduler.running)
+            for m, e in self.engines.items() for seq in e.sequences()
+            if m not in self.draining or seq in e.scheduler.running
+        )
+        return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, models, requests)
+
+    def _choose_victim(self, model_id: str, candidates: list[Sequence]) -> Sequence:
+        views = [_request_view(model_id, s, running=True) for s in candidates]
+        chosen = self.local.choose_victim(self.snapshot(), views)
+        if chosen is None:
+            return candidates[-1]
+        return next(s for s in candidates if s.req_id == chosen.req_id)
+
+    def _maybe_sample(self) -> None:
+        now = self.clock.now()
+        if not self.metrics.due(now):
+            return
+        self.metrics.record_sample(self.memory_report(now))
+
+    def memory_report(self, now: float | None = None) -> dict:
+        pages = self.pool.pages_by_owner()
+        return {
+            "time": self.clock.now() if now is None else now,
+            "device": self.config.device.device,
+            "page_size": self.pool.page_size,
+            "budget_pages": self.pool.budget_pages,
+            "free_pages": self.pool.free_pages,
+            "models": {
+                m: {
+                    "resident": e.resident,
+                    "weight_pages": sum(n for o, n in pages.items() if o.model_id == m and o.kind == "weights"),
+                    "kv_pages": sum(n for o, n in pages.items() if o.model_id == m and o.kind == "kv"),
+                    "running": len(e.scheduler.running),
+                    "waiting": len(e.scheduler.waiting),
+                    "activations": self.counters.activations[m],
+                    "evictions": self.counters.evictions[m],
+                    "preemptions": self.counters.preemptions[m],
+                }
+                for m, e in self.engines.items()
+            },
+        }
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.engines = {}
+        self.metrics.close()
+        self.pool.close()
+
+
+def _request_view(model_id: str, seq: Sequence, running: bool) -> RequestView:
+    slo = seq.slo or SLO(float("inf"), float("inf"))
+    return RequestView(
+        req_id=seq.req_id, model_id=model_id, arrival=seq.arrival_time, slo=slo,
+        num_prompt_tokens=seq.num_prompt_tokens, num_computed_tokens=seq.num_computed_tokens,
+        num_output_tokens=seq.num_output_tokens, max_tokens=seq.params.max_tokens,
+        first_token_time=seq.first_token_time, last_token_time=seq.last_token_time,
+        running=running, priority=seq.priority,
+    )
