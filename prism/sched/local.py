@@ -1,0 +1,288 @@
+"""The local (per-device) scheduler: one SLO-aware queue across all of a device's models.
+
+Each step the device worker hands `decide()` a `DeviceView` and gets back a `StepDecision`:
+which models to evict and activate (see `residency.py`), the admission order of waiting
+requests per model, and which model runs one step. Pure policy: no torch, no I/O, no wall
+clock (time is `view.now`), so the simulator runs this very code.
+
+Policy "prism":
+- Admission: deadlines are each request's next-token deadline (arrival + TTFT SLO before the
+  first token); Moore-Hodgson picks the largest set of waiting requests that can all meet them;
+  those go first in EDD order, then the still-feasible rest by deadline, then late ones by
+  arrival. Nothing is dropped.
+- Run: least slack first among each resident model's decodes and the on-time prefills taken
+  in EDD order; late work fills the gaps it fits in (see `_pick_model_prism`).
+- Preemption victim: the request with most slack.
+Policy "fcfs" (baseline): arrival order everywhere; same residency rules.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from prism.sched.moore_hodgson import Job, moore_hodgson
+from prism.sched.residency import plan_residency
+from prism.sched.view import CostModel, DeviceView, RequestView, StepDecision
+
+POLICIES = ("prism", "fcfs")
+
+
+@dataclass(frozen=True)
+class LocalSchedulerConfig:
+    policy: str = "prism"  # "prism" (SLO-aware) or "fcfs" (baseline: arrival order everywhere)
+    idle_evict_s: float = 45.0  # evict a resident model with no requests after this long idle
+    swap_idle_s: float = 2.0  # under activation pressure, models idle this long (no requests) may go
+    kv_headroom_pages: int = 0  # pages to keep free beyond a model's weights when activating it
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown local scheduling policy {self.policy!r}; use one of {POLICIES}")
+        if self.idle_evict_s < 0 or self.swap_idle_s < 0 or self.kv_headroom_pages < 0:
+            raise ValueError(f"scheduler knobs must be >= 0: {self}")
+
+
+# ---- keys: every sort is total, so decisions never depend on input order -------------------
+def next_deadline(r: RequestView) -> float:
+    """When `r`'s next token is due: TTFT deadline before the first token, else one TPOT after
+    the last. A preempted request waiting for recompute is thus due by its next token, not by
+    its long-past TTFT deadline."""
+    if not r.has_first_token:
+        return r.ttft_deadline
+    last = r.last_token_time if r.last_token_time is not None else r.first_token_time
+    return last + r.slo.tpot_s
+
+
+def _edd_key(r: RequestView) -> tuple:
+    # Priority breaks deadline ties (higher first), then arrival, then id for determinism.
+    return (next_deadline(r), -r.priority, r.arrival, r.req_id)
+
+
+def _arrival_key(r: RequestView) -> tuple:
+    return (r.arrival, -r.priority, r.req_id)
+
+
+def _is_decoding(r: RequestView) -> bool:
+    """Running past its first token: its next step is a decode (anything else is a prefill)."""
+    return r.running and r.has_first_token
+
+
+def num_tokens_to_prefill(r: RequestView) -> int:
+    # After a recompute preemption this covers the output produced so far as well.
+    return max(0, r.num_tokens - r.num_computed_tokens)
+
+
+@dataclass(frozen=True)
+class _Estimates:
+    """Per-view facts the slack arithmetic needs, computed once per decision."""
+
+    now: float
+    resident: frozenset[str]  # resident and not activating: can run right now
+    decode_step_s: dict[str, float]  # model -> time of one decode step of its current batch
+
+    @staticmethod
+    def of(view: DeviceView, cost: CostModel) -> _Estimates:
+        decoding: dict[str, list[RequestView]] = {}
+        for r in view.requests:
+            if _is_decoding(r):
+                decoding.setdefault(r.model_id, []).append(r)
+        steps = {
+            model_id: cost.decode_step_time(model_id, len(batch), sum(r.num_tokens for r in batch))
+            for model_id, batch in decoding.items()
+        }
+        resident = frozenset(m.model_id for m in view.models if m.resident and not m.activating)
+        return _Estimates(view.now, resident, steps)
+
+
+@dataclass(frozen=True)
+class _Admission:
+    order: tuple[RequestView, ...]  # all waiting requests of the device, best first
+    on_time: frozenset[str]  # req_ids Moore-Hodgson promises on time (empty under fcfs)
+
+
+class LocalScheduler:
+    def __init__(self, config: LocalSchedulerConfig, cost: CostModel) -> None:
+        self.config = config
+        self.cost = cost
+
+    # ---- the one call per step ----------------------------------------------------------
+    def decide(self, view: DeviceView) -> StepDecision:
+        est = _Estimates.of(view, self.cost)
+        admission = self._admission(view, est)
+        evict, activate = plan_residency(
+            view,
+            (r.model_id for r in admission.order),
+            idle_evict_s=self.config.idle_evict_s,
+            swap_idle_s=self.config.swap_idle_s,
+            kv_headroom_pages=self.config.kv_headroom_pages,
+        )
+        if self.config.policy == "prism":
+            run_model = self._pick_model_prism(view, est, admission)
+        else:
+            run_model = self._pick_model_fcfs(view, est)
+        return StepDecision(
+            run_model=run_model,
+            admit_order=_per_model(admission.order),
+            activate=activate,
+            evict=evict,
+        )
+
+    # ---- public pieces (the simulator and tests use them too) ---------------------------
+    def order_waiting(self, view: DeviceView) -> list[RequestView]:
+        """The admission order of all waiting requests of the device, across models."""
+        return list(self._admission(view, _Estimates.of(view, self.cost)).order)
+
+    def slack(self, r: RequestView, view: DeviceView) -> float:
+        """Seconds `r` can still wait before its next token is late (negative: already late)."""
+        return self._slack(r, _Estimates.of(view, self.cost))
+
+    def choose_victim(self, view: DeviceView, candidates: list[RequestView]) -> RequestView | None:
+        """Whom to preempt (and recompute later) under memory pressure."""
+        if not candidates:
+            return None
+        if self.config.policy == "fcfs":
+            return max(candidates, key=lambda r: (r.arrival, r.req_id))  # newest goes
+        est = _Estimates.of(view, self.cost)
+        # Most slack can best afford a recompute; ties: lower priority, then newest arrival.
+        return max(candidates, key=lambda r: (self._slack(r, est), -r.priority, r.arrival, r.req_id))
+
+    # ---- estimates ----------------------------------------------------------------------
+    def _prefill_s(self, r: RequestView) -> float:
+        tokens = num_tokens_to_prefill(r)
+        return self.cost.prefill_time(r.model_id, tokens) if tokens else 0.0
+
+    def _activation_s(self, model_id: str, est: _Estimates) -> float:
+        # An activating model counts in full: how far its copy has got is not in the view.
+        return 0.0 if model_id in est.resident else self.cost.activation_time(model_id)
+
+    def _slack(self, r: RequestView, est: _Estimates) -> float:
+        if _is_decoding(r):
+            step = est.decode_step_s.get(r.model_id)
+            if step is None:  # r is not among the view's decoding requests: a batch of one
+                step = self.cost.decode_step_time(r.model_id, 1, r.num_tokens)
+            return next_deadline(r) - est.now - step
+        # Prefill pending (first token, or the next one after a recompute preemption).
+        return next_deadline(r) - est.now - self._prefill_s(r) - self._activation_s(r.model_id, est)
+
+    # ---- admission ----------------------------------------------------------------------
+    def _admission(self, view: DeviceView, est: _Estimates) -> _Admission:
+        waiting = [r for r in view.requests if not r.running]
+        if self.config.policy == "fcfs":
+            return _Admission(tuple(sorted(waiting, key=_arrival_key)), frozenset())
+        on_time = self._on_time_set(waiting, est)
+        selected = sorted((r for r in waiting if r.req_id in on_time), key=_edd_key)
+        rest = [r for r in waiting if r.req_id not in on_time]
+        feasible = sorted((r for r in rest if self._slack(r, est) >= 0), key=_edd_key)
+        late = sorted((r for r in rest if self._slack(r, est) < 0), key=_arrival_key)
+        return _Admission(tuple(selected + feasible + late), frozenset(on_time))
+
+    def _on_time_set(self, waiting: list[RequestView], est: _Estimates) -> set[str]:
+        """req_ids of the largest set of waiting requests that can all meet their deadlines.
+
+        A non-resident model's activation is charged once, to its first request in EDD order
+        (the carrier). If Moore-Hodgson drops a carrier but keeps a later request of the same
+        model, that request would be promised a free activation; so the carrier is set aside
+        (it joins the rest) and the selection is redone. Each round sets aside at least one
+        request, so this ends; the result is always truly feasible, if not always maximal.
+        """
+        set_aside: set[str] = set()
+        while True:
+            candidates = sorted((r for r in waiting if r.req_id not in set_aside), key=_edd_key)
+            carriers: dict[str, str] = {}  # model -> req_id charged with its activation
+            jobs, rank = [], {}
+            for r in candidates:
+                processing = self._prefill_s(r)
+                if r.model_id not in est.resident and r.model_id not in carriers:
+                    carriers[r.model_id] = r.req_id
+                    processing += self._activation_s(r.model_id, est)
+                jobs.append(Job(r.req_id, processing, next_deadline(r)))
+                rank[r.req_id] = _edd_key(r)[1:]
+            kept, _ = moore_hodgson(jobs, est.now, tie_key=lambda j: rank[j.job_id])
+            on_time = {j.job_id for j in kept}
+            models_on_time = {r.model_id for r in candidates if r.req_id in on_time}
+            stranded = {
+                req_id for model_id, req_id in carriers.items()
+                if req_id not in on_time and model_id in models_on_time
+            }
+            if not stranded:
+                return on_time
+            set_aside |= stranded
+
+    # ---- which model runs -----------------------------------------------------------------
+    def _pick_model_prism(self, view: DeviceView, est: _Estimates, admission: _Admission) -> str | None:
+        """Least slack first, where the contenders are
+        - each runnable model with decodes: the least slack of its decoding requests;
+        - the prefill pipeline: prefills still pending that Moore-Hodgson has on time (running
+          ones and on-time waiting ones of runnable models) back to back in EDD order; its
+          slack is the least of (deadline - completion) over it, and it is the model of its
+          head that runs. Following EDD, not each prefill's own slack, matters: a long prefill
+          with less slack of its own must not jump a short one due earlier, or the set
+          Moore-Hodgson promised on time is no longer on time.
+        Ties: the model with the earliest-arrived request. When all of it is late, least slack
+        still decides: the most late runs first (the deadline order the admission promised).
+
+        Work not on time (feasible-but-dropped, or late) must neither starve nor push the
+        above past its deadlines: the first such request in the admission order runs when its
+        prefill fits into the least slack of all contenders (slack stealing), and whenever
+        there are no contenders.
+        """
+        runnable = [r for r in view.requests if r.model_id in est.resident]
+        if not runnable:
+            return None
+        first_arrival: dict[str, float] = {}
+        for r in runnable:
+            first_arrival[r.model_id] = min(r.arrival, first_arrival.get(r.model_id, r.arrival))
+        contenders: list[tuple[float, float, str]] = []
+        for model_id, reqs in _group_by_model(r for r in runnable if _is_decoding(r)).items():
+            least = min(self._slack(r, est) for r in reqs)
+            contenders.append((least, first_arrival[model_id], model_id))
+        pipeline = sorted(
+            (r for r in runnable if not _is_decoding(r) and (r.running or r.req_id in admission.on_time)),
+            key=_edd_key,
+        )
+        if pipeline:
+            head_model = pipeline[0].model_id
+            contenders.append((self._pipeline_slack(pipeline, est), first_arrival[head_model], head_model))
+        spare = min(contenders)[0] if contenders else math.inf
+        rest_head = next(
+            (r for r in admission.order if r.req_id not in admission.on_time and r.model_id in est.resident),
+            None,
+        )
+        if rest_head is not None and self._prefill_s(rest_head) <= spare:
+            return rest_head.model_id
+        return min(contenders)[2] if contenders else None
+
+    def _pipeline_slack(self, pipeline: list[RequestView], est: _Estimates) -> float:
+        """How long prefills run back to back in this order could all wait and still be on time."""
+        slack, finish = math.inf, est.now
+        for r in pipeline:
+            finish += self._prefill_s(r)
+            slack = min(slack, next_deadline(r) - finish)
+        return slack
+
+    def _pick_model_fcfs(self, view: DeviceView, est: _Estimates) -> str | None:
+        runnable = [r for r in view.requests if r.model_id in est.resident]
+        if not runnable:
+            return None
+        return min(runnable, key=_arrival_key).model_id
+
+
+def _group_by_model(requests: Iterable[RequestView]) -> dict[str, list[RequestView]]:
+    groups: dict[str, list[RequestView]] = {}
+    for r in requests:
+        groups.setdefault(r.model_id, []).append(r)
+    return groups
+
+
+def _per_model(order: Iterable[RequestView]) -> dict[str, tuple[str, ...]]:
+    """The device-wide admission order projected onto each model (relative order kept)."""
+    return {model_id: tuple(r.req_id for r in reqs) for model_id, reqs in _group_by_model(order).items()}
+
+
+__all__ = [
+    "POLICIES",
+    "LocalScheduler",
+    "LocalSchedulerConfig",
+    "next_deadline",
+    "num_tokens_to_prefill",
+]
