@@ -54,8 +54,8 @@ def test_burst_grows_kv_into_pages_another_model_freed():
         worker.run_until_idle()
         assert worker.engines["m1"].num_kv_pages <= kv_group_pages(TINY[1])  # one spare page group
         # ... then a burst on m0 takes far more than an even static split would allow.
-        for p in prompts(40, seed=2, lo=60, hi=100):
-            worker.add_request("m0", p, greedy(60))
+        for p in prompts(64, seed=2, lo=100, hi=200):
+            worker.add_request("m0", p, greedy(100))
         peak = 0
         while worker.has_unfinished:
             worker.step()

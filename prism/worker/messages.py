@@ -1,0 +1,100 @@
+"""Typed messages between a frontend and a device worker process (msgpack via msgspec;
+never pickle on a socket). Tagged unions, so each side decodes exactly one known type."""
+from __future__ import annotations
+
+import msgspec
+
+
+# ---- to the worker -------------------------------------------------------------------------
+class AddRequest(msgspec.Struct, tag="add", frozen=True):
+    req_id: str
+    model: str
+    prompt_token_ids: list[int]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    ttft_slo_s: float | None = None  # None: the model's default
+    tpot_slo_s: float | None = None
+    priority: int = 0
+
+
+class Abort(msgspec.Struct, tag="abort", frozen=True):
+    req_id: str
+
+
+class Evict(msgspec.Struct, tag="evict", frozen=True):
+    model: str
+    mode: str = "preempt"  # or "drain"
+
+
+class Activate(msgspec.Struct, tag="activate", frozen=True):
+    model: str
+
+
+class ReportMemory(msgspec.Struct, tag="report", frozen=True):
+    pass
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
+    pass
+
+
+ToWorker = AddRequest | Abort | Evict | Activate | ReportMemory | Shutdown
+
+
+# ---- from the worker -----------------------------------------------------------------------
+class ModelInfo(msgspec.Struct, frozen=True):
+    name: str
+    max_model_len: int
+    vocab_size: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    resident: bool
+
+
+class Ready(msgspec.Struct, tag="ready", frozen=True):
+    device: str
+    models: list[ModelInfo]
+
+
+class Failed(msgspec.Struct, tag="failed", frozen=True):
+    message: str  # the worker could not start (bad model, no memory): one line for the user
+
+
+class Token(msgspec.Struct, frozen=True, array_like=True):
+    req_id: str
+    token_id: int  # -1: no new token (text flushed at the end, or an abort)
+    text: str
+    time: float
+    finish_reason: str | None = None
+
+
+class Tokens(msgspec.Struct, tag="tokens", frozen=True):
+    tokens: list[Token]
+
+
+class Finished(msgspec.Struct, tag="finished", frozen=True):
+    req_id: str
+    model: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    num_prompt_tokens: int
+    metrics: dict
+
+
+class Rejected(msgspec.Struct, tag="rejected", frozen=True):
+    req_id: str
+    message: str  # why the request cannot be served (bad input): safe to show the user
+
+
+class MemoryReport(msgspec.Struct, tag="memory", frozen=True):
+    report: dict
+
+
+FromWorker = Ready | Failed | Tokens | Finished | Rejected | MemoryReport

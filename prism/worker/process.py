@@ -1,0 +1,183 @@
+"""A device worker in its own process, driven through typed messages over ZeroMQ.
+
+The parent binds two IPC sockets (requests out, results in) and spawns the child, which
+builds a DeviceWorker, says Ready (or Failed, with a one-line reason) and then loops:
+drain the inbox, run one step, send token events and finished requests. When idle it still
+steps every `idle_tick_s` so idle models get evicted on time.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+
+import msgspec
+import zmq
+
+from prism.sched.view import SLO
+from prism.types import RequestError, SamplingParams
+from prism.worker import messages as msg
+from prism.worker.device_worker import DeviceWorker, WorkerConfig
+
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+class WorkerStartError(RuntimeError):
+    pass
+
+
+class WorkerProcess:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, config: WorkerConfig, start_timeout_s: float = 600.0, idle_tick_s: float = 0.05):
+        self._dir = tempfile.mkdtemp(prefix="prism-worker-")
+        self._ctx = zmq.Context()
+        self._to_worker = self._ctx.socket(zmq.PUSH)
+        self._from_worker = self._ctx.socket(zmq.PULL)
+        addr_in, addr_out = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
+        self._to_worker.bind(addr_in)
+        self._from_worker.bind(addr_out)
+        self._decoder = msgspec.msgpack.Decoder(msg.FromWorker)
+        # spawn, not fork: a forked child cannot use CUDA that the parent touched.
+        ctx = mp.get_context("spawn")
+        self.process = ctx.Process(
+            target=worker_main, args=(config, addr_in, addr_out, idle_tick_s), daemon=True,
+            name=f"prism-worker-{config.device.device}",
+        )
+        self.process.start()
+        first = self.recv(timeout_s=start_timeout_s)
+        if isinstance(first, msg.Ready):
+            self.ready = first
+        else:
+            self.close()
+            reason = first.message if isinstance(first, msg.Failed) else "no answer in time"
+            raise WorkerStartError(f"worker for {config.device.device} did not start: {reason}")
+
+    def send(self, message) -> None:
+        self._to_worker.send(_ENCODER.encode(message))
+
+    def recv(self, timeout_s: float | None = None):
+        """The next message from the worker, or None after timeout_s (None: wait forever)."""
+        timeout_ms = None if timeout_s is None else int(timeout_s * 1000)
+        if not self._from_worker.poll(timeout_ms):
+            if not self.process.is_alive():
+                return msg.Failed(f"worker process exited with code {self.process.exitcode}")
+            return None
+        return self._decoder.decode(self._from_worker.recv())
+
+    @property
+    def fd(self) -> int:
+        """A file descriptor that is readable when a message waits (for event loops)."""
+        return self._from_worker.getsockopt(zmq.FD)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        if self.process.is_alive():
+            try:
+                self.send(msg.Shutdown())
+            except zmq.ZMQError:
+                pass
+            self.process.join(timeout_s)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join(timeout_s)
+        self._to_worker.close(linger=0)
+        self._from_worker.close(linger=0)
+        self._ctx.term()
+        for name in ("in", "out"):
+            try:
+                os.unlink(os.path.join(self._dir, name))
+            except FileNotFoundError:
+                pass
+        os.rmdir(self._dir)
+
+
+# ---- the child process ---------------------------------------------------------------------
+def worker_main(config: WorkerConfig, addr_in: str, addr_out: str, idle_tick_s: float) -> None:
+    ctx = zmq.Context()
+    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    inbox.connect(addr_in)
+    outbox.connect(addr_out)
+    send = lambda m: outbox.send(_ENCODER.encode(m))  # noqa: E731
+    try:
+        worker = DeviceWorker(config)
+    except Exception as e:  # a bad model or no memory: say why in one line, then exit
+        send(msg.Failed(_one_line(e)))
+        outbox.close(linger=2000)
+        ctx.term()
+        return
+    try:
+        send(msg.Ready(config.device.device, [_model_info(worker, m) for m in worker.engines]))
+        _serve(worker, inbox, send, idle_tick_s)
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        worker.close()
+        inbox.close(linger=0)
+        outbox.close(linger=2000)
+        ctx.term()
+
+
+def _serve(worker: DeviceWorker, inbox, send, idle_tick_s: float) -> None:
+    decoder = msgspec.msgpack.Decoder(msg.ToWorker)
+    while True:
+        busy = worker.has_unfinished or bool(worker.draining)
+        timeout_ms = 0 if busy else int(idle_tick_s * 1000)
+        while inbox.poll(timeout_ms):
+            if not _handle(worker, decoder.decode(inbox.recv()), send):
+                return
+            timeout_ms = 0
+        out = worker.step()
+        if out.events:
+            send(msg.Tokens([msg.Token(e.req_id, e.token_id, e.text, e.time,
+                                       e.finish_reason.value if e.finish_reason else None)
+                             for e in out.events]))
+        for model, done in out.finished:
+            send(msg.Finished(done.req_id, model, done.token_ids, done.text,
+                              done.finish_reason.value, len(done.prompt_token_ids), done.metrics))
+
+
+def _handle(worker: DeviceWorker, m, send) -> bool:
+    """Carry out one message; False means shut down. Bad input is answered, never fatal."""
+    if isinstance(m, msg.Shutdown):
+        return False
+    try:
+        _carry_out(worker, m, send)
+    except (RequestError, ValueError) as e:
+        send(msg.Rejected(getattr(m, "req_id", ""), _one_line(e)))
+    return True
+
+
+def _carry_out(worker: DeviceWorker, m, send) -> None:
+    if isinstance(m, msg.AddRequest):
+        params = SamplingParams(
+            temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, seed=m.seed,
+            max_tokens=m.max_tokens, stop=tuple(m.stop), stop_token_ids=tuple(m.stop_token_ids),
+            ignore_eos=m.ignore_eos,
+        )
+        spec = worker.specs.get(m.model)
+        slo = None
+        if spec is not None and (m.ttft_slo_s or m.tpot_slo_s):
+            slo = SLO(m.ttft_slo_s or spec.ttft_slo_s, m.tpot_slo_s or spec.tpot_slo_s)
+        worker.add_request(m.model, m.prompt_token_ids, params, req_id=m.req_id, slo=slo,
+                           priority=m.priority)
+    elif isinstance(m, msg.Abort):
+        worker.abort(m.req_id)
+    elif isinstance(m, msg.Evict):
+        worker.evict(m.model, m.mode)
+    elif isinstance(m, msg.Activate):
+        worker.activate(m.model)
+    elif isinstance(m, msg.ReportMemory):
+        send(msg.MemoryReport(worker.memory_report()))
+
+
+def _model_info(worker: DeviceWorker, name: str) -> msg.ModelInfo:
+    e = worker.engines[name]
+    return msg.ModelInfo(name, e.max_model_len, e.config.vocab_size, e.weights.num_bytes,
+                         e.config.kv_bytes_per_token(e.dtype.itemsize), e.resident)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
