@@ -81,6 +81,7 @@ class LLMEngine:
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
         self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
         self._events: list[TokenEvent] = []
+        self.last_step_num_tokens = 0  # tokens the last step computed (for cost accounting)
         self._req_counter = itertools.count()
 
     # ---- construction ----------------------------------------------------------------------
@@ -187,6 +188,7 @@ class LLMEngine:
     def step(self) -> list[CompletionOutput]:
         """Run one batch; return the requests that finished in it (token events: drain_events)."""
         plan = self.scheduler.schedule()
+        self.last_step_num_tokens = plan.num_tokens
         if plan.is_empty:
             return []
         now = self.clock()

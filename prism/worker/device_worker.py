@@ -40,6 +40,7 @@ class StepOutput:
     events: list[TokenEvent]
     finished: list[tuple[str, CompletionOutput]]  # (model_id, output)
     ran_model: str | None
+    num_tokens: int = 0  # tokens the step computed
 
 
 class DeviceWorker:
@@ -173,17 +174,19 @@ class DeviceWorker:
         for model_id, order in decision.admit_order.items():
             self.engines[model_id].scheduler.reorder_waiting(list(order))
         finished: list[tuple[str, CompletionOutput]] = []
+        num_tokens = 0
         run = decision.run_model
         if run is not None and self.engines[run].resident:
             before = self.engines[run].scheduler.num_preemptions
             finished = [(run, out) for out in self.engines[run].step()]
+            num_tokens = self.engines[run].last_step_num_tokens
             self.counters.preemptions[run] += self.engines[run].scheduler.num_preemptions - before
             self.last_used[run] = self.clock.now()
         events = [ev for e in self.engines.values() for ev in e.drain_events()]
         for model_id, out in finished:
             self.metrics.record_request(model_id, out.req_id, out.finish_reason.value, out.metrics)
         self._maybe_sample()
-        return StepOutput(events, finished, run)
+        return StepOutput(events, finished, run, num_tokens)
 
     def _finish_drains(self) -> None:
         for model_id in list(self.draining):

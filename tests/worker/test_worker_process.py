@@ -1,0 +1,88 @@
+"""The device worker as its own process, driven through typed messages over ZeroMQ."""
+import time
+
+import psutil
+import pytest
+
+from prism.config import DeviceConfig, EngineConfig, ModelSpec
+from prism.worker import messages as msg
+from prism.worker.device_worker import WorkerConfig
+from prism.worker.process import WorkerProcess, WorkerStartError
+
+ENGINE = EngineConfig(block_size=8, max_num_batched_tokens=128)
+
+
+def config(*sources, memory=128 << 20):
+    models = tuple(ModelSpec(f"m{i}", s, engine=ENGINE) for i, s in enumerate(sources))
+    return WorkerConfig(DeviceConfig("cpu", memory, 64 << 10), models)
+
+
+def collect(worker: WorkerProcess, req_ids: set[str], timeout_s: float = 60):
+    """Messages until every named request finished or was rejected."""
+    got = {"tokens": [], "finished": {}, "rejected": {}}
+    deadline = time.monotonic() + timeout_s
+    while req_ids - set(got["finished"]) - set(got["rejected"]):
+        m = worker.recv(timeout_s=max(0.0, deadline - time.monotonic()))
+        assert m is not None, "worker went quiet"
+        if isinstance(m, msg.Tokens):
+            got["tokens"] += m.tokens
+        elif isinstance(m, msg.Finished):
+            got["finished"][m.req_id] = m
+        elif isinstance(m, msg.Rejected):
+            got["rejected"][m.req_id] = m
+    return got
+
+
+@pytest.fixture
+def worker():
+    w = WorkerProcess(config("tiny-llama:random", "tiny-qwen3:random"))
+    yield w
+    w.close()
+
+
+def test_requests_stream_tokens_and_finish(worker):
+    assert [m.name for m in worker.ready.models] == ["m0", "m1"]
+    for i, model in enumerate(["m0", "m1", "m0"]):
+        worker.send(msg.AddRequest(f"r{i}", model, [5, 6, 7, 8 + i], temperature=0, max_tokens=6, ignore_eos=True))
+    got = collect(worker, {"r0", "r1", "r2"})
+    for req_id, fin in got["finished"].items():
+        streamed = [t.token_id for t in got["tokens"] if t.req_id == req_id and t.token_id >= 0]
+        assert streamed == fin.token_ids and len(fin.token_ids) == 6
+        assert fin.finish_reason == "length" and fin.metrics["ttft"] >= 0
+
+
+def test_bad_requests_are_rejected_and_the_worker_keeps_serving(worker):
+    worker.send(msg.AddRequest("bad-model", "nope", [5, 6]))
+    worker.send(msg.AddRequest("too-long", "m0", list(range(3, 3000))))
+    worker.send(msg.AddRequest("bad-temp", "m0", [5], temperature=-2.0))
+    worker.send(msg.AddRequest("ok", "m0", [5, 6], temperature=0, max_tokens=3, ignore_eos=True))
+    got = collect(worker, {"bad-model", "too-long", "bad-temp", "ok"})
+    assert "unknown model" in got["rejected"]["bad-model"].message
+    assert "context limit" in got["rejected"]["too-long"].message
+    assert "temperature" in got["rejected"]["bad-temp"].message
+    assert len(got["finished"]["ok"].token_ids) == 3
+
+
+def test_evict_activate_and_memory_report(worker):
+    worker.send(msg.Evict("m1"))
+    worker.send(msg.ReportMemory())
+    report = None
+    while report is None:
+        m = worker.recv(timeout_s=30)
+        report = m.report if isinstance(m, msg.MemoryReport) else None
+    assert report["models"]["m1"]["resident"] is False and report["models"]["m1"]["weight_pages"] == 0
+    worker.send(msg.AddRequest("after", "m1", [5, 6, 7], temperature=0, max_tokens=4, ignore_eos=True))
+    got = collect(worker, {"after"})
+    assert len(got["finished"]["after"].token_ids) == 4
+
+
+def test_close_leaves_no_process():
+    w = WorkerProcess(config("tiny-llama:random"))
+    pid = w.process.pid
+    w.close()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_worker_that_cannot_start_says_why():
+    with pytest.raises(WorkerStartError, match="unknown model"):
+        WorkerProcess(config("no-such-model"))
