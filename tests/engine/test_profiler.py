@@ -40,7 +40,8 @@ def test_profile_has_every_case_that_fits_and_gives_back_every_page(engine):
     assert profile.kv_bytes_per_token == engine.config.kv_bytes_per_token(4)
     assert profile.card and profile.date
     cost = ProfileCostModel({"tiny": profile})
-    assert cost.prefill_time("tiny", 64) == pytest.approx(profile.prefill[1][1])
+    # measured times, made non-decreasing (CPU timings are noisy)
+    assert cost.prefill_time("tiny", 64) == pytest.approx(max(t for _, t in profile.prefill))
     assert cost.decode_step_time("tiny", 2, 200) > 0
 
 
