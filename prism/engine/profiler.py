@@ -14,6 +14,7 @@ import datetime
 import platform
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,9 +57,9 @@ class _Session:
 
 def profile_engine(
     engine: LLMEngine,
-    prefill_lengths=DEFAULT_PREFILL_LENGTHS,
-    batch_sizes=DEFAULT_BATCH_SIZES,
-    context_lengths=DEFAULT_CONTEXT_LENGTHS,
+    prefill_lengths: Iterable[int] = DEFAULT_PREFILL_LENGTHS,
+    batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
+    context_lengths: Iterable[int] = DEFAULT_CONTEXT_LENGTHS,
     repeats: int = 3,
     h2d_bytes_per_s: float | None = None,
 ) -> ModelProfile:
