@@ -6,6 +6,8 @@ import re
 import sys
 import time
 
+from prism.cli_profile import add_profile_parser
+
 SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
               "g": 1 << 30, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="Prism: many LLMs on shared GPUs")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
+    add_profile_parser(sub)
     return parser
 
 

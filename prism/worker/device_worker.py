@@ -19,7 +19,7 @@ from prism.engine.output_processor import TokenEvent
 from prism.engine.sequence import Sequence
 from prism.memory import PagePool, make_backend
 from prism.sched.clock import Clock, MonotonicClock
-from prism.sched.cost import ProfileCostModel
+from prism.sched.cost import ProfileCostModel, load_profiles
 from prism.sched.local import LocalScheduler, LocalSchedulerConfig
 from prism.sched.view import SLO, CostModel, DeviceView, ModelView, RequestView
 from prism.types import CompletionOutput, RequestError, SamplingParams
@@ -53,6 +53,7 @@ class DeviceWorker:
         dev = config.device
         self.pool = PagePool(make_backend(dev.device, dev.page_size), dev.num_pages, dev.num_spare_pages)
         self.cost = cost or ProfileCostModel()
+        self._profiles = load_profiles(device=dev.device) if cost is None else {}
         self.local = LocalScheduler(config.scheduler, self.cost)
         self.metrics = MetricsLog(config.metrics_path, config.sample_interval_s)
         self.counters = DeviceCounters()
@@ -83,9 +84,12 @@ class DeviceWorker:
         self.engines[spec.name] = engine
         self.specs[spec.name] = spec
         self.last_used[spec.name] = self.clock.now()
-        if hasattr(self.cost, "set_model_size"):
+        if isinstance(self.cost, ProfileCostModel):
             self.cost.set_model_size(spec.name, engine.weights.num_bytes,
                                      engine.config.kv_bytes_per_token(engine.dtype.itemsize))
+            profile = self._profiles.get(spec.source)  # measured by `prism profile --model SOURCE`
+            if profile is not None:
+                self.cost.add(spec.name, profile)
 
     def _make_room_for_loading(self, weight_bytes: int) -> None:
         # Loading needs the weights mapped: models registered earlier step aside (they keep
