@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: HTTP frontend, router, global scheduling across devices."""

@@ -1,0 +1,72 @@
+"""What the HTTP layer needs from the serving system, and nothing more.
+
+The router (prism/server/router.py) implements `ServingBackend`; the FastAPI app only talks to
+this protocol, so the transport to workers (local processes today, Ray later) stays behind it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+from prism.engine.tokenizer import Tokenizer
+from prism.types import SamplingParams
+
+
+class UnknownModel(LookupError):
+    """The request names a model this server does not serve (HTTP 404)."""
+
+
+class ServerBusy(RuntimeError):
+    """The server cannot take the request now (HTTP 503): shutting down or no worker."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    max_model_len: int
+    created: int  # unix seconds, for /v1/models
+    devices: tuple[str, ...] = ()  # where it is resident now (empty: evicted)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    req_id: str
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    ttft_slo_s: float | None = None  # per-request SLO overrides (None: the model's default)
+    tpot_slo_s: float | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """A piece of one request's output. The last chunk has finish_reason set."""
+
+    text: str  # newly decoded text (may be "")
+    token_ids: list[int] = field(default_factory=list)  # newly generated token ids
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # so far, including this chunk
+
+
+class ServingBackend(Protocol):
+    def model_cards(self) -> list[ModelCard]: ...
+
+    def tokenizer(self, model: str) -> Tokenizer:
+        """Raises UnknownModel, or RequestError when the model has no tokenizer."""
+
+    def max_model_len(self, model: str) -> int: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the request's output. Raises RequestError (bad input, e.g. a prompt longer
+        than the context), UnknownModel or ServerBusy, before the first chunk or from it.
+        Closing the iterator early (client gone) aborts the request."""
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        """Prometheus exposition (body, content type) for GET /metrics."""
+
+    def admin_view(self) -> dict:
+        """Placement and memory per device, as JSON, for GET /admin/state."""
+
+    def healthy(self) -> bool: ...
