@@ -50,6 +50,7 @@ class LLMEngine:
         clock: Callable[[], float] = time.monotonic,
         choose_victim: VictimChooser | None = None,
         keep_host_copy: bool = False,
+        detokenize: bool = True,
     ):
         self.source = resolve_model(model) if isinstance(model, str) else model
         self.model_id = model_id or self.source.name
@@ -79,7 +80,9 @@ class LLMEngine:
             self.close()
             raise
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
-        self.outputs = OutputProcessor(self.tokenizer, eos, self.max_model_len)
+        # detokenize=False: token ids only (a server's frontend turns them into text and
+        # applies stop strings there).
+        self.outputs = OutputProcessor(self.tokenizer if detokenize else None, eos, self.max_model_len)
         self._events: list[TokenEvent] = []
         self.last_step_num_tokens = 0  # tokens the last step computed (for cost accounting)
         self._req_counter = itertools.count()

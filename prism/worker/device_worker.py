@@ -33,6 +33,7 @@ class WorkerConfig:
     scheduler: LocalSchedulerConfig = field(default_factory=LocalSchedulerConfig)
     metrics_path: str | None = None
     sample_interval_s: float = 0.1
+    detokenize: bool = True  # False when a frontend detokenizes (the server)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class DeviceWorker:
             source, spec.engine, self.config.device, pool=self.pool, dtype=dtype,
             model_id=spec.name, show_progress=show_progress, clock=self.clock.now,
             choose_victim=lambda cands, m=spec.name: self._choose_victim(m, cands),
-            keep_host_copy=True,
+            keep_host_copy=True, detokenize=self.config.detokenize,
         )
         self.engines[spec.name] = engine
         self.specs[spec.name] = spec

@@ -121,7 +121,10 @@ def worker_main(config: WorkerConfig, addr_in: str, addr_out: str, idle_tick_s: 
 
 def _serve(worker: DeviceWorker, inbox, send, idle_tick_s: float) -> None:
     decoder = msgspec.msgpack.Decoder(msg.ToWorker)
+    parent = os.getppid()
     while True:
+        if os.getppid() != parent:  # the frontend died without saying goodbye: do not linger
+            return
         busy = worker.has_unfinished or bool(worker.draining)
         timeout_ms = 0 if busy else int(idle_tick_s * 1000)
         while inbox.poll(timeout_ms):
