@@ -80,11 +80,27 @@ def default_memory(device: str) -> int:
     return 4 << 30
 
 
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible multi-model server")
+    p.add_argument("--config", required=True, help="YAML file: models, devices, scheduler (see examples/)")
+    p.add_argument("--host", default=None, help="default 127.0.0.1 (or the config's server.host)")
+    p.add_argument("--port", type=int, default=None, help="default 8000 (or the config's server.port)")
+    p.add_argument("--api-key", default=None, help="require this bearer key (or set PRISM_API_KEY)")
+    p.set_defaults(func=lambda a: _serve(a))
+
+
+def _serve(args) -> int:
+    from prism.server.serve import serve
+
+    return serve(args.config, args.host, args.port, args.api_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="Prism: many LLMs on shared GPUs")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_profile_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

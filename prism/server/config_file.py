@@ -1,0 +1,152 @@
+"""The server's YAML config: models, devices, scheduler knobs, HTTP settings.
+
+Parsed with pydantic (unknown keys refused) and turned into the frozen dataclasses the rest
+of the system uses. Errors name the file and the bad key, e.g.
+`cpu-demo.yaml: models.1.ttft_slo_ms: Input should be greater than 0`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prism.config import ConfigError, DeviceConfig, EngineConfig, ModelSpec
+from prism.sched.local import LocalSchedulerConfig
+from prism.sched.placement import GlobalSchedulerConfig
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+def _size(value) -> int:
+    if isinstance(value, int):
+        return value
+    from prism.cli import parse_size  # one parser for sizes everywhere
+
+    try:
+        return parse_size(str(value))
+    except Exception as e:
+        raise ValueError(str(e)) from None
+
+
+class DeviceEntry(BaseModel):
+    model_config = _STRICT
+    device: str = Field(pattern=r"^(cpu|cuda:\d+)$")
+    memory: int | str  # page budget: bytes, or "4GiB", "512MiB"
+    page_size: int | str = "2MiB"
+
+    @field_validator("memory", "page_size")
+    @classmethod
+    def _bytes(cls, value) -> int:
+        return _size(value)
+
+
+class ModelEntry(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")
+    source: str = Field(min_length=1)
+    dtype: str = Field("auto", pattern=r"^(auto|float32|bfloat16|float16)$")
+    ttft_slo_ms: float = Field(2000.0, gt=0)
+    tpot_slo_ms: float = Field(200.0, gt=0)
+    device: str | None = None  # pin to one device
+    max_model_len: int | None = Field(None, ge=2)
+    block_size: int = Field(16, ge=1)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+
+
+class SchedulerEntry(BaseModel):
+    model_config = _STRICT
+    policy: str = Field("prism", pattern=r"^(prism|fcfs)$")
+    idle_evict_s: float = Field(45.0, ge=0)
+    swap_idle_s: float = Field(2.0, ge=0)
+    rate_window_s: float = Field(60.0, gt=0)
+    placement_period_s: float = Field(10.0, gt=0)
+    migration_threshold: float = Field(0.2, ge=0)
+    migration_cooldown_s: float = Field(60.0, ge=0)
+
+
+class ServerEntry(BaseModel):
+    model_config = _STRICT
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    metrics_log: str | None = None  # JSON-lines file per worker (suffixed with the device)
+
+
+class ConfigFile(BaseModel):
+    model_config = _STRICT
+    devices: list[DeviceEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(min_length=1)
+    scheduler: SchedulerEntry = SchedulerEntry()
+    server: ServerEntry = ServerEntry()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        names = [d.device for d in self.devices]
+        if len(set(names)) != len(names):
+            raise ValueError(f"devices: {names} lists a device twice")
+        model_names = [m.name for m in self.models]
+        dupes = sorted({n for n in model_names if model_names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"models: name {dupes[0]!r} is used twice")
+        for i, m in enumerate(self.models):
+            if m.device is not None and m.device not in names:
+                raise ValueError(f"models.{i}.device: {m.device!r} is not among the devices {names}")
+        return self
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    devices: tuple[DeviceConfig, ...]
+    models: tuple[ModelSpec, ...]
+    pinned: dict  # model name -> device (only pinned models)
+    local: LocalSchedulerConfig
+    global_: GlobalSchedulerConfig
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    metrics_log: str | None = None
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path.name}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_config(raw, source=path.name)
+
+
+def parse_config(raw, source: str = "config") -> ServerConfig:
+    try:
+        f = ConfigFile.model_validate(raw if raw is not None else {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise ConfigError(f"{source}: {where}: {err['msg']}") from None
+    devices = tuple(DeviceConfig(d.device, d.memory, d.page_size) for d in f.devices)
+    models = tuple(
+        ModelSpec(
+            m.name, m.source, ttft_slo_s=m.ttft_slo_ms / 1e3, tpot_slo_s=m.tpot_slo_ms / 1e3,
+            dtype=m.dtype,
+            engine=EngineConfig(m.block_size, m.max_num_seqs, m.max_num_batched_tokens, m.max_model_len),
+        )
+        for m in f.models
+    )
+    s = f.scheduler
+    return ServerConfig(
+        devices=devices, models=models,
+        pinned={m.name: m.device for m in f.models if m.device},
+        local=LocalSchedulerConfig(policy=s.policy, idle_evict_s=s.idle_evict_s, swap_idle_s=s.swap_idle_s),
+        global_=GlobalSchedulerConfig(
+            rate_window_s=s.rate_window_s, idle_evict_s=s.idle_evict_s,
+            placement_period_s=s.placement_period_s, migration_threshold=s.migration_threshold,
+            migration_cooldown_s=s.migration_cooldown_s,
+        ),
+        host=f.server.host, port=f.server.port, api_key=f.server.api_key,
+        metrics_log=f.server.metrics_log,
+    )

@@ -1,0 +1,88 @@
+"""Prometheus metrics of the server: request latencies and SLO attainment per model (kept
+here), and device memory, activations, evictions and preemptions (read from the workers'
+latest memory reports when scraped)."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ServerMetrics:
+    def __init__(self, reports: Callable[[], dict[str, dict]], queue_depth: Callable[[], dict[str, int]]):
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram("prism_ttft_seconds", "Time to first token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("prism_tpot_seconds", "Mean time per output token of a request",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.finished: Counter = Counter()  # (model, finish_reason)
+        self.slo_met: Counter = Counter()  # (model, "ttft"|"tpot")
+        self.slo_total: Counter = Counter()
+        self.migrations: Counter = Counter()  # model
+        self._reports = reports
+        self._queue_depth = queue_depth
+        self.registry.register(_Collector(self))
+
+    def observe(self, model: str, finish_reason: str, ttft: float | None, tpot: float | None,
+                ttft_slo: float, tpot_slo: float) -> None:
+        self.finished[(model, finish_reason)] += 1
+        if ttft is not None:
+            self.ttft.labels(model).observe(ttft)
+        if tpot is not None:
+            self.tpot.labels(model).observe(tpot)
+        # A request that never produced a token missed its TTFT; one with a single token
+        # has no TPOT to miss.
+        self.slo_total[(model, "ttft")] += 1
+        self.slo_met[(model, "ttft")] += ttft is not None and ttft <= ttft_slo
+        self.slo_total[(model, "tpot")] += 1
+        self.slo_met[(model, "tpot")] += tpot is None or tpot <= tpot_slo
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Collector:
+    def __init__(self, m: ServerMetrics):
+        self.m = m
+
+    def collect(self):
+        m = self.m
+        done = CounterMetricFamily("prism_requests", "Finished requests", labels=["model", "finish_reason"])
+        for (model, reason), n in m.finished.items():
+            done.add_metric([model, reason], n)
+        attain = GaugeMetricFamily("prism_slo_attainment", "Fraction of finished requests within their SLO",
+                                   labels=["model", "slo"])
+        for key, total in m.slo_total.items():
+            attain.add_metric(list(key), m.slo_met[key] / total)
+        depth = GaugeMetricFamily("prism_queue_depth", "Requests in flight", labels=["model"])
+        for model, n in m._queue_depth().items():
+            depth.add_metric([model], n)
+        migr = CounterMetricFamily("prism_migrations", "Model migrations", labels=["model"])
+        for model, n in m.migrations.items():
+            migr.add_metric([model], n)
+        yield from (done, attain, depth, migr)
+        yield from _device_families(m._reports())
+
+
+def _device_families(reports: dict[str, dict]):
+    pages = GaugeMetricFamily("prism_pages", "Pages held per model", labels=["device", "model", "kind"])
+    free = GaugeMetricFamily("prism_free_pages", "Free pages per device", labels=["device"])
+    page_bytes = GaugeMetricFamily("prism_page_bytes", "Page size per device", labels=["device"])
+    resident = GaugeMetricFamily("prism_model_resident", "1 if the model's weights are on the device",
+                                 labels=["device", "model"])
+    counters = {name: CounterMetricFamily(f"prism_{name}", f"Model {name} per device", labels=["device", "model"])
+                for name in ("activations", "evictions", "preemptions")}
+    for device, rep in reports.items():
+        free.add_metric([device], rep["free_pages"])
+        page_bytes.add_metric([device], rep["page_size"])
+        for model, st in rep["models"].items():
+            pages.add_metric([device, model, "weights"], st["weight_pages"])
+            pages.add_metric([device, model, "kv"], st["kv_pages"])
+            resident.add_metric([device, model], 1 if st["resident"] else 0)
+            for name, fam in counters.items():
+                fam.add_metric([device, model], st[name])
+    yield from (pages, free, page_bytes, resident, *counters.values())

@@ -1,0 +1,373 @@
+"""The router: the frontend's half of serving (implements ServingBackend).
+
+It starts one worker process per device, tokenizes and detokenizes (stop strings included),
+routes each request to a device through the global scheduler, streams results back, and
+every tick refreshes the workers' memory reports and runs the global scheduler's periodic
+work (idle eviction, migration). Mechanism only: the decisions come from prism.sched.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from prism.config import ModelSpec
+from prism.engine.catalog import resolve_model
+from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from prism.engine.tokenizer import Tokenizer, load_tokenizer
+from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
+from prism.sched.placement import Activate, Evict, GlobalScheduler, Migrate, kvpr
+from prism.sched.rates import TokenRateTracker
+from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel
+from prism.server.config_file import ServerConfig
+from prism.server.metrics import ServerMetrics
+from prism.server.worker_link import WorkerLink
+from prism.types import RequestError
+from prism.worker import messages as msg
+from prism.worker.device_worker import WorkerConfig
+
+log = logging.getLogger("prism.router")
+TICK_S = 0.5
+
+
+@dataclass
+class _Stream:
+    """One request in flight, as the frontend tracks it."""
+
+    request: GenerationRequest
+    device: str
+    detok: IncrementalDetokenizer | None
+    stops: StopStringMatcher | None
+    arrival: float
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    num_output: int = 0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    done: bool = False
+
+
+class Router:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.specs = {m.name: m for m in config.models}
+        self.links: dict[str, WorkerLink] = {}
+        self._start_workers()
+        self.tokenizers = self._load_tokenizers()
+        self.created = int(time.time())
+        self.global_sched = GlobalScheduler(config.global_)
+        self.rates = TokenRateTracker(config.global_.rate_window_s)
+        self._streams: dict[str, _Stream] = {}
+        self._pending_activation: dict[str, tuple[str, float]] = {}  # model -> (device, since)
+        self.metrics = ServerMetrics(self._reports, self._queue_depth)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick_task: asyncio.Task | None = None
+        self._closed = False
+
+    # ---- start and stop --------------------------------------------------------------------
+    def _start_workers(self) -> None:
+        def start(device):
+            models = tuple(m for m in self.config.models if self.config.pinned.get(m.name, device.device) == device.device)
+            wc = WorkerConfig(device, models, self.config.local, detokenize=False,
+                              metrics_path=_device_log(self.config.metrics_log, device.device))
+            return WorkerLink(device.device, wc)
+
+        with ThreadPoolExecutor(len(self.config.devices)) as pool:
+            futures = [pool.submit(start, d) for d in self.config.devices]
+            errors = []
+            for f in futures:
+                try:
+                    link = f.result()
+                    self.links[link.device_id] = link
+                except Exception as e:  # close what did start, then report the first failure
+                    errors.append(e)
+        if errors:
+            self.close()
+            raise errors[0]
+
+    def _load_tokenizers(self) -> dict[str, Tokenizer | None]:
+        out = {}
+        for spec in self.config.models:
+            source = resolve_model(spec.source)
+            out[spec.name] = load_tokenizer(source.tokenizer_path) if source.tokenizer_path else None
+        return out
+
+    async def start(self) -> None:
+        """Attach to the running event loop (the HTTP server's) and start ticking."""
+        self._loop = asyncio.get_running_loop()
+        for link in self.links.values():
+            link.attach(self._loop, self._on_message)
+            link.send(msg.ReportMemory())
+        self._tick_task = asyncio.create_task(self._ticker())
+
+    def close(self) -> None:
+        self._closed = True
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+        for stream in self._streams.values():
+            self._fail(stream, ServerBusy("the server is shutting down"))
+        for link in self.links.values():
+            link.close()
+
+    # ---- ServingBackend --------------------------------------------------------------------
+    def model_cards(self) -> list[ModelCard]:
+        resident = self._residency()
+        return [ModelCard(name, self.max_model_len(name), self.created, tuple(resident.get(name, ())))
+                for name in self.specs]
+
+    def tokenizer(self, model: str) -> Tokenizer:
+        self._check_model(model)
+        tok = self.tokenizers[model]
+        if tok is None:
+            raise RequestError(f"model {model!r} has no tokenizer: send the prompt as token ids")
+        return tok
+
+    def max_model_len(self, model: str) -> int:
+        self._check_model(model)
+        return min(info.max_model_len for link in self.links.values()
+                   for info in link.ready.models if info.name == model)
+
+    def healthy(self) -> bool:
+        return not self._closed and all(link.alive for link in self.links.values())
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        return self.metrics.exposition()
+
+    async def generate(self, request: GenerationRequest):
+        stream = self._submit(request)
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not stream.done:  # the client went away: stop spending the device on it
+                stream.done = True
+                self.links[stream.device].send(msg.Abort(request.req_id))
+            self._streams.pop(request.req_id, None)
+
+    # ---- submitting ------------------------------------------------------------------------
+    def _submit(self, request: GenerationRequest) -> _Stream:
+        if self._closed:
+            raise ServerBusy("the server is shutting down")
+        self._check_model(request.model)
+        limit = self.max_model_len(request.model)
+        if len(request.prompt_token_ids) >= limit:
+            raise RequestError(f"the prompt has {len(request.prompt_token_ids)} tokens but "
+                               f"{request.model}'s context limit is {limit}")
+        if request.req_id in self._streams:
+            raise RequestError(f"request id {request.req_id!r} is already in use")
+        now = time.monotonic()
+        device = self._route(request.model, now)
+        tok = self.tokenizers[request.model]
+        p = request.params
+        stream = _Stream(
+            request, device,
+            IncrementalDetokenizer(tok, p.skip_special_tokens) if tok is not None else None,
+            StopStringMatcher(p.stop) if p.stop and tok is not None else None, now,
+        )
+        self._streams[request.req_id] = stream
+        self.rates.record(request.model, now, len(request.prompt_token_ids) + p.max_tokens)
+        self.links[device].send(msg.AddRequest(
+            request.req_id, request.model, list(request.prompt_token_ids), temperature=p.temperature,
+            top_p=p.top_p, top_k=p.top_k, seed=p.seed, max_tokens=p.max_tokens,
+            stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+            ttft_slo_s=request.ttft_slo_s, tpot_slo_s=request.tpot_slo_s, priority=request.priority,
+        ))
+        return stream
+
+    def _check_model(self, model: str) -> None:
+        if model not in self.specs:
+            raise UnknownModel(f"the model {model!r} does not exist; this server serves: "
+                               + ", ".join(self.specs))
+
+    def _route(self, model: str, now: float) -> str:
+        view = self.cluster_view(now)
+        device = self.global_sched.route(view, model)
+        if device is not None:
+            return device
+        pending = self._pending_activation.get(model)
+        if pending is not None and now - pending[1] < 30:
+            return pending[0]
+        actions = self.global_sched.on_request(view, model)
+        self._carry_out(actions)
+        for a in actions:
+            if isinstance(a, Activate) and a.model_id == model:
+                return a.device_id
+        # No device can make room now: queue it where it may run; that worker's local
+        # scheduler activates it as soon as memory allows.
+        return self.config.pinned.get(model) or min(self._hosting(model), key=lambda d: self._kvpr(view, d))
+
+    def _hosting(self, model: str) -> list[str]:
+        return [d for d, link in self.links.items() if any(i.name == model for i in link.ready.models)]
+
+    def _kvpr(self, view: ClusterView, device_id: str) -> float:
+        return kvpr(next(d for d in view.devices if d.device_id == device_id), view)
+
+    def _carry_out(self, actions) -> None:
+        now = time.monotonic()
+        for a in actions:
+            if isinstance(a, Evict):
+                self.links[a.device_id].send(msg.Evict(a.model_id, "drain" if a.reason == "migration" else "preempt"))
+            elif isinstance(a, Activate):
+                self.links[a.device_id].send(msg.Activate(a.model_id))
+                self._pending_activation[a.model_id] = (a.device_id, now)
+            elif isinstance(a, Migrate):
+                self.links[a.from_device].send(msg.Evict(a.model_id, "drain"))
+                self.links[a.to_device].send(msg.Activate(a.model_id))
+                self._pending_activation[a.model_id] = (a.to_device, now)
+                self.metrics.migrations[a.model_id] += 1
+                log.info("migrating %s from %s to %s", a.model_id, a.from_device, a.to_device)
+
+    # ---- what workers say ------------------------------------------------------------------
+    def _on_message(self, device: str, m) -> None:
+        if isinstance(m, msg.Tokens):
+            for t in m.tokens:
+                stream = self._streams.get(t.req_id)
+                if stream is not None and not stream.done and t.token_id >= 0:
+                    self._on_token(stream, t.token_id, t.time)
+        elif isinstance(m, msg.Finished):
+            stream = self._streams.get(m.req_id)
+            if stream is not None and not stream.done:
+                self._finish(stream, m.finish_reason)
+        elif isinstance(m, msg.Rejected):
+            stream = self._streams.get(m.req_id)
+            if stream is not None:
+                self._fail(stream, RequestError(m.message))
+        elif isinstance(m, msg.MemoryReport):
+            self.links[device].report = m.report
+        elif isinstance(m, msg.Failed):
+            log.error("worker %s failed: %s", device, m.message)
+            self.links[device].alive = False
+            for stream in [s for s in self._streams.values() if s.device == device]:
+                self._fail(stream, ServerBusy(f"the worker for {device} stopped: {m.message}"))
+
+    def _on_token(self, stream: _Stream, token_id: int, _worker_time: float) -> None:
+        now = time.monotonic()
+        stream.first_token_time = stream.first_token_time or now
+        stream.last_token_time = now
+        stream.num_output += 1
+        text, hit = "", False
+        if stream.detok is not None:
+            text = stream.detok.step(token_id)
+            if stream.stops is not None:
+                text, hit = stream.stops.feed(text)
+        stream.queue.put_nowait(self._chunk(stream, text, [token_id]))
+        if hit:  # a stop string: the worker does not know about it, so stop it there
+            self.links[stream.device].send(msg.Abort(stream.request.req_id))
+            self._finish(stream, "stop", flush=False)
+
+    def _finish(self, stream: _Stream, reason: str, flush: bool = True) -> None:
+        tail = ""
+        if flush and stream.detok is not None:
+            tail = stream.detok.flush()
+            if stream.stops is not None:
+                tail, _ = stream.stops.feed(tail)
+                tail += stream.stops.flush()
+        stream.done = True
+        stream.queue.put_nowait(self._chunk(stream, tail, [], reason))
+        self._observe(stream, reason)
+
+    def _fail(self, stream: _Stream, error: Exception) -> None:
+        stream.done = True
+        stream.queue.put_nowait(error)
+
+    def _chunk(self, stream: _Stream, text: str, ids: list[int], reason: str | None = None) -> GenerationChunk:
+        return GenerationChunk(text, ids, reason, len(stream.request.prompt_token_ids), stream.num_output)
+
+    def _observe(self, stream: _Stream, reason: str) -> None:
+        spec: ModelSpec = self.specs[stream.request.model]
+        ttft = stream.first_token_time - stream.arrival if stream.first_token_time else None
+        tpot = None
+        if stream.num_output > 1:
+            tpot = (stream.last_token_time - stream.first_token_time) / (stream.num_output - 1)
+        self.metrics.observe(stream.request.model, reason, ttft, tpot,
+                             stream.request.ttft_slo_s or spec.ttft_slo_s,
+                             stream.request.tpot_slo_s or spec.tpot_slo_s)
+
+    # ---- the tick: reports in, global decisions out ----------------------------------------
+    async def _ticker(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(TICK_S)
+            try:
+                self._tick()
+            except Exception:  # a policy bug must not take the server down
+                log.exception("global scheduling tick failed")
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for link in self.links.values():
+            link.send(msg.ReportMemory())
+        resident = self._residency()
+        for model, (device, since) in list(self._pending_activation.items()):
+            if device in resident.get(model, ()) or now - since > 30:
+                del self._pending_activation[model]
+        self._carry_out(self.global_sched.periodic(self.cluster_view(now)))
+
+    def cluster_view(self, now: float) -> ClusterView:
+        infos = {}
+        for link in self.links.values():
+            for i in link.ready.models:
+                infos[i.name] = ModelInfo(i.name, i.weight_bytes, i.kv_bytes_per_token,
+                                          self.specs[i.name].tpot_slo_s, self.config.pinned.get(i.name))
+        resident = self._residency()
+        devices = tuple(
+            DeviceState(d, self._memory_bytes(d),
+                        tuple(m for m, devs in resident.items() if d in devs),
+                        tuple(m for m, (dev, _) in self._pending_activation.items() if dev == d))
+            for d in self.links
+        )
+        return ClusterView(
+            now=now, models=infos, devices=devices,
+            token_rates={m: self.rates.rate(m, now) for m in self.specs},
+            last_request={m: t for m in self.specs if (t := self.rates.last_seen(m)) is not None},
+            pending=self._queue_depth(),
+        )
+
+    def _memory_bytes(self, device: str) -> int:
+        dev = next(d for d in self.config.devices if d.device == device)
+        return dev.num_pages * dev.page_size
+
+    def _residency(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for device, link in self.links.items():
+            if link.report is None:
+                for i in link.ready.models:
+                    if i.resident:
+                        out.setdefault(i.name, []).append(device)
+                continue
+            for model, st in link.report["models"].items():
+                if st["resident"]:
+                    out.setdefault(model, []).append(device)
+        return out
+
+    def _reports(self) -> dict[str, dict]:
+        return {d: link.report for d, link in self.links.items() if link.report is not None}
+
+    def _queue_depth(self) -> dict[str, int]:
+        depth = {m: 0 for m in self.specs}
+        for s in self._streams.values():
+            depth[s.request.model] += 1
+        return depth
+
+    def admin_view(self) -> dict:
+        now = time.monotonic()
+        return {
+            "devices": self._reports(),
+            "placement": self._residency(),
+            "token_rates": {m: self.rates.rate(m, now) for m in self.specs},
+            "in_flight": self._queue_depth(),
+        }
+
+
+def _device_log(path: str | None, device: str) -> str | None:
+    if path is None:
+        return None
+    stem, dot, ext = path.rpartition(".")
+    slug = device.replace(":", "")
+    return f"{stem}-{slug}.{ext}" if dot else f"{path}-{slug}"
+

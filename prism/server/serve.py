@@ -1,0 +1,45 @@
+"""`prism serve`: workers up, then the HTTP server on the same event loop as the router."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+import uvicorn
+
+from prism.server.app import create_app
+from prism.server.config_file import load_config
+from prism.server.router import Router
+
+API_KEY_ENV = "PRISM_API_KEY"
+
+
+def serve(config_path: str, host: str | None = None, port: int | None = None,
+          api_key: str | None = None) -> int:
+    config = load_config(config_path)
+    host = host or config.host
+    port = config.port if port is None else port
+    api_key = api_key or os.environ.get(API_KEY_ENV) or config.api_key
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    print(f"prism: starting {len(config.devices)} worker(s) for {len(config.models)} model(s)...",
+          file=sys.stderr, flush=True)
+    router = Router(config)
+    app = create_app(router, api_key=api_key)
+
+    async def main() -> None:
+        await router.start()
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        print(f"prism: serving {', '.join(router.specs)} on http://{host}:{port}/v1"
+              + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
+        try:
+            await server.serve()  # returns on SIGINT / SIGTERM
+        finally:
+            router.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        router.close()  # idempotent: also when the loop died before its own cleanup
+    print("prism: stopped", file=sys.stderr, flush=True)
+    return 0
