@@ -1,0 +1,347 @@
+"""The global (cluster) scheduler: which models are resident on which device.
+
+Prism's rule is to keep the KV pressure ratio even across devices:
+
+    KVPR(d) = sum over models m on d of rate(m) * kv_bytes_per_token(m) / tpot_slo(m)
+              ------------------------------------------------------------------
+                          memory_bytes(d) - weight bytes of the models on d
+
+The numerator is how fast the models on d need KV memory to keep their decodes within their
+TPOT SLOs; the denominator is the memory left for KV once the weights are in. A device with a
+high ratio runs out of KV first and starts preempting, so placement puts each model where the
+ratio stays lowest, migrates only when that clearly evens things out, and evicts idle models.
+
+Pure policy: it reads a `ClusterView` (time is `view.now`) and returns decisions; the server
+and the simulator carry them out. The only state kept here is the time of the last periodic
+pass, per-model migration cooldowns, and since when each model has been on each device.
+
+Choices where the brief is silent:
+- "On a device" means resident or activating (`DeviceState.hosted`): an activating model's
+  weights are already reserved and its traffic is on its way, so it counts in full.
+- Weights fit on d when memory_bytes - weights already on d - weight_bytes(m) >=
+  kv_headroom_fraction * memory_bytes. Current KV use does not count against a fit: KV is
+  elastic (the local scheduler preempts under pressure), weights are not. The headroom keeps
+  a model from landing where it could not hold a single batch of KV.
+- Choosing a device compares the KVPR it would have *with* the model (the greedy step that
+  keeps the maximum low, and it sees both the model's own demand and the memory its weights
+  take). Ties, e.g. when nothing has traffic yet: the device with the most memory left for
+  KV, then device_id, so models spread out instead of piling onto the first device.
+- on_request prefers a device with room as it is; idle models are evicted ("make-room") only
+  when no allowed device has room, since an eviction costs a re-activation when that model's
+  next request comes.
+- Idle means no pending requests. Idle for eviction counts from the later of the model's last
+  request and the time this scheduler first saw (or put) it on the device, so a model placed
+  before any traffic gets `idle_evict_s` of grace like everyone else.
+- A pinned model lives only on its pinned device; it can still be evicted when idle.
+- Idle evictions of a periodic pass count as freed memory for that pass's migrations.
+- `Migrate` means: activate on `to_device`, then evict from `from_device` once its requests
+  there are done (the server reports that eviction with reason "migration"); meanwhile the
+  model is on both, and `route` sends new requests to the resident copy with the lower KVPR.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
+
+EVICT_REASONS = ("idle", "make-room", "migration")
+
+
+@dataclass(frozen=True)
+class GlobalSchedulerConfig:
+    rate_window_s: float = 60.0  # the window of the token rates the server feeds the view
+    idle_evict_s: float = 45.0  # evict a model with no pending requests and no request this long
+    placement_period_s: float = 10.0  # periodic() does its work at most this often
+    # Migrate only if it lowers max(KVPR(src), KVPR(dst)) by more than this fraction.
+    migration_threshold: float = 0.2
+    migration_cooldown_s: float = 60.0  # per model, after a migration
+    max_migrations_per_period: int = 1
+    kv_headroom_fraction: float = 0.05  # of a device's memory, kept free for KV when weights "fit"
+
+    def __post_init__(self) -> None:
+        if not self.rate_window_s > 0:
+            raise ValueError(f"rate_window_s must be > 0: {self}")
+        knobs = (self.idle_evict_s, self.placement_period_s, self.migration_threshold,
+                 self.migration_cooldown_s, self.max_migrations_per_period)
+        if any(k < 0 for k in knobs):
+            raise ValueError(f"global scheduler knobs must be >= 0: {self}")
+        if not 0 <= self.kv_headroom_fraction < 1:
+            raise ValueError(f"kv_headroom_fraction must be in [0, 1): {self}")
+
+
+# ---- decisions -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Activate:
+    model_id: str
+    device_id: str
+
+
+@dataclass(frozen=True)
+class Evict:
+    model_id: str
+    device_id: str
+    reason: str  # one of EVICT_REASONS
+
+    def __post_init__(self) -> None:
+        if self.reason not in EVICT_REASONS:
+            raise ValueError(f"unknown eviction reason {self.reason!r}; use one of {EVICT_REASONS}")
+
+
+@dataclass(frozen=True)
+class Migrate:
+    model_id: str
+    from_device: str
+    to_device: str
+
+
+# ---- KV pressure ----------------------------------------------------------------------------
+def _models_on(device: DeviceState, extra: str | None, without: str | None) -> list[str]:
+    models = [m for m in device.hosted if m != without]
+    if extra is not None and extra not in models:
+        models.append(extra)
+    return models
+
+
+def kv_demand(model_id: str, view: ClusterView) -> float:
+    """How fast `model_id` needs KV memory to decode within its TPOT SLO."""
+    info = view.models[model_id]
+    return view.rate(model_id) * info.kv_bytes_per_token / info.tpot_slo_s
+
+
+def kv_free_bytes(device: DeviceState, view: ClusterView, extra: str | None = None,
+                  without: str | None = None) -> int:
+    """Memory left for KV once the weights on `device` (with/without one model) are in."""
+    weights = sum(view.models[m].weight_bytes for m in _models_on(device, extra, without))
+    return device.memory_bytes - weights
+
+
+def kvpr(device: DeviceState, view: ClusterView, extra: str | None = None,
+         without: str | None = None) -> float:
+    """KV pressure ratio of `device`, optionally as if `extra` were added and/or `without`
+    removed; +inf when the weights leave no memory for KV."""
+    free = kv_free_bytes(device, view, extra, without)
+    if free <= 0:
+        return math.inf
+    return sum(kv_demand(m, view) for m in _models_on(device, extra, without)) / free
+
+
+def relative_gain(before: float, after: float) -> float:
+    """The fraction by which `after` is lower than `before` (0 when it is not lower)."""
+    if not after < before:
+        return 0.0
+    if math.isinf(before):
+        return 1.0  # from no KV room at all to some: as good as it gets
+    return (before - after) / before
+
+
+# ---- hypothetical device states -------------------------------------------------------------
+def _with_model(device: DeviceState, model_id: str) -> DeviceState:
+    return replace(device, activating=device.activating + (model_id,))
+
+
+def _without_models(device: DeviceState, model_ids: Iterable[str]) -> DeviceState:
+    gone = set(model_ids)
+    return replace(
+        device,
+        resident=tuple(m for m in device.resident if m not in gone),
+        activating=tuple(m for m in device.activating if m not in gone),
+    )
+
+
+def _ready(device: DeviceState) -> list[str]:
+    """Resident and not (also) activating: the models a decision may evict or move."""
+    return sorted(m for m in device.resident if m not in device.activating)
+
+
+# ---- the scheduler --------------------------------------------------------------------------
+class GlobalScheduler:
+    def __init__(self, config: GlobalSchedulerConfig) -> None:
+        self.config = config
+        self._last_period: float | None = None
+        self._cooldown_until: dict[str, float] = {}  # model -> no migration before this time
+        self._on_device_since: dict[tuple[str, str], float] = {}  # (model, device) -> first seen
+
+    # ---- public calls -------------------------------------------------------------------
+    def initial_placement(self, view: ClusterView) -> list[Activate]:
+        """Every model not yet on a device, in descending weighted rate, to the device where
+        its KVPR would be lowest among those its weights fit on. Models that fit nowhere stay
+        evicted (their first request retries through `on_request`)."""
+        devices = {d.device_id: d for d in view.devices}
+        placed = {m for d in view.devices for m in d.hosted}
+        decisions: list[Activate] = []
+        for info in sorted(view.models.values(), key=lambda i: _placement_key(i, view)):
+            if info.model_id in placed:
+                continue
+            fitting = [d for d in self._allowed(info, devices.values()) if self._fits(d, view, info)]
+            if not fitting:
+                continue
+            target = min(fitting, key=lambda d: self._landing_key(d, view, info.model_id))
+            devices[target.device_id] = _with_model(target, info.model_id)
+            decisions.append(Activate(info.model_id, target.device_id))
+            self._on_device_since[(info.model_id, target.device_id)] = view.now
+        return decisions
+
+    def on_request(self, view: ClusterView, model_id: str) -> list[Activate | Evict]:
+        """A request for `model_id` came: if the model is on no device, activate it now on the
+        best device with room, evicting idle models there (least recently used first) only
+        when no device has room as it is. Busy models are never evicted: if no device can make
+        room, return [] and the server retries on its next tick."""
+        info = view.models.get(model_id)
+        if info is None:
+            raise ValueError(f"unknown model {model_id!r}")
+        if view.hosts(model_id):
+            return []
+        options = []
+        for device in self._allowed(info, view.devices):
+            victims = self._make_room(device, view, info)
+            if victims is not None:
+                after = _without_models(device, victims)
+                options.append((bool(victims), self._landing_key(after, view, model_id), device, victims))
+        if not options:
+            return []
+        _, _, device, victims = min(options, key=lambda o: o[:2])
+        self._on_device_since[(model_id, device.device_id)] = view.now
+        evicts = [Evict(m, device.device_id, "make-room") for m in victims]
+        return [*evicts, Activate(model_id, device.device_id)]
+
+    def periodic(self, view: ClusterView) -> list[Evict | Migrate]:
+        """Call every tick; at most once per `placement_period_s` it evicts idle models, then
+        makes up to `max_migrations_per_period` migrations that each lower the pressure by
+        more than `migration_threshold`."""
+        self._note_devices(view)
+        if self._last_period is not None and view.now - self._last_period < self.config.placement_period_s:
+            return []
+        self._last_period = view.now
+        evicts = self._idle_evictions(view)
+        devices = {d.device_id: d for d in view.devices}
+        for e in evicts:
+            devices[e.device_id] = _without_models(devices[e.device_id], [e.model_id])
+        return [*evicts, *self._migrations(view, devices)]
+
+    def route(self, view: ClusterView, model_id: str) -> str | None:
+        """The device that serves a request of `model_id` now: one where it is resident (the
+        lowest KVPR if several), or None (not ready anywhere: the request waits)."""
+        ready = [d for d in view.devices if model_id in d.resident and model_id not in d.activating]
+        if not ready:
+            return None
+        return min(ready, key=lambda d: (kvpr(d, view), d.device_id)).device_id
+
+    # ---- fitting and choosing -----------------------------------------------------------
+    def _allowed(self, info: ModelInfo, devices: Iterable[DeviceState]) -> list[DeviceState]:
+        return [d for d in devices if info.pinned_device in (None, d.device_id)]
+
+    def _headroom_bytes(self, device: DeviceState) -> float:
+        return self.config.kv_headroom_fraction * device.memory_bytes
+
+    def _fits(self, device: DeviceState, view: ClusterView, info: ModelInfo) -> bool:
+        return kv_free_bytes(device, view, extra=info.model_id) >= self._headroom_bytes(device)
+
+    def _landing_key(self, device: DeviceState, view: ClusterView, model_id: str) -> tuple:
+        # Lowest KVPR with the model; then most memory left for KV; then device_id.
+        return (kvpr(device, view, extra=model_id), -kv_free_bytes(device, view, extra=model_id),
+                device.device_id)
+
+    def _make_room(self, device: DeviceState, view: ClusterView, info: ModelInfo) -> list[str] | None:
+        """Idle models to evict from `device` so `info` fits, least recently used first:
+        [] if it fits as it is, None if even evicting every idle model would not do."""
+        victims: list[str] = []
+        idle = sorted(
+            (m for m in _ready(device) if view.num_pending(m) == 0),
+            key=lambda m: (self._idle_since(view, m, device.device_id), m),
+        )
+        while not self._fits(_without_models(device, victims), view, info):
+            if not idle:
+                return None
+            victims.append(idle.pop(0))
+        return victims
+
+    # ---- idleness -----------------------------------------------------------------------
+    def _note_devices(self, view: ClusterView) -> None:
+        """Remember since when each model is on each device (for idle time); forget models
+        that left."""
+        on_now = {(m, d.device_id) for d in view.devices for m in d.hosted}
+        for key in on_now:
+            self._on_device_since.setdefault(key, view.now)
+        for key in [k for k in self._on_device_since if k not in on_now]:
+            del self._on_device_since[key]
+
+    def _idle_since(self, view: ClusterView, model_id: str, device_id: str) -> float:
+        last_request = view.last_request.get(model_id, -math.inf)
+        return max(last_request, self._on_device_since.get((model_id, device_id), view.now))
+
+    def _idle_evictions(self, view: ClusterView) -> list[Evict]:
+        return [
+            Evict(m, d.device_id, "idle")
+            for d in sorted(view.devices, key=lambda d: d.device_id)
+            for m in _ready(d)
+            if view.num_pending(m) == 0
+            and view.now - self._idle_since(view, m, d.device_id) >= self.config.idle_evict_s
+        ]
+
+    # ---- migration ----------------------------------------------------------------------
+    def _migrations(self, view: ClusterView, devices: dict[str, DeviceState]) -> list[Migrate]:
+        moves: list[Migrate] = []
+        for _ in range(self.config.max_migrations_per_period):
+            move = self._best_migration(view, devices)
+            if move is None:
+                break
+            devices[move.from_device] = _without_models(devices[move.from_device], [move.model_id])
+            devices[move.to_device] = _with_model(devices[move.to_device], move.model_id)
+            self._cooldown_until[move.model_id] = view.now + self.config.migration_cooldown_s
+            self._on_device_since[(move.model_id, move.to_device)] = view.now
+            moves.append(move)
+        return moves
+
+    def _best_migration(self, view: ClusterView, devices: dict[str, DeviceState]) -> Migrate | None:
+        """The move with the largest relative drop of max(KVPR(src), KVPR(dst)), if above the
+        threshold. Ties: source device_id, model_id, target device_id."""
+        best: tuple | None = None
+        for src_id in sorted(devices):
+            src = devices[src_id]
+            for model_id in _ready(src):
+                if view.now < self._cooldown_until.get(model_id, -math.inf):
+                    continue
+                info = view.models[model_id]
+                for dst_id in sorted(devices):
+                    dst = devices[dst_id]
+                    if dst_id == src_id or model_id in dst.hosted or info.pinned_device not in (None, dst_id):
+                        continue
+                    if not self._fits(dst, view, info):
+                        continue
+                    gain = self._migration_gain(view, src, dst, model_id)
+                    if gain > self.config.migration_threshold:
+                        key = (-gain, src_id, model_id, dst_id)
+                        if best is None or key < best:
+                            best = key
+        if best is None:
+            return None
+        _, src_id, model_id, dst_id = best
+        return Migrate(model_id, src_id, dst_id)
+
+    @staticmethod
+    def _migration_gain(view: ClusterView, src: DeviceState, dst: DeviceState, model_id: str) -> float:
+        before = max(kvpr(src, view), kvpr(dst, view))
+        after = max(kvpr(src, view, without=model_id), kvpr(dst, view, extra=model_id))
+        return relative_gain(before, after)
+
+
+def _placement_key(info: ModelInfo, view: ClusterView) -> tuple:
+    # Descending weighted rate; without traffic, descending weight; then bigger weights first
+    # (first-fit-decreasing packs better); then name.
+    return (-info.weight * view.rate(info.model_id), -info.weight, -info.weight_bytes, info.model_id)
+
+
+__all__ = [
+    "EVICT_REASONS",
+    "Activate",
+    "Evict",
+    "GlobalScheduler",
+    "GlobalSchedulerConfig",
+    "Migrate",
+    "kv_demand",
+    "kv_free_bytes",
+    "kvpr",
+    "relative_gain",
+]
