@@ -95,12 +95,27 @@ def _serve(args) -> int:
     return serve(args.config, args.host, args.port, args.api_key)
 
 
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="start the CPU demo server and drive it with a scripted session")
+    p.add_argument("--config", default=None, help="default: examples/cpu-demo.yaml")
+    p.add_argument("--port", type=int, default=None, help="default: a free port")
+    p.add_argument("--keep-serving", action="store_true", help="keep the server up after the session")
+    p.set_defaults(func=lambda a: _demo(a))
+
+
+def _demo(args) -> int:
+    from prism.server.demo import demo
+
+    return demo(args.config, args.keep_serving, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism", description="Prism: many LLMs on shared GPUs")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_profile_parser(sub)
     add_serve_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -1,0 +1,166 @@
+"""`prism demo`: start the CPU demo server, drive it through the official `openai` client with
+a short scripted session (several models, streaming, an eviction and a reactivation, with
+timings), then stop it (unless --keep-serving)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "cpu-demo.yaml"
+QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(config: str, port: int, log=sys.stderr) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "prism.cli", "serve", "--config", config, "--port", str(port)],
+        stdout=log, stderr=log,
+    )
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not become healthy in time")
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def admin_state(base: str) -> dict:
+    with urllib.request.urlopen(f"{base}/admin/state", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def residency(base: str) -> str:
+    state = admin_state(base)
+    rows = []
+    for device, rep in state["devices"].items():
+        mib = rep["page_size"] / 2**20
+        models = ", ".join(
+            f"{m} {'resident' if st['resident'] else 'evicted'} "
+            f"({st['weight_pages'] * mib:.0f}+{st['kv_pages'] * mib:.0f} MiB)"
+            for m, st in rep["models"].items()
+        )
+        rows.append(f"  {device}: free {rep['free_pages'] * mib:.0f} MiB | {models}")
+    return "\n".join(rows)
+
+
+def chat(client, model: str, question: str, max_tokens: int = 48) -> str:
+    """Stream one chat answer, printing tokens as they come, then its timings."""
+    start = time.perf_counter()
+    first = None
+    pieces = []
+    print(f"\n[{model}] > {question}\n[{model}] ", end="", flush=True)
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
+        temperature=0, stream=True, stream_options={"include_usage": True},
+    )
+    usage = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text = choice.delta.content or ""
+            if text and first is None:
+                first = time.perf_counter()
+            pieces.append(text)
+            print(text, end="", flush=True)
+    total = time.perf_counter() - start
+    n = usage.completion_tokens if usage else len(pieces)
+    ttft = (first or time.perf_counter()) - start
+    rate = (n - 1) / max(total - ttft, 1e-9) if n > 1 else 0.0
+    print(f"\n[{model}] TTFT {ttft * 1e3:.0f} ms, {n} tokens, {rate:.1f} tokens/s after the first")
+    return "".join(pieces)
+
+
+def run_session(base: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=os.environ.get("PRISM_API_KEY", "none"))
+    print("models:", ", ".join(m.id for m in client.models.list().data))
+    print("memory at start:\n" + residency(base))
+
+    first = chat(client, "smollm2", QUESTION)
+    t0 = time.perf_counter()
+    out = client.completions.create(model="tiny", prompt=[1, 2, 3, 4], max_tokens=8, temperature=0)
+    print(f"\n[tiny] completion of 4 token ids: {len(out.choices[0].text)} chars, "
+          f"{out.usage.completion_tokens} tokens in {(time.perf_counter() - t0) * 1e3:.0f} ms")
+
+    time.sleep(1.5)  # let smollm2 become idle long enough to be swapped out
+    print("\nasking smollm2-copy: only one SmolLM2 fits, so the idle one is evicted first")
+    chat(client, "smollm2-copy", "Name three primary colors.")
+    print("memory now:\n" + residency(base))
+
+    time.sleep(1.5)
+    print("\nasking smollm2 again: it is reactivated from its host copy")
+    again = chat(client, "smollm2", QUESTION)
+    print("memory now:\n" + residency(base))
+    print(f"\nsame greedy answer before eviction and after reactivation: {again == first}")
+    for line in _metrics_summary(base):
+        print(line)
+
+
+def _metrics_summary(base: str) -> list[str]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    lines = ["\nfrom /metrics:"]
+    for name in ("prism_activations", "prism_evictions"):
+        for s in families[name].samples:
+            if s.value and s.name.endswith("_total"):
+                lines.append(f"  {name} {s.labels['model']}: {s.value:.0f}")
+    for s in families["prism_slo_attainment"].samples:
+        lines.append(f"  SLO attainment {s.labels['model']} {s.labels['slo']}: {s.value:.0%}")
+    return lines
+
+
+def demo(config: str | None = None, keep_serving: bool = False, port: int | None = None) -> int:
+    config = config or str(DEFAULT_CONFIG)
+    port = port or free_port()
+    base = f"http://127.0.0.1:{port}"
+    print(f"starting: prism serve --config {config} --port {port}", flush=True)
+    t0 = time.perf_counter()
+    proc = start_server(config, port)
+    try:
+        wait_healthy(base, proc)
+        print(f"server ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        run_session(base)
+        if keep_serving:
+            print(f"\nstill serving on {base}/v1 (Ctrl-C to stop)", flush=True)
+            proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_server(proc)
+    print("server stopped", flush=True)
+    return 0
