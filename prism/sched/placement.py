@@ -34,6 +34,11 @@ Choices where the brief is silent:
   before any traffic gets `idle_evict_s` of grace like everyone else.
 - A pinned model lives only on its pinned device; it can still be evicted when idle.
 - Idle evictions of a periodic pass count as freed memory for that pass's migrations.
+- Among moves with the same gain (moving a model off the hottest device often leaves the
+  same maximum whichever cooler device takes it), the one that leaves the target with the
+  lower KVPR wins; then source device_id, model_id, target device_id.
+- make-room victims go least recently used first: by the later of the last request and the
+  time this scheduler noted the model on the device (never requested, never noted: first).
 - `Migrate` means: activate on `to_device`, then evict from `from_device` once its requests
   there are done (the server reports that eviction with reason "migration"); meanwhile the
   model is on both, and `route` sends new requests to the resident copy with the lower KVPR.
@@ -268,8 +273,10 @@ class GlobalScheduler:
             del self._on_device_since[key]
 
     def _idle_since(self, view: ClusterView, model_id: str, device_id: str) -> float:
+        # periodic() notes every model on a device before it asks; elsewhere a model not yet
+        # noted ranks by its last request alone (-inf: never), which keeps LRU order.
         last_request = view.last_request.get(model_id, -math.inf)
-        return max(last_request, self._on_device_since.get((model_id, device_id), view.now))
+        return max(last_request, self._on_device_since.get((model_id, device_id), -math.inf))
 
     def _idle_evictions(self, view: ClusterView) -> list[Evict]:
         return [
@@ -296,7 +303,9 @@ class GlobalScheduler:
 
     def _best_migration(self, view: ClusterView, devices: dict[str, DeviceState]) -> Migrate | None:
         """The move with the largest relative drop of max(KVPR(src), KVPR(dst)), if above the
-        threshold. Ties: source device_id, model_id, target device_id."""
+        threshold. Ties: the lower KVPR the target is left with (moving a model off the hot
+        device to any cooler one often leaves the same max, the source's; the coolest target
+        keeps the most room), then source device_id, model_id, target device_id."""
         best: tuple | None = None
         for src_id in sorted(devices):
             src = devices[src_id]
@@ -312,12 +321,12 @@ class GlobalScheduler:
                         continue
                     gain = self._migration_gain(view, src, dst, model_id)
                     if gain > self.config.migration_threshold:
-                        key = (-gain, src_id, model_id, dst_id)
+                        key = (-gain, kvpr(dst, view, extra=model_id), src_id, model_id, dst_id)
                         if best is None or key < best:
                             best = key
         if best is None:
             return None
-        _, src_id, model_id, dst_id = best
+        *_, src_id, model_id, dst_id = best
         return Migrate(model_id, src_id, dst_id)
 
     @staticmethod

@@ -52,7 +52,8 @@ class TokenRateTracker:
         should call; see the module notes)."""
         self.record(model_id, now, num_prompt_tokens + max_tokens)
 
-    def record_completion(self, model_id: str, now: float, num_prompt_tokens: int, num_output_tokens: int) -> None:
+    def record_completion(self, model_id: str, now: float, num_prompt_tokens: int,
+                          num_output_tokens: int) -> None:
         """A request ends with its actual output length (instead of, never as well as, its
         arrival)."""
         self.record(model_id, now, num_prompt_tokens + num_output_tokens)
