@@ -171,7 +171,7 @@ class Router:
             StopStringMatcher(p.stop) if p.stop and tok is not None else None, now,
         )
         self._streams[request.req_id] = stream
-        self.rates.record(request.model, now, len(request.prompt_token_ids) + p.max_tokens)
+        self.rates.record_arrival(request.model, now, len(request.prompt_token_ids), p.max_tokens)
         self.links[device].send(msg.AddRequest(
             request.req_id, request.model, list(request.prompt_token_ids), temperature=p.temperature,
             top_p=p.top_p, top_k=p.top_k, seed=p.seed, max_tokens=p.max_tokens,
