@@ -97,8 +97,12 @@ def validation_error(errors: list[dict]) -> APIError:
     if param is None:
         return bad_request(msg)
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {_short(repr(got))})"
     return bad_request(f"invalid value for '{param}': {msg}{shown}", param)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def install_handlers(app: FastAPI) -> None:

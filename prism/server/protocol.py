@@ -1,0 +1,321 @@
+"""OpenAI request bodies (completions, chat completions), response shapes, and the conversion
+of a validated request into the backend's `GenerationRequest`.
+
+Requests are validated more strictly than SamplingParams (OpenAI's ranges); unknown fields are
+ignored, OpenAI fields whose meaning Prism does not implement are refused with a 400 rather
+than silently dropped.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from prism.server.backend import GenerationRequest
+from prism.types import SamplingParams
+
+MAX_STOP_STRINGS = 4
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def _unsupported(what: str) -> PydanticCustomError:
+    return PydanticCustomError("unsupported", "{what} is not supported by this server", {"what": what})
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool | None = False
+
+
+class _SamplingFields(BaseModel):
+    """The fields completions and chat completions share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1)  # extension: -1 or 0 off
+    seed: int | None = None
+    stop: Any = None  # str | list[str] | None: checked by _check_stop
+    stop_token_ids: list[int] | None = None  # extension
+    ignore_eos: bool = False  # extension
+    skip_special_tokens: bool = True  # extension
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    # Prism extensions: per-request SLOs (None: the model's default) and priority.
+    ttft_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    tpot_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    priority: int = 0
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise PydanticCustomError("stop_type", "stop must be a string or a list of strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise PydanticCustomError("too_many_stops", "at most {n} stop strings are allowed", {"n": MAX_STOP_STRINGS})
+        if any(not s for s in stops):
+            raise PydanticCustomError("empty_stop", "stop strings must be non-empty")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _check_n(cls, v):
+        if v is not None and v != 1:
+            raise _unsupported("n other than 1")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _check_penalty(cls, v):
+        if v:
+            raise _unsupported("a non-zero penalty")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """Raises RequestError (a 400) where SamplingParams rejects a value."""
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop=tuple(stop),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+    def generation_request(self, req_id: str, prompt_token_ids: list[int], max_tokens: int) -> GenerationRequest:
+        return GenerationRequest(
+            req_id=req_id,
+            model=self.model,
+            prompt_token_ids=list(prompt_token_ids),
+            params=self.sampling_params(max_tokens),
+            ttft_slo_s=None if self.ttft_slo_ms is None else self.ttft_slo_ms / 1000.0,
+            tpot_slo_s=None if self.tpot_slo_ms is None else self.tpot_slo_ms / 1000.0,
+            priority=self.priority,
+        )
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Any  # str | list[int] | [str] | [list[int]]: checked by _check_prompt
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, v):
+        return normalize_prompt(v)
+
+    @field_validator("echo")
+    @classmethod
+    def _check_echo(cls, v):
+        if v:
+            raise _unsupported("echo")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _check_logprobs(cls, v):
+        if v is not None:
+            raise _unsupported("logprobs")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _check_best_of(cls, v):
+        if v is not None and v != 1:
+            raise _unsupported("best_of other than 1")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _check_suffix(cls, v):
+        if v:
+            raise _unsupported("suffix")
+        return v
+
+
+def normalize_prompt(v: Any) -> str | list[int]:
+    """A completion prompt as one string or one list of token ids."""
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
+        v = v[0]  # a batch of exactly one
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        return list(v)
+    if isinstance(v, list) and len(v) > 1 and all(isinstance(p, (str, list)) for p in v):
+        raise PydanticCustomError(
+            "batch", "batches of prompts are not supported; send one prompt (a string or a list of token ids) per request"
+        )
+    if isinstance(v, list) and not v:
+        raise PydanticCustomError("empty_prompt", "prompt must not be empty")
+    raise PydanticCustomError("prompt_type", "prompt must be a string or a list of integer token ids")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Any  # str, or a list of {"type": "text", "text": str} parts (joined into one str)
+
+    @field_validator("content")
+    @classmethod
+    def _content_text(cls, v) -> str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list) and all(isinstance(p, dict) for p in v):
+            if all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in v):
+                return "".join(p["text"] for p in v)
+            raise PydanticCustomError("content_part", "only content parts of type 'text' (with a string 'text') are supported")
+        raise PydanticCustomError("content_type", "content must be a string or a list of text parts")
+
+    def template_dict(self) -> dict:
+        # Chat templates know system; developer is OpenAI's newer name for it.
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.content}
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _check_logprobs(cls, v):
+        if v:
+            raise _unsupported("logprobs")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, v):
+        if v is not None:
+            raise _unsupported("top_logprobs")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, v):
+        if v:
+            raise _unsupported("tool calling")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _check_response_format(cls, v):
+        if v and v.get("type", "text") != "text":
+            raise _unsupported("a response_format other than text")
+        return v
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def template_messages(self) -> list[dict]:
+        return [m.template_dict() for m in self.messages]
+
+
+# ---- ids and response bodies -------------------------------------------------------------
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def chat_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_output_tokens,
+        "total_tokens": num_prompt_tokens + num_output_tokens,
+    }
+
+
+def completion_body(req_id: str, created: int, model: str, text: str, finish_reason: str | None,
+                    usage_: dict | None = None, chunk: bool = False) -> dict:
+    """A text_completion response, or (chunk=True) one streamed piece of it (no usage)."""
+    body = {
+        "id": req_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+    }
+    if not chunk:
+        body["usage"] = usage_
+    return body
+
+
+def usage_chunk(req_id: str, created: int, model: str, object_: str, usage_: dict) -> dict:
+    """The last streamed chunk when stream_options.include_usage is set: no choices, usage."""
+    return {"id": req_id, "object": object_, "created": created, "model": model, "choices": [], "usage": usage_}
+
+
+def chat_body(req_id: str, created: int, model: str, text: str, finish_reason: str | None, usage_: dict) -> dict:
+    return {
+        "id": req_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason,
+            "logprobs": None,
+        }],
+        "usage": usage_,
+    }
+
+
+def chat_chunk(req_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+    return {
+        "id": req_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
+
+
+def model_list(cards) -> dict:
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": c.name,
+                "object": "model",
+                "created": c.created,
+                "owned_by": "prism",
+                "max_model_len": c.max_model_len,
+                "devices": list(c.devices),
+            }
+            for c in cards
+        ],
+    }
