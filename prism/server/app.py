@@ -218,11 +218,11 @@ class _Frontend:
         try:
             body = await parse_body(request, P.CompletionRequest)
             model = body.model
-            tokenizer = self.backend.tokenizer(model) if isinstance(body.prompt, str) else self._maybe_tokenizer(model)
             if isinstance(body.prompt, str):
-                prompt_ids = await self._in_tokenize_thread(tokenizer.encode, body.prompt)
-            else:
+                prompt_ids = await self._in_tokenize_thread(self.backend.tokenizer(model).encode, body.prompt)
+            else:  # token ids pass through, checked against the vocabulary where there is one
                 prompt_ids = body.prompt
+                tokenizer = self._maybe_tokenizer(model)
                 if tokenizer is not None:
                     _check_token_ids(prompt_ids, tokenizer.vocab_size)
             room = self._room_for_output(model, prompt_ids, "prompt")

@@ -60,9 +60,10 @@ def to_api_error(exc: BaseException, model: str | None = None) -> APIError:
     if isinstance(exc, RequestError):
         return bad_request(str(exc))
     if isinstance(exc, UnknownModel):
-        if model is not None:
+        message = str(exc)
+        if model is not None and message.strip("'\"` ") in ("", model):  # a bare name: say more
             return unknown_model(model)
-        return APIError(404, str(exc) or "The model does not exist.", INVALID_REQUEST, "model", "model_not_found")
+        return APIError(404, message or "The model does not exist.", INVALID_REQUEST, "model", "model_not_found")
     if isinstance(exc, ServerBusy):
         return APIError(503, str(exc) or "The server is busy; retry later.", SERVER_ERROR, None, "server_busy")
     if isinstance(exc, ValidationError):

@@ -42,8 +42,8 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     stop: Any = None  # str | list[str] | None: checked by _check_stop
     stop_token_ids: list[int] | None = None  # extension
-    ignore_eos: bool = False  # extension
-    skip_special_tokens: bool = True  # extension
+    ignore_eos: bool | None = False  # extension
+    skip_special_tokens: bool | None = True  # extension
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = None
@@ -53,7 +53,7 @@ class _SamplingFields(BaseModel):
     # Prism extensions: per-request SLOs (None: the model's default) and priority.
     ttft_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     tpot_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
-    priority: int = 0
+    priority: int | None = 0
 
     @field_validator("stop")
     @classmethod
@@ -96,8 +96,8 @@ class _SamplingFields(BaseModel):
             max_tokens=max_tokens,
             stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos,
-            skip_special_tokens=self.skip_special_tokens,
+            ignore_eos=bool(self.ignore_eos),
+            skip_special_tokens=self.skip_special_tokens is not False,
         )
 
     def generation_request(self, req_id: str, prompt_token_ids: list[int], max_tokens: int) -> GenerationRequest:
@@ -108,7 +108,7 @@ class _SamplingFields(BaseModel):
             params=self.sampling_params(max_tokens),
             ttft_slo_s=None if self.ttft_slo_ms is None else self.ttft_slo_ms / 1000.0,
             tpot_slo_s=None if self.tpot_slo_ms is None else self.tpot_slo_ms / 1000.0,
-            priority=self.priority,
+            priority=self.priority or 0,
         )
 
 

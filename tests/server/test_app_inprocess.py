@@ -52,6 +52,7 @@ class EchoBackend:
         self.fail_before_first: BaseException | None = None
         self.fail_after: BaseException | None = None
         self.fail_after_n = 1
+        self.closed_early.clear()
         self.abort_after: int | None = None  # end with finish_reason "abort" after this many tokens
         self.is_healthy = True
         self.requests.clear()
@@ -95,10 +96,10 @@ class EchoBackend:
                 finish = ("length" if num_out == request.params.max_tokens else "stop") if last else None
                 if self.abort_after is not None and i + 1 == self.abort_after:
                     last, finish = True, "abort"
+                finished = last  # like a real backend: a request is done once its last chunk is out
                 yield GenerationChunk(text, [token_id], finish, len(prompt), i + 1)
                 if last:
                     break
-            finished = True
         finally:
             if not finished:
                 with self._closed_cond:
@@ -224,6 +225,7 @@ def test_completion(backend, client):
         len(ids), len(ids), 2 * len(ids))
     seen = backend.requests[-1]
     assert seen.req_id == out.id and seen.prompt_token_ids == ids
+    assert not backend.closed_early
 
 
 def test_completion_length_and_default_max_tokens(backend, client):
@@ -254,6 +256,7 @@ def test_completion_stream(backend, client):
     # without include_usage: no usage chunk, the last chunk carries the finish reason
     chunks = list(client.completions.create(model="echo", prompt=PROMPT, max_tokens=12, stream=True))
     assert chunks[-1].choices[0].finish_reason == "length"
+    assert not backend.closed_early  # finished streams are not aborted
 
 
 def test_token_id_prompts(backend, client, http):
