@@ -11,14 +11,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from prism.server.backend import GenerationRequest
 from prism.types import SamplingParams
 
 MAX_STOP_STRINGS = 4
-CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 def _unsupported(what: str) -> PydanticCustomError:
