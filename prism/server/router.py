@@ -53,8 +53,6 @@ class Router:
         self.config = config
         self.specs = {m.name: m for m in config.models}
         self.links: dict[str, WorkerLink] = {}
-        self._start_workers()
-        self.tokenizers = self._load_tokenizers()
         self.created = int(time.time())
         self.global_sched = GlobalScheduler(config.global_)
         self.rates = TokenRateTracker(config.global_.rate_window_s)
@@ -64,6 +62,8 @@ class Router:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task | None = None
         self._closed = False
+        self.tokenizers = self._load_tokenizers()  # first: a bad model name fails fast
+        self._start_workers()
 
     # ---- start and stop --------------------------------------------------------------------
     def _start_workers(self) -> None:
@@ -102,6 +102,8 @@ class Router:
         self._tick_task = asyncio.create_task(self._ticker())
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         if self._tick_task is not None:
             self._tick_task.cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import traceback
 
@@ -31,6 +32,7 @@ class WorkerProcess:
     """The parent's handle on one worker process."""
 
     def __init__(self, config: WorkerConfig, start_timeout_s: float = 600.0, idle_tick_s: float = 0.05):
+        self._closed = False
         self._dir = tempfile.mkdtemp(prefix="prism-worker-")
         self._ctx = zmq.Context()
         self._to_worker = self._ctx.socket(zmq.PUSH)
@@ -72,6 +74,9 @@ class WorkerProcess:
         return self._from_worker.getsockopt(zmq.FD)
 
     def close(self, timeout_s: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self.process.is_alive():
             try:
                 self.send(msg.Shutdown())
@@ -84,12 +89,7 @@ class WorkerProcess:
         self._to_worker.close(linger=0)
         self._from_worker.close(linger=0)
         self._ctx.term()
-        for name in ("in", "out"):
-            try:
-                os.unlink(os.path.join(self._dir, name))
-            except FileNotFoundError:
-                pass
-        os.rmdir(self._dir)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 # ---- the child process ---------------------------------------------------------------------
