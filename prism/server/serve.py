@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
@@ -13,6 +15,18 @@ from prism.server.config_file import load_config
 from prism.server.router import Router
 
 API_KEY_ENV = "PRISM_API_KEY"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGINT/SIGTERM after its own shutdown, which would kill the process
+    before the workers are stopped; we handle the signals ourselves instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+    def request_exit(self) -> None:
+        self.should_exit = True
 
 
 def serve(config_path: str, host: str | None = None, port: int | None = None,
@@ -29,7 +43,10 @@ def serve(config_path: str, host: str | None = None, port: int | None = None,
 
     async def main() -> None:
         await router.start()
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.request_exit)
         print(f"prism: serving {', '.join(router.specs)} on http://{host}:{port}/v1"
               + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
         try:
