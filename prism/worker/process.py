@@ -102,6 +102,7 @@ def worker_main(config: WorkerConfig, addr_in: str, addr_out: str, idle_tick_s: 
     try:
         worker = DeviceWorker(config)
     except Exception as e:  # a bad model or no memory: say why in one line, then exit
+        traceback.print_exc()  # the whole story goes to the worker's stderr (the server log)
         send(msg.Failed(_one_line(e)))
         outbox.close(linger=2000)
         ctx.term()
