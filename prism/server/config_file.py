@@ -34,7 +34,7 @@ class DeviceEntry(BaseModel):
     model_config = _STRICT
     device: str = Field(pattern=r"^(cpu|cuda:\d+)$")
     memory: int | str  # page budget: bytes, or "4GiB", "512MiB"
-    page_size: int | str = "2MiB"
+    page_size: int | str = 2 << 20  # the CUDA VMM granularity
 
     @field_validator("memory", "page_size")
     @classmethod
