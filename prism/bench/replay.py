@@ -70,8 +70,8 @@ async def _one(client, req: TraceRequest, rec: RequestRecord, start: float, use_
             if chunk.usage is not None:
                 rec.num_output_tokens = chunk.usage.completion_tokens
             for choice in chunk.choices:
-                if choice.text:
-                    rec.token_s.append(now)
+                if choice.text is not None and not choice.finish_reason:
+                    rec.token_s.append(now)  # one chunk per token, text or not
                 if choice.finish_reason:
                     rec.finish_reason = choice.finish_reason
         rec.finish_s = time.perf_counter() - start

@@ -170,8 +170,10 @@ class _Completions:
         return []
 
     def chunk_events(self, chunk: GenerationChunk, finish: str | None) -> list[dict]:
-        """Events for one backend chunk; `finish` (the client's reason) is set on the last."""
-        if not chunk.text and finish is None:
+        """Events for one backend chunk; `finish` (the client's reason) is set on the last.
+        A generated token whose text is still held back (part of a character, a possible stop
+        string) is still sent, with empty text: clients then see every token's timing."""
+        if not chunk.text and not chunk.token_ids and finish is None:
             return []
         return [P.completion_body(self.req_id, self.created, self.model, chunk.text, finish, chunk=True)]
 
@@ -189,7 +191,8 @@ class _ChatCompletions(_Completions):
         return [P.chat_chunk(self.req_id, self.created, self.model, {"role": "assistant", "content": ""})]
 
     def chunk_events(self, chunk: GenerationChunk, finish: str | None) -> list[dict]:
-        events = [P.chat_chunk(self.req_id, self.created, self.model, {"content": chunk.text})] if chunk.text else []
+        has_delta = chunk.text or chunk.token_ids  # empty deltas too: see _Completions
+        events = [P.chat_chunk(self.req_id, self.created, self.model, {"content": chunk.text})] if has_delta else []
         if finish is not None:
             events.append(P.chat_chunk(self.req_id, self.created, self.model, {}, finish))
         return events
