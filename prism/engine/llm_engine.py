@@ -22,7 +22,7 @@ from prism.engine.model_runner import ModelRunner
 from prism.engine.model_weights import ModelWeights
 from prism.engine.output_processor import OutputProcessor, TokenEvent
 from prism.engine.scheduler import Scheduler, VictimChooser
-from prism.engine.sequence import Sequence
+from prism.engine.sequence import Sequence, StepPlan
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
 from prism.memory import PagePool, make_backend
 from prism.sched.view import SLO
@@ -85,6 +85,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer if detokenize else None, eos, self.max_model_len)
         self._events: list[TokenEvent] = []
         self.last_step_num_tokens = 0  # tokens the last step computed (for cost accounting)
+        self.last_plan: StepPlan | None = None
         self._req_counter = itertools.count()
 
     # ---- construction ----------------------------------------------------------------------
@@ -191,6 +192,7 @@ class LLMEngine:
     def step(self) -> list[CompletionOutput]:
         """Run one batch; return the requests that finished in it (token events: drain_events)."""
         plan = self.scheduler.schedule()
+        self.last_plan = plan
         self.last_step_num_tokens = plan.num_tokens
         if plan.is_empty:
             return []

@@ -218,6 +218,9 @@ class LocalScheduler:
           head that runs. Following EDD, not each prefill's own slack, matters: a long prefill
           with less slack of its own must not jump a short one due earlier, or the set
           Moore-Hodgson promised on time is no longer on time.
+        Before that, the head of the pipeline runs at once if its prefill fits into the least
+        decode slack: no decode misses its next token, and the prefill is not held back until
+        its own deadline draws near (that would add latency for nothing).
         Ties: the model with the earliest-arrived request. When all of it is late, least slack
         still decides: the most late runs first (the deadline order the admission promised).
 
@@ -236,6 +239,7 @@ class LocalScheduler:
         for model_id, reqs in _group_by_model(r for r in runnable if _is_decoding(r)).items():
             least = min(self._slack(r, est) for r in reqs)
             contenders.append((least, first_arrival[model_id], model_id))
+        decode_slack = min((c[0] for c in contenders), default=math.inf)
         pipeline = sorted(
             (r for r in runnable if not _is_decoding(r) and (r.running or r.req_id in admission.on_time)),
             key=_edd_key,
@@ -243,6 +247,10 @@ class LocalScheduler:
         if pipeline:
             head_model = pipeline[0].model_id
             contenders.append((self._pipeline_slack(pipeline, est), first_arrival[head_model], head_model))
+        # Serve the next on-time prefill at once when that makes no decode miss its next token:
+        # waiting until its own slack is the least would only add latency to its first token.
+        if pipeline and self._prefill_s(pipeline[0]) <= decode_slack:
+            return head_model
         spare = min(contenders)[0] if contenders else math.inf
         rest_head = next(
             (r for r in admission.order if r.req_id not in admission.on_time and r.model_id in est.resident),

@@ -18,8 +18,9 @@ from prism.engine.model_weights import plan_layout
 from prism.engine.output_processor import TokenEvent
 from prism.engine.sequence import Sequence
 from prism.memory import PagePool, make_backend
+from prism.sched.calibration import CalibratedCost
 from prism.sched.clock import Clock, MonotonicClock
-from prism.sched.cost import ProfileCostModel, load_profiles
+from prism.sched.cost import DefaultCosts, ProfileCostModel, load_profiles
 from prism.sched.local import LocalScheduler, LocalSchedulerConfig
 from prism.sched.view import SLO, CostModel, DeviceView, ModelView, RequestView
 from prism.types import CompletionOutput, RequestError, SamplingParams
@@ -53,7 +54,11 @@ class DeviceWorker:
         self.clock = clock or MonotonicClock()
         dev = config.device
         self.pool = PagePool(make_backend(dev.device, dev.page_size), dev.num_pages, dev.num_spare_pages)
-        self.cost = cost or ProfileCostModel()
+        # Without a measured profile, estimates come from model sizes and the device's nominal
+        # rates (a CPU's defaults would make every GPU step look hopelessly late).
+        defaults = DefaultCosts.nvidia_h100() if dev.is_cuda else DefaultCosts()
+        self.profiles = cost or ProfileCostModel(defaults=defaults)
+        self.cost = CalibratedCost(self.profiles)
         self._profiles = load_profiles(device=dev.device) if cost is None else {}
         self.local = LocalScheduler(config.scheduler, self.cost)
         self.metrics = MetricsLog(config.metrics_path, config.sample_interval_s)
@@ -85,12 +90,12 @@ class DeviceWorker:
         self.engines[spec.name] = engine
         self.specs[spec.name] = spec
         self.last_used[spec.name] = self.clock.now()
-        if isinstance(self.cost, ProfileCostModel):
-            self.cost.set_model_size(spec.name, engine.weights.num_bytes,
+        if isinstance(self.profiles, ProfileCostModel):
+            self.profiles.set_model_size(spec.name, engine.weights.num_bytes,
                                      engine.config.kv_bytes_per_token(engine.dtype.itemsize))
             profile = self._profiles.get(spec.source)  # measured by `prism profile --model SOURCE`
             if profile is not None:
-                self.cost.add(spec.name, profile)
+                self.profiles.add(spec.name, profile)
 
     def _make_room_for_loading(self, weight_bytes: int) -> None:
         # Loading needs the weights mapped: models registered earlier step aside (they keep
@@ -181,17 +186,40 @@ class DeviceWorker:
         finished: list[tuple[str, CompletionOutput]] = []
         num_tokens = 0
         run = decision.run_model
-        if run is not None and self.engines[run].resident:
-            before = self.engines[run].scheduler.num_preemptions
-            finished = [(run, out) for out in self.engines[run].step()]
-            num_tokens = self.engines[run].last_step_num_tokens
-            self.counters.preemptions[run] += self.engines[run].scheduler.num_preemptions - before
-            self.last_used[run] = self.clock.now()
+        # The policy cannot see whether a model's next batch fits in memory: if the chosen
+        # model can do nothing now (say its prefill waits for pages), the step goes to another
+        # model with work, so the device never idles (or livelocks) while work exists.
+        candidates = [run] if run is not None else []
+        candidates += [m for m, e in self.engines.items() if m != run and e.resident and e.has_unfinished]
+        for model_id in candidates:
+            if not self.engines[model_id].resident:
+                continue
+            finished, num_tokens = self._step_model(model_id)
+            if num_tokens:
+                run = model_id
+                break
         events = [ev for e in self.engines.values() for ev in e.drain_events()]
         for model_id, out in finished:
             self.metrics.record_request(model_id, out.req_id, out.finish_reason.value, out.metrics)
         self._maybe_sample()
         return StepOutput(events, finished, run, num_tokens)
+
+    def _step_model(self, model_id: str) -> tuple[list[tuple[str, CompletionOutput]], int]:
+        engine = self.engines[model_id]
+        before = engine.scheduler.num_preemptions
+        start = self.clock.now()
+        finished = [(model_id, out) for out in engine.step()]
+        self.counters.preemptions[model_id] += engine.scheduler.num_preemptions - before
+        plan = engine.last_plan
+        if plan is not None and not plan.is_empty:
+            now = self.clock.now()
+            self.last_used[model_id] = now
+            decodes = [c for c in plan.chunks if c.num_tokens == 1 and c.start >= c.seq.num_prompt_tokens]
+            predicted = self.cost.step_time(
+                model_id, len(decodes), sum(c.start + 1 for c in decodes),
+                plan.num_tokens - len(decodes))
+            self.cost.observe(model_id, predicted, now - start)
+        return finished, engine.last_step_num_tokens
 
     def _finish_drains(self) -> None:
         for model_id in list(self.draining):
