@@ -6,6 +6,8 @@ only track what they need to stay safe (which addresses are mapped, which ranges
 """
 from __future__ import annotations
 
+import re
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -70,8 +72,9 @@ class MemoryBackend(ABC):
 
 
 def make_backend(device: str, page_size: int) -> MemoryBackend:
-    """"cpu" -> HostMmapBackend, "cuda:N" (or "cuda") -> CudaVmmBackend."""
-    if device == "cpu":
+    """"cpu" or "cpu:N" -> HostMmapBackend, "cuda:N" (or "cuda") -> CudaVmmBackend. Several
+    "cpu:N" devices are separate page budgets on the host (tests and demos of many devices)."""
+    if device == "cpu" or re.fullmatch(r"cpu:\d+", device):
         from prism.memory.host_mmap import HostMmapBackend
 
         return HostMmapBackend(page_size)
@@ -80,4 +83,4 @@ def make_backend(device: str, page_size: int) -> MemoryBackend:
 
         index = int(device.partition(":")[2] or 0)
         return CudaVmmBackend(index, page_size)
-    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda:N'")
+    raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cpu:N' or 'cuda:N'")

@@ -32,7 +32,7 @@ def _size(value) -> int:
 
 class DeviceEntry(BaseModel):
     model_config = _STRICT
-    device: str = Field(pattern=r"^(cpu|cuda:\d+)$")
+    device: str = Field(pattern=r"^(cpu(:\d+)?|cuda:\d+)$")  # cpu:N: separate host budgets
     memory: int | str  # page budget: bytes, or "4GiB", "512MiB"
     page_size: int | str = 2 << 20  # the CUDA VMM granularity
 

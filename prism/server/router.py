@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prism.config import ModelSpec
 from prism.engine.catalog import resolve_model
@@ -94,12 +94,31 @@ class Router:
         return out
 
     async def start(self) -> None:
-        """Attach to the running event loop (the HTTP server's) and start ticking."""
+        """Attach to the running event loop (the HTTP server's), lay the models out over the
+        devices, and start ticking."""
         self._loop = asyncio.get_running_loop()
         for link in self.links.values():
             link.attach(self._loop, self._on_message)
+        if len(self.links) > 1:
+            self._initial_placement()
+        for link in self.links.values():
             link.send(msg.ReportMemory())
         self._tick_task = asyncio.create_task(self._ticker())
+
+    def _initial_placement(self) -> None:
+        """Each worker loaded every model it may host, keeping whatever fitted last; the global
+        scheduler decides instead where each model starts (evictions go first per worker)."""
+        view = self.cluster_view(time.monotonic())
+        empty = replace(view, devices=tuple(replace(d, resident=(), activating=()) for d in view.devices))
+        target = {a.model_id: a.device_id for a in self.global_sched.initial_placement(empty)}
+        for device, link in self.links.items():
+            for info in link.ready.models:
+                if info.resident and target.get(info.name) != device:
+                    link.send(msg.Evict(info.name))
+        for model, device in target.items():
+            self.links[device].send(msg.Activate(model))
+            self._pending_activation[model] = (device, time.monotonic())
+        log.info("initial placement: %s", target)
 
     def close(self) -> None:
         if self._closed:
