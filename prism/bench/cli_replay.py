@@ -1,0 +1,161 @@
+"""`prism bench replay` (drive a server with a trace, then report) and `prism bench report`
+(recompute a report from saved request records).
+
+    prism bench replay --trace trace.jsonl --url http://127.0.0.1:8000/v1 --out runs/a --slo-config cfg.yaml
+    prism bench report --records runs/a/requests.jsonl --out runs/a2 --slo-ttft-ms 2000 --slo-tpot-ms 200
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+from prism.bench.replay import DEFAULT_REQUEST_TIMEOUT_S
+
+
+def _add_slo_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SLOs (one source; required)")
+    g.add_argument("--slo-config", metavar="YAML", help="a prism serve config: each model's ttft_slo_ms/tpot_slo_ms")
+    g.add_argument("--slo-ttft-ms", type=float, metavar="X", help="one TTFT SLO for every model (with --slo-tpot-ms)")
+    g.add_argument("--slo-tpot-ms", type=float, metavar="Y", help="one TPOT SLO for every model (with --slo-ttft-ms)")
+    g.add_argument("--slo-solo", metavar="RECORDS",
+                   help="requests.jsonl of solo runs: SLO = scale x each model's median latency served alone")
+    g.add_argument("--slo-scale", type=float, default=5.0, help="the scale for --slo-solo (default 5)")
+
+
+def _add_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-log", metavar="FILE", help="a worker's JSON-lines metrics log: adds memory.png")
+    p.add_argument("--title", default=None, help="report title (default: the output folder's name)")
+    p.add_argument("--bin-s", type=float, default=10.0, help="throughput-over-time bin width in seconds (default 10)")
+
+
+def add_replay_parsers(bench_subparsers) -> None:
+    p = bench_subparsers.add_parser("replay", help="replay a trace open-loop against an OpenAI-compatible server and report")
+    p.add_argument("--trace", required=True, help="trace file (.jsonl or .csv: arrival_s, model, input_len, output_len)")
+    p.add_argument("--url", required=True, help="base URL of the API, e.g. http://127.0.0.1:8000/v1 (loopback only unless --allow-remote)")
+    p.add_argument("--out", required=True, help="output folder: requests.jsonl, summary.json, summary.md, PNGs")
+    p.add_argument("--max-requests", type=int, default=None, help="send at most N requests")
+    p.add_argument("--max-duration", type=float, default=None, metavar="S", help="send no request that arrives after S seconds")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, metavar="S",
+                   help=f"give up on a request after S seconds (default {DEFAULT_REQUEST_TIMEOUT_S:g})")
+    p.add_argument("--text-prompts", action="store_true", help="send text prompts instead of token ids")
+    p.add_argument("--api-key", default="none")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback URL (traffic to other hosts)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_slo_options(p)
+    _add_report_options(p)
+    p.set_defaults(func=run_replay)
+
+    p = bench_subparsers.add_parser("report", help="recompute a report from saved request records")
+    p.add_argument("--records", required=True, help="requests.jsonl written by `prism bench replay`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="run duration for rates (default: the last finish time in the records)")
+    _add_slo_options(p)
+    _add_report_options(p)
+    p.set_defaults(func=run_report)
+
+
+def resolve_slos(args, models: list[str]) -> dict:
+    from prism.bench.replay import load_records
+    from prism.bench.report import slos_from_config, slos_from_solo, uniform_slos
+
+    explicit = args.slo_ttft_ms is not None or args.slo_tpot_ms is not None
+    given = [bool(args.slo_config), explicit, bool(args.slo_solo)]
+    if sum(given) != 1:
+        raise ValueError("give the SLOs one way: --slo-config YAML, --slo-ttft-ms X --slo-tpot-ms Y, or --slo-solo RECORDS")
+    if args.slo_config:
+        slos = slos_from_config(args.slo_config)
+    elif args.slo_solo:
+        slos = slos_from_solo(load_records(args.slo_solo), args.slo_scale)
+    else:
+        if args.slo_ttft_ms is None or args.slo_tpot_ms is None:
+            raise ValueError("--slo-ttft-ms and --slo-tpot-ms go together")
+        slos = uniform_slos(models, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    missing = sorted(set(models) - set(slos))
+    if missing:
+        raise ValueError(f"no SLO for model {missing[0]!r} (SLOs given for: {', '.join(sorted(slos))})")
+    return slos
+
+
+def run_replay(args) -> int:
+    from prism.bench.replay import check_url, replay, save_records
+    from prism.bench.report import markdown_table, write_report
+    from prism.bench.trace import load_trace
+
+    check_url(args.url, args.allow_remote)
+    if args.max_requests is not None and args.max_requests < 0:
+        raise ValueError(f"--max-requests must be >= 0, got {args.max_requests}")
+    trace = load_trace(args.trace)
+    if args.max_duration is not None:
+        trace = [r for r in trace if r.arrival_s <= args.max_duration]
+    trace = trace[:args.max_requests]
+    if not trace:
+        raise ValueError(f"{args.trace}: no requests to replay (after --max-requests / --max-duration)")
+    slos = resolve_slos(args, sorted({r.model for r in trace}))  # fail before sending anything
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    records = asyncio.run(replay(
+        trace, args.url, api_key=args.api_key, use_token_ids=not args.text_prompts,
+        progress=not args.no_progress, request_timeout_s=args.request_timeout, allow_remote=args.allow_remote,
+    ))
+    duration_s = time.perf_counter() - start
+    save_records(out / "requests.jsonl", records)
+    report = write_report(out, records, slos, duration_s, title=args.title or out.name,
+                          memory_log=args.memory_log, bin_s=args.bin_s)
+    _print(report, out, markdown_table)
+    return 0
+
+
+def run_report(args) -> int:
+    from prism.bench.replay import load_records
+    from prism.bench.report import markdown_table, records_duration, write_report
+
+    records = load_records(args.records)
+    if not records:
+        raise ValueError(f"{args.records}: no request records")
+    slos = resolve_slos(args, sorted({r.model for r in records}))
+    duration_s = args.duration if args.duration is not None else records_duration(records)
+    if duration_s <= 0:
+        raise ValueError(f"duration must be positive, got {duration_s}")
+    out = Path(args.out)
+    report = write_report(out, records, slos, duration_s, title=args.title or out.name,
+                          memory_log=args.memory_log, bin_s=args.bin_s)
+    _print(report, out, markdown_table)
+    return 0
+
+
+def _print(report: dict, out: Path, markdown_table) -> None:
+    o = report["summary"].get("overall", {})
+    print(f"{report['requests']} requests over {report['duration_s']:.1f} s: "
+          f"{o.get('finished', 0)} finished, {o.get('errors', 0)} errors")
+    print(markdown_table(report["summary"]))
+    print(f"wrote {out / 'summary.md'}, {out / 'summary.json'} and {len(report['plots'])} plots")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="traces, replays and reports")
+    add_replay_parsers(bench.add_subparsers(dest="bench_command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`prism bench replay|report` on their own (for tests); errors: one line, exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"prism: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
