@@ -120,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_parsed(build_parser().parse_args(argv))
+
+
+def run_parsed(args) -> int:
+    """Run a parsed subcommand; user-caused errors become one line on stderr and exit 2."""
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -84,14 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prism")
     add_profile_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["profile", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, RuntimeError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"prism: error: {msg}", file=sys.stderr)
-        return 2
+    from prism.cli import run_parsed  # lazily: prism.cli imports this module
+
+    return run_parsed(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Shared test set-up: GPU tests are marked `gpu` and skipped where CUDA is absent."""
+import contextlib
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,27 @@ def transformers_greedy(prompt: str, max_new_tokens: int) -> str:
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+# ---- a real `prism serve` process on loopback --------------------------------------------
+@contextlib.contextmanager
+def running_server(folder: Path, config_text: str, timeout_s: float = 300):
+    """Start `prism serve` with this YAML on a free port; yield (process, base URL); stop it."""
+    from prism.server.demo import free_port, stop_server, wait_healthy
+
+    (folder / "config.yaml").write_text(config_text)
+    port = free_port()
+    log_path = folder / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "prism.cli", "serve", "--config",
+                                 str(folder / "config.yaml"), "--port", str(port)], stdout=log, stderr=log)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            try:
+                wait_healthy(base, proc, timeout_s=timeout_s)
+            except RuntimeError:
+                proc.kill()
+                raise RuntimeError(log_path.read_text()[-3000:]) from None
+            yield proc, base
+        finally:
+            stop_server(proc)

@@ -2,8 +2,6 @@
 loopback, the official `openai` client as the client."""
 import concurrent.futures
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -12,7 +10,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from prism.server.demo import free_port, wait_healthy
+from conftest import running_server
 
 CONFIG = """
 devices:
@@ -36,22 +34,8 @@ scheduler:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve")
-    (folder / "config.yaml").write_text(CONFIG)
-    port = free_port()
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "prism.cli", "serve", "--config",
-                             str(folder / "config.yaml"), "--port", str(port)], stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, proc, timeout_s=300)
-    except RuntimeError:
-        proc.kill()
-        raise RuntimeError((folder / "server.log").read_text()[-3000:])
-    yield proc, base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with running_server(tmp_path_factory.mktemp("serve"), CONFIG) as (proc, base):
+        yield proc, base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def test_models_listed(server):

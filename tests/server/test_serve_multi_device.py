@@ -1,14 +1,12 @@
 """Two devices (two host page budgets, two worker processes): the global scheduler lays the
 models out over both, and requests go where their model is resident."""
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from prism.server.demo import free_port, stop_server, wait_healthy
+from conftest import running_server
 
 CONFIG = """
 devices:
@@ -24,20 +22,8 @@ models:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("multi")
-    (folder / "config.yaml").write_text(CONFIG)
-    port = free_port()
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "prism.cli", "serve", "--config",
-                             str(folder / "config.yaml"), "--port", str(port)], stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, proc, timeout_s=300)
-    except RuntimeError:
-        proc.kill()
-        raise RuntimeError((folder / "server.log").read_text()[-3000:])
-    yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
-    stop_server(proc)
+    with running_server(tmp_path_factory.mktemp("multi"), CONFIG) as (_, base):
+        yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def placement(base: str, want: int, timeout_s: float = 20) -> dict:
