@@ -6,6 +6,7 @@ import re
 import sys
 import time
 
+from prism.bench.cli_trace import add_trace_parser
 from prism.cli_profile import add_profile_parser
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_parser(sub)
     add_serve_parser(sub)
     add_demo_parser(sub)
+    bench = sub.add_parser("bench", help="workloads: make traces, replay them, report SLO attainment")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    add_trace_parser(bench_sub)
     return parser
 
 
