@@ -137,3 +137,29 @@ def test_eviction_with_running_requests(mode):
     finally:
         worker.close()
     assert {tuple(o.prompt_token_ids): o.token_ids for _, o in done} == expected
+
+
+def test_metrics_log_is_json_lines_of_requests_and_device_samples(tmp_path):
+    import json
+
+    path = tmp_path / "metrics.jsonl"
+    sources = TINY[:2]
+    budget = sum(weight_pages(s) for s in sources) + 8 * max(map(kv_group_pages, sources)) + 4
+    models = tuple(ModelSpec(f"m{i}", s, engine=ENGINE) for i, s in enumerate(sources))
+    worker = DeviceWorker(WorkerConfig(DeviceConfig("cpu", budget * PAGE, PAGE), models,
+                                       metrics_path=str(path), sample_interval_s=0.0), clock=ManualClock())
+    try:
+        for i, p in enumerate(prompts(4, seed=5)):
+            worker.add_request(f"m{i % 2}", p, greedy(5))
+        worker.run_until_idle()
+    finally:
+        worker.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    requests = [x for x in lines if x["kind"] == "request"]
+    samples = [x for x in lines if x["kind"] == "device"]
+    assert len(requests) == 4 and {r["model"] for r in requests} == {"m0", "m1"}
+    for r in requests:
+        assert r["num_output_tokens"] == 5 and len(r["token_times"]) == 5
+        assert r["ttft"] is not None and "ttft_met" in r and r["num_preemptions"] == 0
+    assert samples and all({"free_pages", "models", "time"} <= set(s) for s in samples)
+    assert max(s["models"]["m0"]["kv_pages"] for s in samples) > 0
