@@ -79,17 +79,15 @@ def plot_latency_cdfs(records_by_policy: dict[str, list[RequestRecord]], path: s
 
 def plot_throughput_over_time(bins: dict, path: str | Path) -> None:
     """From report.throughput_over_time: finished requests/s and output tokens/s per bin."""
-    x = np.asarray(bins["start_s"], dtype=float) + bins["bin_s"] / 2
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(x, bins["requests_per_s"], marker="o", color="C0", label="finished req/s")
-    ax.set(xlabel="time since replay start (s)", ylabel="finished requests/s", title="throughput over time")
-    ax2 = ax.twinx()
-    ax2.plot(x, bins["output_tokens_per_s"], marker="s", color="C1", label="output tokens/s")
-    ax2.set_ylabel("output tokens/s")
-    ax.grid(alpha=0.3)
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+    edges = list(bins["start_s"]) + [bins["start_s"][-1] + bins["bin_s"]]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for ax, key, label, color in ((top, "requests_per_s", "finished requests/s", "C0"),
+                                  (bottom, "output_tokens_per_s", "output tokens/s", "C1")):
+        ax.stairs(bins[key], edges, color=color, fill=True, alpha=0.6)
+        ax.set(ylabel=label, ylim=(0, max(bins[key], default=0) * 1.1 or 1))
+        ax.grid(alpha=0.3)
+    top.set_title(f"throughput over time ({bins['bin_s']:g} s bins)")
+    bottom.set_xlabel("time since replay start (s)")
     _save(fig, path)
 
 
