@@ -6,6 +6,7 @@ import re
 import sys
 import time
 
+from prism.bench.cli_replay import add_replay_parsers
 from prism.bench.cli_trace import add_trace_parser
 from prism.cli_profile import add_profile_parser
 
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="workloads: make traces, replay them, report SLO attainment")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     add_trace_parser(bench_sub)
+    add_replay_parsers(bench_sub)
     return parser
 
 

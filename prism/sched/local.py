@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from prism.sched.moore_hodgson import Job, moore_hodgson
 from prism.sched.residency import plan_residency
+from prism.sched.swap import plan_swap
 from prism.sched.view import CostModel, DeviceView, RequestView, StepDecision
 
 POLICIES = ("prism", "fcfs")
@@ -34,12 +35,17 @@ class LocalSchedulerConfig:
     idle_evict_s: float = 45.0  # evict a resident model with no requests after this long idle
     swap_idle_s: float = 2.0  # under activation pressure, models idle this long (no requests) may go
     kv_headroom_pages: int = 0  # pages to keep free beyond a model's weights when activating it
+    # Time-sharing only (the `swap` baseline): at most this many resident models, served in
+    # arrival groups (see swap.py). None: space sharing, as many as memory holds.
+    max_resident: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown local scheduling policy {self.policy!r}; use one of {POLICIES}")
         if self.idle_evict_s < 0 or self.swap_idle_s < 0 or self.kv_headroom_pages < 0:
             raise ValueError(f"scheduler knobs must be >= 0: {self}")
+        if self.max_resident is not None and self.max_resident < 1:
+            raise ValueError(f"max_resident must be >= 1 or None: {self}")
 
 
 # ---- keys: every sort is total, so decisions never depend on input order -------------------
@@ -109,13 +115,17 @@ class LocalScheduler:
     def decide(self, view: DeviceView) -> StepDecision:
         est = _Estimates.of(view, self.cost)
         admission = self._admission(view, est)
-        evict, activate = plan_residency(
-            view,
-            (r.model_id for r in admission.order),
-            idle_evict_s=self.config.idle_evict_s,
-            swap_idle_s=self.config.swap_idle_s,
-            kv_headroom_pages=self.config.kv_headroom_pages,
-        )
+        drain: tuple[str, ...] = ()
+        if self.config.max_resident is not None:
+            evict, activate, drain = plan_swap(view, self.config.max_resident, self.config.kv_headroom_pages)
+        else:
+            evict, activate = plan_residency(
+                view,
+                (r.model_id for r in admission.order),
+                idle_evict_s=self.config.idle_evict_s,
+                swap_idle_s=self.config.swap_idle_s,
+                kv_headroom_pages=self.config.kv_headroom_pages,
+            )
         if self.config.policy == "prism":
             run_model = self._pick_model_prism(view, est, admission)
         else:
@@ -125,6 +135,7 @@ class LocalScheduler:
             admit_order=_per_model(admission.order),
             activate=activate,
             evict=evict,
+            drain=drain,
         )
 
     # ---- public pieces (the simulator and tests use them too) ---------------------------

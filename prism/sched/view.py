@@ -85,3 +85,4 @@ class StepDecision:
     admit_order: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> waiting req_ids, best first
     activate: tuple[str, ...] = ()
     evict: tuple[str, ...] = ()
+    drain: tuple[str, ...] = ()  # models that admit nothing new for now (their turn is over)

@@ -177,6 +177,8 @@ class DeviceWorker:
         self._finish_drains()
         view = self.snapshot()
         decision = self.local.decide(view)
+        for model_id, engine in self.engines.items():
+            engine.scheduler.admission_paused = model_id in decision.drain or model_id in self.draining
         for model_id in decision.evict:
             self.evict(model_id)
         for model_id in decision.activate:
