@@ -28,7 +28,7 @@ def plan_swap(view: DeviceView, max_resident: int, kv_headroom_pages: int = 0
     evict: list[str] = []
     free = view.free_pages
     slots = max_resident - len(on_device)
-    if waiting_turn:
+    if waiting_turn or len(on_device) > max_resident:
         # Out of turn and nothing running: make way (idle ones first, then drained ones).
         for m in sorted(on_device, key=lambda m: (m.model_id in oldest, m.last_used, m.model_id)):
             if m.model_id in turn or m.model_id in running or m.activating:

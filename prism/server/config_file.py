@@ -6,7 +6,7 @@ of the system uses. Errors name the file and the bad key, e.g.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -54,11 +54,18 @@ class ModelEntry(BaseModel):
     block_size: int = Field(16, ge=1)
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
+    rate: float = Field(1.0, gt=0)  # expected relative request rate: popularity for placement, static KV shares
+
+
+SYSTEMS = ("prism", "static", "muxserve", "swap", "dedicated")
 
 
 class SchedulerEntry(BaseModel):
     model_config = _STRICT
-    policy: str = Field("prism", pattern=r"^(prism|fcfs)$")
+    # The serving system as a whole (docs/policies.md): prism, or one of the baselines it is
+    # measured against, all run by this same server.
+    system: str = Field("prism", pattern="^(" + "|".join(SYSTEMS) + ")$")
+    policy: str = Field("prism", pattern=r"^(prism|fcfs)$")  # local order (prism system only)
     idle_evict_s: float = Field(45.0, ge=0)
     swap_idle_s: float = Field(2.0, ge=0)
     rate_window_s: float = Field(60.0, gt=0)
@@ -94,6 +101,9 @@ class ConfigFile(BaseModel):
         for i, m in enumerate(self.models):
             if m.device is not None and m.device not in names:
                 raise ValueError(f"models.{i}.device: {m.device!r} is not among the devices {names}")
+        if self.scheduler.system == "dedicated" and len(self.devices) < len(self.models):
+            raise ValueError(f"scheduler.system: dedicated needs a device per model "
+                             f"({len(self.models)} models, {len(self.devices)} devices)")
         return self
 
 
@@ -104,6 +114,8 @@ class ServerConfig:
     pinned: dict  # model name -> device (only pinned models)
     local: LocalSchedulerConfig
     global_: GlobalSchedulerConfig
+    system: str = "prism"
+    rates: dict = field(default_factory=dict)  # model name -> expected relative rate
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -138,15 +150,34 @@ def parse_config(raw, source: str = "config") -> ServerConfig:
         for m in f.models
     )
     s = f.scheduler
+    pinned = {m.name: m.device for m in f.models if m.device}
+    if s.system == "dedicated":  # one device per model, in order, unless pinned otherwise
+        free = [d.device for d in f.devices if d.device not in pinned.values()]
+        pinned.update({m.name: free.pop(0) for m in f.models if m.name not in pinned})
+    local, global_ = system_configs(s)
     return ServerConfig(
-        devices=devices, models=models,
-        pinned={m.name: m.device for m in f.models if m.device},
-        local=LocalSchedulerConfig(policy=s.policy, idle_evict_s=s.idle_evict_s, swap_idle_s=s.swap_idle_s),
-        global_=GlobalSchedulerConfig(
-            rate_window_s=s.rate_window_s, idle_evict_s=s.idle_evict_s,
-            placement_period_s=s.placement_period_s, migration_threshold=s.migration_threshold,
-            migration_cooldown_s=s.migration_cooldown_s,
-        ),
+        devices=devices, models=models, pinned=pinned, local=local, global_=global_,
+        system=s.system, rates={m.name: m.rate for m in f.models},
         host=f.server.host, port=f.server.port, api_key=f.server.api_key,
         metrics_log=f.server.metrics_log,
     )
+
+
+def system_configs(s: SchedulerEntry) -> tuple[LocalSchedulerConfig, GlobalSchedulerConfig]:
+    """The knobs each system sets: prism shares memory elastically, arbitrates by SLO, evicts
+    idle models and migrates; the baselines switch those off one by one (docs/policies.md)."""
+    never = float("inf")
+    if s.system == "prism":
+        local = LocalSchedulerConfig(policy=s.policy, idle_evict_s=s.idle_evict_s, swap_idle_s=s.swap_idle_s)
+        migrate, idle = s.migration_threshold, s.idle_evict_s
+    elif s.system == "swap":
+        local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1)
+        migrate, idle = never, s.idle_evict_s
+    else:  # static, muxserve, dedicated: placed once, pinned even when idle, arrival order
+        local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=never, swap_idle_s=never)
+        migrate, idle = never, never
+    global_ = GlobalSchedulerConfig(
+        rate_window_s=s.rate_window_s, idle_evict_s=idle, placement_period_s=s.placement_period_s,
+        migration_threshold=migrate, migration_cooldown_s=s.migration_cooldown_s,
+    )
+    return local, global_

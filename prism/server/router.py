@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from prism.config import ModelSpec
+from prism.config import ConfigError, ModelSpec
 from prism.engine.catalog import resolve_model
 from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
@@ -99,7 +99,7 @@ class Router:
         self._loop = asyncio.get_running_loop()
         for link in self.links.values():
             link.attach(self._loop, self._on_message)
-        if len(self.links) > 1:
+        if len(self.links) > 1 or self.config.system != "prism":
             self._initial_placement()
         for link in self.links.values():
             link.send(msg.ReportMemory())
@@ -111,6 +111,11 @@ class Router:
         view = self.cluster_view(time.monotonic())
         empty = replace(view, devices=tuple(replace(d, resident=(), activating=()) for d in view.devices))
         target = {a.model_id: a.device_id for a in self.global_sched.initial_placement(empty)}
+        if self.config.system in ("static", "muxserve", "dedicated"):
+            missing = [m for m in self.specs if m not in target]
+            if missing:
+                raise ConfigError(f"scheduler.system {self.config.system} keeps every model resident, "
+                                  f"but {', '.join(missing)} fit(s) on no device")
         for device, link in self.links.items():
             for info in link.ready.models:
                 if info.resident and target.get(info.name) != device:
@@ -118,7 +123,21 @@ class Router:
         for model, device in target.items():
             self.links[device].send(msg.Activate(model))
             self._pending_activation[model] = (device, time.monotonic())
+        if self.config.system == "static":
+            self._set_static_kv_shares(target)
         log.info("initial placement: %s", target)
+
+    def _set_static_kv_shares(self, target: dict[str, str]) -> None:
+        """Static partitioning: each device's memory left after weights is split among its
+        models in proportion to rate x KV bytes per token, and each model is capped there."""
+        infos = {i.name: i for link in self.links.values() for i in link.ready.models}
+        for device, link in self.links.items():
+            here = [m for m, d in target.items() if d == device]
+            left = self._memory_bytes(device) - sum(infos[m].weight_bytes for m in here)
+            demand = {m: self.config.rates.get(m, 1.0) * infos[m].kv_bytes_per_token for m in here}
+            page = next(d.page_size for d in self.config.devices if d.device == device)
+            for m in here:
+                link.send(msg.SetKVCap(m, int(left * demand[m] / sum(demand.values()) // page)))
 
     def close(self) -> None:
         if self._closed:
@@ -334,7 +353,8 @@ class Router:
         for link in self.links.values():
             for i in link.ready.models:
                 infos[i.name] = ModelInfo(i.name, i.weight_bytes, i.kv_bytes_per_token,
-                                          self.specs[i.name].tpot_slo_s, self.config.pinned.get(i.name))
+                                          self.specs[i.name].tpot_slo_s, self.config.pinned.get(i.name),
+                                          weight=self.config.rates.get(i.name, 1.0))
         resident = self._residency()
         devices = tuple(
             DeviceState(d, self._memory_bytes(d),

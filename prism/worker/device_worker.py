@@ -17,7 +17,7 @@ from prism.engine.llm_engine import LLMEngine, default_dtype
 from prism.engine.model_weights import plan_layout
 from prism.engine.output_processor import TokenEvent
 from prism.engine.sequence import Sequence
-from prism.memory import PagePool, make_backend
+from prism.memory import Owner, PagePool, make_backend
 from prism.sched.calibration import CalibratedCost
 from prism.sched.clock import Clock, MonotonicClock
 from prism.sched.cost import DefaultCosts, ProfileCostModel, load_profiles
@@ -126,6 +126,10 @@ class DeviceWorker:
         self.counters.evictions[model_id] += 1
         self.draining.discard(model_id)
         engine.scheduler.admission_paused = False
+
+    def set_kv_cap(self, model_id: str, max_pages: int | None) -> None:
+        """A fixed KV share for a model (the static baseline); None lifts it."""
+        self.pool.set_cap(Owner(model_id, "kv"), max_pages)
 
     def activate(self, model_id: str) -> bool:
         engine = self._engine(model_id)

@@ -36,6 +36,11 @@ class Activate(msgspec.Struct, tag="activate", frozen=True):
     model: str
 
 
+class SetKVCap(msgspec.Struct, tag="kvcap", frozen=True):
+    model: str
+    max_pages: int | None  # None: no cap (KV shared elastically)
+
+
 class ReportMemory(msgspec.Struct, tag="report", frozen=True):
     pass
 
@@ -44,7 +49,7 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     pass
 
 
-ToWorker = AddRequest | Abort | Evict | Activate | ReportMemory | Shutdown
+ToWorker = AddRequest | Abort | Evict | Activate | SetKVCap | ReportMemory | Shutdown
 
 
 # ---- from the worker -----------------------------------------------------------------------

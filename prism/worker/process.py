@@ -172,6 +172,8 @@ def _carry_out(worker: DeviceWorker, m, send) -> None:
         worker.evict(m.model, m.mode)
     elif isinstance(m, msg.Activate):
         worker.activate(m.model)
+    elif isinstance(m, msg.SetKVCap):
+        worker.set_kv_cap(m.model, m.max_pages)
     elif isinstance(m, msg.ReportMemory):
         send(msg.MemoryReport(worker.memory_report()))
 
