@@ -57,6 +57,17 @@ def add_replay_parsers(bench_subparsers) -> None:
     _add_report_options(p)
     p.set_defaults(func=run_report)
 
+    p = bench_subparsers.add_parser("sweep", help="a trace at increasing rates under prism and each baseline")
+    p.add_argument("--config", required=True, help="the prism serve config (its scheduler.system is overridden)")
+    p.add_argument("--trace", required=True)
+    p.add_argument("--systems", default="prism,static,muxserve,swap",
+                   help="comma-separated: prism, static, muxserve, swap, dedicated")
+    p.add_argument("--scales", default="0.5,1,2,4", help="comma-separated rate scales of the trace")
+    p.add_argument("--target", type=float, default=0.99, help="attainment to sustain (default 0.99)")
+    p.add_argument("--out", required=True)
+    _add_slo_options(p)
+    p.set_defaults(func=run_sweep)
+
 
 def resolve_slos(args, models: list[str]) -> dict:
     from prism.bench.replay import load_records
@@ -128,6 +139,28 @@ def run_report(args) -> int:
     return 0
 
 
+def run_sweep(args) -> int:
+    from prism.bench.sweep import SYSTEMS, sweep
+    from prism.bench.trace import load_trace
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise ValueError(f"unknown system {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(SYSTEMS)}")
+    try:
+        scales = [float(x) for x in args.scales.split(",")]
+    except ValueError:
+        raise ValueError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
+    if any(x <= 0 for x in scales) or not 0 < args.target <= 1:
+        raise ValueError("rate scales must be > 0 and --target in (0, 1]")
+    trace = load_trace(args.trace)
+    slos = resolve_slos(args, sorted({r.model for r in trace}))
+    result = sweep(args.config, trace, systems, scales, slos, args.out, args.target)
+    print((Path(args.out) / "sweep.md").read_text(), end="")
+    print(f"wrote {Path(args.out) / 'sweep.json'}")
+    return 0 if result else 2
+
+
 def _print(report: dict, out: Path, markdown_table) -> None:
     o = report["summary"].get("overall", {})
     print(f"{report['requests']} requests over {report['duration_s']:.1f} s: "
@@ -145,16 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`prism bench replay|report` on their own (for tests); errors: one line, exit code 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, RuntimeError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"prism: error: {msg}", file=sys.stderr)
-        return 2
+    """`prism bench replay|report|sweep` on their own (for tests); errors: one line, exit 2."""
+    from prism.cli import run_parsed  # lazily: prism.cli imports this module
+
+    return run_parsed(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
