@@ -169,19 +169,11 @@ def _print(report: dict, out: Path, markdown_table) -> None:
     print(f"wrote {out / 'summary.md'}, {out / 'summary.json'} and {len(report['plots'])} plots")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prism")
-    sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="traces, replays and reports")
-    add_replay_parsers(bench.add_subparsers(dest="bench_command", required=True))
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    """`prism bench replay|report|sweep` on their own (for tests); errors: one line, exit 2."""
-    from prism.cli import run_parsed  # lazily: prism.cli imports this module
+    """`prism bench replay|report|sweep ...` for tests and `python -m`: the same parser and error path as `prism`."""
+    from prism.cli import main as prism_main  # lazily: prism.cli imports this module
 
-    return run_parsed(build_parser().parse_args(argv))
+    return prism_main(argv)
 
 
 if __name__ == "__main__":

@@ -213,25 +213,11 @@ def run_trace(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """A parser with just `prism bench trace`, for tests and `python -m`."""
-    parser = argparse.ArgumentParser(prog="prism")
-    sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmark tools")
-    add_trace_parser(bench.add_subparsers(dest="bench_command", required=True))
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, RuntimeError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"prism: error: {msg}", file=sys.stderr)
-        return 2
+    """`prism bench trace ...` for tests and `python -m`: the same parser and error path as `prism`."""
+    from prism.cli import main as prism_main  # lazily: prism.cli imports this module
+
+    return prism_main(argv)
 
 
 if __name__ == "__main__":
