@@ -24,6 +24,22 @@ def _unsupported(what: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported", "{what} is not supported by this server", {"what": what})
 
 
+def _refuse_unless(accepted, what: str, *fields: str):
+    """A validator for OpenAI fields Prism does not implement: values other than the
+    accepted ones are refused with a clear 400 naming the field."""
+
+    def check(cls, v):
+        if not accepted(v):
+            raise _unsupported(what)
+        return v
+
+    return field_validator(*fields)(classmethod(check))
+
+
+def _is_one(v) -> bool:
+    return v is None or v == 1
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool | None = False
@@ -66,19 +82,9 @@ class _SamplingFields(BaseModel):
             raise PydanticCustomError("empty_stop", "stop strings must be non-empty")
         return v
 
-    @field_validator("n")
-    @classmethod
-    def _check_n(cls, v):
-        if v is not None and v != 1:
-            raise _unsupported("n other than 1")
-        return v
+    _check_n = _refuse_unless(_is_one, "n other than 1", "n")
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _check_penalty(cls, v):
-        if v:
-            raise _unsupported("a non-zero penalty")
-        return v
+    _check_penalty = _refuse_unless(lambda v: not v, "a non-zero penalty", "presence_penalty", "frequency_penalty")
 
     @property
     def include_usage(self) -> bool:
@@ -124,33 +130,13 @@ class CompletionRequest(_SamplingFields):
     def _check_prompt(cls, v):
         return normalize_prompt(v)
 
-    @field_validator("echo")
-    @classmethod
-    def _check_echo(cls, v):
-        if v:
-            raise _unsupported("echo")
-        return v
+    _check_echo = _refuse_unless(lambda v: not v, "echo", "echo")
 
-    @field_validator("logprobs")
-    @classmethod
-    def _check_logprobs(cls, v):
-        if v is not None:
-            raise _unsupported("logprobs")
-        return v
+    _check_logprobs = _refuse_unless(lambda v: v is None, "logprobs", "logprobs")
 
-    @field_validator("best_of")
-    @classmethod
-    def _check_best_of(cls, v):
-        if v is not None and v != 1:
-            raise _unsupported("best_of other than 1")
-        return v
+    _check_best_of = _refuse_unless(_is_one, "best_of other than 1", "best_of")
 
-    @field_validator("suffix")
-    @classmethod
-    def _check_suffix(cls, v):
-        if v:
-            raise _unsupported("suffix")
-        return v
+    _check_suffix = _refuse_unless(lambda v: not v, "suffix", "suffix")
 
 
 def normalize_prompt(v: Any) -> str | list[int]:
@@ -201,33 +187,14 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list | None = None
     response_format: dict | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _check_logprobs(cls, v):
-        if v:
-            raise _unsupported("logprobs")
-        return v
+    _check_logprobs = _refuse_unless(lambda v: not v, "logprobs", "logprobs")
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _check_top_logprobs(cls, v):
-        if v is not None:
-            raise _unsupported("top_logprobs")
-        return v
+    _check_top_logprobs = _refuse_unless(lambda v: v is None, "top_logprobs", "top_logprobs")
 
-    @field_validator("tools")
-    @classmethod
-    def _check_tools(cls, v):
-        if v:
-            raise _unsupported("tool calling")
-        return v
+    _check_tools = _refuse_unless(lambda v: not v, "tool calling", "tools")
 
-    @field_validator("response_format")
-    @classmethod
-    def _check_response_format(cls, v):
-        if v and v.get("type", "text") != "text":
-            raise _unsupported("a response_format other than text")
-        return v
+    _check_response_format = _refuse_unless(lambda v: not v or v.get("type", "text") == "text",
+                                            "a response_format other than text", "response_format")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
