@@ -27,25 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism.config import DeviceConfig, EngineConfig, ModelSpec  # noqa: E402
 from prism.engine.llm_engine import LLMEngine  # noqa: E402
+from prism.engine.profiler import measure_h2d_bandwidth  # noqa: E402
 from prism.types import SamplingParams  # noqa: E402
 from prism.worker.device_worker import DeviceWorker, WorkerConfig  # noqa: E402
 
 GIB = 1 << 30
-
-
-def h2d_bandwidth(num_bytes: int = 2 * GIB, repeats: int = 5) -> float:
-    src = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return num_bytes / statistics.median(times)
 
 
 def free_gib() -> float:
@@ -137,7 +123,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     card = torch.cuda.get_device_name(0)
-    h2d = h2d_bandwidth()
+    h2d = measure_h2d_bandwidth("cuda:0", num_bytes=2 * GIB)
     act = activation("llama-3.1-8b:random", h2d)
     share = sharing(args.budget_gib, args.prompt_len, args.out_len, args.per_wave)
     date = datetime.date.today().isoformat()

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism.config import DeviceConfig, EngineConfig  # noqa: E402
 from prism.engine.llm_engine import LLMEngine  # noqa: E402
+from prism.engine.profiler import prefill_all  # noqa: E402
 from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan  # noqa: E402
 from prism.types import SamplingParams  # noqa: E402
 
@@ -54,12 +55,7 @@ def prefill(engine: LLMEngine, batch: int, context: int) -> list[Sequence]:
         seq = Sequence(f"b{i}", ids, SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True))
         assert engine.blocks.allocate(seq, context), "not enough KV memory for the benchmark"
         seqs.append(seq)
-    chunk = max(1, 8192 // context)
-    for i in range(0, batch, chunk):
-        plan = StepPlan(tuple(ScheduledChunk(s, 0, context) for s in seqs[i : i + chunk]))
-        for s, tok in engine.runner.execute(plan):
-            s.output_token_ids.append(tok)
-        engine.scheduler.commit(plan)
+    prefill_all(engine, seqs, context)  # as many per step as the token budget allows
     return seqs
 
 

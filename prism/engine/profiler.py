@@ -130,7 +130,7 @@ def _time_decode(session: _Session, batch: int, context: int, repeats: int) -> f
         for seq in seqs:
             if not engine.blocks.allocate(seq, context + num_steps):
                 return None
-        _prefill_all(engine, seqs, context)
+        prefill_all(engine, seqs, context)
         times = []
         for _ in range(num_steps):
             plan = StepPlan(tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs))
@@ -144,7 +144,7 @@ def _time_decode(session: _Session, batch: int, context: int, repeats: int) -> f
         session.free(seqs)
 
 
-def _prefill_all(engine: LLMEngine, seqs: list[Sequence], context: int) -> None:
+def prefill_all(engine: LLMEngine, seqs: list[Sequence], context: int) -> None:
     """Fill the sequences' KV, as many per step as the engine's token budget allows."""
     per_step = max(1, engine.scheduler.config.max_num_batched_tokens // context)
     for i in range(0, len(seqs), per_step):

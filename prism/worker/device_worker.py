@@ -248,12 +248,12 @@ class DeviceWorker:
             ModelView(m, e.resident, self.last_used[m], e.weights.num_pages, e.num_kv_pages)
             for m, e in self.engines.items()
         )
-        requests = tuple(
-            _request_view(m, seq, running=seq in e.scheduler.running)
-            for m, e in self.engines.items() for seq in e.sequences()
-            if m not in self.draining or seq in e.scheduler.running
-        )
-        return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, models, requests)
+        requests = []
+        for m, e in self.engines.items():
+            running = {id(s) for s in e.scheduler.running}
+            requests += [_request_view(m, seq, running=id(seq) in running) for seq in e.sequences()
+                         if m not in self.draining or id(seq) in running]
+        return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, models, tuple(requests))
 
     def _choose_victim(self, model_id: str, candidates: list[Sequence]) -> Sequence:
         views = [_request_view(model_id, s, running=True) for s in candidates]
