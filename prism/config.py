@@ -168,10 +168,16 @@ class EngineConfig:
     max_num_seqs: int = 64  # running requests at once
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    kernels: str = "auto"  # auto (Triton on CUDA), triton or reference (plain PyTorch)
+    cuda_graph_max_batch: int = 256  # decode batches up to this run as CUDA graphs; 0: never
 
     def __post_init__(self):
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.kernels not in ("auto", "triton", "reference"):
+            raise ConfigError(f"kernels must be auto, triton or reference, not {self.kernels!r}")
+        if self.cuda_graph_max_batch < 0:
+            raise ConfigError("cuda_graph_max_batch must be >= 0")
 
 
 @dataclass(frozen=True)

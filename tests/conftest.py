@@ -1,11 +1,38 @@
 """Shared test set-up: GPU tests are marked `gpu` and skipped where CUDA is absent."""
 import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. It must be
+    # chosen before any kernel module is imported (triton.jit reads it when it decorates).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _patch_triton_interpreter_scalars() -> None:
+    """Triton's interpreter holds scalars as 1-element arrays and turns them into Python ints
+    with int(array), which NumPy 2.4 refuses ("only 0-dimensional arrays..."): loops with
+    bounds read from memory then fail. Convert through .item() instead."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_triton_interpreter_scalars()
 
 
 def pytest_collection_modifyitems(config, items):

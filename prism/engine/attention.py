@@ -2,8 +2,8 @@
 
 The reference is plain PyTorch (CPU and CUDA): write this step's K/V into their slots, then
 for each sequence gather its context through its block table and run causal attention.
-It handles prefill chunks and decodes in one mixed batch. A fast CUDA kernel (a later issue)
-takes the same metadata and the same cache views.
+It handles prefill chunks and decodes in one mixed batch. The Triton kernels (prism/kernels)
+take the same metadata and the same cache views and are tested against this path.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class AttentionMetadata:
     blocks_per_page: int
     max_query_len: int = 0
     max_context_len: int = 0
+    decode_splits: int | None = None  # fixed context splits of the decode kernel (CUDA graphs)
 
     @property
     def num_seqs(self) -> int:

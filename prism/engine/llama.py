@@ -7,25 +7,16 @@ views into the model's elastic arena (see model_weights.py); nothing here owns m
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from prism.config import ModelConfig, RopeScaling
-from prism.engine.attention import AttentionMetadata, paged_attention_reference, write_kv
+from prism.engine.attention import AttentionMetadata
 from prism.engine.kv_cache import PagedKVCache
 from prism.engine.model_weights import ModelWeights
-
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As transformers does it: normalize in float32, cast back, then scale.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
+from prism.engine.ops import ReferenceOps
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     dim = config.head_dim
@@ -67,49 +58,74 @@ class RotaryEmbedding:
         return out.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's weights (views into the arena) and what its attention needs."""
+
+    config: ModelConfig
+    rotary: RotaryEmbedding
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    @classmethod
+    def of(cls, n: int, config: ModelConfig, rotary: RotaryEmbedding, w: dict[str, torch.Tensor]):
+        p = f"model.layers.{n}."
+        return cls(
+            config, rotary, w[p + "input_norm"], w[p + "qkv"], w.get(p + "qkv_bias"),
+            w.get(p + "q_norm"), w.get(p + "k_norm"), w[p + "o"], w.get(p + "o_bias"),
+            w[p + "post_norm"], w[p + "gate_up"], w[p + "down"],
+        )
+
+
 class LlamaModel:
     def __init__(
         self, config: ModelConfig, weights: ModelWeights, max_positions: int,
-        attention: AttentionFn = paged_attention_reference,
+        ops: ReferenceOps | None = None,
     ):
         self.config = config
         self.weights = weights
-        self.attention = attention
+        self.ops = ops or ReferenceOps()
         self.rotary = RotaryEmbedding(config, max_positions, weights.arena.tensor.device)
         self.scale = config.head_dim ** -0.5
+        # Views into the weight arena: their addresses never change, even across eviction and
+        # activation, so they are taken once (and CUDA graphs that read them stay valid).
+        w = weights.tensors
+        self.layers = [LayerWeights.of(n, config, self.rotary, w) for n in range(config.num_layers)]
+        self.embed = w["embed"]
+        self.final_norm = w["norm"]
+        self.lm_head = w["embed"] if config.tie_word_embeddings else w["lm_head"]
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor,
         meta: AttentionMetadata, kv: PagedKVCache,
     ) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden] after the final norm."""
-        w = self.weights.tensors
-        h = F.embedding(input_ids, w["embed"])
-        for layer in range(self.config.num_layers):
-            h = self._layer(layer, h, positions, meta, kv)
-        return rms_norm(h, w["norm"], self.config.rms_norm_eps)
+        """Hidden states [num_tokens, hidden] after the final norm.
 
-    def _layer(self, n: int, h: torch.Tensor, positions, meta, kv: PagedKVCache) -> torch.Tensor:
-        c, w, p = self.config, self.weights.tensors, f"model.layers.{n}."
-        x = rms_norm(h, w[p + "input_norm"], c.rms_norm_eps)
-        qkv = F.linear(x, w[p + "qkv"], w.get(p + "qkv_bias"))
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = q.view(-1, c.num_heads, c.head_dim)
-        k = k.view(-1, c.num_kv_heads, c.head_dim)
-        v = v.view(-1, c.num_kv_heads, c.head_dim)
-        if c.qk_norm:
-            q = rms_norm(q, w[p + "q_norm"], c.rms_norm_eps)
-            k = rms_norm(k, w[p + "k_norm"], c.rms_norm_eps)
-        q = self.rotary.apply(q, positions)
-        k = self.rotary.apply(k, positions)
-        write_kv(kv.k_caches[n], kv.v_caches[n], k, v, meta)
-        o = self.attention(q, kv.k_caches[n], kv.v_caches[n], meta, self.scale)
-        h = h + F.linear(o.reshape(-1, c.q_size), w[p + "o"], w.get(p + "o_bias"))
-        x = rms_norm(h, w[p + "post_norm"], c.rms_norm_eps)
-        gate, up = F.linear(x, w[p + "gate_up"]).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, w[p + "down"])
+        The residual stream `h` and the normed input `x` of the next block travel together:
+        each block ends with one fused add-and-norm (residual += out; x = norm(residual))."""
+        ops, eps = self.ops, self.config.rms_norm_eps
+        h = F.embedding(input_ids, self.embed)
+        x = ops.rms_norm(h, self.layers[0].input_norm, eps)
+        for n, layer in enumerate(self.layers):
+            q = ops.qkv_to_cache(
+                F.linear(x, layer.qkv, layer.qkv_bias), positions, meta,
+                kv.k_caches[n], kv.v_caches[n], layer,
+            )
+            o = ops.attention(q, kv.k_caches[n], kv.v_caches[n], meta, self.scale)
+            x, h = ops.add_rms_norm(F.linear(o.reshape(-1, self.config.q_size), layer.o, layer.o_bias),
+                                    h, layer.post_norm, eps)
+            mlp = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+            next_norm = self.layers[n + 1].input_norm if n + 1 < len(self.layers) else self.final_norm
+            x, h = ops.add_rms_norm(mlp, h, next_norm, eps)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.weights.tensors
-        head = w["embed"] if self.config.tie_word_embeddings else w["lm_head"]
-        return F.linear(hidden, head).float()
+        return F.linear(hidden, self.lm_head).float()

@@ -20,6 +20,7 @@ from prism.engine.kv_cache import KVLayout, PagedKVCache
 from prism.engine.llama import LlamaModel
 from prism.engine.model_runner import ModelRunner
 from prism.engine.model_weights import ModelWeights
+from prism.engine.ops import make_ops
 from prism.engine.output_processor import OutputProcessor, TokenEvent
 from prism.engine.scheduler import Scheduler, VictimChooser
 from prism.engine.sequence import Sequence, StepPlan
@@ -114,8 +115,12 @@ class LLMEngine:
         self.scheduler = Scheduler(engine_config, self.blocks, choose_victim)
         limit = engine_config.max_model_len or self.config.max_position_embeddings
         self.max_model_len = min(limit, self.config.max_position_embeddings)
-        model = LlamaModel(self.config, self.weights, self.max_model_len)
+        ops = make_ops(self.device, engine_config.kernels)
+        model = LlamaModel(self.config, self.weights, self.max_model_len, ops)
         self.runner = ModelRunner(model, self.kv, self.device)
+        graph_batch = min(engine_config.cuda_graph_max_batch, engine_config.max_num_seqs)
+        if self.device.type == "cuda" and ops.name == "triton" and graph_batch > 0:
+            self.runner.capture_decode_graphs(graph_batch, self.max_model_len)
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(
@@ -196,6 +201,8 @@ class LLMEngine:
         self.last_step_num_tokens = plan.num_tokens
         if plan.is_empty:
             return []
+        if not self.resident:  # the model's views point at unmapped memory
+            raise RuntimeError(f"{self.model_id} is evicted: activate it before stepping")
         now = self.clock()
         for chunk in plan.chunks:
             if chunk.seq.admitted_time is None:

@@ -1,18 +1,42 @@
 """Turns a step plan into a device batch, runs the model and samples.
 
-Data flows one way: StepPlan (small, per step) -> DeviceBatch (tensors) -> sampled token ids.
+Data flows one way: StepPlan (small, per step) -> HostBatch (lists) -> device tensors, or the
+static buffers of a captured CUDA graph for a pure decode step -> sampled token ids.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from prism.engine.attention import AttentionMetadata
+from prism.engine.cuda_graph import DecodeGraphs, HostDecodeBatch
 from prism.engine.kv_cache import PagedKVCache
 from prism.engine.llama import LlamaModel
 from prism.engine.sampler import make_generator, sample
 from prism.engine.sequence import Sequence, StepPlan
+
+VECTORIZE_ABOVE = 16  # chunks longer than this compute their slots with numpy
+
+
+@dataclass
+class HostBatch:
+    """One step's inputs as host lists (built without touching the device)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)  # rows of the hidden states sampled
+    sampled_seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every row is one token that samples (a 1-token prefill chunk may not sample)."""
+        return len(self.sampled_seqs) == len(self.query_lens) and all(n == 1 for n in self.query_lens)
 
 
 @dataclass
@@ -30,73 +54,100 @@ class ModelRunner:
         self.kv = kv
         self.device = device
         self._generators: dict[str, torch.Generator | None] = {}
+        self.graphs: DecodeGraphs | None = None
 
-    def prepare(self, plan: StepPlan) -> DeviceBatch:
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture CUDA graphs for decode batches up to max_batch (CUDA fast path only)."""
+        from prism.kernels.decode_attention import num_splits_for
+
+        kv_heads = self.model.config.num_kv_heads
+        self.graphs = DecodeGraphs(self.model, self.kv, self.device, max_batch, max_model_len,
+                                   lambda b: num_splits_for(b, kv_heads))
+        self.graphs.capture()
+
+    # ---- batch building ----------------------------------------------------------------------
+    def host_batch(self, plan: StepPlan) -> HostBatch:
         lay = self.kv.layout
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens, context_lens, tables, logits_rows, sampled = [], [], [], [], []
+        bs, bpp, tpp = lay.block_size, lay.blocks_per_page, lay.tokens_per_page
+        hb = HostBatch()
         for chunk in plan.chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
-            ids += seq.token_ids(start, start + n)
-            positions += range(start, start + n)
-            for pos in range(start, start + n):
-                block = seq.block_table[pos // lay.block_size]
-                page, block_in_page = divmod(block, lay.blocks_per_page)
-                slots.append(page * lay.tokens_per_page + block_in_page * lay.block_size + pos % lay.block_size)
-            query_lens.append(n)
-            context_lens.append(start + n)
-            tables.append(seq.block_table)
+            hb.input_ids += seq.token_ids(start, start + n)
+            hb.positions += range(start, start + n)
+            if n > VECTORIZE_ABOVE:
+                pos = np.arange(start, start + n)
+                block = np.asarray(seq.block_table, dtype=np.int64)[pos // bs]
+                hb.slots += ((block // bpp) * tpp + (block % bpp) * bs + pos % bs).tolist()
+            else:
+                for pos in range(start, start + n):
+                    block = seq.block_table[pos // bs]
+                    hb.slots.append((block // bpp) * tpp + (block % bpp) * bs + pos % bs)
+            hb.query_lens.append(n)
+            hb.context_lens.append(start + n)
+            hb.block_tables.append(seq.block_table)
             if chunk.samples:
-                logits_rows.append(len(ids) - 1)
-                sampled.append(seq)
-        meta = self._metadata(slots, query_lens, context_lens, tables)
-        return DeviceBatch(
-            input_ids=self._tensor(ids, torch.long),
-            positions=self._tensor(positions, torch.long),
-            meta=meta,
-            logits_indices=self._tensor(logits_rows, torch.long),
-            sampled_seqs=sampled,
-        )
+                hb.logits_rows.append(len(hb.input_ids) - 1)
+                hb.sampled_seqs.append(seq)
+        return hb
 
-    def _metadata(self, slots, query_lens, context_lens, tables) -> AttentionMetadata:
+    def prepare(self, plan: StepPlan) -> DeviceBatch:
+        return self.to_device(self.host_batch(plan))
+
+    def to_device(self, hb: HostBatch) -> DeviceBatch:
         lay = self.kv.layout
-        max_blocks = max((len(t) for t in tables), default=0)
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
-        return AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.long),
+        max_blocks = max((len(t) for t in hb.block_tables), default=0)
+        padded = [t + [0] * (max_blocks - len(t)) for t in hb.block_tables]
+        starts = np.concatenate([[0], np.cumsum(hb.query_lens, dtype=np.int64)]).tolist()
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(hb.slots, torch.long),
             block_tables=self._tensor(padded, torch.int32),
-            context_lens=self._tensor(context_lens, torch.int32),
+            context_lens=self._tensor(hb.context_lens, torch.int32),
             query_start_loc=self._tensor(starts, torch.int32),
-            query_lens_host=query_lens,
-            context_lens_host=context_lens,
-            block_tables_host=[list(t) for t in tables],
+            query_lens_host=hb.query_lens,
+            context_lens_host=hb.context_lens,
+            block_tables_host=[list(t) for t in hb.block_tables],
             block_size=lay.block_size,
             blocks_per_page=lay.blocks_per_page,
-            max_query_len=max(query_lens, default=0),
-            max_context_len=max(context_lens, default=0),
+            max_query_len=max(hb.query_lens, default=0),
+            max_context_len=max(hb.context_lens, default=0),
+        )
+        return DeviceBatch(
+            input_ids=self._tensor(hb.input_ids, torch.long),
+            positions=self._tensor(hb.positions, torch.long),
+            meta=meta,
+            logits_indices=self._tensor(hb.logits_rows, torch.long),
+            sampled_seqs=hb.sampled_seqs,
         )
 
     def _tensor(self, data, dtype) -> torch.Tensor:
         # Small per-step tensors: a direct copy is cheaper than pinning host memory each time.
         return torch.tensor(data, dtype=dtype, device=self.device)
 
+    # ---- running -----------------------------------------------------------------------------
+    def _graph_fits(self, hb: HostBatch) -> bool:
+        return self.graphs is not None and hb.is_decode and len(hb.query_lens) <= self.graphs.max_batch
+
+    def _sampled_hidden(self, hb: HostBatch) -> torch.Tensor:
+        """Hidden states of the rows that sample (a decode batch samples every row)."""
+        if self._graph_fits(hb):
+            return self.graphs.run(HostDecodeBatch(
+                hb.input_ids, hb.positions, hb.slots, hb.context_lens, hb.block_tables))
+        batch = self.to_device(hb)
+        hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv)
+        return hidden[batch.logits_indices]
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[tuple[Sequence, int]]:
         """Run one step; returns (sequence, sampled token) for each sequence that samples."""
-        batch = self.prepare(plan)
-        hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv)
-        if not batch.sampled_seqs:
+        hb = self.host_batch(plan)
+        hidden = self._sampled_hidden(hb)
+        if not hb.sampled_seqs:
             return []
-        logits = self.model.logits(hidden[batch.logits_indices])
-        params = [s.params for s in batch.sampled_seqs]
-        gens = [self._generator(s) for s in batch.sampled_seqs]
+        logits = self.model.logits(hidden)
+        params = [s.params for s in hb.sampled_seqs]
+        gens = [self._generator(s) for s in hb.sampled_seqs]
         tokens = sample(logits, params, gens).tolist()
-        return list(zip(batch.sampled_seqs, tokens))
+        return list(zip(hb.sampled_seqs, tokens))
 
     @torch.inference_mode()
     def logits_for(self, plan: StepPlan) -> torch.Tensor:

@@ -1,4 +1,6 @@
 """Our paged Llama-family forward pass against transformers' own implementation."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -10,18 +12,21 @@ from prism.types import SamplingParams
 
 ARCHS = sorted(TINY_CONFIGS)
 DEVICES = ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)]
+# The Triton kernels (interpreted on CPU) against transformers too, not only the reference path.
+KERNELS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"))]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def make_engine(folder, device="cpu", block_size=5):
+def make_engine(folder, device="cpu", block_size=5, kernels="reference"):
     # 64 KiB pages on CPU so several KV pages come and go even for a tiny model.
     page = 2 << 20 if device.startswith("cuda") else 64 << 10
     return LLMEngine(
         folder,
-        EngineConfig(block_size=block_size, max_num_batched_tokens=64),
+        EngineConfig(block_size=block_size, max_num_batched_tokens=64, kernels=kernels),
         DeviceConfig(device=device, memory_bytes=64 << 20, page_size=page),
         dtype=torch.float32,
     )
@@ -41,11 +46,12 @@ def hf_logits(hf_model, ids, device) -> torch.Tensor:
         return hf_model.to(device)(torch.tensor([ids], device=device)).logits[0].float().cpu()
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_prefill_decode_and_recompute_match_transformers(tiny_checkpoint, arch, device):
+def test_prefill_decode_and_recompute_match_transformers(tiny_checkpoint, arch, device, kernels):
     folder, hf = tiny_checkpoint(arch)
-    engine = make_engine(folder, device)
+    engine = make_engine(folder, device, kernels=kernels)
     try:
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(3, 320, (23,), generator=gen).tolist()  # 23: block size 5 does not divide it
