@@ -104,7 +104,7 @@ def _load_prefill_kernel():
 
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (only whether it imports)
     except ImportError:
         return False
     return True
