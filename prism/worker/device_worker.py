@@ -1,310 +1,62 @@
 """One device, many models: shared page pool, eviction and activation, one SLO-aware queue.
 
-Mechanism only: each step the worker shows the local scheduler a snapshot (DeviceView) and
-carries out its decision (evict, activate, admission order, which model steps). Every model
-keeps a host copy of its weights, so eviction is an unmap and activation a map plus a copy
-back to the same addresses.
+The real device: engines hold weights and KV in the device's memory and run forward passes.
+Each step the worker shows the local scheduler a snapshot and carries out its decision; that
+flow lives in `DeviceCore`, which the simulator's devices share. Every model keeps a host copy
+of its weights, so eviction is an unmap and activation a map plus a copy back to the same
+addresses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from prism.config import DeviceConfig, ModelSpec
+from prism.config import ModelSpec
 from prism.engine.catalog import resolve_model
 from prism.engine.llm_engine import LLMEngine, default_dtype
 from prism.engine.model_weights import plan_layout
-from prism.engine.output_processor import TokenEvent
-from prism.engine.sequence import Sequence
-from prism.memory import Owner, PagePool, make_backend
-from prism.sched.calibration import CalibratedCost
+from prism.memory import PagePool, make_backend
 from prism.sched.clock import Clock, MonotonicClock
 from prism.sched.cost import DefaultCosts, ProfileCostModel, load_profiles
-from prism.sched.local import LocalScheduler, LocalSchedulerConfig
-from prism.sched.view import SLO, CostModel, DeviceView, ModelView, RequestView
-from prism.types import CompletionOutput, RequestError, SamplingParams
-from prism.worker.metrics import DeviceCounters, MetricsLog
+from prism.sched.view import CostModel
+from prism.worker.device_core import DeviceCore, ModelSizes, StepOutput, WorkerConfig
+
+__all__ = ["DeviceWorker", "StepOutput", "WorkerConfig"]
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    device: DeviceConfig
-    models: tuple[ModelSpec, ...]
-    scheduler: LocalSchedulerConfig = field(default_factory=LocalSchedulerConfig)
-    metrics_path: str | None = None
-    sample_interval_s: float = 0.1
-    detokenize: bool = True  # False when a frontend detokenizes (the server)
-
-
-@dataclass
-class StepOutput:
-    events: list[TokenEvent]
-    finished: list[tuple[str, CompletionOutput]]  # (model_id, output)
-    ran_model: str | None
-    num_tokens: int = 0  # tokens the step computed
-
-
-class DeviceWorker:
+class DeviceWorker(DeviceCore):
     def __init__(self, config: WorkerConfig, clock: Clock | None = None,
                  cost: CostModel | None = None, show_progress: bool = False):
         if not config.models:
             raise ValueError("a device worker needs at least one model")
-        self.config = config
-        self.clock = clock or MonotonicClock()
         dev = config.device
-        self.pool = PagePool(make_backend(dev.device, dev.page_size), dev.num_pages, dev.num_spare_pages)
+        pool = PagePool(make_backend(dev.device, dev.page_size), dev.num_pages, dev.num_spare_pages)
         # Without a measured profile, estimates come from model sizes and the device's nominal
         # rates (a CPU's defaults would make every GPU step look hopelessly late).
         defaults = DefaultCosts.nvidia_h100() if dev.is_cuda else DefaultCosts()
-        self.profiles = cost or ProfileCostModel(defaults=defaults)
-        self.cost = CalibratedCost(self.profiles)
-        self._profiles = load_profiles(device=dev.device) if cost is None else {}
-        self.local = LocalScheduler(config.scheduler, self.cost)
-        self.metrics = MetricsLog(config.metrics_path, config.sample_interval_s)
-        self.counters = DeviceCounters()
-        self.engines: dict[str, LLMEngine] = {}
-        self.specs: dict[str, ModelSpec] = {}
-        self.last_used: dict[str, float] = {}
-        self.draining: set[str] = set()
-        try:
-            for spec in config.models:
-                self._register(spec, show_progress)
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(config, clock or MonotonicClock(), pool,
+                         cost or ProfileCostModel(defaults=defaults),
+                         load_profiles(device=dev.device) if cost is None else {})
+        self._show_progress = show_progress
+        self._register_all()
 
-    # ---- models ----------------------------------------------------------------------------
-    def _register(self, spec: ModelSpec, show_progress: bool) -> None:
-        if spec.name in self.engines:
-            raise ValueError(f"model name {spec.name!r} is used twice")
-        source = resolve_model(spec.source)
-        dtype = default_dtype(torch.device(self.config.device.device)) if spec.dtype == "auto" else getattr(torch, spec.dtype)
-        self._make_room_for_loading(plan_layout(source.config, dtype).num_bytes)
-        engine = LLMEngine(
-            source, spec.engine, self.config.device, pool=self.pool, dtype=dtype,
-            model_id=spec.name, show_progress=show_progress, clock=self.clock.now,
+    def _dtype(self, spec: ModelSpec) -> torch.dtype:
+        if spec.dtype == "auto":
+            return default_dtype(torch.device(self.config.device.device))
+        return getattr(torch, spec.dtype)
+
+    def _weight_bytes(self, spec: ModelSpec) -> int:
+        return plan_layout(resolve_model(spec.source).config, self._dtype(spec)).num_bytes
+
+    def _new_engine(self, spec: ModelSpec) -> LLMEngine:
+        return LLMEngine(
+            resolve_model(spec.source), spec.engine, self.config.device, pool=self.pool,
+            dtype=self._dtype(spec), model_id=spec.name, show_progress=self._show_progress,
+            clock=self.clock.now,
             choose_victim=lambda cands, m=spec.name: self._choose_victim(m, cands),
             keep_host_copy=True, detokenize=self.config.detokenize,
         )
-        self.engines[spec.name] = engine
-        self.specs[spec.name] = spec
-        self.last_used[spec.name] = self.clock.now()
-        if isinstance(self.profiles, ProfileCostModel):
-            self.profiles.set_model_size(spec.name, engine.weights.num_bytes,
-                                     engine.config.kv_bytes_per_token(engine.dtype.itemsize))
-            profile = self._profiles.get(spec.source)  # measured by `prism profile --model SOURCE`
-            if profile is not None:
-                self.profiles.add(spec.name, profile)
 
-    def _make_room_for_loading(self, weight_bytes: int) -> None:
-        # Loading needs the weights mapped: models registered earlier step aside (they keep
-        # host copies), oldest first, until the new weights fit.
-        needed = -(-weight_bytes // self.pool.page_size)
-        for name in list(self.engines):
-            if self.pool.free_pages >= needed:
-                return
-            self.evict(name)
-
-    def resident_models(self) -> list[str]:
-        return [m for m, e in self.engines.items() if e.resident]
-
-    def evict(self, model_id: str, mode: str = "preempt") -> None:
-        """preempt: running requests are preempted now and recomputed after reactivation.
-        drain: admission stops, running requests finish, then the model is evicted."""
-        engine = self._engine(model_id)
-        if not engine.resident:
-            return
-        if mode == "drain" and engine.scheduler.running:
-            self.draining.add(model_id)
-            engine.scheduler.admission_paused = True
-            return
-        if mode not in ("preempt", "drain"):
-            raise ValueError(f"unknown eviction mode {mode!r} (preempt or drain)")
-        preempted = engine.evict()
-        self.counters.preemptions[model_id] += len(preempted)
-        self.counters.evictions[model_id] += 1
-        self.draining.discard(model_id)
-        engine.scheduler.admission_paused = False
-
-    def set_kv_cap(self, model_id: str, max_pages: int | None) -> None:
-        """A fixed KV share for a model (the static baseline); None lifts it."""
-        self.pool.set_cap(Owner(model_id, "kv"), max_pages)
-
-    def activate(self, model_id: str) -> bool:
-        engine = self._engine(model_id)
-        if engine.resident:
-            return True
-        if self.pool.free_pages < engine.weights.num_pages:
-            return False
-        start = self.clock.now()
-        engine.activate()
-        self.counters.activations[model_id] += 1
-        self.counters.activation_seconds[model_id] += self.clock.now() - start
-        return True
-
-    def _engine(self, model_id: str) -> LLMEngine:
-        try:
-            return self.engines[model_id]
-        except KeyError:
-            raise RequestError(
-                f"unknown model {model_id!r}; this device serves: {', '.join(self.engines)}"
-            ) from None
-
-    # ---- requests --------------------------------------------------------------------------
-    def add_request(
-        self, model_id: str, prompt: str | list[int], params: SamplingParams = SamplingParams(),
-        req_id: str | None = None, slo: SLO | None = None, priority: int = 0,
-    ) -> str:
-        engine = self._engine(model_id)
-        spec = self.specs[model_id]
-        slo = slo or SLO(spec.ttft_slo_s, spec.tpot_slo_s)
-        if req_id is not None and any(req_id in e.outputs for e in self.engines.values()):
-            raise RequestError(f"request id {req_id!r} is already in use")
-        req_id = engine.add_request(prompt, params, req_id=req_id, slo=slo, priority=priority)
-        self.last_used[model_id] = self.clock.now()
-        return req_id
-
-    def abort(self, req_id: str) -> bool:
-        for engine in self.engines.values():
-            if req_id in engine.outputs:
-                engine.abort(req_id)
-                return True
-        return False
-
-    @property
-    def has_unfinished(self) -> bool:
-        return any(e.has_unfinished for e in self.engines.values())
-
-    # ---- stepping --------------------------------------------------------------------------
-    def step(self) -> StepOutput:
-        self._finish_drains()
-        view = self.snapshot()
-        decision = self.local.decide(view)
-        for model_id, engine in self.engines.items():
-            engine.scheduler.admission_paused = model_id in decision.drain or model_id in self.draining
-        for model_id in decision.evict:
-            self.evict(model_id)
-        for model_id in decision.activate:
-            self.activate(model_id)
-        for model_id, order in decision.admit_order.items():
-            self.engines[model_id].scheduler.reorder_waiting(list(order))
-        finished: list[tuple[str, CompletionOutput]] = []
-        num_tokens = 0
-        run = decision.run_model
-        # The policy cannot see whether a model's next batch fits in memory: if the chosen
-        # model can do nothing now (say its prefill waits for pages), the step goes to another
-        # model with work, so the device never idles (or livelocks) while work exists.
-        candidates = [run] if run is not None else []
-        candidates += [m for m, e in self.engines.items() if m != run and e.resident and e.has_unfinished]
-        for model_id in candidates:
-            if not self.engines[model_id].resident:
-                continue
-            finished, num_tokens = self._step_model(model_id)
-            if num_tokens:
-                run = model_id
-                break
-        events = [ev for e in self.engines.values() for ev in e.drain_events()]
-        for model_id, out in finished:
-            self.metrics.record_request(model_id, out.req_id, out.finish_reason.value, out.metrics)
-        self._maybe_sample()
-        return StepOutput(events, finished, run, num_tokens)
-
-    def _step_model(self, model_id: str) -> tuple[list[tuple[str, CompletionOutput]], int]:
-        engine = self.engines[model_id]
-        before = engine.scheduler.num_preemptions
-        start = self.clock.now()
-        finished = [(model_id, out) for out in engine.step()]
-        self.counters.preemptions[model_id] += engine.scheduler.num_preemptions - before
-        plan = engine.last_plan
-        if plan is not None and not plan.is_empty:
-            now = self.clock.now()
-            self.last_used[model_id] = now
-            decodes = [c for c in plan.chunks if c.num_tokens == 1 and c.start >= c.seq.num_prompt_tokens]
-            predicted = self.cost.step_time(
-                model_id, len(decodes), sum(c.start + 1 for c in decodes),
-                plan.num_tokens - len(decodes))
-            self.cost.observe(model_id, predicted, now - start)
-        return finished, engine.last_step_num_tokens
-
-    def _finish_drains(self) -> None:
-        for model_id in list(self.draining):
-            if not self.engines[model_id].scheduler.running:
-                self.evict(model_id)
-
-    def run_until_idle(self, max_steps: int = 1_000_000) -> list[tuple[str, CompletionOutput]]:
-        """Step until every request has finished (tests, offline batches)."""
-        done = []
-        for _ in range(max_steps):
-            if not self.has_unfinished and not self.draining:
-                return done
-            done += self.step().finished
-        raise RuntimeError(f"still busy after {max_steps} steps")
-
-    # ---- snapshots for the policy ----------------------------------------------------------
-    def snapshot(self) -> DeviceView:
-        now = self.clock.now()
-        models = tuple(
-            ModelView(m, e.resident, self.last_used[m], e.weights.num_pages, e.num_kv_pages)
-            for m, e in self.engines.items()
-        )
-        requests = []
-        for m, e in self.engines.items():
-            running = {id(s) for s in e.scheduler.running}
-            requests += [_request_view(m, seq, running=id(seq) in running) for seq in e.sequences()
-                         if m not in self.draining or id(seq) in running]
-        return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, models, tuple(requests))
-
-    def _choose_victim(self, model_id: str, candidates: list[Sequence]) -> Sequence:
-        views = [_request_view(model_id, s, running=True) for s in candidates]
-        chosen = self.local.choose_victim(self.snapshot(), views)
-        if chosen is None:
-            return candidates[-1]
-        return next(s for s in candidates if s.req_id == chosen.req_id)
-
-    def _maybe_sample(self) -> None:
-        now = self.clock.now()
-        if not self.metrics.due(now):
-            return
-        self.metrics.record_sample(self.memory_report(now))
-
-    def memory_report(self, now: float | None = None) -> dict:
-        pages = self.pool.pages_by_owner()
-        return {
-            "time": self.clock.now() if now is None else now,
-            "device": self.config.device.device,
-            "page_size": self.pool.page_size,
-            "budget_pages": self.pool.budget_pages,
-            "free_pages": self.pool.free_pages,
-            "models": {
-                m: {
-                    "resident": e.resident,
-                    "weight_pages": sum(n for o, n in pages.items() if o.model_id == m and o.kind == "weights"),
-                    "kv_pages": sum(n for o, n in pages.items() if o.model_id == m and o.kind == "kv"),
-                    "running": len(e.scheduler.running),
-                    "waiting": len(e.scheduler.waiting),
-                    "activations": self.counters.activations[m],
-                    "evictions": self.counters.evictions[m],
-                    "preemptions": self.counters.preemptions[m],
-                }
-                for m, e in self.engines.items()
-            },
-        }
-
-    def close(self) -> None:
-        for engine in self.engines.values():
-            engine.close()
-        self.engines = {}
-        self.metrics.close()
-        self.pool.close()
-
-
-def _request_view(model_id: str, seq: Sequence, running: bool) -> RequestView:
-    slo = seq.slo or SLO(float("inf"), float("inf"))
-    return RequestView(
-        req_id=seq.req_id, model_id=model_id, arrival=seq.arrival_time, slo=slo,
-        num_prompt_tokens=seq.num_prompt_tokens, num_computed_tokens=seq.num_computed_tokens,
-        num_output_tokens=seq.num_output_tokens, max_tokens=seq.params.max_tokens,
-        first_token_time=seq.first_token_time, last_token_time=seq.last_token_time,
-        running=running, priority=seq.priority,
-    )
+    def _sizes_of(self, engine: LLMEngine) -> ModelSizes:
+        return ModelSizes(engine.weights.num_bytes, engine.weights.num_pages,
+                          engine.config.kv_bytes_per_token(engine.dtype.itemsize),
+                          engine.config.vocab_size)

@@ -16,9 +16,8 @@ import traceback
 import msgspec
 import zmq
 
-from prism.sched.view import SLO
-from prism.types import RequestError, SamplingParams
 from prism.worker import messages as msg
+from prism.worker.commands import handle, one_line
 from prism.worker.device_worker import DeviceWorker, WorkerConfig
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -103,12 +102,12 @@ def worker_main(config: WorkerConfig, addr_in: str, addr_out: str, idle_tick_s: 
         worker = DeviceWorker(config)
     except Exception as e:  # a bad model or no memory: say why in one line, then exit
         traceback.print_exc()  # the whole story goes to the worker's stderr (the server log)
-        send(msg.Failed(_one_line(e)))
+        send(msg.Failed(one_line(e)))
         outbox.close(linger=2000)
         ctx.term()
         return
     try:
-        send(msg.Ready(config.device.device, [_model_info(worker, m) for m in worker.engines]))
+        send(msg.Ready(config.device.device, [worker.model_info(m) for m in worker.engines]))
         _serve(worker, inbox, send, idle_tick_s)
     except Exception:
         traceback.print_exc()
@@ -129,7 +128,7 @@ def _serve(worker: DeviceWorker, inbox, send, idle_tick_s: float) -> None:
         busy = worker.has_unfinished or bool(worker.draining)
         timeout_ms = 0 if busy else int(idle_tick_s * 1000)
         while inbox.poll(timeout_ms):
-            if not _handle(worker, decoder.decode(inbox.recv()), send):
+            if not handle(worker, decoder.decode(inbox.recv()), send):
                 return
             timeout_ms = 0
         out = worker.step()
@@ -140,50 +139,3 @@ def _serve(worker: DeviceWorker, inbox, send, idle_tick_s: float) -> None:
         for model, done in out.finished:
             send(msg.Finished(done.req_id, model, done.token_ids, done.text,
                               done.finish_reason.value, len(done.prompt_token_ids), done.metrics))
-
-
-def _handle(worker: DeviceWorker, m, send) -> bool:
-    """Carry out one message; False means shut down. Bad input is answered, never fatal."""
-    if isinstance(m, msg.Shutdown):
-        return False
-    try:
-        _carry_out(worker, m, send)
-    except (RequestError, ValueError) as e:
-        send(msg.Rejected(getattr(m, "req_id", ""), _one_line(e)))
-    return True
-
-
-def _carry_out(worker: DeviceWorker, m, send) -> None:
-    if isinstance(m, msg.AddRequest):
-        params = SamplingParams(
-            temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, seed=m.seed,
-            max_tokens=m.max_tokens, stop=tuple(m.stop), stop_token_ids=tuple(m.stop_token_ids),
-            ignore_eos=m.ignore_eos,
-        )
-        spec = worker.specs.get(m.model)
-        slo = None
-        if spec is not None and (m.ttft_slo_s or m.tpot_slo_s):
-            slo = SLO(m.ttft_slo_s or spec.ttft_slo_s, m.tpot_slo_s or spec.tpot_slo_s)
-        worker.add_request(m.model, m.prompt_token_ids, params, req_id=m.req_id, slo=slo,
-                           priority=m.priority)
-    elif isinstance(m, msg.Abort):
-        worker.abort(m.req_id)
-    elif isinstance(m, msg.Evict):
-        worker.evict(m.model, m.mode)
-    elif isinstance(m, msg.Activate):
-        worker.activate(m.model)
-    elif isinstance(m, msg.SetKVCap):
-        worker.set_kv_cap(m.model, m.max_pages)
-    elif isinstance(m, msg.ReportMemory):
-        send(msg.MemoryReport(worker.memory_report()))
-
-
-def _model_info(worker: DeviceWorker, name: str) -> msg.ModelInfo:
-    e = worker.engines[name]
-    return msg.ModelInfo(name, e.max_model_len, e.config.vocab_size, e.weights.num_bytes,
-                         e.config.kv_bytes_per_token(e.dtype.itemsize), e.resident)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

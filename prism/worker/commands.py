@@ -1,0 +1,54 @@
+"""Carry out one message from the frontend on a device: the same code whether the device is
+a worker process (prism.worker.process) or a simulated device (prism.sim)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from prism.sched.view import SLO
+from prism.types import RequestError, SamplingParams
+from prism.worker import messages as msg
+from prism.worker.device_core import DeviceCore
+
+
+def carry_out(worker: DeviceCore, m, send: Callable[[object], None]) -> None:
+    """Apply `m` (any ToWorker message but Shutdown); answers go through `send`. Bad input
+    raises RequestError / ValueError for the caller to answer."""
+    if isinstance(m, msg.AddRequest):
+        params = SamplingParams(
+            temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, seed=m.seed,
+            max_tokens=m.max_tokens, stop=tuple(m.stop), stop_token_ids=tuple(m.stop_token_ids),
+            ignore_eos=m.ignore_eos,
+        )
+        spec = worker.specs.get(m.model)
+        slo = None
+        if spec is not None and (m.ttft_slo_s or m.tpot_slo_s):
+            slo = SLO(m.ttft_slo_s or spec.ttft_slo_s, m.tpot_slo_s or spec.tpot_slo_s)
+        worker.add_request(m.model, m.prompt_token_ids, params, req_id=m.req_id, slo=slo,
+                           priority=m.priority)
+    elif isinstance(m, msg.Abort):
+        worker.abort(m.req_id)
+    elif isinstance(m, msg.Evict):
+        worker.evict(m.model, m.mode)
+    elif isinstance(m, msg.Activate):
+        worker.activate(m.model)
+    elif isinstance(m, msg.SetKVCap):
+        worker.set_kv_cap(m.model, m.max_pages)
+    elif isinstance(m, msg.ReportMemory):
+        send(msg.MemoryReport(worker.memory_report()))
+
+
+def handle(worker: DeviceCore, m, send: Callable[[object], None]) -> bool:
+    """Carry out one message; False means shut down. Bad input is answered (Rejected), never
+    fatal."""
+    if isinstance(m, msg.Shutdown):
+        return False
+    try:
+        carry_out(worker, m, send)
+    except (RequestError, ValueError) as e:
+        send(msg.Rejected(getattr(m, "req_id", ""), one_line(e)))
+    return True
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
