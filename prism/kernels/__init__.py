@@ -1,0 +1,1 @@
+"""Triton kernels for the GPU engine path (each module imports triton; import them lazily)."""

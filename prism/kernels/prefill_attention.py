@@ -1,0 +1,292 @@
+"""Paged attention in Triton for variable-length query chunks: prompts, chunked prefill
+continuing an earlier chunk, and decode rows, all in one mixed batch.
+
+Flash-attention forward (online softmax, float32 accumulators, exp2 with log2(e) folded into
+the scale) whose K/V tiles are gathered token by token through the block tables.
+
+Tiling. A program takes one KV head and one *tile* of one sequence: TOKENS_PER_TILE
+consecutive new tokens times the GROUP query heads that share that KV head, packed into the
+BLOCK_M rows of the M dimension (row r = token r // GROUP, head r % GROUP; for the usual
+head-major layout these rows are even contiguous in q). Each K/V tile is loaded once for the
+whole GQA group, and a decode row (q_len 1) still fills GROUP rows of the tensor-core tile
+instead of one. Non-power-of-two groups leave BLOCK_M % GROUP rows idle.
+
+Tile table. The host (from meta's host lists, no device sync) lists (sequence, first new
+token) for every tile, heaviest first (most keys to read) so that the long tail of a big
+prompt starts early and short tiles fill the last wave. The table is an int32 tensor built
+once per batch and reused by every layer (cached on the metadata object's identity). Grid is
+1-D: program = tile * num_kv_heads + kv_head, so all heads of a heavy tile start together.
+
+Causal structure. Query j of a sequence with q_len new tokens and context ctx sits at
+position ctx - q_len + j and sees keys 0..that position (bottom-right aligned). For a tile
+whose first token sits at position p0 and last at p1, keys [0, p0] are visible to every row:
+those KV tiles run without any mask. KV tiles in (p0, p1] are masked (causal and context);
+KV tiles past p1 are never visited, which skips the upper triangle of a long prompt.
+
+Garbage. Slots past a context may hold any bit pattern, NaN included (fresh GPU pages are
+not zeroed). The unmasked loop only touches positions < p0 + 1 <= ctx; the masked loop loads
+with other=0 and sets masked scores to -inf before the exponent.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from prism.engine.attention import AttentionMetadata
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int  # rows of a tile: tokens_per_tile * group (+ idle rows when group is not a power of 2)
+    block_n: int  # keys per inner-loop step
+    num_warps: int
+    num_stages: int
+
+
+def default_config(head_dim: int, dtype: torch.dtype, group: int) -> PrefillConfig:
+    """Tile sizes for H100 (fine on other GPUs): 128 query rows by 64 keys, the usual
+    flash-attention forward shape for head_dim 64-128; float32 operands and head_dim 256
+    halve a dimension to stay within registers and shared memory."""
+    block_d = _block_d(head_dim)
+    if dtype == torch.float32:
+        cfg = PrefillConfig(64, 32, 4, 2)
+    elif block_d <= 64:
+        cfg = PrefillConfig(128, 64, 4, 3)
+    elif block_d <= 128:
+        cfg = PrefillConfig(128, 64, 8, 3)
+    else:
+        cfg = PrefillConfig(64, 32, 4, 2)
+    if cfg.block_m < group:  # very wide groups (MQA): at least one token per tile
+        cfg = PrefillConfig(triton.next_power_of_2(group), cfg.block_n, cfg.num_warps, cfg.num_stages)
+    return cfg
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, tiles_ptr, tables_ptr, ctx_ptr, qstart_ptr,
+    stride_qt, stride_qh, stride_qd,
+    stride_kp, stride_ks, stride_kh, stride_kd,
+    stride_vp, stride_vs, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
+    stride_bt, stride_bb,
+    scale_log2,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCKS_PER_PAGE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = pid // NUM_KV_HEADS
+    kv_head = pid % NUM_KV_HEADS
+    seq = tl.load(tiles_ptr + 2 * tile)
+    first = tl.load(tiles_ptr + 2 * tile + 1)  # first new token of the tile, within its sequence
+    q_begin = tl.load(qstart_ptr + seq)
+    q_len = tl.load(qstart_ptr + seq + 1) - q_begin
+    ctx = tl.load(ctx_ptr + seq)
+    past = ctx - q_len  # position of the sequence's first new token
+    n_tok = tl.minimum(q_len - first, TOKENS_PER_TILE)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = first + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = rows < n_tok * GROUP
+    q_pos = past + tok
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+
+    q_off = (q_begin + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :] * stride_qd
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    # tl.dot operands in the cache dtype (bf16/fp16 tensor cores), or float32 when DOT_FP32:
+    # the Triton 3.6 interpreter multiplies bfloat16 as raw uint16 bits.
+    dot_ty = tl.float32 if DOT_FP32 else k_ptr.dtype.element_ty
+    q = q.to(dot_ty)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    table = tables_ptr + seq.to(tl.int64) * stride_bt
+    k_head = k_ptr + kv_head * stride_kh
+    v_head = v_ptr + kv_head * stride_vh
+    cols = tl.arange(0, BLOCK_N)
+    # Keys [0, past + first] are visible to every row of the tile: whole KV tiles there
+    # need no mask at all (and are all inside the context).
+    full_end = (past + first + 1) // BLOCK_N * BLOCK_N
+    kv_end = past + first + n_tok  # one past the last valid row's position (<= ctx)
+
+    for start in range(0, full_end, BLOCK_N):
+        pos = start + cols
+        block = tl.load(table + (pos // BLOCK_SIZE) * stride_bb)
+        page = (block // BLOCKS_PER_PAGE).to(tl.int64)
+        slot = (block % BLOCKS_PER_PAGE) * BLOCK_SIZE + pos % BLOCK_SIZE
+        k_off = page[:, None] * stride_kp + slot[:, None] * stride_ks + dims[None, :] * stride_kd
+        v_off = page[:, None] * stride_vp + slot[:, None] * stride_vs + dims[None, :] * stride_vd
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(k_head + k_off)
+        else:
+            k = tl.load(k_head + k_off, mask=dim_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        p = tl.exp2(s * scale_log2 - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if BLOCK_D == HEAD_DIM:
+            v = tl.load(v_head + v_off)
+        else:
+            v = tl.load(v_head + v_off, mask=dim_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(dot_ty), v.to(dot_ty), acc, input_precision=PRECISION)
+        m_i = m_new
+
+    # The diagonal band: causal mask, and never a position at or past kv_end (<= ctx).
+    for start in range(full_end, kv_end, BLOCK_N):
+        pos = start + cols
+        pos_ok = pos < kv_end
+        block = tl.load(table + (pos // BLOCK_SIZE) * stride_bb, mask=pos_ok, other=0)
+        page = (block // BLOCKS_PER_PAGE).to(tl.int64)
+        slot = (block % BLOCKS_PER_PAGE) * BLOCK_SIZE + pos % BLOCK_SIZE
+        kv_mask = pos_ok[:, None] & dim_ok[None, :]
+        k_off = page[:, None] * stride_kp + slot[:, None] * stride_ks + dims[None, :] * stride_kd
+        v_off = page[:, None] * stride_vp + slot[:, None] * stride_vs + dims[None, :] * stride_vd
+        k = tl.load(k_head + k_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION)
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
+        s = tl.where(visible, s * scale_log2, float("-inf"))
+        # Every row sees key 0 (q_pos >= 0, kv_end >= 1), so m_new is finite from the first step.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + v_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(dot_ty), v.to(dot_ty), acc, input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_off = (q_begin + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :] * stride_od
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+# ---- host side -----------------------------------------------------------------------------
+
+def build_tiles(query_lens, context_lens, tokens_per_tile: int) -> np.ndarray:
+    """[num_tiles, 2] int32 (sequence, first new token), heaviest tile first. Vectorized:
+    cheap for hundreds of sequences."""
+    q_lens = np.asarray(query_lens, dtype=np.int64)
+    ctx = np.asarray(context_lens, dtype=np.int64)
+    counts = -(-q_lens // tokens_per_tile)
+    total = int(counts.sum())
+    seqs = np.repeat(np.arange(len(q_lens), dtype=np.int64), counts)
+    tile_starts = np.cumsum(counts) - counts  # index of each sequence's first tile
+    first = (np.arange(total, dtype=np.int64) - np.repeat(tile_starts, counts)) * tokens_per_tile
+    # Work of a tile ~ keys it reads: the position of its last token + 1.
+    last = np.minimum(first + tokens_per_tile, q_lens[seqs])
+    work = ctx[seqs] - q_lens[seqs] + last
+    order = np.argsort(-work, kind="stable")
+    return np.stack([seqs[order], first[order]], axis=1).astype(np.int32)
+
+
+# One batch's tile table, reused by every layer of the step: (metadata ref, {key: tensor}).
+_tile_cache: tuple[weakref.ref, list, dict] | None = None
+
+
+def _tiles_for(meta: AttentionMetadata, tokens_per_tile: int, device: torch.device) -> torch.Tensor:
+    global _tile_cache
+    cached = _tile_cache
+    if cached is None or cached[0]() is not meta or cached[1][0] is not meta.query_lens_host:
+        cached = (weakref.ref(meta), [meta.query_lens_host], {})
+        _tile_cache = cached
+    key = (tokens_per_tile, device)
+    tiles = cached[2].get(key)
+    if tiles is None:
+        table = build_tiles(meta.query_lens_host, meta.context_lens_host, tokens_per_tile)
+        tiles = torch.from_numpy(table).to(device)
+        cached[2][key] = tiles
+    return tiles
+
+
+def _kernel_for(device: torch.device):
+    """The compiled kernel, or on CPU tensors the Triton interpreter's (which needs
+    TRITON_INTERPRET=1 before triton is first imported: triton.language's own helpers are
+    built as interpreted or compiled functions at that moment)."""
+    if device.type != "cpu":
+        return _prefill_kernel
+    if isinstance(_prefill_kernel, triton.runtime.JITFunction):
+        raise RuntimeError("paged_prefill_attention on CPU tensors needs the Triton interpreter: "
+                           "set TRITON_INTERPRET=1 before triton is imported")
+    fix_interpreter_scalars()
+    return _prefill_kernel
+
+
+def fix_interpreter_scalars() -> None:
+    """Triton 3.6's interpreter holds a scalar as a 1-element array and turns it into a loop
+    bound with int(array), which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
+    converted", triton-lang/triton#9171): any `range(lo, hi)` over loaded bounds fails.
+    Patch that one conversion (idempotent; the interpreter only, never the compiled path)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_scalar_index_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._scalar_index_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+def paged_prefill_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [num_tokens, heads, head_dim] (each sequence's new tokens, concatenated) ->
+    [num_tokens, heads, head_dim] in q's dtype. K/V of the new tokens must be in the cache.
+    Same result as `paged_attention_reference` (float32 accumulation)."""
+    group = q.shape[1] // max(1, k_cache.shape[2])
+    return run_prefill(q, k_cache, v_cache, meta, scale, default_config(q.shape[2], k_cache.dtype, group))
+
+
+def run_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, config: PrefillConfig) -> torch.Tensor:
+    """paged_prefill_attention with explicit tile sizes (tests and benchmark sweeps)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_pages, tokens_per_page, num_kv_heads, kv_dim = k_cache.shape
+    if kv_dim != head_dim or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k_cache.shape)} {k_cache.dtype}, "
+                         f"v {tuple(v_cache.shape)} {v_cache.dtype} do not match")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if tokens_per_page != meta.tokens_per_page:
+        raise ValueError(f"cache has {tokens_per_page} tokens per page, metadata says {meta.tokens_per_page}")
+    group = num_heads // num_kv_heads
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    tokens_per_tile = config.block_m // group
+    if num_tokens == 0 or meta.num_seqs == 0:
+        return out
+    if tokens_per_tile < 1:
+        raise ValueError(f"block_m {config.block_m} is smaller than the GQA group {group}")
+    tiles = _tiles_for(meta, tokens_per_tile, q.device)
+    grid = (tiles.shape[0] * num_kv_heads,)
+    interpret = q.device.type == "cpu"
+    _kernel_for(q.device)[grid](
+        q, k_cache, v_cache, out, tiles, meta.block_tables, meta.context_lens, meta.query_start_loc,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        *meta.block_tables.stride(),
+        scale * LOG2E,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, TOKENS_PER_TILE=tokens_per_tile,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_SIZE=meta.block_size, BLOCKS_PER_PAGE=meta.blocks_per_page,
+        PRECISION="ieee" if k_cache.dtype == torch.float32 or interpret else "tf32",
+        DOT_FP32=interpret,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
