@@ -7,6 +7,7 @@ once against this interface; `make_ops` picks the implementation for a device.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -103,11 +104,7 @@ def _load_prefill_kernel():
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401  (only whether it imports)
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def make_ops(device: torch.device, kind: str | None = None) -> ReferenceOps:

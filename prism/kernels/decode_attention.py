@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from prism.engine.attention import AttentionMetadata
+from prism.kernels import cache_pointer
 
 LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 264  # about two waves of an H100's 132 multiprocessors
@@ -38,7 +39,7 @@ def num_splits_for(batch: int, num_kv_heads: int) -> int:
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, part_out_ptr, part_lse_ptr, out_ptr,
+    q_ptr, k_ptr, k_off, v_ptr, v_off, tables_ptr, ctx_ptr, part_out_ptr, part_lse_ptr, out_ptr,
     stride_qt, stride_qh,
     stride_kp, stride_ks, stride_kh,
     stride_vp, stride_vs, stride_vh,
@@ -69,6 +70,8 @@ def _decode_split_kernel(
         mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
     )
 
+    k_ptr += k_off
+    v_ptr += v_off
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -153,7 +156,7 @@ def paged_decode_attention(
         part_out = part_lse = out  # unused
     block_n = 64 if head_dim <= 128 else 32
     _decode_split_kernel[(batch, num_kv_heads, splits)](
-        q, k_cache, v_cache, meta.block_tables, meta.context_lens, part_out, part_lse, out,
+        q, *cache_pointer(k_cache), *cache_pointer(v_cache), meta.block_tables, meta.context_lens, part_out, part_lse, out,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from prism.kernels import cache_pointer
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -89,7 +91,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rope_write_kv_kernel(
-    qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+    qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_ptr, k_cache_ptr, k_off, v_cache_ptr, v_off,
     q_norm_ptr, k_norm_ptr, eps, stride_qkv, stride_qo_t, stride_qo_h, stride_cos,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     tokens_per_page,
@@ -135,12 +137,12 @@ def _rope_write_kv_kernel(
             tl.store(dst + half + cols, y2, mask=ok)
         elif slot >= 0:  # slot -1: a padding row of a CUDA-graph batch, nothing to store
             kh = head - NUM_HEADS
-            dst = k_cache_ptr + page * stride_kp + in_page * stride_ks + kh * stride_kh
+            dst = k_cache_ptr + k_off + page * stride_kp + in_page * stride_ks + kh * stride_kh
             tl.store(dst + cols, y1.to(k_cache_ptr.dtype.element_ty), mask=ok)
             tl.store(dst + half + cols, y2.to(k_cache_ptr.dtype.element_ty), mask=ok)
     elif slot >= 0:
         vh = head - NUM_HEADS - NUM_KV_HEADS
-        dst = v_cache_ptr + page * stride_vp + in_page * stride_vs + vh * stride_vh
+        dst = v_cache_ptr + v_off + page * stride_vp + in_page * stride_vs + vh * stride_vh
         tl.store(dst + cols, x1.to(v_cache_ptr.dtype.element_ty), mask=ok)
         tl.store(dst + half + cols, x2.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
@@ -158,7 +160,7 @@ def rope_and_write_kv(
     tpp = k_cache.shape[1]
     q_norm, k_norm, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)
     _rope_write_kv_kernel[(tokens, num_heads + 2 * num_kv_heads)](
-        qkv, positions, cos, sin, slot_mapping, q, k_cache, v_cache,
+        qkv, positions, cos, sin, slot_mapping, q, *cache_pointer(k_cache), *cache_pointer(v_cache),
         q_norm, k_norm, eps, qkv.stride(0), q.stride(0), q.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

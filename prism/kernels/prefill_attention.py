@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from prism.engine.attention import AttentionMetadata
+from prism.kernels import cache_pointer
 
 LOG2E = 1.4426950408889634
 
@@ -74,7 +75,7 @@ def _block_d(head_dim: int) -> int:
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, tiles_ptr, tables_ptr, ctx_ptr, qstart_ptr,
+    q_ptr, k_ptr, k_off, v_ptr, v_off, out_ptr, tiles_ptr, tables_ptr, ctx_ptr, qstart_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_ks, stride_kh, stride_kd,
     stride_vp, stride_vs, stride_vh, stride_vd,
@@ -117,8 +118,8 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     table = tables_ptr + seq.to(tl.int64) * stride_bt
-    k_head = k_ptr + kv_head * stride_kh
-    v_head = v_ptr + kv_head * stride_vh
+    k_head = k_ptr + k_off + kv_head * stride_kh  # see prism.kernels.cache_pointer
+    v_head = v_ptr + v_off + kv_head * stride_vh
     cols = tl.arange(0, BLOCK_N)
     # Keys [0, past + first] are visible to every row of the tile: whole KV tiles there
     # need no mask at all (and are all inside the context).
@@ -278,7 +279,7 @@ def run_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, conf
     grid = (tiles.shape[0] * num_kv_heads,)
     interpret = q.device.type == "cpu"
     _kernel_for(q.device)[grid](
-        q, k_cache, v_cache, out, tiles, meta.block_tables, meta.context_lens, meta.query_start_loc,
+        q, *cache_pointer(k_cache), *cache_pointer(v_cache), out, tiles, meta.block_tables, meta.context_lens, meta.query_start_loc,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *meta.block_tables.stride(),
         scale * LOG2E,
