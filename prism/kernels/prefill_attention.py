@@ -69,13 +69,20 @@ def default_config(head_dim: int, dtype: torch.dtype, group: int) -> PrefillConf
     return cfg
 
 
+def short_config(head_dim: int, dtype: torch.dtype, group: int) -> PrefillConfig:
+    """Tiles for sequences with few new tokens (decode rows of a mixed batch): the smallest
+    tensor-core tile, so a decode row does not pay 128 rows of dot products per key."""
+    wide = dtype == torch.float32 or _block_d(head_dim) > 128
+    return PrefillConfig(max(16, triton.next_power_of_2(group)), 32 if wide else 64, 4, 2 if wide else 3)
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, k_off, v_ptr, v_off, out_ptr, tiles_ptr, tables_ptr, ctx_ptr, qstart_ptr,
+    q_ptr, k_ptr, k_anchor_off, v_ptr, v_anchor_off, out_ptr, tiles_ptr, tables_ptr, ctx_ptr, qstart_ptr,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_ks, stride_kh, stride_kd,
     stride_vp, stride_vs, stride_vh, stride_vd,
@@ -118,8 +125,8 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     table = tables_ptr + seq.to(tl.int64) * stride_bt
-    k_head = k_ptr + k_off + kv_head * stride_kh  # see prism.kernels.cache_pointer
-    v_head = v_ptr + v_off + kv_head * stride_vh
+    k_head = k_ptr + k_anchor_off + kv_head * stride_kh  # see prism.kernels.cache_pointer
+    v_head = v_ptr + v_anchor_off + kv_head * stride_vh
     cols = tl.arange(0, BLOCK_N)
     # Keys [0, past + first] are visible to every row of the tile: whole KV tiles there
     # need no mask at all (and are all inside the context).
@@ -131,21 +138,21 @@ def _prefill_kernel(
         block = tl.load(table + (pos // BLOCK_SIZE) * stride_bb)
         page = (block // BLOCKS_PER_PAGE).to(tl.int64)
         slot = (block % BLOCKS_PER_PAGE) * BLOCK_SIZE + pos % BLOCK_SIZE
-        k_off = page[:, None] * stride_kp + slot[:, None] * stride_ks + dims[None, :] * stride_kd
-        v_off = page[:, None] * stride_vp + slot[:, None] * stride_vs + dims[None, :] * stride_vd
+        k_rows = page[:, None] * stride_kp + slot[:, None] * stride_ks + dims[None, :] * stride_kd
+        v_rows = page[:, None] * stride_vp + slot[:, None] * stride_vs + dims[None, :] * stride_vd
         if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_head + k_off)
+            k = tl.load(k_head + k_rows)
         else:
-            k = tl.load(k_head + k_off, mask=dim_ok[None, :], other=0.0)
+            k = tl.load(k_head + k_rows, mask=dim_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
         p = tl.exp2(s * scale_log2 - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if BLOCK_D == HEAD_DIM:
-            v = tl.load(v_head + v_off)
+            v = tl.load(v_head + v_rows)
         else:
-            v = tl.load(v_head + v_off, mask=dim_ok[None, :], other=0.0)
+            v = tl.load(v_head + v_rows, mask=dim_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(dot_ty), v.to(dot_ty), acc, input_precision=PRECISION)
         m_i = m_new
@@ -158,9 +165,9 @@ def _prefill_kernel(
         page = (block // BLOCKS_PER_PAGE).to(tl.int64)
         slot = (block % BLOCKS_PER_PAGE) * BLOCK_SIZE + pos % BLOCK_SIZE
         kv_mask = pos_ok[:, None] & dim_ok[None, :]
-        k_off = page[:, None] * stride_kp + slot[:, None] * stride_ks + dims[None, :] * stride_kd
-        v_off = page[:, None] * stride_vp + slot[:, None] * stride_vs + dims[None, :] * stride_vd
-        k = tl.load(k_head + k_off, mask=kv_mask, other=0.0)
+        k_rows = page[:, None] * stride_kp + slot[:, None] * stride_ks + dims[None, :] * stride_kd
+        v_rows = page[:, None] * stride_vp + slot[:, None] * stride_vs + dims[None, :] * stride_vd
+        k = tl.load(k_head + k_rows, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION)
         visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
         s = tl.where(visible, s * scale_log2, float("-inf"))
@@ -169,7 +176,7 @@ def _prefill_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + v_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_head + v_rows, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(dot_ty), v.to(dot_ty), acc, input_precision=PRECISION)
         m_i = m_new
@@ -181,40 +188,47 @@ def _prefill_kernel(
 
 # ---- host side -----------------------------------------------------------------------------
 
-def build_tiles(query_lens, context_lens, tokens_per_tile: int) -> np.ndarray:
-    """[num_tiles, 2] int32 (sequence, first new token), heaviest tile first. Vectorized:
-    cheap for hundreds of sequences."""
-    q_lens = np.asarray(query_lens, dtype=np.int64)
-    ctx = np.asarray(context_lens, dtype=np.int64)
+def build_tiles(query_lens, context_lens, tokens_per_tile: int, seqs=None) -> np.ndarray:
+    """[num_tiles, 2] int32 (sequence, first new token) covering the new tokens of `seqs`
+    (default: every sequence), heaviest tile first. Vectorized: cheap for hundreds of
+    sequences."""
+    q_all = np.asarray(query_lens, dtype=np.int64)
+    ctx_all = np.asarray(context_lens, dtype=np.int64)
+    seqs = np.arange(len(q_all), dtype=np.int64) if seqs is None else np.asarray(seqs, dtype=np.int64)
+    q_lens, ctx = q_all[seqs], ctx_all[seqs]
     counts = -(-q_lens // tokens_per_tile)
     total = int(counts.sum())
-    seqs = np.repeat(np.arange(len(q_lens), dtype=np.int64), counts)
+    tile_seq = np.repeat(np.arange(len(seqs), dtype=np.int64), counts)
     tile_starts = np.cumsum(counts) - counts  # index of each sequence's first tile
     first = (np.arange(total, dtype=np.int64) - np.repeat(tile_starts, counts)) * tokens_per_tile
     # Work of a tile ~ keys it reads: the position of its last token + 1.
-    last = np.minimum(first + tokens_per_tile, q_lens[seqs])
-    work = ctx[seqs] - q_lens[seqs] + last
+    work = ctx[tile_seq] - q_lens[tile_seq] + np.minimum(first + tokens_per_tile, q_lens[tile_seq])
     order = np.argsort(-work, kind="stable")
-    return np.stack([seqs[order], first[order]], axis=1).astype(np.int32)
+    return np.stack([seqs[tile_seq[order]], first[order]], axis=1).astype(np.int32)
 
 
-# One batch's tile table, reused by every layer of the step: (metadata ref, {key: tensor}).
+# One batch's tile tables, reused by every layer of the step: (metadata ref, lists, {key: tiles}).
 _tile_cache: tuple[weakref.ref, list, dict] | None = None
 
 
-def _tiles_for(meta: AttentionMetadata, tokens_per_tile: int, device: torch.device) -> torch.Tensor:
+def _tiles_for(meta: AttentionMetadata, tokens_per_tile: int, short_tokens: int, device: torch.device):
+    """(tiles of tokens_per_tile for the longer sequences, tiles of short_tokens for the
+    sequences with at most short_tokens new tokens); either is None when it has no tile."""
     global _tile_cache
     cached = _tile_cache
     if cached is None or cached[0]() is not meta or cached[1][0] is not meta.query_lens_host:
         cached = (weakref.ref(meta), [meta.query_lens_host], {})
         _tile_cache = cached
-    key = (tokens_per_tile, device)
-    tiles = cached[2].get(key)
-    if tiles is None:
-        table = build_tiles(meta.query_lens_host, meta.context_lens_host, tokens_per_tile)
-        tiles = torch.from_numpy(table).to(device)
-        cached[2][key] = tiles
-    return tiles
+    key = (tokens_per_tile, short_tokens, device)
+    if key not in cached[2]:
+        q_lens = np.asarray(meta.query_lens_host)
+        short = q_lens <= short_tokens
+        parts = []
+        for seqs, tpt in ((np.flatnonzero(~short), tokens_per_tile), (np.flatnonzero(short), short_tokens)):
+            table = build_tiles(q_lens, meta.context_lens_host, tpt, seqs) if len(seqs) else None
+            parts.append(None if table is None or not len(table) else torch.from_numpy(table).to(device))
+        cached[2][key] = tuple(parts)
+    return cached[2][key]
 
 
 def _kernel_for(device: torch.device):
@@ -253,12 +267,16 @@ def paged_prefill_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale:
     """q: [num_tokens, heads, head_dim] (each sequence's new tokens, concatenated) ->
     [num_tokens, heads, head_dim] in q's dtype. K/V of the new tokens must be in the cache.
     Same result as `paged_attention_reference` (float32 accumulation)."""
+    head_dim, dtype = q.shape[2], k_cache.dtype
     group = q.shape[1] // max(1, k_cache.shape[2])
-    return run_prefill(q, k_cache, v_cache, meta, scale, default_config(q.shape[2], k_cache.dtype, group))
+    return run_prefill(q, k_cache, v_cache, meta, scale, default_config(head_dim, dtype, group),
+                       short_config(head_dim, dtype, group))
 
 
-def run_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, config: PrefillConfig) -> torch.Tensor:
-    """paged_prefill_attention with explicit tile sizes (tests and benchmark sweeps)."""
+def run_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, config: PrefillConfig,
+                short: PrefillConfig | None = None) -> torch.Tensor:
+    """paged_prefill_attention with explicit tile sizes (tests and benchmark sweeps). With
+    `short`, sequences whose new tokens fit one `short` tile go to a second launch of it."""
     num_tokens, num_heads, head_dim = q.shape
     num_pages, tokens_per_page, num_kv_heads, kv_dim = k_cache.shape
     if kv_dim != head_dim or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
@@ -270,12 +288,22 @@ def run_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, conf
         raise ValueError(f"cache has {tokens_per_page} tokens per page, metadata says {meta.tokens_per_page}")
     group = num_heads // num_kv_heads
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    tokens_per_tile = config.block_m // group
     if num_tokens == 0 or meta.num_seqs == 0:
         return out
-    if tokens_per_tile < 1:
+    if config.block_m < group:
         raise ValueError(f"block_m {config.block_m} is smaller than the GQA group {group}")
-    tiles = _tiles_for(meta, tokens_per_tile, q.device)
+    if short is not None and (short.block_m < group or short.block_m >= config.block_m):
+        short = None
+    short_tokens = short.block_m // group if short is not None else 0
+    long_tiles, short_tiles = _tiles_for(meta, config.block_m // group, short_tokens, q.device)
+    for tiles, cfg in ((long_tiles, config), (short_tiles, short)):
+        if tiles is not None:
+            _launch(q, k_cache, v_cache, out, meta, scale, tiles, cfg, group)
+    return out
+
+
+def _launch(q, k_cache, v_cache, out, meta, scale, tiles, config: PrefillConfig, group: int) -> None:
+    num_kv_heads, head_dim = k_cache.shape[2], q.shape[2]
     grid = (tiles.shape[0] * num_kv_heads,)
     interpret = q.device.type == "cpu"
     _kernel_for(q.device)[grid](
@@ -283,11 +311,10 @@ def run_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, conf
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *meta.block_tables.stride(),
         scale * LOG2E,
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, TOKENS_PER_TILE=tokens_per_tile,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, TOKENS_PER_TILE=config.block_m // group,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_SIZE=meta.block_size, BLOCKS_PER_PAGE=meta.blocks_per_page,
         PRECISION="ieee" if k_cache.dtype == torch.float32 or interpret else "tf32",
         DOT_FP32=interpret,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return out
