@@ -35,6 +35,9 @@ class DeviceEntry(BaseModel):
     device: str = Field(pattern=r"^(cpu(:\d+)?|cuda:\d+)$")  # cpu:N: separate host budgets
     memory: int | str  # page budget: bytes, or "4GiB", "512MiB"
     page_size: int | str = 2 << 20  # the CUDA VMM granularity
+    # GPUs this device stands for: > 1 is a tensor-parallel group (memory is the group's).
+    # Only the simulator models groups; the server refuses them.
+    gpus: int = Field(1, ge=1)
 
     @field_validator("memory", "page_size")
     @classmethod
@@ -116,6 +119,7 @@ class ServerConfig:
     global_: GlobalSchedulerConfig
     system: str = "prism"
     rates: dict = field(default_factory=dict)  # model name -> expected relative rate
+    gpus: dict = field(default_factory=dict)  # device -> GPUs it stands for (groups: simulator only)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -158,6 +162,7 @@ def parse_config(raw, source: str = "config") -> ServerConfig:
     return ServerConfig(
         devices=devices, models=models, pinned=pinned, local=local, global_=global_,
         system=s.system, rates={m.name: m.rate for m in f.models},
+        gpus={d.device: d.gpus for d in f.devices},
         host=f.server.host, port=f.server.port, api_key=f.server.api_key,
         metrics_log=f.server.metrics_log,
     )

@@ -11,17 +11,15 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from prism.config import ConfigError, ModelSpec
 from prism.engine.catalog import resolve_model
 from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
-from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
-from prism.sched.placement import Activate, Evict, GlobalScheduler, Migrate, kvpr
-from prism.sched.rates import TokenRateTracker
 from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel
 from prism.server.config_file import ServerConfig
+from prism.server.control import TICK_S, ClusterControl, device_models
 from prism.server.metrics import ServerMetrics
 from prism.server.worker_link import WorkerLink
 from prism.types import RequestError
@@ -29,7 +27,6 @@ from prism.worker import messages as msg
 from prism.worker.device_worker import WorkerConfig
 
 log = logging.getLogger("prism.router")
-TICK_S = 0.5
 
 
 @dataclass
@@ -50,15 +47,18 @@ class _Stream:
 
 class Router:
     def __init__(self, config: ServerConfig):
+        grouped = [d for d, n in config.gpus.items() if n > 1]
+        if grouped:
+            raise ConfigError(f"device {grouped[0]} spans several GPUs (gpus: {config.gpus[grouped[0]]}); "
+                              "tensor-parallel groups exist only in the simulator (prism simulate, prism plan)")
         self.config = config
         self.specs = {m.name: m for m in config.models}
         self.links: dict[str, WorkerLink] = {}
         self.created = int(time.time())
-        self.global_sched = GlobalScheduler(config.global_)
-        self.rates = TokenRateTracker(config.global_.rate_window_s)
         self._streams: dict[str, _Stream] = {}
-        self._pending_activation: dict[str, tuple[str, float]] = {}  # model -> (device, since)
         self.metrics = ServerMetrics(self._reports, self._queue_depth)
+        # Routing, placement and global ticks: shared with the simulator (prism.sim).
+        self.control = ClusterControl(config, self.links, self._queue_depth, self.metrics.migrations)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task | None = None
         self._closed = False
@@ -68,8 +68,7 @@ class Router:
     # ---- start and stop --------------------------------------------------------------------
     def _start_workers(self) -> None:
         def start(device):
-            models = tuple(m for m in self.config.models if self.config.pinned.get(m.name, device.device) == device.device)
-            wc = WorkerConfig(device, models, self.config.local, detokenize=False,
+            wc = WorkerConfig(device, device_models(self.config, device.device), self.config.local, detokenize=False,
                               metrics_path=_device_log(self.config.metrics_log, device.device))
             return WorkerLink(device.device, wc)
 
@@ -99,45 +98,8 @@ class Router:
         self._loop = asyncio.get_running_loop()
         for link in self.links.values():
             link.attach(self._loop, self._on_message)
-        if len(self.links) > 1 or self.config.system != "prism":
-            self._initial_placement()
-        for link in self.links.values():
-            link.send(msg.ReportMemory())
+        self.control.start(time.monotonic())
         self._tick_task = asyncio.create_task(self._ticker())
-
-    def _initial_placement(self) -> None:
-        """Each worker loaded every model it may host, keeping whatever fitted last; the global
-        scheduler decides instead where each model starts (evictions go first per worker)."""
-        view = self.cluster_view(time.monotonic())
-        empty = replace(view, devices=tuple(replace(d, resident=(), activating=()) for d in view.devices))
-        target = {a.model_id: a.device_id for a in self.global_sched.initial_placement(empty)}
-        if self.config.system in ("static", "muxserve", "dedicated"):
-            missing = [m for m in self.specs if m not in target]
-            if missing:
-                raise ConfigError(f"scheduler.system {self.config.system} keeps every model resident, "
-                                  f"but {', '.join(missing)} fit(s) on no device")
-        for device, link in self.links.items():
-            for info in link.ready.models:
-                if info.resident and target.get(info.name) != device:
-                    link.send(msg.Evict(info.name))
-        for model, device in target.items():
-            self.links[device].send(msg.Activate(model))
-            self._pending_activation[model] = (device, time.monotonic())
-        if self.config.system == "static":
-            self._set_static_kv_shares(target)
-        log.info("initial placement: %s", target)
-
-    def _set_static_kv_shares(self, target: dict[str, str]) -> None:
-        """Static partitioning: each device's memory left after weights is split among its
-        models in proportion to rate x KV bytes per token, and each model is capped there."""
-        infos = {i.name: i for link in self.links.values() for i in link.ready.models}
-        for device, link in self.links.items():
-            here = [m for m, d in target.items() if d == device]
-            left = self._memory_bytes(device) - sum(infos[m].weight_bytes for m in here)
-            demand = {m: self.config.rates.get(m, 1.0) * infos[m].kv_bytes_per_token for m in here}
-            page = next(d.page_size for d in self.config.devices if d.device == device)
-            for m in here:
-                link.send(msg.SetKVCap(m, int(left * demand[m] / sum(demand.values()) // page)))
 
     def close(self) -> None:
         if self._closed:
@@ -165,8 +127,7 @@ class Router:
 
     def max_model_len(self, model: str) -> int:
         self._check_model(model)
-        return min(info.max_model_len for link in self.links.values()
-                   for info in link.ready.models if info.name == model)
+        return self.control.max_model_len(model)
 
     def healthy(self) -> bool:
         return not self._closed and all(link.alive for link in self.links.values())
@@ -202,7 +163,7 @@ class Router:
         if request.req_id in self._streams:
             raise RequestError(f"request id {request.req_id!r} is already in use")
         now = time.monotonic()
-        device = self._route(request.model, now)
+        device = self.control.route(request.model, now)
         tok = self.tokenizers[request.model]
         p = request.params
         stream = _Stream(
@@ -211,7 +172,7 @@ class Router:
             StopStringMatcher(p.stop) if p.stop and tok is not None else None, now,
         )
         self._streams[request.req_id] = stream
-        self.rates.record_arrival(request.model, now, len(request.prompt_token_ids), p.max_tokens)
+        self.control.record_arrival(request.model, now, len(request.prompt_token_ids), p.max_tokens)
         self.links[device].send(msg.AddRequest(
             request.req_id, request.model, list(request.prompt_token_ids), temperature=p.temperature,
             top_p=p.top_p, top_k=p.top_k, seed=p.seed, max_tokens=p.max_tokens,
@@ -224,44 +185,6 @@ class Router:
         if model not in self.specs:
             raise UnknownModel(f"the model {model!r} does not exist; this server serves: "
                                + ", ".join(self.specs))
-
-    def _route(self, model: str, now: float) -> str:
-        view = self.cluster_view(now)
-        device = self.global_sched.route(view, model)
-        if device is not None:
-            return device
-        pending = self._pending_activation.get(model)
-        if pending is not None and now - pending[1] < 30:
-            return pending[0]
-        actions = self.global_sched.on_request(view, model)
-        self._carry_out(actions)
-        for a in actions:
-            if isinstance(a, Activate) and a.model_id == model:
-                return a.device_id
-        # No device can make room now: queue it where it may run; that worker's local
-        # scheduler activates it as soon as memory allows.
-        return self.config.pinned.get(model) or min(self._hosting(model), key=lambda d: self._kvpr(view, d))
-
-    def _hosting(self, model: str) -> list[str]:
-        return [d for d, link in self.links.items() if any(i.name == model for i in link.ready.models)]
-
-    def _kvpr(self, view: ClusterView, device_id: str) -> float:
-        return kvpr(next(d for d in view.devices if d.device_id == device_id), view)
-
-    def _carry_out(self, actions) -> None:
-        now = time.monotonic()
-        for a in actions:
-            if isinstance(a, Evict):
-                self.links[a.device_id].send(msg.Evict(a.model_id, "drain" if a.reason == "migration" else "preempt"))
-            elif isinstance(a, Activate):
-                self.links[a.device_id].send(msg.Activate(a.model_id))
-                self._pending_activation[a.model_id] = (a.device_id, now)
-            elif isinstance(a, Migrate):
-                self.links[a.from_device].send(msg.Evict(a.model_id, "drain"))
-                self.links[a.to_device].send(msg.Activate(a.model_id))
-                self._pending_activation[a.model_id] = (a.to_device, now)
-                self.metrics.migrations[a.model_id] += 1
-                log.info("migrating %s from %s to %s", a.model_id, a.from_device, a.to_device)
 
     # ---- what workers say ------------------------------------------------------------------
     def _on_message(self, device: str, m) -> None:
@@ -339,52 +262,10 @@ class Router:
                 log.exception("global scheduling tick failed")
 
     def _tick(self) -> None:
-        now = time.monotonic()
-        for link in self.links.values():
-            link.send(msg.ReportMemory())
-        resident = self._residency()
-        for model, (device, since) in list(self._pending_activation.items()):
-            if device in resident.get(model, ()) or now - since > 30:
-                del self._pending_activation[model]
-        self._carry_out(self.global_sched.periodic(self.cluster_view(now)))
-
-    def cluster_view(self, now: float) -> ClusterView:
-        infos = {}
-        for link in self.links.values():
-            for i in link.ready.models:
-                infos[i.name] = ModelInfo(i.name, i.weight_bytes, i.kv_bytes_per_token,
-                                          self.specs[i.name].tpot_slo_s, self.config.pinned.get(i.name),
-                                          weight=self.config.rates.get(i.name, 1.0))
-        resident = self._residency()
-        devices = tuple(
-            DeviceState(d, self._memory_bytes(d),
-                        tuple(m for m, devs in resident.items() if d in devs),
-                        tuple(m for m, (dev, _) in self._pending_activation.items() if dev == d))
-            for d in self.links
-        )
-        return ClusterView(
-            now=now, models=infos, devices=devices,
-            token_rates={m: self.rates.rate(m, now) for m in self.specs},
-            last_request={m: t for m in self.specs if (t := self.rates.last_seen(m)) is not None},
-            pending=self._queue_depth(),
-        )
-
-    def _memory_bytes(self, device: str) -> int:
-        dev = next(d for d in self.config.devices if d.device == device)
-        return dev.num_pages * dev.page_size
+        self.control.tick(time.monotonic())
 
     def _residency(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for device, link in self.links.items():
-            if link.report is None:
-                for i in link.ready.models:
-                    if i.resident:
-                        out.setdefault(i.name, []).append(device)
-                continue
-            for model, st in link.report["models"].items():
-                if st["resident"]:
-                    out.setdefault(model, []).append(device)
-        return out
+        return self.control.residency()
 
     def _reports(self) -> dict[str, dict]:
         return {d: link.report for d, link in self.links.items() if link.report is not None}
@@ -400,7 +281,7 @@ class Router:
         return {
             "devices": self._reports(),
             "placement": self._residency(),
-            "token_rates": {m: self.rates.rate(m, now) for m in self.specs},
+            "token_rates": {m: self.control.rates.rate(m, now) for m in self.specs},
             "in_flight": self._queue_depth(),
         }
 
