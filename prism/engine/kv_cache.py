@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from prism.config import ModelConfig
-from prism.engine.memory_plan import kv_geometry  # the torch-free page arithmetic
+from prism.engine.memory_plan import kv_geometry, mappable_kv_pages  # the torch-free page arithmetic
 from prism.memory import Arena, Owner, PagePool
 
 
@@ -71,18 +71,7 @@ class PagedKVCache:
         return len(self._arenas)
 
     def num_mappable_pages(self) -> int:
-        group = self.pages_per_kv_page
-        hi = self.pool.free_pages // group
-        if hi <= 0 or self.pool.can_allocate(self.owner, hi * group):
-            return max(hi, 0)
-        lo = 0  # an owner cap binds: find the largest n the pool accepts
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.pool.can_allocate(self.owner, mid * group):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return mappable_kv_pages(self.pool, self.owner, self.pages_per_kv_page)
 
     def map_page(self, page: int) -> bool:
         if not self.pool.can_allocate(self.owner, self.pages_per_kv_page):

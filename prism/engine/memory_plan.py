@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from prism.config import ModelConfig
+from prism.memory.page_pool import Owner, PagePool
 
 ALIGN = 256  # bytes; keeps every tensor aligned for vectorized loads
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -121,3 +122,20 @@ def max_kv_blocks(geometry: KVGeometry, budget_pages: int, weight_pages: int) ->
     """KV blocks a model would have if it had every page its weights leave free."""
     kv_pages = (budget_pages - weight_pages) // geometry.pages_per_kv_page
     return min(geometry.num_virtual_pages * geometry.blocks_per_page, kv_pages * geometry.blocks_per_page)
+
+
+def mappable_kv_pages(pool: PagePool, owner: Owner, pages_per_kv_page: int) -> int:
+    """How many more KV pages (of `pages_per_kv_page` physical pages each) the pool would give
+    `owner` right now, within the budget and the owner's cap."""
+    group = pages_per_kv_page
+    hi = pool.free_pages // group
+    if hi <= 0 or pool.can_allocate(owner, hi * group):
+        return max(hi, 0)
+    lo = 0  # an owner cap binds: find the largest n the pool accepts
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if pool.can_allocate(owner, mid * group):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -92,3 +92,14 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+    def cost_terms(self) -> tuple[int, int, int]:
+        """(decodes, their context tokens in total, prefill tokens): what a step's time depends
+        on. A decode is a one-token chunk past the prompt; every other token is prefill (a
+        prompt, a chunk of one, or a recompute after preemption)."""
+        num_decodes = num_context = 0
+        for c in self.chunks:
+            if c.num_tokens == 1 and c.start >= c.seq.num_prompt_tokens:
+                num_decodes += 1
+                num_context += c.start + 1
+        return num_decodes, num_context, self.num_tokens - num_decodes

@@ -35,6 +35,7 @@ class WorkerConfig:
     metrics_path: str | None = None
     sample_interval_s: float = 0.1
     detokenize: bool = True  # False when a frontend detokenizes (the server)
+    metrics_keep_last: int = 10_000  # request and sample lines kept in memory (0: none)
 
 
 @dataclass
@@ -105,7 +106,7 @@ class DeviceCore:
         self.cost = CalibratedCost(self.profiles)
         self._profiles = profiles or {}  # by model source, measured by `prism profile`
         self.local = LocalScheduler(config.scheduler, self.cost)
-        self.metrics = MetricsLog(config.metrics_path, config.sample_interval_s)
+        self.metrics = MetricsLog(config.metrics_path, config.sample_interval_s, config.metrics_keep_last)
         self.counters = DeviceCounters()
         self.engines: dict[str, DeviceEngine] = {}
         self.specs: dict[str, ModelSpec] = {}
@@ -287,10 +288,7 @@ class DeviceCore:
         if plan is not None and not plan.is_empty:
             now = self.clock.now()
             self.last_used[model_id] = now
-            decodes = [c for c in plan.chunks if c.num_tokens == 1 and c.start >= c.seq.num_prompt_tokens]
-            predicted = self.cost.step_time(
-                model_id, len(decodes), sum(c.start + 1 for c in decodes),
-                plan.num_tokens - len(decodes))
+            predicted = self.cost.step_time(model_id, *plan.cost_terms())
             self.cost.observe(model_id, predicted, now - start)
         return finished, engine.last_step_num_tokens
 
@@ -329,7 +327,7 @@ class DeviceCore:
         self.metrics.record_sample(self.memory_report(now))
 
     def memory_report(self, now: float | None = None) -> dict:
-        pages = self.pool.pages_by_owner()
+        pages = {(o.model_id, o.kind): n for o, n in self.pool.pages_by_owner().items()}
         return {
             "time": self.clock.now() if now is None else now,
             "device": self.config.device.device,
@@ -339,8 +337,8 @@ class DeviceCore:
             "models": {
                 m: {
                     "resident": e.resident,
-                    "weight_pages": sum(n for o, n in pages.items() if o.model_id == m and o.kind == "weights"),
-                    "kv_pages": sum(n for o, n in pages.items() if o.model_id == m and o.kind == "kv"),
+                    "weight_pages": pages.get((m, "weights"), 0),
+                    "kv_pages": pages.get((m, "kv"), 0),
                     "running": len(e.scheduler.running),
                     "waiting": len(e.scheduler.waiting),
                     "activations": self.counters.activations[m],

@@ -1,0 +1,227 @@
+"""The discrete-event cluster: the server's frontend control over simulated devices.
+
+Events, in time order (ties in the order they were scheduled):
+- arrival: a trace request reaches the frontend; `ClusterControl.route` (the server's own
+  routing and on-demand activation) picks its device, and an AddRequest message goes there;
+- device: a device wakes (its step ended, a message came, or an idle timer fell due): it
+  hands the frontend what its last step finished, handles its inbox, and steps once;
+- tick: every 0.5 s, as the server does, memory reports are asked for and the global
+  scheduler's periodic work runs (`ClusterControl.tick`);
+- timeout: a request still unfinished `request_timeout_s` after it was sent is given up, as
+  the replay client does (an error, and an Abort to its device).
+
+Messages are the server's own (prism.worker.messages) and take no time; a device handles the
+ones that came while it was busy before its next step, as a worker process does. What comes
+out is one `RequestRecord` per trace request, the format `prism bench replay` writes, so the
+same reports apply.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from prism.bench.replay import DEFAULT_REQUEST_TIMEOUT_S, RequestRecord
+from prism.bench.trace import TraceRequest
+from prism.server.config_file import ServerConfig
+from prism.server.control import TICK_S, ClusterControl, device_models
+from prism.sim.costs import ProfileSet
+from prism.sim.device import SimDevice
+from prism.sim.engine import SAMPLED_TOKEN
+from prism.sim.shapes import model_shape
+from prism.worker import messages as msg
+from prism.worker.device_core import WorkerConfig
+
+_ARRIVAL, _DEVICE, _TICK, _TIMEOUT = range(4)
+MAX_ZERO_TIME_STEPS = 64  # a device that keeps "making progress" without time passing sleeps
+
+
+@dataclass
+class SimLink:
+    """One simulated device as ClusterControl sees it (prism.server.control.DeviceLink)."""
+
+    device_id: str
+    ready: msg.Ready
+    report: dict | None
+    cluster: "SimCluster"
+
+    def send(self, message) -> None:
+        self.cluster.deliver(self.device_id, message)
+
+
+@dataclass
+class _DeviceState:
+    device: SimDevice
+    inbox: list
+    wake_at: float | None = None  # the pending wake-up (None: asleep until a message)
+    busy: bool = False  # the pending wake-up is the end of a step (cannot come earlier)
+    token: int = 0  # which pending wake-up is current (older heap entries are stale)
+    zero_time_steps: int = 0
+    finished: list | None = None  # what the running step finishes, handed over at its end
+
+
+class SimCluster:
+    def __init__(self, config: ServerConfig, profiles: ProfileSet,
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, tick_s: float = TICK_S):
+        self.config = config
+        self.request_timeout_s = request_timeout_s
+        self.tick_s = tick_s
+        self.now = 0.0
+        self.cost_sources: dict[tuple[str, str], str] = {}  # (device, model) -> measured/scaled/roofline
+        self.devices = {d.device: _DeviceState(self._make_device(d, profiles), []) for d in config.devices}
+        self.links = {
+            d: SimLink(d, msg.Ready(d, [s.device.model_info(m) for m in s.device.engines]), None, self)
+            for d, s in self.devices.items()
+        }
+        self.in_flight: Counter = Counter()  # model -> requests in flight
+        self.control = ClusterControl(config, self.links, lambda: dict(self.in_flight))
+        self.memory_samples: list[dict] = []  # every memory report, as the frontend got them
+        self._heap: list = []
+        self._seq = itertools.count()
+        self._records: dict[str, RequestRecord] = {}
+        self._where: dict[str, str] = {}  # req_id -> device
+        self.num_events = 0
+
+    # ---- building ------------------------------------------------------------------------------
+    def _make_device(self, dev, profiles: ProfileSet) -> SimDevice:
+        specs = device_models(self.config, dev.device)
+        gpus = self.config.gpus.get(dev.device, 1)
+        shapes = {s.name: model_shape(s, dev.device) for s in specs}
+        truth, how = profiles.cost_model(shapes, dev.device, gpus)
+        self.cost_sources.update({(dev.device, m): h for m, h in how.items()})
+        # A real worker plans with the profiles measured for its models; a TP group has no
+        # real worker, so it plans with the group's own profiles.
+        if gpus == 1:
+            policy = {s.source: profiles.measured[s.source] for s in specs if s.source in profiles.measured}
+        else:
+            policy = {s.source: truth.profile(s.name) for s in specs}
+        wc = WorkerConfig(dev, specs, self.config.local, sample_interval_s=math.inf,
+                          detokenize=False, metrics_keep_last=0)
+        return SimDevice(wc, shapes, truth, policy)
+
+    # ---- messages ------------------------------------------------------------------------------
+    def deliver(self, device_id: str, message) -> None:
+        """A message for a device: it handles it before its next step (now, if idle)."""
+        st = self.devices[device_id]
+        st.inbox.append(message)
+        if not st.busy and (st.wake_at is None or st.wake_at > self.now):
+            self._wake(device_id, self.now, busy=False)
+
+    def _reply(self, device_id: str, m) -> None:
+        if isinstance(m, msg.MemoryReport):
+            self.links[device_id].report = m.report
+            self.memory_samples.append({"kind": "device", **m.report})
+        elif isinstance(m, msg.Rejected):
+            self._fail(m.req_id, f"BadRequestError: {m.message}")
+
+    def _wake(self, device_id: str, t: float, busy: bool) -> None:
+        st = self.devices[device_id]
+        st.token += 1
+        st.wake_at, st.busy = t, busy
+        self._push(t, _DEVICE, (device_id, st.token))
+
+    def _push(self, t: float, kind: int, payload) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), kind, payload))
+
+    # ---- running -------------------------------------------------------------------------------
+    def run(self, trace: list[TraceRequest]) -> list[RequestRecord]:
+        """Simulate `trace` (arrival times from 0) to the end; one record per request."""
+        trace = sorted(trace, key=lambda r: r.arrival_s)
+        self.control.start(self.now)
+        for i, r in enumerate(trace):
+            self._push(r.arrival_s, _ARRIVAL, (i, r))
+        self._push(self.tick_s, _TICK, None)
+        pending_arrivals = len(trace)
+        records: list[RequestRecord] = []
+        while self._heap:
+            t, _, kind, payload = heapq.heappop(self._heap)
+            self.now = t
+            self.num_events += 1
+            if kind == _ARRIVAL:
+                records.append(self._arrive(*payload))
+                pending_arrivals -= 1
+            elif kind == _DEVICE:
+                self._run_device(*payload)
+            elif kind == _TICK:
+                self.control.tick(t)
+                if pending_arrivals or self._records:
+                    self._push(t + self.tick_s, _TICK, None)
+            else:
+                self._timeout(payload)
+            if not pending_arrivals and not self._records:
+                break  # every request is answered; what devices do next no one would see
+        return records
+
+    def _arrive(self, index: int, r: TraceRequest) -> RequestRecord:
+        req_id = str(index)
+        rec = RequestRecord(index, r.model, r.input_len, r.output_len, r.arrival_s, send_s=self.now,
+                            prompt_kind="ids")
+        if r.model not in self.control.specs:
+            rec.error, rec.finish_s = f"NotFoundError: the model {r.model!r} does not exist", self.now
+            return rec
+        limit = self.control.max_model_len(r.model)
+        if r.input_len >= limit:
+            rec.error = (f"BadRequestError: the prompt has {r.input_len} tokens but {r.model}'s "
+                         f"context limit is {limit}")
+            rec.finish_s = self.now
+            return rec
+        device = self.control.route(r.model, self.now)
+        self.control.record_arrival(r.model, self.now, r.input_len, r.output_len)
+        self._records[req_id] = rec
+        self._where[req_id] = device
+        self.in_flight[r.model] += 1
+        self._push(self.now + self.request_timeout_s, _TIMEOUT, req_id)
+        self.deliver(device, msg.AddRequest(req_id, r.model, [SAMPLED_TOKEN] * r.input_len,
+                                            temperature=0.0, max_tokens=r.output_len, ignore_eos=True))
+        return rec
+
+    def _run_device(self, device_id: str, token: int) -> None:
+        st = self.devices[device_id]
+        if token != st.token:
+            return  # superseded by an earlier wake-up
+        st.wake_at, st.busy = None, False
+        if st.finished:
+            for _, out in st.finished:
+                self._finish(out)
+            st.finished = None
+        inbox, st.inbox = st.inbox, []
+        out, next_t = st.device.run(self.now, inbox, lambda m: self._reply(device_id, m))
+        st.finished = out.finished or None
+        if next_t is None:
+            st.zero_time_steps = 0
+            return  # asleep until a message comes
+        st.zero_time_steps = st.zero_time_steps + 1 if next_t <= self.now else 0
+        if st.zero_time_steps > MAX_ZERO_TIME_STEPS:
+            st.zero_time_steps = 0
+            next_t = st.device._next_timer()  # decisions churn without time passing: wait
+            if next_t is None:
+                return
+        self._wake(device_id, next_t, busy=next_t > self.now or bool(st.finished))
+
+    def _finish(self, out) -> None:
+        rec = self._records.pop(out.req_id, None)
+        if rec is None:
+            return  # given up (timeout) already
+        m = out.metrics
+        rec.token_s = m["token_times"]
+        rec.num_output_tokens = m["num_output_tokens"]
+        rec.finish_s = self.now
+        rec.finish_reason = out.finish_reason.value
+        self._done(out.req_id, rec)
+
+    def _fail(self, req_id: str, error: str) -> None:
+        rec = self._records.pop(req_id, None)
+        if rec is not None:
+            rec.error, rec.finish_s = error, self.now
+            self._done(req_id, rec)
+
+    def _timeout(self, req_id: str) -> None:
+        if req_id in self._records:
+            self._fail(req_id, f"Timeout: not finished within {self.request_timeout_s:g} s")
+            self.deliver(self._where[req_id], msg.Abort(req_id))  # the client went away
+
+    def _done(self, req_id: str, rec: RequestRecord) -> None:
+        self.in_flight[rec.model] -= 1
+        self._where.pop(req_id, None)

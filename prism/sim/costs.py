@@ -1,0 +1,202 @@
+"""What a step takes on a simulated device: profiles as data, scaled where none was measured.
+
+Every model on a simulated device gets a `ModelProfile` (the format `prism profile` writes),
+and the device's step times come from a `ProfileCostModel` over those profiles, the same
+fitting the schedulers plan with. Where each profile comes from, best first:
+
+1. measured: a profile of the model's source in the profile folder (`prism profile` on the
+   card; dropping new JSON files into the folder is all it takes to use them);
+2. scaled: the measured profile of the nearest model by weight bytes, each point scaled to
+   this model (see `scale_profile`): what the reference spent up to its roofline scales with
+   bytes and FLOPs, what it spent beyond (kernel launches, Python) with the number of layers;
+3. roofline: the card's nominal rates (`DefaultCosts`) sampled on a grid.
+
+A device that stands for a tensor-parallel group of k GPUs divides each time by Amdahl's law
+with the parallel fractions measured on Llama-2-70B at TP 2 and 4 on an H100 (Splitwise
+profile; see benchmarks/results/sim-crosscheck-splitwise/), and copies weights k times as fast.
+
+A step's time: a pure decode costs decode_step_time(batch, context); a pure prefill
+prefill_time(tokens); a mixed step runs as one forward pass over all its tokens, so it costs
+prefill_time(prefill + decode tokens) plus the decodes' KV reads (decode_step_time(batch,
+context) - decode_step_time(batch, 0)).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_profiles
+from prism.sched.view import CostModel
+from prism.sim.shapes import ModelShape
+
+# Fitted on Splitwise's Llama-2-70B H100 profile, TP 2 -> 4 (benchmarks/sim_crosscheck.py):
+# the share of a step's time that divides among the GPUs of a tensor-parallel group.
+TP_DECODE_PARALLEL_FRACTION = 0.57
+TP_PREFILL_PARALLEL_FRACTION = 0.82
+
+# Where the roofline is sampled (and scaled profiles are extended to).
+GRID_PREFILL = (16, 64, 256, 1024, 4096, 16384)
+GRID_BATCH = (1, 4, 16, 64, 256)
+GRID_CONTEXT = (128, 1024, 4096)
+
+
+def card_defaults(device: str) -> DefaultCosts:
+    """The nominal rates the real worker assumes for a device kind (prism.worker)."""
+    return DefaultCosts.nvidia_h100() if device.startswith("cuda") else DefaultCosts()
+
+
+# ---- one step --------------------------------------------------------------------------------
+def step_seconds(cost: CostModel, model_id: str, num_decodes: int, num_context: int,
+                 num_prefill: int) -> float:
+    """The time of one step with these terms (StepPlan.cost_terms); see the module notes."""
+    if num_prefill == 0:
+        return cost.decode_step_time(model_id, num_decodes, num_context) if num_decodes else 0.0
+    t = cost.prefill_time(model_id, num_prefill + num_decodes)
+    if num_decodes:
+        t += max(0.0, cost.decode_step_time(model_id, num_decodes, num_context)
+                 - cost.decode_step_time(model_id, num_decodes, 0))
+    return t
+
+
+# ---- roofline ----------------------------------------------------------------------------------
+def _roof_prefill(d: DefaultCosts, weight_bytes: int, n: int) -> float:
+    return d.prefill_time(weight_bytes, n)
+
+
+def _roof_decode(d: DefaultCosts, weight_bytes: int, kv: int, batch: int, context: int) -> float:
+    return d.decode_step_time(weight_bytes, kv, batch * context)
+
+
+def roofline_profile(shape: ModelShape, defaults: DefaultCosts, card: str, device: str) -> ModelProfile:
+    """The card's nominal rates, sampled where a measured profile would be."""
+    w, kv = shape.weight_bytes, shape.kv_bytes_per_token
+    return ModelProfile(
+        model=shape.source, device=device, card=f"{card} (roofline)", dtype=f"{8 * shape.itemsize}-bit",
+        date="-", weight_bytes=w, kv_bytes_per_token=kv,
+        prefill=[(n, _roof_prefill(defaults, w, n)) for n in GRID_PREFILL],
+        decode=[(b, c, _roof_decode(defaults, w, kv, b, c)) for b in GRID_BATCH for c in GRID_CONTEXT],
+        h2d_bytes_per_s=defaults.h2d_bytes_per_s,
+    )
+
+
+# ---- scaling a measured profile to another model ------------------------------------------------
+def _scaled(t_ref: float, roof_ref: float, roof_new: float, layer_ratio: float) -> float:
+    # Up to its roofline the reference's time is work that scales with bytes and FLOPs; what it
+    # spent beyond is per-layer overhead (launches, host work) that scales with depth.
+    if t_ref <= roof_ref:
+        return t_ref * roof_new / roof_ref
+    return roof_new + (t_ref - roof_ref) * layer_ratio
+
+
+def scale_profile(ref: ModelProfile, ref_shape: ModelShape, shape: ModelShape,
+                  defaults: DefaultCosts) -> ModelProfile:
+    """`ref` (measured on another model) scaled point by point to `shape`."""
+    d, layers = defaults, shape.num_layers / ref_shape.num_layers
+    w0, w1 = ref.weight_bytes, shape.weight_bytes
+    kv0, kv1 = ref.kv_bytes_per_token, shape.kv_bytes_per_token
+    prefill = [(n, _scaled(t, _roof_prefill(d, w0, n), _roof_prefill(d, w1, n), layers))
+               for n, t in ref.prefill]
+    decode = [(b, c, _scaled(t, _roof_decode(d, w0, kv0, b, c), _roof_decode(d, w1, kv1, b, c), layers))
+              for b, c, t in ref.decode]
+    return dataclasses.replace(
+        ref, model=shape.source, card=f"{ref.card} (scaled from {ref.model})",
+        weight_bytes=w1, kv_bytes_per_token=kv1, prefill=prefill, decode=decode,
+    )
+
+
+def tp_profile(profile: ModelProfile, num_gpus: int) -> ModelProfile:
+    """`profile` of one GPU as run by a tensor-parallel group of `num_gpus` (Amdahl's law)."""
+    if num_gpus == 1:
+        return profile
+
+    def amdahl(fraction: float) -> float:
+        return fraction / num_gpus + (1 - fraction)
+
+    pre, dec = amdahl(TP_PREFILL_PARALLEL_FRACTION), amdahl(TP_DECODE_PARALLEL_FRACTION)
+    h2d = profile.h2d_bytes_per_s
+    return dataclasses.replace(
+        profile, card=f"{profile.card} x{num_gpus} (TP)",
+        prefill=[(n, t * pre) for n, t in profile.prefill],
+        decode=[(b, c, t * dec) for b, c, t in profile.decode],
+        h2d_bytes_per_s=None if h2d is None else h2d * num_gpus,  # each GPU copies its shard
+    )
+
+
+# ---- the profiles of a cluster ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProfileSet:
+    """Measured profiles by model source, and the shapes of the measured models (to scale from)."""
+
+    measured: dict[str, ModelProfile]
+    ref_shapes: dict[str, ModelShape]
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def load(cls, folder: str | Path | None) -> "ProfileSet":
+        """Every profile in `folder` (none: roofline only). Models are resolved through the
+        catalog by their profile's name, so references must be catalog names or paths."""
+        from prism.config import ModelSpec
+        from prism.sim.shapes import model_shape
+
+        if folder is None:
+            return cls({}, {})
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"profile folder not found: {folder}")
+        measured = load_profiles(folder)
+        shapes = {}
+        for source, p in measured.items():
+            shape = model_shape(ModelSpec(source, source, dtype=_spec_dtype(p)), p.device)
+            shapes[source] = dataclasses.replace(shape, weight_bytes=p.weight_bytes)
+        return cls(measured, shapes)
+
+    def nearest(self, shape: ModelShape) -> str | None:
+        """The measured source closest to `shape` in weight bytes (log scale)."""
+        if not self.measured:
+            return None
+        return min(self.measured, key=lambda s: (abs(math.log(max(1, self.measured[s].weight_bytes))
+                                                     - math.log(max(1, shape.weight_bytes))), s))
+
+    def profile_for(self, shape: ModelShape, device: str, num_gpus: int = 1) -> tuple[ModelProfile, str]:
+        """(profile, how it was obtained: measured | scaled | roofline) for one GPU group."""
+        defaults = card_defaults(device)
+        if shape.source in self.measured:
+            profile, how = self.measured[shape.source], "measured"
+        elif (ref := self.nearest(shape)) is not None:
+            profile = scale_profile(self.measured[ref], self.ref_shapes[ref], shape, defaults)
+            how = f"scaled from {ref}"
+        else:
+            profile, how = roofline_profile(shape, defaults, device, device), "roofline"
+        return tp_profile(profile, num_gpus), how
+
+
+    def cost_model(self, shapes: dict[str, ModelShape], device: str, num_gpus: int = 1
+                   ) -> tuple[ProfileCostModel, dict[str, str]]:
+        """The step-time model of a device holding `shapes` (by model name), and how each
+        model's profile was obtained. Devices of one kind share one (it keeps no state)."""
+        key = (device.split(":")[0], num_gpus,
+               tuple(sorted((name, s.source, s.itemsize) for name, s in shapes.items())))
+        if key not in self._memo:
+            per_model, how = {}, {}
+            for name, shape in shapes.items():
+                per_model[name], how[name] = self.profile_for(shape, device, num_gpus)
+            self._memo[key] = (device_cost_model(per_model, device), how)
+        return self._memo[key]
+
+
+def _spec_dtype(profile: ModelProfile) -> str:
+    return profile.dtype if profile.dtype in ("float32", "bfloat16", "float16") else "auto"
+
+
+def device_cost_model(profiles: dict[str, ModelProfile], device: str) -> ProfileCostModel:
+    """A cost model over per-model profiles (keyed by model name)."""
+    return ProfileCostModel(profiles, defaults=card_defaults(device))
+
+
+__all__ = [
+    "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL", "ProfileSet", "TP_DECODE_PARALLEL_FRACTION",
+    "TP_PREFILL_PARALLEL_FRACTION", "card_defaults", "device_cost_model", "roofline_profile",
+    "scale_profile", "step_seconds", "tp_profile",
+]

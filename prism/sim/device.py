@@ -1,0 +1,88 @@
+"""A simulated device: the real device step flow (DeviceCore) over SimEngines.
+
+Like a worker process it drains its inbox (the same message handler, prism.worker.commands),
+then runs one step; unlike one, its clock is its own ManualClock, which an activation's copy
+and each step's forward pass move forward. The cluster (prism.sim.cluster) wakes it when the
+step ends, when a message comes, or when a scheduling timer (idle eviction) falls due.
+"""
+from __future__ import annotations
+
+import math
+
+from prism.config import ModelSpec
+from prism.memory.page_pool import PagePool
+from prism.sched.clock import ManualClock
+from prism.sched.cost import ModelProfile, ProfileCostModel
+from prism.sched.view import CostModel
+from prism.sim.costs import card_defaults
+from prism.sim.engine import CountingBackend, SimEngine, victim_chooser
+from prism.sim.shapes import ModelShape
+from prism.worker.commands import handle
+from prism.worker.device_core import DeviceCore, ModelSizes, StepOutput, WorkerConfig
+
+
+class SimDevice(DeviceCore):
+    """`truth`: what steps take here (the simulation's device). `policy_profiles`: the
+    measured profiles a real worker of this device would plan with (by model source); models
+    without one are planned from the card's nominal rates, as on a real worker, and the
+    calibration learns the difference from each step."""
+
+    def __init__(self, config: WorkerConfig, shapes: dict[str, ModelShape], truth: CostModel,
+                 policy_profiles: dict[str, ModelProfile], start: float = 0.0):
+        dev = config.device
+        pool = PagePool(CountingBackend(dev.page_size), dev.num_pages, num_spare_pages=0)
+        super().__init__(config, ManualClock(start), pool,
+                         ProfileCostModel(defaults=card_defaults(dev.device)), policy_profiles)
+        self.shapes = shapes  # by model name
+        self.truth = truth
+        self.device_id = dev.device
+        self._register_all()
+
+    # ---- DeviceCore ----------------------------------------------------------------------------
+    def _weight_bytes(self, spec: ModelSpec) -> int:
+        return self.shapes[spec.name].weight_bytes
+
+    def _new_engine(self, spec: ModelSpec) -> SimEngine:
+        return SimEngine(spec, self.shapes[spec.name], self.pool, self.clock, self.truth,
+                         victim_chooser(self._choose_victim, spec.name))
+
+    def _sizes_of(self, engine: SimEngine) -> ModelSizes:
+        shape = engine.shape
+        return ModelSizes(shape.weight_bytes, engine.weights.num_pages, shape.kv_bytes_per_token,
+                          shape.config.vocab_size)
+
+    # ---- one wake-up ---------------------------------------------------------------------------
+    def run(self, now: float, inbox: list, send) -> tuple[StepOutput, float | None]:
+        """Handle the messages that came since the last wake-up, then step once. Returns the
+        step's output and when the device should wake next on its own (None: only when a
+        message comes). The clock is at the step's end afterwards."""
+        if now > self.clock.now():
+            self.clock.set(now)
+        for m in inbox:
+            handle(self, m, send)
+        before = self._residency_marks()
+        start = self.clock.now()
+        out = self.step()
+        if out.num_tokens or self.clock.now() > start or self._residency_marks() != before:
+            return out, self.clock.now()  # it worked (or made room): go on at once
+        return out, self._next_timer()
+
+    def _residency_marks(self) -> tuple:
+        c = self.counters
+        return (sum(c.activations.values()), sum(c.evictions.values()), len(self.draining))
+
+    def _next_timer(self) -> float | None:
+        """When the local scheduler's idle rules may next decide differently with nothing else
+        happening: a resident model without requests reaching swap_idle_s or idle_evict_s."""
+        cfg = self.config.scheduler
+        busy = {m for m, e in self.engines.items() if e.has_unfinished}
+        now = self.clock.now()
+        due = math.inf
+        for m, e in self.engines.items():
+            if not e.resident or m in busy:
+                continue
+            for limit in (cfg.swap_idle_s, cfg.idle_evict_s):
+                t = self.last_used[m] + limit
+                if now < t < due:
+                    due = t
+        return None if math.isinf(due) else due
