@@ -1,4 +1,4 @@
-"""`prism` command line. Errors a user can cause end in one line on stderr and exit code 2."""
+"""`prism` command line (generate, profile, serve, demo, bench, simulate, plan). Errors a user can cause end in one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import time
 from prism.bench.cli_replay import add_replay_parsers
 from prism.bench.cli_trace import add_trace_parser
 from prism.cli_profile import add_profile_parser
+from prism.sim.cli import add_plan_parser, add_simulate_parser
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
               "g": 1 << 30, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     add_trace_parser(bench_sub)
     add_replay_parsers(bench_sub)
+    add_simulate_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

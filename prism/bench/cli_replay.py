@@ -15,8 +15,9 @@ from pathlib import Path
 from prism.bench.replay import DEFAULT_REQUEST_TIMEOUT_S
 
 
-def _add_slo_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("SLOs (one source; required)")
+def add_slo_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("SLOs (one source; required)" if required else
+                             "SLOs (one source; default: the config's ttft_slo_ms / tpot_slo_ms)")
     g.add_argument("--slo-config", metavar="YAML", help="a prism serve config: each model's ttft_slo_ms/tpot_slo_ms")
     g.add_argument("--slo-ttft-ms", type=float, metavar="X", help="one TTFT SLO for every model (with --slo-tpot-ms)")
     g.add_argument("--slo-tpot-ms", type=float, metavar="Y", help="one TPOT SLO for every model (with --slo-ttft-ms)")
@@ -44,7 +45,7 @@ def add_replay_parsers(bench_subparsers) -> None:
     p.add_argument("--api-key", default="none")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback URL (traffic to other hosts)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_slo_options(p)
+    add_slo_options(p)
     _add_report_options(p)
     p.set_defaults(func=run_replay)
 
@@ -53,7 +54,7 @@ def add_replay_parsers(bench_subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--duration", type=float, default=None, metavar="S",
                    help="run duration for rates (default: the last finish time in the records)")
-    _add_slo_options(p)
+    add_slo_options(p)
     _add_report_options(p)
     p.set_defaults(func=run_report)
 
@@ -65,16 +66,20 @@ def add_replay_parsers(bench_subparsers) -> None:
     p.add_argument("--scales", default="0.5,1,2,4", help="comma-separated rate scales of the trace")
     p.add_argument("--target", type=float, default=0.99, help="attainment to sustain (default 0.99)")
     p.add_argument("--out", required=True)
-    _add_slo_options(p)
+    add_slo_options(p)
     p.set_defaults(func=run_sweep)
 
 
-def resolve_slos(args, models: list[str]) -> dict:
+def resolve_slos(args, models: list[str], default_config: str | None = None) -> dict:
+    """The SLOs the options give (exactly one source), else those of `default_config`."""
     from prism.bench.replay import load_records
     from prism.bench.report import slos_from_config, slos_from_solo, uniform_slos
 
     explicit = args.slo_ttft_ms is not None or args.slo_tpot_ms is not None
     given = [bool(args.slo_config), explicit, bool(args.slo_solo)]
+    if sum(given) == 0 and default_config is not None:
+        args.slo_config = default_config
+        given[0] = True
     if sum(given) != 1:
         raise ValueError("give the SLOs one way: --slo-config YAML, --slo-ttft-ms X --slo-tpot-ms Y, or --slo-solo RECORDS")
     if args.slo_config:

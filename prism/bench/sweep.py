@@ -68,11 +68,7 @@ def run_system(raw_config: dict, system: str, trace: list[TraceRequest], scales:
                 records = asyncio.run(replay(scaled, f"{base}/v1", progress=False))
                 save_records(out_dir / f"requests-{system}-x{scale:g}.jsonl", records)
                 summary = summarize(records, slos, max(duration, 1e-9))["overall"]
-                points.append({"system": system, "scale": scale, "rate_rps": len(scaled) / max(duration, 1e-9),
-                               "ttft_attainment": summary["ttft_attainment"],
-                               "tpot_attainment": summary["tpot_attainment"],
-                               "slo_attainment": summary["slo_attainment"], "requests": len(records),
-                               "errors": summary["errors"]})
+                points.append(sweep_point(system, scale, len(scaled), duration, summary))
         finally:
             stop_server(proc)
     return points
@@ -84,6 +80,20 @@ def sweep(config_path: str, trace: list[TraceRequest], systems: list[str], scale
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = yaml.safe_load(Path(config_path).read_text())
     points = [p for s in systems for p in run_system(raw, s, trace, scales, slos, out_dir)]
+    return write_sweep(points, systems, out_dir, target)
+
+
+def sweep_point(system: str, scale: float, num_requests: int, duration_s: float, summary: dict) -> dict:
+    """One (system, rate scale) point of a sweep, from the run's overall summary."""
+    return {"system": system, "scale": scale, "rate_rps": num_requests / max(duration_s, 1e-9),
+            "ttft_attainment": summary["ttft_attainment"], "tpot_attainment": summary["tpot_attainment"],
+            "slo_attainment": summary["slo_attainment"], "requests": num_requests,
+            "errors": summary["errors"]}
+
+
+def write_sweep(points: list[dict], systems: list[str], out_dir: str | Path, target: float) -> dict:
+    """sweep.json, sweep.md and the attainment plot; returns what sweep.json holds."""
+    out_dir = Path(out_dir)
     result = {"target": target, "points": points, "sustained": {}}
     for s in systems:
         mine = [p for p in points if p["system"] == s]

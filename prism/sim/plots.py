@@ -1,0 +1,42 @@
+"""PNG plots of simulated capacity plans (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prism.bench.plots import _save, plt
+
+
+def plot_plan(result: dict, path: str | Path) -> None:
+    """Left: min(TTFT, TPOT) attainment against GPUs, one line per policy (and group size
+    when there are several); right: the fewest GPUs that meet the target, per policy."""
+    target, cap = result["target"], result["max_gpus"]
+    classes = [c["gpus"] for c in result["classes"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    policies = list(result["policies"])
+    colors = {s: f"C{i}" for i, s in enumerate(policies)}
+    styles = ("-", "--", ":", "-.")
+    for s in policies:
+        for k, g in enumerate(classes):
+            pts = sorted((p["gpus"], min(p["ttft_attainment"], p["tpot_attainment"]) if p["runs"] else 0.0)
+                         for p in result["points"] if p["system"] == s and p["class_gpus"] == g)
+            if pts:
+                label = s if len(classes) == 1 else f"{s} (groups of {g})"
+                left.plot([x for x, _ in pts], [100 * y for _, y in pts], marker="o", color=colors[s],
+                          linestyle=styles[k % len(styles)], label=label)
+    left.axhline(100 * target, color="gray", linestyle="--", linewidth=1)
+    left.set(xlabel="GPUs", ylabel="min(TTFT, TPOT) attainment (%)", ylim=(0, 102),
+             title="SLO attainment vs cluster size (simulated)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    needed = [result["policies"][s]["gpus"] for s in policies]
+    bars = right.bar(policies, [cap + 1 if n is None else n for n in needed],
+                     color=[colors[s] for s in policies])
+    for bar, n in zip(bars, needed):
+        if n is None:
+            bar.set_hatch("//")
+            bar.set_alpha(0.4)
+        right.annotate(f"> {cap}" if n is None else str(n), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                       ha="center", va="bottom", fontsize=9)
+    right.set(ylabel="GPUs", title=f"fewest GPUs for {target:.0%} attainment")
+    right.grid(alpha=0.3, axis="y")
+    _save(fig, path)
