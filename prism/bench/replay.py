@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
+from prism.bench.sse_client import EndpointError, make_client, stream_completion
 from prism.bench.trace import TraceRequest
 
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
@@ -116,24 +117,21 @@ class _Run:
 
 
 async def _stream(run: _Run, req: TraceRequest, rec: RequestRecord, prompt) -> None:
-    stream = await run.client.completions.create(
-        model=req.model, prompt=prompt, max_tokens=req.output_len, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    )
-    async for chunk in stream:
+    body = dict(model=req.model, prompt=prompt, max_tokens=req.output_len, temperature=0, stream=True,
+                stream_options={"include_usage": True}, ignore_eos=True)
+    async for chunk in stream_completion(run.client, body):
         now = run.now()
-        if chunk.usage is not None:
-            rec.num_output_tokens = chunk.usage.completion_tokens
-        for choice in chunk.choices:
-            if choice.text is not None and not choice.finish_reason:
+        if chunk.get("usage"):
+            rec.num_output_tokens = chunk["usage"].get("completion_tokens")
+        for choice in chunk.get("choices") or ():
+            finish = choice.get("finish_reason")
+            if choice.get("text") is not None and not finish:
                 rec.token_s.append(now)  # one chunk per token, text or not
-            if choice.finish_reason:
-                rec.finish_reason = choice.finish_reason
+            if finish:
+                rec.finish_reason = finish
 
 
 async def _attempts(run: _Run, req: TraceRequest, rec: RequestRecord) -> None:
-    import openai
-
     if req.prompt is not None:
         rec.prompt_kind = "given"
         await _stream(run, req, rec, req.prompt)
@@ -146,14 +144,14 @@ async def _attempts(run: _Run, req: TraceRequest, rec: RequestRecord) -> None:
     try:
         await _stream(run, req, rec, prompt_ids(rec.index, req.input_len))
         return
-    except openai.APIStatusError as e:
+    except EndpointError as e:
         if e.status_code != 400 or rec.token_s:
             raise
         first_error = _describe(e)
     rec.prompt_kind = "text"  # retried once, as text of about the same length
     try:
         await _stream(run, req, rec, text_prompt(rec.index, req.input_len))
-    except openai.APIStatusError as e:
+    except EndpointError as e:
         if e.status_code == 400:
             raise RuntimeError(f"token ids refused ({first_error}); text refused too ({_describe(e)})") from None
         raise
@@ -183,15 +181,13 @@ async def replay(trace: list[TraceRequest], base_url: str, api_key: str = "none"
     """Replay `trace` (arrival times from now) against `base_url` (e.g. http://127.0.0.1:8000/v1);
     one record per request sent, in trace order. The run ends at most request_timeout_s after
     the last arrival (max_duration_s, when given)."""
-    import openai
-
     check_url(base_url, allow_remote)
     if max_requests is not None and max_requests < 0:
         raise ValueError(f"max_requests must be >= 0, got {max_requests}")
     if request_timeout_s <= 0:
         raise ValueError(f"request timeout must be positive, got {request_timeout_s}")
     trace = [r for r in trace if max_duration_s is None or r.arrival_s <= max_duration_s][:max_requests]
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=request_timeout_s)
+    client = make_client(base_url, api_key, request_timeout_s)
     records = [RequestRecord(i, r.model, r.input_len, r.output_len, r.arrival_s) for i, r in enumerate(trace)]
     bar = tqdm(total=len(trace), desc="replay", unit="req", disable=not progress)
     run = _Run(client, time.perf_counter(), use_token_ids, request_timeout_s)
@@ -205,7 +201,7 @@ async def replay(trace: list[TraceRequest], base_url: str, api_key: str = "none"
         await asyncio.gather(*(fire(r, rec) for r, rec in zip(trace, records)))
     finally:
         bar.close()
-        await client.close()
+        await client.aclose()
     return records
 
 
