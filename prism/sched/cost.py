@@ -371,6 +371,8 @@ class ProfileCostModel:
         self.defaults = defaults
         self._models: dict[str, _ModelCosts] = {}
         self._warned: set[str] = set()
+        # (model, tokens) -> seconds: schedulers ask for the same prefills step after step
+        self._prefill_memo: dict[tuple[str, int], float] = {}
         for model_id, profile in (profiles or {}).items():
             self.add(model_id, profile)
 
@@ -378,6 +380,7 @@ class ProfileCostModel:
     def add(self, model_id: str, profile: ModelProfile) -> None:
         """Use `profile` for model_id (replacing any earlier one)."""
         costs = self._models.setdefault(model_id, _ModelCosts())
+        self._prefill_memo.clear()
         costs.profile = profile
         costs.weight_bytes = profile.weight_bytes
         costs.kv_bytes_per_token = profile.kv_bytes_per_token
@@ -391,6 +394,7 @@ class ProfileCostModel:
         """Size of a model without a profile, so default costs scale with it. A profile's own
         sizes take precedence (they match its measurements)."""
         costs = self._models.setdefault(model_id, _ModelCosts())
+        self._prefill_memo.clear()
         if costs.profile is None:
             costs.weight_bytes = int(weight_bytes)
             costs.kv_bytes_per_token = int(kv_bytes_per_token)
@@ -413,6 +417,12 @@ class ProfileCostModel:
     def prefill_time(self, model_id: str, num_tokens: int) -> float:
         if num_tokens <= 0:
             return 0.0
+        t = self._prefill_memo.get((model_id, num_tokens))
+        if t is None:
+            t = self._prefill_memo[(model_id, num_tokens)] = self._prefill_time(model_id, num_tokens)
+        return t
+
+    def _prefill_time(self, model_id: str, num_tokens: int) -> float:
         costs = self._costs(model_id)
         if costs is None:
             d = self.defaults

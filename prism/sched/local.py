@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prism.sched.moore_hodgson import Job, moore_hodgson
 from prism.sched.residency import plan_residency
@@ -85,6 +85,10 @@ class _Estimates:
     now: float
     resident: frozenset[str]  # resident and not activating: can run right now
     decode_step_s: dict[str, float]  # model -> time of one decode step of its current batch
+    # Memos for this one decision, keyed by id(view) (the views outlive it): a request's
+    # prefill time and slack are asked for several times per decision.
+    prefill_s: dict[int, float] = field(default_factory=dict)
+    slack_s: dict[int, float] = field(default_factory=dict)
 
     @staticmethod
     def of(view: DeviceView, cost: CostModel) -> _Estimates:
@@ -158,22 +162,31 @@ class LocalScheduler:
         return max(candidates, key=lambda r: (self._slack(r, est), -r.priority, r.arrival, r.req_id))
 
     # ---- estimates ----------------------------------------------------------------------
-    def _prefill_s(self, r: RequestView) -> float:
-        tokens = num_tokens_to_prefill(r)
-        return self.cost.prefill_time(r.model_id, tokens) if tokens else 0.0
+    def _prefill_s(self, r: RequestView, est: _Estimates) -> float:
+        t = est.prefill_s.get(id(r))
+        if t is None:
+            tokens = num_tokens_to_prefill(r)
+            t = est.prefill_s[id(r)] = self.cost.prefill_time(r.model_id, tokens) if tokens else 0.0
+        return t
 
     def _activation_s(self, model_id: str, est: _Estimates) -> float:
         # An activating model counts in full: how far its copy has got is not in the view.
         return 0.0 if model_id in est.resident else self.cost.activation_time(model_id)
 
     def _slack(self, r: RequestView, est: _Estimates) -> float:
+        slack = est.slack_s.get(id(r))
+        if slack is None:
+            slack = est.slack_s[id(r)] = self._slack_of(r, est)
+        return slack
+
+    def _slack_of(self, r: RequestView, est: _Estimates) -> float:
         if _is_decoding(r):
             step = est.decode_step_s.get(r.model_id)
             if step is None:  # r is not among the view's decoding requests: a batch of one
                 step = self.cost.decode_step_time(r.model_id, 1, r.num_tokens)
             return next_deadline(r) - est.now - step
         # Prefill pending (first token, or the next one after a recompute preemption).
-        return next_deadline(r) - est.now - self._prefill_s(r) - self._activation_s(r.model_id, est)
+        return next_deadline(r) - est.now - self._prefill_s(r, est) - self._activation_s(r.model_id, est)
 
     # ---- admission ----------------------------------------------------------------------
     def _admission(self, view: DeviceView, est: _Estimates) -> _Admission:
@@ -202,7 +215,7 @@ class LocalScheduler:
             carriers: dict[str, str] = {}  # model -> req_id charged with its activation
             jobs, rank = [], {}
             for r in candidates:
-                processing = self._prefill_s(r)
+                processing = self._prefill_s(r, est)
                 if r.model_id not in est.resident and r.model_id not in carriers:
                     carriers[r.model_id] = r.req_id
                     processing += self._activation_s(r.model_id, est)
@@ -260,14 +273,14 @@ class LocalScheduler:
             contenders.append((self._pipeline_slack(pipeline, est), first_arrival[head_model], head_model))
         # Serve the next on-time prefill at once when that makes no decode miss its next token:
         # waiting until its own slack is the least would only add latency to its first token.
-        if pipeline and self._prefill_s(pipeline[0]) <= decode_slack:
+        if pipeline and self._prefill_s(pipeline[0], est) <= decode_slack:
             return head_model
         spare = min(contenders)[0] if contenders else math.inf
         rest_head = next(
             (r for r in admission.order if r.req_id not in admission.on_time and r.model_id in est.resident),
             None,
         )
-        if rest_head is not None and self._prefill_s(rest_head) <= spare:
+        if rest_head is not None and self._prefill_s(rest_head, est) <= spare:
             return rest_head.model_id
         return min(contenders)[2] if contenders else None
 
@@ -275,7 +288,7 @@ class LocalScheduler:
         """How long prefills run back to back in this order could all wait and still be on time."""
         slack, finish = math.inf, est.now
         for r in pipeline:
-            finish += self._prefill_s(r)
+            finish += self._prefill_s(r, est)
             slack = min(slack, next_deadline(r) - finish)
         return slack
 

@@ -47,12 +47,15 @@ class ClusterControl:
                  in_flight: Callable[[], dict[str, int]], migrations: Counter | None = None):
         self.config = config
         self.specs = {m.name: m for m in config.models}
+        self._devices = {d.device: d for d in config.devices}
         self.links = links  # device_id -> link (the owner may fill it after construction)
         self.global_sched = GlobalScheduler(config.global_)
         self.rates = TokenRateTracker(config.global_.rate_window_s)
         self._in_flight = in_flight  # requests in flight per model (waiting or running)
         self._pending_activation: dict[str, tuple[str, float]] = {}  # model -> (device, since)
         self.migrations = migrations if migrations is not None else Counter()
+        self._infos: tuple[int, dict[str, ModelInfo]] | None = None
+        self._by_device: tuple[tuple, dict[str, tuple[str, ...]]] | None = None
 
     # ---- start -------------------------------------------------------------------------------
     def start(self, now: float) -> dict[str, str]:
@@ -160,32 +163,50 @@ class ClusterControl:
         self.carry_out(self.global_sched.periodic(self.cluster_view(now)), now)
 
     def cluster_view(self, now: float) -> ClusterView:
-        infos = {}
-        for link in self.links.values():
-            for i in link.ready.models:
-                infos[i.name] = ModelInfo(i.name, i.weight_bytes, i.kv_bytes_per_token,
-                                          self.specs[i.name].tpot_slo_s, self.config.pinned.get(i.name),
-                                          weight=self.config.rates.get(i.name, 1.0))
-        resident = self.residency()
+        resident = self._resident_by_device()
         devices = tuple(
-            DeviceState(d, self.memory_bytes(d),
-                        tuple(m for m, devs in resident.items() if d in devs),
+            DeviceState(d, self.memory_bytes(d), resident.get(d, ()),
                         tuple(m for m, (dev, _) in self._pending_activation.items() if dev == d))
             for d in self.links
         )
         return ClusterView(
-            now=now, models=infos, devices=devices,
+            now=now, models=self._model_infos(), devices=devices,
             token_rates={m: self.rates.rate(m, now) for m in self.specs},
             last_request={m: t for m in self.specs if (t := self.rates.last_seen(m)) is not None},
             pending=self._in_flight(),
         )
 
-    def _device(self, device_id: str):
-        return next(d for d in self.config.devices if d.device == device_id)
+    def _model_infos(self) -> dict[str, ModelInfo]:
+        """What the global scheduler knows of each model: fixed once the devices are up."""
+        if self._infos is None or self._infos[0] != len(self.links):
+            infos = {}
+            for link in self.links.values():
+                for i in link.ready.models:
+                    infos[i.name] = ModelInfo(i.name, i.weight_bytes, i.kv_bytes_per_token,
+                                              self.specs[i.name].tpot_slo_s, self.config.pinned.get(i.name),
+                                              weight=self.config.rates.get(i.name, 1.0))
+            self._infos = (len(self.links), infos)
+        return self._infos[1]
+
+    def _resident_by_device(self) -> dict[str, tuple[str, ...]]:
+        """device -> models resident there, as of the latest reports (recomputed only when a
+        report changed: the cache holds the report objects it was computed from)."""
+        reports = tuple(link.report for link in self.links.values())
+        cached = self._by_device
+        if cached is None or len(cached[0]) != len(reports) or any(a is not b for a, b in zip(cached[0], reports)):
+            by_device: dict[str, list[str]] = {}
+            for model, devices in self.residency().items():
+                for d in devices:
+                    by_device.setdefault(d, []).append(model)
+            cached = self._by_device = (reports, {d: tuple(ms) for d, ms in by_device.items()})
+        return cached[1]
 
     def memory_bytes(self, device_id: str) -> int:
         dev = self._device(device_id)
         return dev.num_pages * dev.page_size
+
+    def _device(self, device_id: str):
+        return self._devices[device_id]
 
     def residency(self) -> dict[str, list[str]]:
         """model -> devices where it is resident, as of each device's latest report."""

@@ -8,7 +8,11 @@ Events, in time order (ties in the order they were scheduled):
 - tick: every 0.5 s, as the server does, memory reports are asked for and the global
   scheduler's periodic work runs (`ClusterControl.tick`);
 - timeout: a request still unfinished `request_timeout_s` after it was sent is given up, as
-  the replay client does (an error, and an Abort to its device).
+  the replay client does (an error, and an Abort to its device);
+- TTFT due (only with `EarlyStop`): a request's TTFT SLO has passed; if it had no first token
+  by then it is a miss, and once more requests missed than the target allows, the run stops
+  (the planner only needs to know the target is out of reach; what was not simulated counts
+  as missed, so the attainment reported is a lower bound).
 
 Messages are the server's own (prism.worker.messages) and take no time; a device handles the
 ones that came while it was busy before its next step, as a worker process does. What comes
@@ -34,7 +38,7 @@ from prism.sim.shapes import model_shape
 from prism.worker import messages as msg
 from prism.worker.device_core import WorkerConfig
 
-_ARRIVAL, _DEVICE, _TICK, _TIMEOUT = range(4)
+_ARRIVAL, _DEVICE, _TICK, _TIMEOUT, _TTFT_DUE = range(5)
 MAX_ZERO_TIME_STEPS = 64  # a device that keeps "making progress" without time passing sleeps
 
 
@@ -62,10 +66,20 @@ class _DeviceState:
     finished: list | None = None  # what the running step finishes, handed over at its end
 
 
+@dataclass(frozen=True)
+class EarlyStop:
+    ttft_slo_s: dict[str, float]  # per model, as the report judges it
+    max_misses: int  # stop once more requests than this missed their TTFT
+
+
 class SimCluster:
     def __init__(self, config: ServerConfig, profiles: ProfileSet,
-                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, tick_s: float = TICK_S):
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, tick_s: float = TICK_S,
+                 early_stop: EarlyStop | None = None):
         self.config = config
+        self.early_stop = early_stop
+        self.stopped_at: float | None = None  # when an early stop ended the run
+        self._ttft_misses = 0
         self.request_timeout_s = request_timeout_s
         self.tick_s = tick_s
         self.now = 0.0
@@ -148,10 +162,34 @@ class SimCluster:
                 self.control.tick(t)
                 if pending_arrivals or self._records:
                     self._push(t + self.tick_s, _TICK, None)
-            else:
+            elif kind == _TIMEOUT:
                 self._timeout(payload)
+            elif self._ttft_due(payload):
+                self.stopped_at = t
+                return self._stop(records, trace)
             if not pending_arrivals and not self._records:
                 break  # every request is answered; what devices do next no one would see
+        return records
+
+    def _ttft_due(self, req_id: str) -> bool:
+        """Whether this request's TTFT miss puts the target out of reach."""
+        rec = self._records.get(req_id)
+        if rec is not None:
+            st = self.devices[self._where[req_id]].device
+            first = st.engines[rec.model].first_token_time(req_id)
+            missed = first is None or first - rec.send_s > self.early_stop.ttft_slo_s[rec.model]
+        else:
+            return False  # finished: the report judges it
+        self._ttft_misses += missed
+        return self._ttft_misses > self.early_stop.max_misses
+
+    def _stop(self, records: list[RequestRecord], trace: list[TraceRequest]) -> list[RequestRecord]:
+        for rec in self._records.values():
+            rec.error, rec.finish_s = "not simulated: the run stopped early", self.now
+        for i, r in enumerate(trace[len(records):], start=len(records)):
+            records.append(RequestRecord(i, r.model, r.input_len, r.output_len, r.arrival_s,
+                                         error="not simulated: the run stopped early"))
+        self._records.clear()
         return records
 
     def _arrive(self, index: int, r: TraceRequest) -> RequestRecord:
@@ -173,6 +211,8 @@ class SimCluster:
         self._where[req_id] = device
         self.in_flight[r.model] += 1
         self._push(self.now + self.request_timeout_s, _TIMEOUT, req_id)
+        if self.early_stop is not None and r.model in self.early_stop.ttft_slo_s:
+            self._push(self.now + self.early_stop.ttft_slo_s[r.model], _TTFT_DUE, req_id)
         self.deliver(device, msg.AddRequest(req_id, r.model, [SAMPLED_TOKEN] * r.input_len,
                                             temperature=0.0, max_tokens=r.output_len, ignore_eos=True))
         return rec
@@ -198,7 +238,9 @@ class SimCluster:
             next_t = st.device._next_timer()  # decisions churn without time passing: wait
             if next_t is None:
                 return
-        self._wake(device_id, next_t, busy=next_t > self.now or bool(st.finished))
+        # Busy until the step's end (messages wait for it); a timer is no step: a message wakes
+        # the device sooner.
+        self._wake(device_id, next_t, busy=st.device.clock.now() > self.now)
 
     def _finish(self, out) -> None:
         rec = self._records.pop(out.req_id, None)
@@ -219,8 +261,9 @@ class SimCluster:
 
     def _timeout(self, req_id: str) -> None:
         if req_id in self._records:
+            device = self._where[req_id]
             self._fail(req_id, f"Timeout: not finished within {self.request_timeout_s:g} s")
-            self.deliver(self._where[req_id], msg.Abort(req_id))  # the client went away
+            self.deliver(device, msg.Abort(req_id))  # the client went away
 
     def _done(self, req_id: str, rec: RequestRecord) -> None:
         self.in_flight[rec.model] -= 1

@@ -58,10 +58,10 @@ class SimDevice(DeviceCore):
         message comes). The clock is at the step's end afterwards."""
         if now > self.clock.now():
             self.clock.set(now)
-        for m in inbox:
+        start = self.clock.now()
+        for m in inbox:  # an activation among them keeps the device busy for the copy
             handle(self, m, send)
         before = self._residency_marks()
-        start = self.clock.now()
         out = self.step()
         if out.num_tokens or self.clock.now() > start or self._residency_marks() != before:
             return out, self.clock.now()  # it worked (or made room): go on at once
@@ -75,11 +75,11 @@ class SimDevice(DeviceCore):
         """When the local scheduler's idle rules may next decide differently with nothing else
         happening: a resident model without requests reaching swap_idle_s or idle_evict_s."""
         cfg = self.config.scheduler
-        busy = {m for m, e in self.engines.items() if e.has_unfinished}
+        self._refresh()
         now = self.clock.now()
         due = math.inf
-        for m, e in self.engines.items():
-            if not e.resident or m in busy:
+        for m, view in self._views.items():
+            if not view.resident or m in self._busy:
                 continue
             for limit in (cfg.swap_idle_s, cfg.idle_evict_s):
                 t = self.last_used[m] + limit

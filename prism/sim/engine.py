@@ -126,6 +126,7 @@ class SimEngine:
         self.last_step_num_tokens = 0
         self.last_plan: StepPlan | None = None
         self._req_counter = itertools.count()
+        self._live: dict[str, Sequence] = {}  # unfinished requests by id
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams = SamplingParams(),
@@ -141,6 +142,7 @@ class SimEngine:
         seq = Sequence(req_id, list(prompt), params, arrival, slo=slo, priority=priority)
         self.outputs.add(seq)
         self.scheduler.add(seq)
+        self._live[req_id] = seq
         return req_id
 
     def _check_fits(self, num_prompt_tokens: int) -> None:
@@ -156,8 +158,13 @@ class SimEngine:
                 f"device can ever give {self.model_id}")
 
     def abort(self, req_id: str) -> CompletionOutput | None:
-        seq = next((s for s in self.sequences() if s.req_id == req_id), None)
+        seq = self._live.get(req_id)
         return None if seq is None else self._finish(seq, FinishReason.ABORT, self.clock.now())
+
+    def first_token_time(self, req_id: str) -> float | None:
+        """When an unfinished request got its first token (None: not yet, or not here)."""
+        seq = self._live.get(req_id)
+        return None if seq is None else seq.first_token_time
 
     def sequences(self) -> list[Sequence]:
         """Every unfinished request: running ones first, then waiting in queue order."""
@@ -193,6 +200,7 @@ class SimEngine:
     def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> CompletionOutput:
         _, out = self.outputs.finish(seq, reason, now)
         self.scheduler.finish(seq, reason)
+        self._live.pop(seq.req_id, None)
         return out
 
     def drain_events(self) -> list[TokenEvent]:

@@ -19,7 +19,7 @@ from prism.bench.sweep import SYSTEMS, system_config
 from prism.bench.trace import TraceRequest
 from prism.config import ConfigError
 from prism.server.config_file import ServerConfig, parse_config
-from prism.sim.cluster import SimCluster
+from prism.sim.cluster import EarlyStop, SimCluster
 from prism.sim.costs import ProfileSet
 
 MAX_MEMORY_PANELS = 8  # memory.png gets one panel per device; beyond this it is unreadable
@@ -55,6 +55,7 @@ class SimResult:
     num_gpus: int
     cost_sources: dict[str, str] = field(default_factory=dict)  # model -> measured / scaled / roofline
     memory_samples: list[dict] = field(default_factory=list)
+    stopped_at: float | None = None  # an early stop ended the run here (see EarlyStop)
 
     @property
     def duration_s(self) -> float:
@@ -62,14 +63,15 @@ class SimResult:
 
 
 def simulate(config: ServerConfig, trace: list[TraceRequest], profiles: ProfileSet,
-             request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> SimResult:
+             request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+             early_stop: EarlyStop | None = None) -> SimResult:
     start = time.perf_counter()
-    cluster = SimCluster(config, profiles, request_timeout_s=request_timeout_s)
+    cluster = SimCluster(config, profiles, request_timeout_s=request_timeout_s, early_stop=early_stop)
     records = cluster.run(trace)
     sources = {m: how for (_, m), how in sorted(cluster.cost_sources.items())}
     return SimResult(config.system, records, time.perf_counter() - start, cluster.num_events,
                      len(config.devices), sum(config.gpus.get(d.device, 1) for d in config.devices),
-                     sources, cluster.memory_samples)
+                     sources, cluster.memory_samples, cluster.stopped_at)
 
 
 def write_sim_report(out_dir: str | Path, result: SimResult, slos: dict[str, SLOTargets],

@@ -113,6 +113,19 @@ class DeviceCore:
         self.last_used: dict[str, float] = {}
         self.draining: set[str] = set()
         self._sizes: dict[str, ModelSizes] = {}
+        # Bookkeeping that keeps a step's cost independent of how many idle models the device
+        # holds: every change to an engine goes through this class, which marks the model
+        # touched; views, the busy set and pending events are refreshed only for those.
+        self._order: dict[str, int] = {}  # registration order (the order views list models)
+        self._views: dict[str, ModelView] = {}
+        self._model_views: tuple[ModelView, ...] = ()
+        self._touched: set[str] = set()
+        self._busy: set[str] = set()  # models with unfinished requests
+        self._paused: set[str] = set()  # models whose admission is paused
+        self._with_events: set[str] = set()  # engines that may hold undrained token events
+        # req_id -> (sequence, running, computed, outputs, view): a waiting request's view does
+        # not change from step to step, so it is built again only when one of those does.
+        self._request_views: dict[str, tuple] = {}
 
     # ---- what subclasses provide ---------------------------------------------------------
     def _weight_bytes(self, spec: ModelSpec) -> int:
@@ -139,9 +152,11 @@ class DeviceCore:
         self._make_room_for_loading(self._weight_bytes(spec))
         engine = self._new_engine(spec)
         self.engines[spec.name] = engine
+        self._order[spec.name] = len(self._order)
         self._sizes[spec.name] = self._sizes_of(engine)
         self.specs[spec.name] = spec
         self.last_used[spec.name] = self.clock.now()
+        self._touch(spec.name)
         if isinstance(self.profiles, ProfileCostModel):
             sizes = self.sizes(spec.name)
             self.profiles.set_model_size(spec.name, sizes.weight_bytes, sizes.kv_bytes_per_token)
@@ -185,15 +200,16 @@ class DeviceCore:
             return
         if mode == "drain" and engine.scheduler.running:
             self.draining.add(model_id)
-            engine.scheduler.admission_paused = True
+            self._pause(model_id, True)
             return
         if mode not in ("preempt", "drain"):
             raise ValueError(f"unknown eviction mode {mode!r} (preempt or drain)")
         preempted = engine.evict()
+        self._touch(model_id)
         self.counters.preemptions[model_id] += len(preempted)
         self.counters.evictions[model_id] += 1
         self.draining.discard(model_id)
-        engine.scheduler.admission_paused = False
+        self._pause(model_id, False)
 
     def set_kv_cap(self, model_id: str, max_pages: int | None) -> None:
         """A fixed KV share for a model (the static baseline); None lifts it."""
@@ -207,6 +223,7 @@ class DeviceCore:
             return False
         start = self.clock.now()
         engine.activate()
+        self._touch(model_id)
         self.counters.activations[model_id] += 1
         self.counters.activation_seconds[model_id] += self.clock.now() - start
         return True
@@ -231,26 +248,55 @@ class DeviceCore:
             raise RequestError(f"request id {req_id!r} is already in use")
         req_id = engine.add_request(prompt, params, req_id=req_id, slo=slo, priority=priority)
         self.last_used[model_id] = self.clock.now()
+        self._touch(model_id)
         return req_id
 
     def abort(self, req_id: str) -> bool:
-        for engine in self.engines.values():
+        for model_id, engine in self.engines.items():
             if req_id in engine.outputs:
                 engine.abort(req_id)
+                self._request_views.pop(req_id, None)
+                self._touch(model_id)
+                self._with_events.add(model_id)
                 return True
         return False
 
     @property
     def has_unfinished(self) -> bool:
-        return any(e.has_unfinished for e in self.engines.values())
+        self._refresh()
+        return bool(self._busy)
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+    def _touch(self, model_id: str) -> None:
+        self._touched.add(model_id)
+
+    def _pause(self, model_id: str, paused: bool) -> None:
+        self.engines[model_id].scheduler.admission_paused = paused
+        (self._paused.add if paused else self._paused.discard)(model_id)
+
+    def _refresh(self) -> None:
+        """Rebuild the views of touched models (and whether they have work)."""
+        if not self._touched:
+            return
+        for m in self._touched:
+            e = self.engines[m]
+            self._views[m] = ModelView(m, e.resident, self.last_used[m], self._sizes[m].weight_pages,
+                                       e.num_kv_pages)
+            (self._busy.add if e.has_unfinished else self._busy.discard)(m)
+        self._touched.clear()
+        self._model_views = tuple(sorted(self._views.values(), key=lambda v: self._order[v.model_id]))
+
+    def _in_order(self, models) -> list[str]:
+        return sorted(models, key=self._order.__getitem__)
 
     # ---- stepping --------------------------------------------------------------------------
     def step(self) -> StepOutput:
         self._finish_drains()
         view = self.snapshot()
         decision = self.local.decide(view)
-        for model_id, engine in self.engines.items():
-            engine.scheduler.admission_paused = model_id in decision.drain or model_id in self.draining
+        paused = set(decision.drain) | self.draining
+        for model_id in self._paused ^ paused:
+            self._pause(model_id, model_id in paused)
         for model_id in decision.evict:
             self.evict(model_id)
         for model_id in decision.activate:
@@ -263,8 +309,9 @@ class DeviceCore:
         # The policy cannot see whether a model's next batch fits in memory: if the chosen
         # model can do nothing now (say its prefill waits for pages), the step goes to another
         # model with work, so the device never idles (or livelocks) while work exists.
+        self._refresh()
         candidates = [run] if run is not None else []
-        candidates += [m for m, e in self.engines.items() if m != run and e.resident and e.has_unfinished]
+        candidates += [m for m in self._in_order(self._busy) if m != run and self.engines[m].resident]
         for model_id in candidates:
             if not self.engines[model_id].resident:
                 continue
@@ -272,7 +319,8 @@ class DeviceCore:
             if num_tokens:
                 run = model_id
                 break
-        events = [ev for e in self.engines.values() for ev in e.drain_events()]
+        events = [ev for m in self._in_order(self._with_events) for ev in self.engines[m].drain_events()]
+        self._with_events.clear()
         for model_id, out in finished:
             self.metrics.record_request(model_id, out.req_id, out.finish_reason.value, out.metrics)
         self._maybe_sample()
@@ -282,7 +330,12 @@ class DeviceCore:
         engine = self.engines[model_id]
         before = engine.scheduler.num_preemptions
         start = self.clock.now()
+        self._touch(model_id)  # before: a victim choice mid-step takes a snapshot of it live
         finished = [(model_id, out) for out in engine.step()]
+        self._touch(model_id)
+        for _, out in finished:
+            self._request_views.pop(out.req_id, None)
+        self._with_events.add(model_id)
         self.counters.preemptions[model_id] += engine.scheduler.num_preemptions - before
         plan = engine.last_plan
         if plan is not None and not plan.is_empty:
@@ -309,16 +362,23 @@ class DeviceCore:
     # ---- snapshots for the policy ----------------------------------------------------------
     def snapshot(self) -> DeviceView:
         now = self.clock.now()
-        models = tuple(
-            ModelView(m, e.resident, self.last_used[m], self.sizes(m).weight_pages, e.num_kv_pages)
-            for m, e in self.engines.items()
-        )
+        self._refresh()
         requests = []
-        for m, e in self.engines.items():
+        for m in self._in_order(self._busy):
+            e = self.engines[m]
             running = {id(s) for s in e.scheduler.running}
-            requests += [_request_view(m, seq, running=id(seq) in running) for seq in e.sequences()
+            requests += [self._request_view(m, seq, id(seq) in running) for seq in e.sequences()
                          if m not in self.draining or id(seq) in running]
-        return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, models, tuple(requests))
+        return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, self._model_views, tuple(requests))
+
+    def _request_view(self, model_id: str, seq: Sequence, running: bool) -> RequestView:
+        hit = self._request_views.get(seq.req_id)
+        if (hit is not None and hit[0] is seq and hit[1] == running
+                and hit[2] == seq.num_computed_tokens and hit[3] == seq.num_output_tokens):
+            return hit[4]
+        view = _request_view(model_id, seq, running)
+        self._request_views[seq.req_id] = (seq, running, seq.num_computed_tokens, seq.num_output_tokens, view)
+        return view
 
     def _maybe_sample(self) -> None:
         now = self.clock.now()
@@ -327,7 +387,9 @@ class DeviceCore:
         self.metrics.record_sample(self.memory_report(now))
 
     def memory_report(self, now: float | None = None) -> dict:
+        self._refresh()
         pages = {(o.model_id, o.kind): n for o, n in self.pool.pages_by_owner().items()}
+        c = self.counters
         return {
             "time": self.clock.now() if now is None else now,
             "device": self.config.device.device,
@@ -336,14 +398,14 @@ class DeviceCore:
             "free_pages": self.pool.free_pages,
             "models": {
                 m: {
-                    "resident": e.resident,
+                    "resident": self._views[m].resident,
                     "weight_pages": pages.get((m, "weights"), 0),
                     "kv_pages": pages.get((m, "kv"), 0),
                     "running": len(e.scheduler.running),
                     "waiting": len(e.scheduler.waiting),
-                    "activations": self.counters.activations[m],
-                    "evictions": self.counters.evictions[m],
-                    "preemptions": self.counters.preemptions[m],
+                    "activations": c.activations.get(m, 0),
+                    "evictions": c.evictions.get(m, 0),
+                    "preemptions": c.preemptions.get(m, 0),
                 }
                 for m, e in self.engines.items()
             },

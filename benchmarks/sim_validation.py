@@ -1,0 +1,179 @@
+"""Simulated vs real: the same trace, config, systems and rate scales, compared point by point.
+
+Give it the folder of a real sweep (`prism bench sweep --out DIR`: requests-<system>-x<scale>.jsonl
+per point; `prism bench replay --out DIR` works too, as requests.jsonl of --system at scale 1),
+the config and trace that sweep ran, and the profiles of the card it ran on. For every real
+point it simulates the same system on the same scaled trace (the same rate-scale seed) and
+writes a table of TTFT and TPOT p50 / p99 and attainment, real vs simulated, with relative
+errors, and whether the systems come out in the same order at each scale.
+
+    python benchmarks/sim_validation.py --real runs/h100-sweep --config examples/h100.yaml \\
+        --trace benchmarks/traces/alibaba-busiest-10min-timex0.15-azureconv.jsonl \\
+        --profiles benchmarks/profiles/nvidia-h100 --out benchmarks/results/sim-validation-h100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from prism.bench.cli_replay import add_slo_options, resolve_slos
+from prism.bench.plots import plot_latency_cdfs
+from prism.bench.replay import load_records, save_records
+from prism.bench.report import summarize
+from prism.bench.sweep import SYSTEMS
+from prism.bench.trace import load_trace
+from prism.bench.transforms import scale_rate
+from prism.sim.costs import ProfileSet
+from prism.sim.run import config_for, read_raw_config, simulate
+from prism.sim.sweep import default_jobs, parallel_map
+
+METRICS = (  # (key, label, how to read it from an overall summary)
+    ("ttft_p50", "TTFT p50 (s)", lambda s: s["ttft_s"]["p50"]),
+    ("ttft_p99", "TTFT p99 (s)", lambda s: s["ttft_s"]["p99"]),
+    ("tpot_p50", "TPOT p50 (ms)", lambda s: _ms(s["tpot_s"]["p50"])),
+    ("tpot_p99", "TPOT p99 (ms)", lambda s: _ms(s["tpot_s"]["p99"])),
+    ("ttft_att", "TTFT att.", lambda s: s["ttft_attainment"]),
+    ("tpot_att", "TPOT att.", lambda s: s["tpot_attainment"]),
+    ("slo_att", "both att.", lambda s: s["slo_attainment"]),
+)
+_FILE = re.compile(r"requests-(?P<system>[a-z]+)-x(?P<scale>[0-9.eE+-]+)\.jsonl")
+
+
+def _ms(x):
+    return None if x is None else 1e3 * x
+
+
+def real_points(folder: Path, system: str | None) -> list[tuple[str, float, Path]]:
+    """(system, scale, records file) of every point of a real sweep (or one replay)."""
+    points = []
+    for path in sorted(folder.glob("requests-*.jsonl")):
+        m = _FILE.fullmatch(path.name)
+        if m and m["system"] in SYSTEMS:
+            points.append((m["system"], float(m["scale"]), path))
+    if not points and (folder / "requests.jsonl").is_file():
+        if system is None:
+            raise ValueError(f"{folder}: requests.jsonl of one replay: say which system ran it (--system)")
+        points.append((system, 1.0, folder / "requests.jsonl"))
+    if not points:
+        raise ValueError(f"{folder}: no requests-<system>-x<scale>.jsonl (prism bench sweep) or requests.jsonl")
+    return points
+
+
+def compare(real_summary: dict, sim_summary: dict) -> dict:
+    row = {}
+    for key, _, get in METRICS:
+        r, s = get(real_summary), get(sim_summary)
+        err = None if r in (None, 0) or s is None else (s - r) / r
+        row[key] = {"real": r, "sim": s, "rel_err": err}
+    return row
+
+
+def same_order(rows: list[dict], key: str) -> dict[float, bool]:
+    """Per scale: do real and simulated runs rank the systems alike by `key` (ties allowed)?"""
+    out = {}
+    for scale in sorted({r["scale"] for r in rows}):
+        at = [r for r in rows if r["scale"] == scale]
+        if len(at) < 2:
+            continue
+        ok = True
+        for a in at:
+            for b in at:
+                ra, rb = a["metrics"][key]["real"], b["metrics"][key]["real"]
+                sa, sb = a["metrics"][key]["sim"], b["metrics"][key]["sim"]
+                if None not in (ra, rb, sa, sb) and ra > rb and sa < sb:
+                    ok = False
+        out[scale] = ok
+    return out
+
+
+def validate(real_dir: Path, raw: dict, trace, slos, profiles: ProfileSet, out: Path,
+             system: str | None = None, jobs: int | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    duration = max(r.arrival_s for r in trace)
+
+    def one(point):
+        system_, scale, path = point
+        real = load_records(path)
+        scaled = scale_rate(trace, scale, seed=0)  # the seed `prism bench sweep` uses
+        result = simulate(config_for(raw, system_), scaled, profiles)
+        save_records(out / f"requests-{system_}-x{scale:g}.jsonl", result.records)
+        for metric in ("ttft", "tpot"):
+            plot_latency_cdfs({"real": real, "simulated": result.records},
+                              out / f"{metric}-{system_}-x{scale:g}.png", metric=metric)
+        real_s = summarize(real, slos, duration)["overall"]
+        sim_s = summarize(result.records, slos, duration)["overall"]
+        return {"system": system_, "scale": scale, "requests": len(real), "sim_requests": len(result.records),
+                "sim_wall_s": round(result.wall_s, 2), "metrics": compare(real_s, sim_s)}
+
+    rows = parallel_map(one, real_points(real_dir, system), jobs or default_jobs())
+    report = {"real": str(real_dir), "cost_sources": _sources(raw, trace, profiles), "rows": rows,
+              "same_order": {"ttft_att": same_order(rows, "ttft_att"), "slo_att": same_order(rows, "slo_att")}}
+    (out / "validation.json").write_text(json.dumps(report, indent=1))
+    (out / "validation.md").write_text(markdown(report))
+    return report
+
+
+def _sources(raw, trace, profiles) -> dict:
+    first = trace[:1]
+    result = simulate(config_for(raw, "prism"), first, profiles) if first else None
+    return result.cost_sources if result else {}
+
+
+def _fmt(key: str, x) -> str:
+    if x is None:
+        return "-"
+    if key.endswith("_att"):
+        return f"{x:.1%}"
+    return f"{x:.0f}" if key.startswith("tpot") else f"{x:.2f}"
+
+
+def markdown(report: dict) -> str:
+    lines = ["Real vs simulated, per system and rate scale (relative error = (sim - real) / real):", "",
+             "| system | scale | requests |" + "".join(f" {label} real / sim (err) |" for _, label, _ in METRICS),
+             "|---|---:|---:|" + "---|" * len(METRICS)]
+    for r in sorted(report["rows"], key=lambda r: (r["scale"], r["system"])):
+        cells = ""
+        for key, _, _ in METRICS:
+            m = r["metrics"][key]
+            err = "" if m["rel_err"] is None else f" ({m['rel_err']:+.0%})"
+            cells += f" {_fmt(key, m['real'])} / {_fmt(key, m['sim'])}{err} |"
+        lines.append(f"| {r['system']} | {r['scale']:g} | {r['requests']} |{cells}")
+    lines += ["", "Same order of systems (real vs simulated) at each scale:"]
+    for key, label in (("ttft_att", "TTFT attainment"), ("slo_att", "both SLOs")):
+        verdict = report["same_order"][key]
+        text = ", ".join(f"x{s:g}: {'yes' if ok else 'no'}" for s, ok in verdict.items()) or "one system only"
+        lines.append(f"- by {label}: {text}")
+    lines += ["", "Cost sources: " + ", ".join(f"{m}: {how}" for m, how in report["cost_sources"].items()), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--real", required=True, help="folder of a real sweep (or replay)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--trace", required=True)
+    p.add_argument("--profiles", default=None, help="profiles of the card the real runs used")
+    p.add_argument("--system", default=None, help="the system of a single replay's requests.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--jobs", type=int, default=None)
+    add_slo_options(p, required=False)
+    args = p.parse_args(argv)
+    try:
+        raw = read_raw_config(args.config)
+        trace = load_trace(args.trace)
+        slos = resolve_slos(args, sorted({r.model for r in trace}), default_config=args.config)
+        report = validate(Path(args.real), raw, trace, slos, ProfileSet.load(args.profiles), Path(args.out),
+                          args.system, args.jobs)
+    except (ValueError, OSError) as e:
+        print(f"sim_validation: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(markdown(report), end="")
+    print(f"wrote {Path(args.out) / 'validation.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
