@@ -1,5 +1,6 @@
 """Shared test set-up: GPU tests are marked `gpu` and skipped where CUDA is absent."""
 import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,25 +15,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _patch_triton_interpreter_scalars() -> None:
-    """Triton's interpreter holds scalars as 1-element arrays and turns them into Python ints
-    with int(array), which NumPy 2.4 refuses ("only 0-dimensional arrays..."): loops with
-    bounds read from memory then fail. Convert through .item() instead."""
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    original = interpreter._patch_lang_tensor
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    from prism.kernels import fix_interpreter_scalars
 
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _patch_triton_interpreter_scalars()
+    fix_interpreter_scalars()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -63,8 +63,10 @@ class TritonOps(ReferenceOps):
 
     def __init__(self):
         # Imported here: Triton is only needed (and only importable) where this path runs.
-        from prism.kernels import decode_attention, fused_ops
+        from prism.kernels import decode_attention, fix_interpreter_scalars, fused_ops
 
+        if os.environ.get("TRITON_INTERPRET") == "1":  # kernels on CPU tensors (tests)
+            fix_interpreter_scalars()
         self._decode = decode_attention
         self._fused = fused_ops
         self._prefill = _load_prefill_kernel()

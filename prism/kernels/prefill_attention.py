@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from prism.engine.attention import AttentionMetadata
-from prism.kernels import cache_pointer
+from prism.kernels import cache_pointer, fix_interpreter_scalars
 
 LOG2E = 1.4426950408889634
 
@@ -245,25 +245,6 @@ def _kernel_for(device: torch.device):
                            "set TRITON_INTERPRET=1 before triton is imported")
     fix_interpreter_scalars()
     return _prefill_kernel
-
-
-def fix_interpreter_scalars() -> None:
-    """Triton 3.6's interpreter holds a scalar as a 1-element array and turns it into a loop
-    bound with int(array), which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
-    converted", triton-lang/triton#9171): any `range(lo, hi)` over loaded bounds fails.
-    Patch that one conversion (idempotent; the interpreter only, never the compiled path)."""
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_scalar_index_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._scalar_index_fixed = True
-    interpreter._patch_lang_tensor = patched
 
 
 def paged_prefill_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
