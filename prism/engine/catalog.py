@@ -10,7 +10,7 @@ Names:
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,23 +42,29 @@ class ModelSource:
     seed: int = 0
 
     def iter_weights(
-        self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+        self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+        select: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> Iterator[NamedTensor]:
         """(hf_name, tensor) for every parameter, checked against `config`, on device in dtype
-        (default float32)."""
+        (default float32). `select(name, full_tensor)` picks the part to keep (a tensor-parallel
+        rank's slice): checkpoint tensors are cut on the host, so only that part is copied to the
+        device; random ones are generated whole (the same values whatever the split) and cut."""
         import torch
 
         from prism.engine.weights import iter_random, iter_safetensors, read_gguf
 
         dtype = torch.float32 if dtype is None else dtype
         if self.kind == "random":
-            yield from iter_random(self.config, self.seed, dtype, device)
+            for name, tensor in iter_random(self.config, self.seed, dtype, device):
+                yield name, tensor if select is None else select(name, tensor)
             return
         if self.kind == "gguf":
             tensors = read_gguf(self.path).iter_tensors()  # checks against the GGUF's own config
         else:
             tensors = iter_safetensors(self.path, self.config)
         for name, tensor in tensors:
+            if select is not None:
+                tensor = select(name, tensor)
             yield name, tensor.to(device=device, dtype=dtype)
 
 

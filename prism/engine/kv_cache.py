@@ -35,8 +35,12 @@ class KVLayout:
         return self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     @classmethod
-    def plan(cls, config: ModelConfig, dtype: torch.dtype, block_size: int, pool: PagePool):
-        g = kv_geometry(config, dtype.itemsize, block_size, pool.page_size, pool.budget_pages)
+    def plan(cls, config: ModelConfig, dtype: torch.dtype, block_size: int, pool: PagePool,
+             budget_pages: int | None = None):
+        """`budget_pages` (default: the pool's) sizes the virtual range; the ranks of a
+        tensor-parallel group pass the smallest budget among them so their layouts agree."""
+        budget = pool.budget_pages if budget_pages is None else budget_pages
+        g = kv_geometry(config, dtype.itemsize, block_size, pool.page_size, budget)
         return cls(
             block_size, g.blocks_per_page, g.num_virtual_pages, pool.page_size, dtype,
             config.num_kv_heads, config.head_dim,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,10 @@ from prism.engine.attention import AttentionMetadata
 from prism.engine.kv_cache import PagedKVCache
 from prism.engine.model_weights import ModelWeights
 from prism.engine.ops import ReferenceOps
+from prism.engine.tp_shard import vocab_parallel
+
+if TYPE_CHECKING:
+    from prism.engine.parallel import TPGroup
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     dim = config.head_dim
@@ -88,11 +93,14 @@ class LayerWeights:
 class LlamaModel:
     def __init__(
         self, config: ModelConfig, weights: ModelWeights, max_positions: int,
-        ops: ReferenceOps | None = None,
+        ops: ReferenceOps | None = None, tp: TPGroup | None = None,
     ):
+        """`tp`: this rank's tensor-parallel group; `config` and `weights` are then its shard
+        (tp_shard.py). None: one GPU, and the forward pass is exactly the single-GPU one."""
         self.config = config
         self.weights = weights
         self.ops = ops or ReferenceOps()
+        self.tp = tp
         self.rotary = RotaryEmbedding(config, max_positions, weights.arena.tensor.device)
         self.scale = config.head_dim ** -0.5
         # Views into the weight arena: their addresses never change, even across eviction and
@@ -102,6 +110,12 @@ class LlamaModel:
         self.embed = w["embed"]
         self.final_norm = w["norm"]
         self.lm_head = w["embed"] if config.tie_word_embeddings else w["lm_head"]
+        # Tensor parallel: the LM head is split by vocabulary rows when they divide evenly
+        # (a tied head is this rank's rows of the replicated embedding), else replicated.
+        self.gather_logits = tp is not None and vocab_parallel(config.vocab_size, tp.size)
+        if self.gather_logits and config.tie_word_embeddings:
+            rows = config.vocab_size // tp.size
+            self.lm_head = self.embed.narrow(0, tp.rank * rows, rows)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -110,8 +124,13 @@ class LlamaModel:
         """Hidden states [num_tokens, hidden] after the final norm.
 
         The residual stream `h` and the normed input `x` of the next block travel together:
-        each block ends with one fused add-and-norm (residual += out; x = norm(residual))."""
-        ops, eps = self.ops, self.config.rms_norm_eps
+        each block ends with one fused add-and-norm (residual += out; x = norm(residual)).
+
+        Tensor parallel (`self.tp`): the weights are this rank's shard, qkv and gate_up
+        column-parallel (its heads and MLP slice), o and down row-parallel, so their outputs
+        are partial sums that an all-reduce adds up (o's bias is added once, after it). On one
+        GPU the two `tp is not None` tests are all that differs."""
+        ops, eps, tp = self.ops, self.config.rms_norm_eps, self.tp
         h = F.embedding(input_ids, self.embed)
         x = ops.rms_norm(h, self.layers[0].input_norm, eps)
         for n, layer in enumerate(self.layers):
@@ -120,12 +139,24 @@ class LlamaModel:
                 kv.k_caches[n], kv.v_caches[n], layer,
             )
             o = ops.attention(q, kv.k_caches[n], kv.v_caches[n], meta, self.scale)
-            x, h = ops.add_rms_norm(F.linear(o.reshape(-1, self.config.q_size), layer.o, layer.o_bias),
-                                    h, layer.post_norm, eps)
+            attn = F.linear(o.reshape(-1, self.config.q_size), layer.o, layer.o_bias if tp is None else None)
+            if tp is not None:
+                attn = _add_bias(tp.all_reduce(attn), layer.o_bias)
+            x, h = ops.add_rms_norm(attn, h, layer.post_norm, eps)
             mlp = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+            if tp is not None:
+                mlp = tp.all_reduce(mlp)
             next_norm = self.layers[n + 1].input_norm if n + 1 < len(self.layers) else self.final_norm
             x, h = ops.add_rms_norm(mlp, h, next_norm, eps)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        """Float32 logits over the whole vocabulary (on every rank of a TP group)."""
+        logits = F.linear(hidden, self.lm_head)
+        if self.gather_logits:
+            logits = self.tp.all_gather(logits, dim=-1)
+        return logits.float()
+
+
+def _add_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x if bias is None else x + bias

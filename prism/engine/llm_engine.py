@@ -22,9 +22,11 @@ from prism.engine.model_runner import ModelRunner
 from prism.engine.model_weights import ModelWeights
 from prism.engine.ops import make_ops
 from prism.engine.output_processor import OutputProcessor, TokenEvent
+from prism.engine.parallel import TPGroup, TPPageMapper
 from prism.engine.scheduler import Scheduler, VictimChooser
 from prism.engine.sequence import Sequence, StepPlan
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
+from prism.engine.tp_shard import TPShard
 from prism.memory import PagePool, make_backend
 from prism.sched.view import SLO
 from prism.types import CompletionOutput, FinishReason, RequestError, SamplingParams
@@ -52,10 +54,18 @@ class LLMEngine:
         choose_victim: VictimChooser | None = None,
         keep_host_copy: bool = False,
         detokenize: bool = True,
+        tp: TPGroup | None = None,
     ):
+        """`tp`: this process's rank of a tensor-parallel group (parallel.py). The engine then
+        holds its shard only: `config` is the sharded view (heads / tp, ...) and `full_config`
+        the model's. Every rank must be driven identically (same requests, aborts, evictions
+        and steps, same settings): see parallel.py for what the ranks agree on."""
         self.source = resolve_model(model) if isinstance(model, str) else model
         self.model_id = model_id or self.source.name
-        self.config = self.source.config
+        self.full_config = self.source.config
+        self.tp = tp
+        self.shard = TPShard(self.full_config, tp.size, tp.rank, self.model_id) if tp else None
+        self.config = self.shard.config if self.shard else self.full_config
         self.device = torch.device(device_config.device)
         self.dtype = dtype or default_dtype(self.device)
         self.clock = clock
@@ -65,11 +75,13 @@ class LLMEngine:
             device_config.num_pages,
             device_config.num_spare_pages,
         )
-        self.weights = ModelWeights(self.model_id, self.config, self.dtype, self.pool)
+        vocab_shards = self.shard.vocab_shards if self.shard else 1
+        self.weights = ModelWeights(self.model_id, self.config, self.dtype, self.pool, vocab_shards)
         self.kv: PagedKVCache | None = None
         self.blocks: BlockManager | None = None
         self.outputs = OutputProcessor(None, (), 0)
         try:
+            self._budget_pages = self._agreed_budget()
             self._load_weights(show_progress)
             if keep_host_copy:  # now, so that a later eviction is only an unmap
                 self.weights.save_host_copy()
@@ -90,16 +102,33 @@ class LLMEngine:
         self._req_counter = itertools.count()
 
     # ---- construction ----------------------------------------------------------------------
+    def _agreed_budget(self) -> int:
+        """The page budget that sizes KV and request limits: the pool's, or on a
+        tensor-parallel rank the smallest among the ranks (their GPUs may differ), so every
+        rank accepts and lays out the same."""
+        if self.tp is None:
+            return self.pool.budget_pages
+        page = self.pool.page_size
+        if self.tp.min_int(page) != -self.tp.min_int(-page):
+            raise ValueError(f"{self.model_id}: the ranks of a tensor-parallel group must use one page size")
+        return self.tp.min_int(self.pool.budget_pages)
+
     def _load_weights(self, show_progress: bool) -> None:
         self._map_weights()
-        tensors = self.source.iter_weights(self.dtype, self.device)
+        select = self.shard.select if self.shard else None  # each rank copies only its slices
+        tensors = self.source.iter_weights(self.dtype, self.device, select)
         num = len(self.weights.layout.hf_names)
         with tqdm(total=num, desc=f"loading {self.source.name}", unit="tensor",
                   disable=not show_progress, leave=False) as bar:
             self.weights.load(_counted(tensors, bar), self.source.name)
 
     def _map_weights(self) -> None:
-        if not self.weights.map():
+        ok = self.weights.map()
+        if self.tp is not None and not self.tp.all_true(ok):  # all ranks or none
+            if ok:
+                self.weights.unmap()
+            ok = False
+        if not ok:
             raise OutOfDeviceMemory(
                 f"{self.model_id}: weights need {self.weights.num_pages} pages "
                 f"({self.weights.num_bytes / 2**30:.2f} GiB) but the device has "
@@ -107,16 +136,18 @@ class LLMEngine:
             )
 
     def _build(self, engine_config: EngineConfig, choose_victim: VictimChooser | None) -> None:
-        layout = KVLayout.plan(self.config, self.dtype, engine_config.block_size, self.pool)
+        layout = KVLayout.plan(self.config, self.dtype, engine_config.block_size, self.pool,
+                               self._budget_pages)
         self.kv = PagedKVCache(self.model_id, self.config, layout, self.pool)
+        mapper = TPPageMapper(self.kv, self.tp) if self.tp is not None else self.kv
         self.blocks = BlockManager(
-            layout.num_virtual_pages, layout.blocks_per_page, layout.block_size, self.kv
+            layout.num_virtual_pages, layout.blocks_per_page, layout.block_size, mapper
         )
         self.scheduler = Scheduler(engine_config, self.blocks, choose_victim)
         limit = engine_config.max_model_len or self.config.max_position_embeddings
         self.max_model_len = min(limit, self.config.max_position_embeddings)
         ops = make_ops(self.device, engine_config.kernels)
-        model = LlamaModel(self.config, self.weights, self.max_model_len, ops)
+        model = LlamaModel(self.config, self.weights, self.max_model_len, ops, self.tp)
         self.runner = ModelRunner(model, self.kv, self.device)
         graph_batch = min(engine_config.cuda_graph_max_batch, engine_config.max_num_seqs)
         if self.device.type == "cuda" and ops.name == "triton" and graph_batch > 0:
@@ -173,7 +204,7 @@ class LLMEngine:
 
     def _max_kv_blocks(self) -> int:
         """KV blocks this model would have if it had every page its weights leave free."""
-        kv_pages = (self.pool.budget_pages - self.weights.num_pages) // self.kv.pages_per_kv_page
+        kv_pages = (self._budget_pages - self.weights.num_pages) // self.kv.pages_per_kv_page
         return min(self.blocks.max_blocks(), kv_pages * self.blocks.blocks_per_page)
 
     def abort(self, req_id: str) -> CompletionOutput | None:

@@ -53,9 +53,12 @@ class WeightLayout:
         assert row == shape[0], f"parts of {name} do not add up"
 
 
-def weight_layout(config: ModelConfig, itemsize: int) -> WeightLayout:
+def weight_layout(config: ModelConfig, itemsize: int, vocab_shards: int = 1) -> WeightLayout:
     """The weight arena's layout: q, k and v projections back to back (one [q + 2kv, hidden]
-    matrix), gate and up likewise, so each HF parameter is a view into a fused tensor."""
+    matrix), gate and up likewise, so each HF parameter is a view into a fused tensor.
+
+    A tensor-parallel rank passes its sharded config (see tp_shard.py) and, when its LM head
+    is split by vocabulary, `vocab_shards` (the head then has vocab / vocab_shards rows)."""
     c, sz = config, itemsize
     h, q, kv, i = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
     lay = WeightLayout()
@@ -79,7 +82,8 @@ def weight_layout(config: ModelConfig, itemsize: int) -> WeightLayout:
         lay.add(p + "post_norm", (h,), sz, [(p + "post_attention_layernorm.weight", h)])
     lay.add("norm", (h,), sz, [("model.norm.weight", h)])
     if not c.tie_word_embeddings:
-        lay.add("lm_head", (c.vocab_size, h), sz, [("lm_head.weight", c.vocab_size)])
+        rows = c.vocab_size // vocab_shards
+        lay.add("lm_head", (rows, h), sz, [("lm_head.weight", rows)])
     return lay
 
 

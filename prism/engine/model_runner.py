@@ -50,6 +50,9 @@ class DeviceBatch:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: PagedKVCache, device: torch.device):
+        """A tensor-parallel model (`model.tp`) gives every rank the whole vocabulary's
+        logits; greedy rows then agree by construction, and rank 0's tokens are broadcast
+        when a batch samples at random."""
         self.model = model
         self.kv = kv
         self.device = device
@@ -146,8 +149,11 @@ class ModelRunner:
         logits = self.model.logits(hidden)
         params = [s.params for s in hb.sampled_seqs]
         gens = [self._generator(s) for s in hb.sampled_seqs]
-        tokens = sample(logits, params, gens).tolist()
-        return list(zip(hb.sampled_seqs, tokens))
+        tokens = sample(logits, params, gens)
+        tp = self.model.tp
+        if tp is not None and not all(p.greedy for p in params):
+            tokens = tp.broadcast(tokens)
+        return list(zip(hb.sampled_seqs, tokens.tolist()))
 
     @torch.inference_mode()
     def logits_for(self, plan: StepPlan) -> torch.Tensor:

@@ -23,17 +23,19 @@ class WeightsLoadError(ValueError):
     """A checkpoint does not fit the model (missing, unexpected or misshaped tensors)."""
 
 
-def plan_layout(config: ModelConfig, dtype: torch.dtype) -> WeightLayout:
-    return weight_layout(config, dtype.itemsize)
+def plan_layout(config: ModelConfig, dtype: torch.dtype, vocab_shards: int = 1) -> WeightLayout:
+    return weight_layout(config, dtype.itemsize, vocab_shards)
 
 
 class ModelWeights:
     """The weight arena of one model and typed views of its fused tensors."""
 
-    def __init__(self, model_id: str, config: ModelConfig, dtype: torch.dtype, pool: PagePool):
+    def __init__(self, model_id: str, config: ModelConfig, dtype: torch.dtype, pool: PagePool,
+                 vocab_shards: int = 1):
+        """`config` and `vocab_shards`: a tensor-parallel rank's sharded view (tp_shard.py)."""
         self.config = config
         self.dtype = dtype
-        self.layout = plan_layout(config, dtype)
+        self.layout = plan_layout(config, dtype, vocab_shards)
         self.arena = Arena(pool, Owner(model_id, "weights"), self.layout.num_bytes)
         self.tensors: dict[str, torch.Tensor] = {}
         self._host_copy: torch.Tensor | None = None
