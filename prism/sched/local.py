@@ -38,6 +38,11 @@ class LocalSchedulerConfig:
     # Time-sharing only (the `swap` baseline): at most this many resident models, served in
     # arrival groups (see swap.py). None: space sharing, as many as memory holds.
     max_resident: int | None = None
+    # Moore-Hodgson weighs only this many waiting requests, those due first; the rest queue by
+    # deadline behind them. It bounds the policy's cost per step (it grows with the queue and
+    # competes with 8-10 ms GPU steps) and loses nothing while it exceeds what one step can
+    # admit (max_num_seqs).
+    admission_window: int = 256
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -46,6 +51,8 @@ class LocalSchedulerConfig:
             raise ValueError(f"scheduler knobs must be >= 0: {self}")
         if self.max_resident is not None and self.max_resident < 1:
             raise ValueError(f"max_resident must be >= 1 or None: {self}")
+        if self.admission_window < 1:
+            raise ValueError(f"admission_window must be >= 1: {self}")
 
 
 # ---- keys: every sort is total, so decisions never depend on input order -------------------
@@ -193,12 +200,16 @@ class LocalScheduler:
         waiting = [r for r in view.requests if not r.running]
         if self.config.policy == "fcfs":
             return _Admission(tuple(sorted(waiting, key=_arrival_key)), frozenset())
-        on_time = self._on_time_set(waiting, est)
-        selected = sorted((r for r in waiting if r.req_id in on_time), key=_edd_key)
-        rest = [r for r in waiting if r.req_id not in on_time]
-        feasible = sorted((r for r in rest if self._slack(r, est) >= 0), key=_edd_key)
+        waiting.sort(key=_edd_key)
+        window, beyond = waiting[: self.config.admission_window], waiting[self.config.admission_window:]
+        on_time = self._on_time_set(window, est)
+        selected = [r for r in window if r.req_id in on_time]
+        rest = [r for r in window if r.req_id not in on_time]
+        feasible = [r for r in rest if self._slack(r, est) >= 0]
         late = sorted((r for r in rest if self._slack(r, est) < 0), key=_arrival_key)
-        return _Admission(tuple(selected + feasible + late), frozenset(on_time))
+        # Beyond the window all are due later than anything in it: after its feasible ones, and
+        # before its late ones, which stay last as without a window.
+        return _Admission(tuple(selected + feasible + beyond + late), frozenset(on_time))
 
     def _on_time_set(self, waiting: list[RequestView], est: _Estimates) -> set[str]:
         """req_ids of the largest set of waiting requests that can all meet their deadlines.

@@ -119,6 +119,21 @@ def test_feasible_but_dropped_requests_come_before_late_ones_by_deadline():
     assert ids(sched().order_waiting(v)) == ["s1", "s2", "big", "gone"]
 
 
+def test_admission_window_weighs_only_the_earliest_deadlines():
+    big = req("big", "A", 0.0, 1.0, prompt=900)  # due 1.0, 0.9 s of prefill
+    s1 = req("s1", "B", 0.0, 1.02)  # 0.1 s each: after big, s2 would miss
+    s2 = req("s2", "B", 0.0, 1.03)
+    late = req("late", "A", -5.0, 1.0)  # long late
+    v = view(0.0, AB, [late, s2, big, s1])
+    # Weighing all: two small ones on time beat one big one.
+    assert ids(sched().order_waiting(v)) == ["s1", "s2", "big", "late"]
+    # A window of the two earliest deadlines (late, big) keeps big on time; s1 and s2 queue
+    # after it by deadline, ahead of the window's late request; nothing is dropped.
+    assert ids(sched(admission_window=2).order_waiting(v)) == ["big", "s1", "s2", "late"]
+    with pytest.raises(ValueError):
+        LocalSchedulerConfig(admission_window=0)
+
+
 def test_priority_breaks_deadline_ties():
     lo = req("lo", "A", 0.0, 0.15, prompt=100)
     hi = req("hi", "B", 0.0, 0.15, prompt=100, priority=1)
