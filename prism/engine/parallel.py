@@ -94,12 +94,12 @@ class TPGroup:
 def init_tp_group(rank: int, size: int, port: int, backend: str = "nccl",
                   device: torch.device | str | None = None, timeout_s: float = 600.0) -> TPGroup:
     """Join a `size`-process group on loopback (one process per GPU of this host) and return
-    this rank's TPGroup. NCCL: `device` (cuda:N) becomes the current device, multicast is
+    this rank's TPGroup. A CUDA `device` becomes the current device. NCCL: multicast is
     switched off, and a gloo group is made for host-side agreement."""
     if backend == "nccl":
         disable_multicast()
-        if device is not None:
-            torch.cuda.set_device(torch.device(device))
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
     timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size, timeout=timeout)

@@ -50,17 +50,14 @@ def check_tp(config: ModelConfig, tp: int, name: str = "model") -> None:
         raise TPError(f"{name}: tensor-parallel size must be >= 1, got {tp}")
     problems = []
     if config.num_heads % tp:
-        problems.append(f"num_attention_heads {config.num_heads}")
+        problems.append(f"num_attention_heads {config.num_heads} is not a multiple of {tp}")
     kv = config.num_kv_heads
     if kv % tp and tp % kv:
-        problems.append(f"num_key_value_heads {kv} (neither divides the other)")
+        problems.append(f"num_key_value_heads {kv} is neither a multiple nor a divisor of {tp}")
     if config.intermediate_size % tp:
-        problems.append(f"intermediate_size {config.intermediate_size}")
+        problems.append(f"intermediate_size {config.intermediate_size} is not a multiple of {tp}")
     if problems:
-        raise TPError(
-            f"{name} cannot be split across {tp} GPUs: {', '.join(problems)} not divisible by {tp} "
-            "(tensor parallelism needs attention heads and intermediate_size divisible by the TP size)"
-        )
+        raise TPError(f"{name} cannot be split across {tp} GPUs: {'; '.join(problems)}")
 
 
 def vocab_parallel(vocab_size: int, tp: int) -> bool:

@@ -18,7 +18,7 @@ from prism.engine.llm_engine import LLMEngine
 from prism.engine.parallel import TPGroup, free_port
 from prism.engine.tp_shard import TPError, TPShard, check_tp, shard_sizes
 from prism.engine.weights import iter_random
-from tp_worker import make_engine, run_case, run_rank
+from tp_worker import CPU, make_engine, run_case, run_rank
 
 TP = 2
 BIG = 64 << 20  # bytes of page budget: room for everything
@@ -74,39 +74,56 @@ def _greedy(n: int):
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
+def spawn_ranks(root, cases, size=TP, backend="gloo", engine_options=CPU) -> list[dict]:
+    """Start `size` ranks running `cases`; call finish() for their results."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=run_rank, args=(r, size, port, cases, str(root), backend, engine_options),
+                         daemon=True) for r in range(size)]
+    for p in procs:
+        p.start()
+
+    def finish() -> list[dict]:
+        deadline = time.monotonic() + RANK_TIMEOUT_S
+        for p in procs:
+            p.join(max(1.0, deadline - time.monotonic()))
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+        assert not hung, f"tensor-parallel ranks did not finish within {RANK_TIMEOUT_S} s"
+        ranks = [torch.load(root / f"rank{r}.pt") for r in range(size)]
+        for r, res in enumerate(ranks):
+            assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+        return ranks
+
+    return finish
+
+
+def reference_results(cases, engine_options=CPU) -> dict:
+    """TP=1, in this process."""
+    results = {}
+    for case in cases:
+        engine = make_engine(case["source"], BIG, **engine_options)
+        try:
+            results[case["name"]] = run_case(engine, case)
+        finally:
+            engine.close()
+    return results
+
+
 @pytest.fixture(scope="module")
 def tp_run(tmp_path_factory):
     """(cases by name, TP=1 results, [rank 0 results, rank 1 results])."""
     root = tmp_path_factory.mktemp("tp")
     cases = _cases(root)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=run_rank, args=(r, TP, port, cases, str(root)), daemon=True)
-             for r in range(TP)]
-    for p in procs:
-        p.start()
+    finish = spawn_ranks(root, cases)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks need the cores more than the reference does
     try:
-        reference = {}
-        for case in cases:
-            engine = make_engine(case["source"], BIG)
-            try:
-                reference[case["name"]] = run_case(engine, case)
-            finally:
-                engine.close()
-        deadline = time.monotonic() + RANK_TIMEOUT_S
-        for p in procs:
-            p.join(max(1.0, deadline - time.monotonic()))
+        reference = reference_results(cases)
     finally:
         torch.set_num_threads(threads)
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            p.kill()
-    assert not hung, f"tensor-parallel ranks did not finish within {RANK_TIMEOUT_S} s"
-    ranks = [torch.load(root / f"rank{r}.pt") for r in range(TP)]
-    for r, res in enumerate(ranks):
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+        ranks = finish()
     return {c["name"]: c for c in cases}, reference, ranks
 
 
@@ -210,3 +227,67 @@ def test_replicated_kv_head_follows_its_query_heads():
     starts = [TPShard(config, 4, r).slice_for("model.layers.0.self_attn.k_proj.weight")[1] for r in range(4)]
     assert starts == [0, 0, 16, 16]
     assert TPShard(config, 4, 0).config.num_kv_heads == 1
+
+
+# ---- on a GPU (skipped without one) -------------------------------------------------------
+def _check_against(reference: dict, ranks: list[dict], cases: list[dict]) -> None:
+    for case in cases:
+        name, prompt_len = case["name"], case["prompt_len"]
+        want = reference[name]["logits"].cpu()
+        for r, res in enumerate(ranks):
+            got = res[name]["logits"].cpu()
+            assert rel_err(got[:prompt_len], want[:prompt_len]) < 1e-4, f"{name} rank {r} prefill"
+            assert rel_err(got[prompt_len:], want[prompt_len:]) < 1e-4, f"{name} rank {r} decode"
+            assert res[name]["greedy"] == reference[name]["greedy"], f"{name} rank {r}"
+
+
+@pytest.mark.gpu
+def test_tp2_with_triton_kernels_on_one_gpu_matches_tp1(tmp_path):
+    # Both ranks on cuda:0 through gloo (a one-GPU machine): the Triton kernels on the sharded
+    # shapes (half the heads, one KV head on each rank, a tied head's rows), float32.
+    cases = [c for c in _cases(tmp_path) if c["name"] in ("llama", "qwen3", "odd-random")]
+    options = dict(device="cuda:0", kernels="triton", graph_batch=0)
+    finish = spawn_ranks(tmp_path, cases, engine_options=options)
+    try:
+        reference = reference_results(cases, options)
+    finally:
+        ranks = finish()
+    _check_against(reference, ranks, cases)
+
+
+@pytest.mark.gpu
+def test_nccl_all_reduces_replay_in_cuda_graphs(tmp_path):
+    # A group of one NCCL rank: the all-reduces are real NCCL calls, captured in the decode
+    # graphs, replayed (also after an eviction and activation) with the same results as the
+    # plain engine's graphs.
+    cases = [c for c in _cases(tmp_path) if c["name"] == "llama"]
+    options = dict(device="cuda:0", kernels="triton", graph_batch=8)
+    finish = spawn_ranks(tmp_path, cases, size=1, backend="nccl", engine_options=options)
+    try:
+        reference = reference_results(cases, options)
+    finally:
+        ranks = finish()
+    _check_against(reference, ranks, cases)
+    assert ranks[0]["llama"]["after_activation"] == reference["llama"]["greedy"]
+
+
+def test_benchmark_script_runs_on_cpu(tmp_path):
+    # The GPU benchmark's whole flow (spawned ranks, all cases, the report) on a tiny model.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "tensor_parallel.py"
+    out = tmp_path / "tp.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--model", "tiny-llama:random", "--tp", "2", "--device", "cpu",
+         "--backend", "gloo", "--batches", "1", "2", "--context", "16", "--prefill", "32", "--steps", "1",
+         "--repeats", "1", "--memory-gib", "0.25", "--timeout-s", "120", "--out", str(out)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (tp2,) = result["results"]
+    assert tp2["tp"] == 2
+    assert [c["phase"] for c in tp2["cases"]] == ["decode", "decode", "prefill", "activation"]
+    assert all(c["time_ms"] > 0 and c["roofline_ms"] > 0 for c in tp2["cases"])

@@ -15,14 +15,18 @@ from prism.engine.parallel import TPGroup, destroy_tp_group, init_tp_group
 from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
 from prism.types import SamplingParams
 
-PAGE = 4096  # small pages, so KV pages come and go (and run out) even for tiny models
+PAGE = 4096  # small CPU pages, so KV pages come and go (and run out) even for tiny models
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+CPU = dict(device="cpu", kernels="reference", graph_batch=0)
 
 
-def make_engine(source: str, memory_bytes: int, tp: TPGroup | None = None) -> LLMEngine:
+def make_engine(source: str, memory_bytes: int, tp: TPGroup | None = None, device: str = "cpu",
+                kernels: str = "reference", graph_batch: int = 0) -> LLMEngine:
+    page = PAGE if device == "cpu" else 2 << 20  # CUDA maps 2 MiB pages
     return LLMEngine(
-        source, EngineConfig(block_size=5, max_num_batched_tokens=64, kernels="reference"),
-        DeviceConfig("cpu", memory_bytes, page_size=PAGE), dtype=torch.float32, tp=tp,
+        source, EngineConfig(block_size=5, max_num_batched_tokens=64, kernels=kernels,
+                             cuda_graph_max_batch=graph_batch),
+        DeviceConfig(device, memory_bytes, page_size=page), dtype=torch.float32, tp=tp,
     )
 
 
@@ -63,14 +67,16 @@ def run_case(engine: LLMEngine, case: dict) -> dict:
     return out
 
 
-def run_rank(rank: int, size: int, port: int, cases: list[dict], out_dir: str) -> None:
-    """One rank: join the gloo group, run every case with this rank's memory, save results."""
+def run_rank(rank: int, size: int, port: int, cases: list[dict], out_dir: str,
+             backend: str = "gloo", engine_options: dict = CPU) -> None:
+    """One rank: join the group, run every case with this rank's memory, save results.
+    On CUDA every rank uses cuda:0 (a check of the sharded path on a one-GPU machine)."""
     torch.set_num_threads(1)
     results: dict = {}
     try:
-        tp = init_tp_group(rank, size, port, backend="gloo", timeout_s=45)
+        tp = init_tp_group(rank, size, port, backend, engine_options["device"], timeout_s=45)
         for case in cases:
-            engine = make_engine(case["source"], case["memory"][rank], tp)
+            engine = make_engine(case["source"], case["memory"][rank], tp, **engine_options)
             try:
                 results[case["name"]] = run_case(engine, case)
             finally:
