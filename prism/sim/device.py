@@ -25,14 +25,16 @@ class SimDevice(DeviceCore):
     """`truth`: what steps take here (the simulation's device). `policy_profiles`: the
     measured profiles a real worker of this device would plan with (by model source); models
     without one are planned from the card's nominal rates, as on a real worker, and the
-    calibration learns the difference from each step."""
+    calibration learns the difference from each step. `policy_cost` replaces all that with a
+    given cost model (as DeviceWorker's `cost` argument does)."""
 
     def __init__(self, config: WorkerConfig, shapes: dict[str, ModelShape], truth: CostModel,
-                 policy_profiles: dict[str, ModelProfile], start: float = 0.0):
+                 policy_profiles: dict[str, ModelProfile], start: float = 0.0,
+                 policy_cost: CostModel | None = None):
         dev = config.device
         pool = PagePool(CountingBackend(dev.page_size), dev.num_pages, num_spare_pages=0)
-        super().__init__(config, ManualClock(start), pool,
-                         ProfileCostModel(defaults=card_defaults(dev.device)), policy_profiles)
+        cost = policy_cost or ProfileCostModel(defaults=card_defaults(dev.device))
+        super().__init__(config, ManualClock(start), pool, cost, policy_profiles)
         self.shapes = shapes  # by model name
         self.truth = truth
         self.device_id = dev.device

@@ -1,0 +1,72 @@
+"""Step costs of simulated devices: measured profiles, scaled ones, roofline, TP groups."""
+import dataclasses
+
+import pytest
+
+from prism.config import ModelSpec
+from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel
+from prism.sim.costs import (TP_DECODE_PARALLEL_FRACTION, ProfileSet, roofline_profile, scale_profile,
+                             step_seconds, tp_profile)
+from prism.sim.shapes import model_shape
+
+H100 = DefaultCosts.nvidia_h100()
+
+
+def shape(name):
+    return model_shape(ModelSpec(name, f"{name}:random"), "cuda:0")
+
+
+def measured_8b(overhead_s=0.0):
+    s = shape("llama-3.1-8b")
+    p = roofline_profile(s, H100, "H100", "cuda:0")
+    add = lambda t: t + overhead_s  # noqa: E731
+    return dataclasses.replace(p, model=s.source, prefill=[(n, add(t)) for n, t in p.prefill],
+                               decode=[(b, c, add(t)) for b, c, t in p.decode])
+
+
+def test_scaling_a_roofline_profile_gives_the_other_models_roofline():
+    ref, small = shape("llama-3.1-8b"), shape("llama-3.2-1b")
+    scaled = scale_profile(measured_8b(), ref, small, H100)
+    expected = roofline_profile(small, H100, "H100", "cuda:0")
+    for (n, t), (_, e) in zip(scaled.prefill, expected.prefill):
+        assert t == pytest.approx(e, rel=1e-9)
+    assert scaled.weight_bytes == small.weight_bytes and scaled.kv_bytes_per_token == small.kv_bytes_per_token
+
+
+def test_time_beyond_the_roofline_scales_with_depth():
+    ref, small = shape("llama-3.1-8b"), shape("llama-3.2-1b")  # 32 and 16 layers
+    plain = scale_profile(measured_8b(), ref, small, H100)
+    slow = scale_profile(measured_8b(overhead_s=0.040), ref, small, H100)
+    for (_, a), (_, b) in zip(plain.prefill, slow.prefill):
+        assert b - a == pytest.approx(0.020)  # half the layers: half the overhead
+
+
+def test_tp_group_follows_amdahl_and_copies_faster():
+    p = measured_8b()
+    g = tp_profile(p, 4)
+    f = TP_DECODE_PARALLEL_FRACTION
+    assert g.decode[0][2] == pytest.approx(p.decode[0][2] * (f / 4 + 1 - f))
+    assert g.h2d_bytes_per_s == pytest.approx(4 * p.h2d_bytes_per_s)
+    assert tp_profile(p, 1) is p
+
+
+def test_mixed_step_is_one_forward_pass_plus_the_decodes_kv_reads():
+    cost = ProfileCostModel({"m": measured_8b()}, H100)
+    decode_only = step_seconds(cost, "m", 8, 8000, 0)
+    prefill_only = step_seconds(cost, "m", 0, 0, 512)
+    mixed = step_seconds(cost, "m", 8, 8000, 512)
+    assert decode_only == cost.decode_step_time("m", 8, 8000)
+    assert prefill_only == cost.prefill_time("m", 512)
+    assert max(decode_only, prefill_only) < mixed < decode_only + prefill_only
+    assert step_seconds(cost, "m", 0, 0, 0) == 0.0
+
+
+def test_profile_set_prefers_measured_then_nearest_then_roofline(tmp_path):
+    p = measured_8b(overhead_s=0.01)
+    ModelProfile.save(p, tmp_path / "a.json")
+    profiles = ProfileSet.load(tmp_path)
+    assert profiles.profile_for(shape("llama-3.1-8b"), "cuda:0")[1] == "measured"
+    assert profiles.profile_for(shape("llama-3.2-3b"), "cuda:0")[1] == "scaled from llama-3.1-8b:random"
+    assert ProfileSet.load(None).profile_for(shape("llama-3.2-3b"), "cuda:0")[1] == "roofline"
+    with pytest.raises(ValueError, match="not found"):
+        ProfileSet.load(tmp_path / "missing")
