@@ -31,10 +31,11 @@ from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_
 from prism.sched.view import CostModel
 from prism.sim.shapes import ModelShape
 
-# Fitted on Splitwise's Llama-2-70B H100 profile, TP 2 -> 4 (benchmarks/sim_crosscheck.py):
+# Fitted on Splitwise's Llama-2-70B H100 profile, TP 2 -> 4 (medians over its cases; see
+# benchmarks/sim_crosscheck.py and benchmarks/results/sim-crosscheck-splitwise/):
 # the share of a step's time that divides among the GPUs of a tensor-parallel group.
-TP_DECODE_PARALLEL_FRACTION = 0.57
-TP_PREFILL_PARALLEL_FRACTION = 0.82
+TP_DECODE_PARALLEL_FRACTION = 0.60
+TP_PREFILL_PARALLEL_FRACTION = 0.73
 
 # Where the roofline is sampled (and scaled profiles are extended to).
 GRID_PREFILL = (16, 64, 256, 1024, 4096, 16384)
