@@ -26,7 +26,7 @@ from prism.bench.report import summarize
 from prism.bench.sweep import SYSTEMS
 from prism.bench.trace import load_trace
 from prism.bench.transforms import scale_rate
-from prism.sim.costs import ProfileSet
+from prism.sim.costs import HOST_FILE, HostOverheads, ProfileSet
 from prism.sim.run import config_for, read_raw_config, simulate
 from prism.sim.sweep import default_jobs, parallel_map
 
@@ -110,10 +110,27 @@ def validate(real_dir: Path, raw: dict, trace, slos, profiles: ProfileSet, out: 
 
     rows = parallel_map(one, real_points(real_dir, system), jobs or default_jobs())
     report = {"real": str(real_dir), "cost_sources": _sources(raw, trace, profiles), "rows": rows,
+              "host": {"step_overhead_ms": 1e3 * profiles.host.step_s, "request_latency_ms": 1e3 * profiles.host.request_s},
               "same_order": {"ttft_att": same_order(rows, "ttft_att"), "slo_att": same_order(rows, "slo_att")}}
     (out / "validation.json").write_text(json.dumps(report, indent=1))
     (out / "validation.md").write_text(markdown(report))
     return report
+
+
+def calibrated(profiles: ProfileSet, raw: dict, solo, out: Path) -> ProfileSet:
+    """`profiles` with host overheads measured from a solo run (and saved to out/host.yaml)."""
+    import dataclasses
+
+    from prism.sched.cost import ProfileCostModel
+    from prism.sim.shapes import model_shape
+
+    config = config_for(raw, "prism")
+    device = config.devices[0].device
+    per_model = {m.name: profiles.profile_for(model_shape(m, device), device)[0] for m in config.models}
+    host = HostOverheads.from_solo(solo, ProfileCostModel(per_model))
+    out.mkdir(parents=True, exist_ok=True)
+    host.save(out / HOST_FILE, note=f"measured from a solo run of {len(solo)} requests (benchmarks/sim_validation.py)")
+    return dataclasses.replace(profiles, host=host, _memo={})
 
 
 def _sources(raw, trace, profiles) -> dict:
@@ -146,7 +163,9 @@ def markdown(report: dict) -> str:
         verdict = report["same_order"][key]
         text = ", ".join(f"x{s:g}: {'yes' if ok else 'no'}" for s, ok in verdict.items()) or "one system only"
         lines.append(f"- by {label}: {text}")
-    lines += ["", "Cost sources: " + ", ".join(f"{m}: {how}" for m, how in report["cost_sources"].items()), ""]
+    lines += ["", "Cost sources: " + ", ".join(f"{m}: {how}" for m, how in report["cost_sources"].items()) + ".",
+              f"Host overheads: {report['host']['step_overhead_ms']:.2f} ms per step, "
+              f"{report['host']['request_latency_ms']:.1f} ms per request.", ""]
     return "\n".join(lines)
 
 
@@ -157,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", required=True)
     p.add_argument("--profiles", default=None, help="profiles of the card the real runs used")
     p.add_argument("--system", default=None, help="the system of a single replay's requests.jsonl")
+    p.add_argument("--calibrate-host", metavar="RECORDS", default=None,
+                   help="requests.jsonl of a solo run on the same server (requests one at a time): "
+                        "measure the host overheads from it (written to OUT/host.yaml) instead of PROFILES/host.yaml")
     p.add_argument("--out", required=True)
     p.add_argument("--jobs", type=int, default=None)
     add_slo_options(p, required=False)
@@ -165,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         raw = read_raw_config(args.config)
         trace = load_trace(args.trace)
         slos = resolve_slos(args, sorted({r.model for r in trace}), default_config=args.config)
-        report = validate(Path(args.real), raw, trace, slos, ProfileSet.load(args.profiles), Path(args.out),
-                          args.system, args.jobs)
+        profiles = ProfileSet.load(args.profiles)
+        if args.calibrate_host:
+            profiles = calibrated(profiles, raw, load_records(args.calibrate_host), Path(args.out))
+        report = validate(Path(args.real), raw, trace, slos, profiles, Path(args.out), args.system, args.jobs)
     except (ValueError, OSError) as e:
         print(f"sim_validation: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ Events, in time order (ties in the order they were scheduled):
   hands the frontend what its last step finished, handles its inbox, and steps once;
 - tick: every 0.5 s, as the server does, memory reports are asked for and the global
   scheduler's periodic work runs (`ClusterControl.tick`);
+- deliver: a request reaches its device `request_latency_s` after its arrival (the host's
+  HTTP, routing and IPC time, measured with the profiles; 0 by default);
 - timeout: a request still unfinished `request_timeout_s` after it was sent is given up, as
   the replay client does (an error, and an Abort to its device);
 - TTFT due (only with `EarlyStop`): a request's TTFT SLO has passed; if it had no first token
@@ -38,7 +40,7 @@ from prism.sim.shapes import model_shape
 from prism.worker import messages as msg
 from prism.worker.device_core import WorkerConfig
 
-_ARRIVAL, _DEVICE, _TICK, _TIMEOUT, _TTFT_DUE = range(5)
+_ARRIVAL, _DEVICE, _TICK, _TIMEOUT, _TTFT_DUE, _DELIVER = range(6)
 MAX_ZERO_TIME_STEPS = 64  # a device that keeps "making progress" without time passing sleeps
 
 
@@ -77,6 +79,7 @@ class SimCluster:
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, tick_s: float = TICK_S,
                  early_stop: EarlyStop | None = None):
         self.config = config
+        self.request_latency_s = profiles.host.request_s  # frontend to worker, and back
         self.early_stop = early_stop
         self.stopped_at: float | None = None  # when an early stop ended the run
         self._ttft_misses = 0
@@ -113,7 +116,7 @@ class SimCluster:
             policy = {s.source: truth.profile(s.name) for s in specs}
         wc = WorkerConfig(dev, specs, self.config.local, sample_interval_s=math.inf,
                           detokenize=False, metrics_keep_last=0)
-        return SimDevice(wc, shapes, truth, policy)
+        return SimDevice(wc, shapes, truth, policy, step_overhead_s=profiles.host.step_s)
 
     # ---- messages ------------------------------------------------------------------------------
     def deliver(self, device_id: str, message) -> None:
@@ -162,6 +165,8 @@ class SimCluster:
                 self.control.tick(t)
                 if pending_arrivals or self._records:
                     self._push(t + self.tick_s, _TICK, None)
+            elif kind == _DELIVER:
+                self.deliver(*payload)
             elif kind == _TIMEOUT:
                 self._timeout(payload)
             elif self._ttft_due(payload):
@@ -213,8 +218,12 @@ class SimCluster:
         self._push(self.now + self.request_timeout_s, _TIMEOUT, req_id)
         if self.early_stop is not None and r.model in self.early_stop.ttft_slo_s:
             self._push(self.now + self.early_stop.ttft_slo_s[r.model], _TTFT_DUE, req_id)
-        self.deliver(device, msg.AddRequest(req_id, r.model, [SAMPLED_TOKEN] * r.input_len,
-                                            temperature=0.0, max_tokens=r.output_len, ignore_eos=True))
+        add = msg.AddRequest(req_id, r.model, [SAMPLED_TOKEN] * r.input_len, temperature=0.0,
+                             max_tokens=r.output_len, ignore_eos=True)
+        if self.request_latency_s > 0:  # the HTTP and IPC hops, taken as one delay on the way in
+            self._push(self.now + self.request_latency_s, _DELIVER, (device, add))
+        else:
+            self.deliver(device, add)
         return rec
 
     def _run_device(self, device_id: str, token: int) -> None:

@@ -125,13 +125,62 @@ def tp_profile(profile: ModelProfile, num_gpus: int) -> ModelProfile:
     )
 
 
+# ---- the serving stack around the forward pass --------------------------------------------------
+HOST_FILE = "host.yaml"
+
+
+@dataclass(frozen=True)
+class HostOverheads:
+    """Time the server spends outside forward passes, which a profile does not measure:
+    `step_s` per device step (the worker's scheduling, output handling and messages) and
+    `request_s` per request (HTTP, routing and IPC between the client and the worker).
+    Measured from a solo run (`from_solo`), kept as `host.yaml` beside the profiles."""
+
+    step_s: float = 0.0
+    request_s: float = 0.0
+
+    @classmethod
+    def load(cls, path: Path) -> "HostOverheads":
+        import yaml
+
+        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            return cls(float(raw.get("step_overhead_ms", 0)) / 1e3, float(raw.get("request_latency_ms", 0)) / 1e3)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: not host overheads ({e})") from None
+
+    def save(self, path: Path, note: str = "") -> None:
+        path.write_text((f"# {note}\n" if note else "") + f"step_overhead_ms: {1e3 * self.step_s:.3f}\n"
+                        f"request_latency_ms: {1e3 * self.request_s:.3f}\n")
+
+    @classmethod
+    def from_solo(cls, records, cost: CostModel) -> "HostOverheads":
+        """From requests served one at a time (no queueing, no batching): the median of what
+        each decode step took beyond the profile, and of what the first token took beyond the
+        prefill and that step overhead. `cost` is keyed by the records' model names."""
+        import statistics
+
+        steps, firsts = [], []
+        for r in records:
+            if not r.ok or r.tpot is None or r.ttft is None:
+                continue
+            steps.append(r.tpot - cost.decode_step_time(r.model, 1, r.input_len + r.output_len // 2))
+            firsts.append(r.ttft - cost.prefill_time(r.model, r.input_len))
+        if not steps:
+            raise ValueError("no finished request with a TTFT and a TPOT to calibrate from")
+        step = max(0.0, statistics.median(steps))
+        return cls(step, max(0.0, statistics.median(firsts) - step))
+
+
 # ---- the profiles of a cluster ------------------------------------------------------------------
 @dataclass(frozen=True)
 class ProfileSet:
-    """Measured profiles by model source, and the shapes of the measured models (to scale from)."""
+    """Measured profiles by model source, the shapes of the measured models (to scale from),
+    and the host overheads measured beside them."""
 
     measured: dict[str, ModelProfile]
     ref_shapes: dict[str, ModelShape]
+    host: HostOverheads = HostOverheads()
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -151,7 +200,8 @@ class ProfileSet:
         for source, p in measured.items():
             shape = model_shape(ModelSpec(source, source, dtype=_spec_dtype(p)), p.device)
             shapes[source] = dataclasses.replace(shape, weight_bytes=p.weight_bytes)
-        return cls(measured, shapes)
+        host = folder / HOST_FILE
+        return cls(measured, shapes, HostOverheads.load(host) if host.is_file() else HostOverheads())
 
     def nearest(self, shape: ModelShape) -> str | None:
         """The measured source closest to `shape` in weight bytes (log scale)."""
@@ -197,7 +247,7 @@ def device_cost_model(profiles: dict[str, ModelProfile], device: str) -> Profile
 
 
 __all__ = [
-    "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL", "ProfileSet", "TP_DECODE_PARALLEL_FRACTION",
+    "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL", "HOST_FILE", "HostOverheads", "ProfileSet", "TP_DECODE_PARALLEL_FRACTION",
     "TP_PREFILL_PARALLEL_FRACTION", "card_defaults", "device_cost_model", "roofline_profile",
     "scale_profile", "step_seconds", "tp_profile",
 ]

@@ -30,13 +30,14 @@ class SimDevice(DeviceCore):
 
     def __init__(self, config: WorkerConfig, shapes: dict[str, ModelShape], truth: CostModel,
                  policy_profiles: dict[str, ModelProfile], start: float = 0.0,
-                 policy_cost: CostModel | None = None):
+                 policy_cost: CostModel | None = None, step_overhead_s: float = 0.0):
         dev = config.device
         pool = PagePool(CountingBackend(dev.page_size), dev.num_pages, num_spare_pages=0)
         cost = policy_cost or ProfileCostModel(defaults=card_defaults(dev.device))
         super().__init__(config, ManualClock(start), pool, cost, policy_profiles)
         self.shapes = shapes  # by model name
         self.truth = truth
+        self.step_overhead_s = step_overhead_s
         self.device_id = dev.device
         self._register_all()
 
@@ -46,7 +47,7 @@ class SimDevice(DeviceCore):
 
     def _new_engine(self, spec: ModelSpec) -> SimEngine:
         return SimEngine(spec, self.shapes[spec.name], self.pool, self.clock, self.truth,
-                         victim_chooser(self._choose_victim, spec.name))
+                         victim_chooser(self._choose_victim, spec.name), self.step_overhead_s)
 
     def _sizes_of(self, engine: SimEngine) -> ModelSizes:
         shape = engine.shape
