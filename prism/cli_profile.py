@@ -42,9 +42,11 @@ def run_profile(args) -> int:
     if args.quick:
         cases = (profiler.QUICK_PREFILL_LENGTHS, profiler.QUICK_BATCH_SIZES,
                  profiler.QUICK_CONTEXT_LENGTHS)
+        mixed = profiler.QUICK_MIXED
     else:
         cases = (profiler.DEFAULT_PREFILL_LENGTHS, profiler.DEFAULT_BATCH_SIZES,
                  profiler.DEFAULT_CONTEXT_LENGTHS)
+        mixed = profiler.DEFAULT_MIXED
     device = DeviceConfig(device=args.device, memory_bytes=args.memory or default_memory(args.device))
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     # The token budget only groups the prefills that fill KV before decode cases.
@@ -52,7 +54,7 @@ def run_profile(args) -> int:
     engine = LLMEngine(args.model, engine_config, device, dtype=dtype, show_progress=True)
     try:
         start = time.perf_counter()
-        profile = profiler.profile_engine(engine, *cases, repeats=args.repeats)
+        profile = profiler.profile_engine(engine, *cases, repeats=args.repeats, mixed_cases=mixed)
         if engine.device.type == "cuda":
             profile = dataclasses.replace(
                 profile, h2d_bytes_per_s=profiler.measure_h2d_bandwidth(engine.device))
@@ -77,6 +79,10 @@ def print_profile(profile) -> None:
     print(f"\n{'decode batch':>12} {'context':>8} {'step ms':>9} {'tokens/s':>10}")
     for b, c, t in profile.decode:
         print(f"{b:>12} {c:>8} {t * 1e3:>9.2f} {b / t:>10.0f}")
+    if profile.mixed:
+        print(f"\n{'mixed: prefill':>14} {'batch':>6} {'context':>8} {'step ms':>9}")
+        for p, b, c, t in profile.mixed:
+            print(f"{p:>14} {b:>6} {c:>8} {t * 1e3:>9.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,10 @@ DEFAULT_CONTEXT_LENGTHS = (128, 1024)
 QUICK_PREFILL_LENGTHS = (32, 512)
 QUICK_BATCH_SIZES = (1, 8)
 QUICK_CONTEXT_LENGTHS = (256,)
+# (prefill tokens, decode batch, context per decoding sequence): one prompt chunk admitted
+# beside a running batch, the step continuous batching makes whenever a request arrives.
+DEFAULT_MIXED = ((128, 16, 1024), (512, 4, 1024), (512, 16, 1024), (512, 64, 1024), (2048, 16, 1024))
+QUICK_MIXED = ((128, 8, 256),)
 
 _PARAMS = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 
@@ -62,6 +66,7 @@ def profile_engine(
     context_lengths: Iterable[int] = DEFAULT_CONTEXT_LENGTHS,
     repeats: int = 3,
     h2d_bytes_per_s: float | None = None,
+    mixed_cases: Iterable[tuple[int, int, int]] = (),
 ) -> ModelProfile:
     """Profile `engine` (idle) on its device. Times are medians of `repeats` runs after one
     warm-up. Cases that do not fit the engine's free KV memory or max_model_len are skipped."""
@@ -76,6 +81,8 @@ def profile_engine(
                    if (t := _time_prefill(session, n, repeats)) is not None]
         decode = [(b, c, t) for b in sorted(set(batch_sizes)) for c in sorted(set(context_lengths))
                   if (t := _time_decode(session, b, c, repeats)) is not None]
+        mixed = [(p, b, c, t) for p, b, c in sorted(set(mixed_cases))
+                 if (t := _time_mixed(session, p, b, c, repeats)) is not None]
     finally:
         session.free(session.seqs)
         _restore_kv_pages(engine, kv_pages_before)
@@ -89,6 +96,7 @@ def profile_engine(
         kv_bytes_per_token=engine.config.kv_bytes_per_token(engine.dtype.itemsize),
         prefill=prefill,
         decode=decode,
+        mixed=mixed,
         h2d_bytes_per_s=h2d_bytes_per_s,
     )
 
@@ -142,6 +150,37 @@ def _time_decode(session: _Session, batch: int, context: int, repeats: int) -> f
         return statistics.median(times[1:])
     finally:
         session.free(seqs)
+
+
+def _time_mixed(session: _Session, prefill: int, batch: int, context: int, repeats: int) -> float | None:
+    """`batch` sequences with `context` tokens in KV decode one token each while a new
+    sequence prefills `prefill` tokens in the same step (its KV slots rewritten each run)."""
+    engine = session.engine
+    num_steps = 1 + repeats
+    if not _fits(engine, batch + 1, max(context + num_steps, prefill)):
+        return None
+    seqs = [session.new_seq(context) for _ in range(batch)]
+    new = session.new_seq(prefill)
+    try:
+        for seq in seqs:
+            if not engine.blocks.allocate(seq, context + num_steps):
+                return None
+        if not engine.blocks.allocate(new, prefill):
+            return None
+        prefill_all(engine, seqs, context)
+        times = []
+        for _ in range(num_steps):
+            chunks = tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs)
+            plan = StepPlan(chunks + (ScheduledChunk(new, 0, prefill),))
+            seconds, sampled = _timed_execute(engine, plan)
+            engine.scheduler.commit(StepPlan(chunks))
+            for seq, token in sampled:
+                if seq is not new:
+                    seq.output_token_ids.append(token)
+            times.append(seconds)
+        return statistics.median(times[1:])
+    finally:
+        session.free(seqs + [new])
 
 
 def prefill_all(engine: LLMEngine, seqs: list[Sequence], context: int) -> None:

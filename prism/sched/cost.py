@@ -19,6 +19,11 @@ device (written by prism.engine.profiler); `ProfileCostModel` turns profiles int
   smallest measured step time. A profile with a single decode point scales the default shape
   below to pass through it.
 - activation_time: weight bytes over the profile's host-to-device bandwidth (else default).
+- mixed_step_time (the simulator's, when a profile measured mixed steps: one prefill chunk of
+  P tokens beside a decode batch): the larger of the two parts alone, plus what mixing added
+  beyond it, fitted like decode as a + b * batch + c * total_context (non-negative). An engine
+  that runs both in one fused pass adds little; one that runs mixed batches sequence by
+  sequence adds a lot per sequence. None when the profile has no mixed points.
 
 Without a profile but with a known size (`set_model_size`), defaults from nominal device rates
 (`DefaultCosts`): prefill = max(weights / memory bandwidth, 2 * params * tokens / flops) with
@@ -59,11 +64,18 @@ class ModelProfile:
     kv_bytes_per_token: int
     prefill: tuple[tuple[int, float], ...] = ()  # (num_tokens, seconds): one sequence, one chunk
     decode: tuple[tuple[int, int, float], ...] = ()  # (batch_size, context_len per seq, s/step)
+    # (prefill tokens, decode batch, context per decoding seq, s/step): one prefill chunk
+    # beside a decode batch in one step (optional: older profiles have none)
+    mixed: tuple[tuple[int, int, int, float], ...] = ()
     h2d_bytes_per_s: float | None = None  # pinned host -> device copy rate, if measured
 
     def __post_init__(self):
         prefill = tuple(sorted((int(n), float(t)) for n, t in self.prefill))
         decode = tuple(sorted((int(b), int(c), float(t)) for b, c, t in self.decode))
+        mixed = tuple(sorted((int(p), int(b), int(c), float(t)) for p, b, c, t in self.mixed))
+        for p, b, c, t in mixed:
+            _check(p >= 1 and b >= 1 and c >= 0 and math.isfinite(t) and t > 0,
+                   f"bad mixed point ({p}, {b}, {c}, {t})")
         for n, t in prefill:
             _check(n >= 1 and math.isfinite(t) and t > 0, f"bad prefill point ({n}, {t})")
         for b, c, t in decode:
@@ -76,6 +88,7 @@ class ModelProfile:
             object.__setattr__(self, "h2d_bytes_per_s", h2d)
         object.__setattr__(self, "prefill", prefill)
         object.__setattr__(self, "decode", decode)
+        object.__setattr__(self, "mixed", mixed)
         object.__setattr__(self, "weight_bytes", int(self.weight_bytes))
         object.__setattr__(self, "kv_bytes_per_token", int(self.kv_bytes_per_token))
 
@@ -92,6 +105,7 @@ class ModelProfile:
             "h2d_bytes_per_s": self.h2d_bytes_per_s,
             "prefill": [list(p) for p in self.prefill],
             "decode": [list(p) for p in self.decode],
+            "mixed": [list(p) for p in self.mixed],
             # for people reading the file; ignored by from_dict
             "prefill_tokens_per_s": [[n, round(r, 1)] for n, r in self.prefill_tokens_per_s],
         }
@@ -113,6 +127,7 @@ class ModelProfile:
                 kv_bytes_per_token=int(raw["kv_bytes_per_token"]),
                 prefill=[(p[0], p[1]) for p in raw.get("prefill", [])],
                 decode=[(p[0], p[1], p[2]) for p in raw.get("decode", [])],
+                mixed=[(p[0], p[1], p[2], p[3]) for p in raw.get("mixed", [])],
                 h2d_bytes_per_s=None if h2d is None else float(h2d),
             )
         except KeyError as e:
@@ -361,6 +376,7 @@ class _ModelCosts:
     kv_bytes_per_token: int | None = None
     prefill: _PrefillCurve | None = None
     decode: _DecodeFit | None = None
+    mixed: _DecodeFit | None = None  # what mixing adds beyond the larger part (see module doc)
 
 
 class ProfileCostModel:
@@ -389,6 +405,7 @@ class ProfileCostModel:
             _fit_decode(profile.decode, profile.weight_bytes, profile.kv_bytes_per_token,
                         self.defaults) if profile.decode else None
         )
+        costs.mixed = self._fit_mixed(model_id, profile.mixed) if profile.mixed else None
 
     def set_model_size(self, model_id: str, weight_bytes: int, kv_bytes_per_token: int) -> None:
         """Size of a model without a profile, so default costs scale with it. A profile's own
@@ -443,6 +460,26 @@ class ProfileCostModel:
             return costs.decode(batch_size, num_context_tokens)
         return self.defaults.decode_step_time(costs.weight_bytes, costs.kv_bytes_per_token,
                                               num_context_tokens)
+
+    def _fit_mixed(self, model_id: str, mixed) -> _DecodeFit:
+        rows, extra = [], []
+        for p, b, c, t in mixed:
+            rows.append((1.0, float(b), float(b * c)))
+            alone = max(self.prefill_time(model_id, p), self.decode_step_time(model_id, b, b * c))
+            extra.append(max(t - alone, 1e-9))
+        coef = _nnls3(rows, extra) if len(set(rows)) > 1 else [min(extra), 0.0, 0.0]
+        return _DecodeFit(coef[0], coef[1], coef[2], 0.0)
+
+    def mixed_step_time(self, model_id: str, num_decodes: int, num_context_tokens: int,
+                        num_prefill_tokens: int) -> float | None:
+        """A step with a prefill chunk beside decodes, from measured mixed steps; None
+        without them (the caller picks its own rule)."""
+        costs = self._models.get(model_id)
+        if costs is None or costs.mixed is None:
+            return None
+        alone = max(self.prefill_time(model_id, num_prefill_tokens),
+                    self.decode_step_time(model_id, num_decodes, num_context_tokens))
+        return alone + costs.mixed(num_decodes, num_context_tokens)
 
     def activation_time(self, model_id: str) -> float:
         costs = self._costs(model_id)

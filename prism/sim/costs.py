@@ -16,9 +16,10 @@ with the parallel fractions measured on Llama-2-70B at TP 2 and 4 on an H100 (Sp
 profile; see benchmarks/results/sim-crosscheck-splitwise/), and copies weights k times as fast.
 
 A step's time: a pure decode costs decode_step_time(batch, context); a pure prefill
-prefill_time(tokens); a mixed step runs as one forward pass over all its tokens, so it costs
-prefill_time(prefill + decode tokens) plus the decodes' KV reads (decode_step_time(batch,
-context) - decode_step_time(batch, 0)).
+prefill_time(tokens); a mixed step what the profile's measured mixed steps say
+(ProfileCostModel.mixed_step_time), and for profiles without any, one forward pass over all
+its tokens: prefill_time(prefill + decode tokens) plus the decodes' KV reads
+(decode_step_time(batch, context) - decode_step_time(batch, 0)).
 """
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ def step_seconds(cost: CostModel, model_id: str, num_decodes: int, num_context: 
     """The time of one step with these terms (StepPlan.cost_terms); see the module notes."""
     if num_prefill == 0:
         return cost.decode_step_time(model_id, num_decodes, num_context) if num_decodes else 0.0
+    if num_decodes and hasattr(cost, "mixed_step_time"):
+        measured = cost.mixed_step_time(model_id, num_decodes, num_context, num_prefill)
+        if measured is not None:
+            return measured
     t = cost.prefill_time(model_id, num_prefill + num_decodes)
     if num_decodes:
         t += max(0.0, cost.decode_step_time(model_id, num_decodes, num_context)
@@ -101,9 +106,15 @@ def scale_profile(ref: ModelProfile, ref_shape: ModelShape, shape: ModelShape,
                for n, t in ref.prefill]
     decode = [(b, c, _scaled(t, _roof_decode(d, w0, kv0, b, c), _roof_decode(d, w1, kv1, b, c), layers))
               for b, c, t in ref.decode]
+
+    def roof_mixed(w, kv, p, b, c):
+        return _roof_prefill(d, w, p + b) + _roof_decode(d, 0, kv, b, c)
+
+    mixed = [(p, b, c, _scaled(t, roof_mixed(w0, kv0, p, b, c), roof_mixed(w1, kv1, p, b, c), layers))
+             for p, b, c, t in ref.mixed]
     return dataclasses.replace(
         ref, model=shape.source, card=f"{ref.card} (scaled from {ref.model})",
-        weight_bytes=w1, kv_bytes_per_token=kv1, prefill=prefill, decode=decode,
+        weight_bytes=w1, kv_bytes_per_token=kv1, prefill=prefill, decode=decode, mixed=mixed,
     )
 
 
@@ -121,6 +132,7 @@ def tp_profile(profile: ModelProfile, num_gpus: int) -> ModelProfile:
         profile, card=f"{profile.card} x{num_gpus} (TP)",
         prefill=[(n, t * pre) for n, t in profile.prefill],
         decode=[(b, c, t * dec) for b, c, t in profile.decode],
+        mixed=[(p, b, c, t * pre) for p, b, c, t in profile.mixed],
         h2d_bytes_per_s=None if h2d is None else h2d * num_gpus,  # each GPU copies its shard
     )
 

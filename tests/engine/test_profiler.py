@@ -45,6 +45,14 @@ def test_profile_has_every_case_that_fits_and_gives_back_every_page(engine):
     assert cost.decode_step_time("tiny", 2, 200) > 0
 
 
+def test_mixed_steps_are_measured_and_pages_given_back(engine):
+    before = pages(engine)
+    profile = profile_engine(engine, (16,), (2,), (32,), repeats=1, mixed_cases=[(24, 3, 40), (5000, 1, 8)])
+    assert pages(engine) == before
+    assert [(p, b, c) for p, b, c, _ in profile.mixed] == [(24, 3, 40)]  # 5000 tokens do not fit
+    assert ProfileCostModel({"tiny": profile}).mixed_step_time("tiny", 3, 120, 24) > 0
+
+
 def test_engine_still_serves_and_keeps_its_spare_pages(engine):
     out = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))[0]
     before = pages(engine)

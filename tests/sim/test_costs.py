@@ -70,3 +70,16 @@ def test_profile_set_prefers_measured_then_nearest_then_roofline(tmp_path):
     assert ProfileSet.load(None).profile_for(shape("llama-3.2-3b"), "cuda:0")[1] == "roofline"
     with pytest.raises(ValueError, match="not found"):
         ProfileSet.load(tmp_path / "missing")
+
+
+def test_measured_mixed_steps_replace_the_one_pass_rule():
+    base = measured_8b()
+    slow = dataclasses.replace(base, mixed=[(512, b, 1024, 0.2 + 0.01 * b) for b in (4, 16, 64)])
+    cost = ProfileCostModel({"m": slow}, H100)
+    assert cost.mixed_step_time("m", 16, 16 * 1024, 512) == pytest.approx(0.2 + 0.01 * 16, rel=0.05)
+    assert step_seconds(cost, "m", 16, 16 * 1024, 512) == cost.mixed_step_time("m", 16, 16 * 1024, 512)
+    assert ProfileCostModel({"m": base}, H100).mixed_step_time("m", 16, 1024, 512) is None
+    again = ModelProfile.from_dict(slow.to_dict())
+    assert again.mixed == slow.mixed  # kept in the profile file
+    scaled = scale_profile(slow, shape("llama-3.1-8b"), shape("llama-3.2-1b"), H100)
+    assert len(scaled.mixed) == 3 and all(t < t0 for (*_, t), (*_, t0) in zip(scaled.mixed, slow.mixed))
