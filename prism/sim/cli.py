@@ -45,6 +45,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--group-weight-fraction", type=float, default=0.5,
                    help="a model goes on a tensor-parallel group when its weights exceed this share of one "
                         "GPU's memory (default 0.5)")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="simulate every point to the end (exact attainment curves; slower where the target is missed)")
     _common(p)
     p.set_defaults(func=run_plan)
 
@@ -136,7 +138,7 @@ def run_plan(args) -> int:
     systems = _systems(args.policies, "--policies")
     raw, trace, slos, profiles = _inputs(args)
     result = plan(raw, trace, systems, slos, profiles, args.target, args.max_gpus,
-                  args.group_weight_fraction, args.jobs)
+                  args.group_weight_fraction, args.jobs, early_stop=not args.no_early_stop)
     out = Path(args.out)
     write_plan(result, out)
     print((out / "plan.md").read_text(), end="")

@@ -86,6 +86,7 @@ class SimCluster:
         self.request_timeout_s = request_timeout_s
         self.tick_s = tick_s
         self.now = 0.0
+        self.t0 = 0.0  # when the trace starts (after the initial placement settled)
         self.cost_sources: dict[tuple[str, str], str] = {}  # (device, model) -> measured/scaled/roofline
         self.devices = {d.device: _DeviceState(self._make_device(d, profiles), []) for d in config.devices}
         self.links = {
@@ -147,9 +148,10 @@ class SimCluster:
         """Simulate `trace` (arrival times from 0) to the end; one record per request."""
         trace = sorted(trace, key=lambda r: r.arrival_s)
         self.control.start(self.now)
+        self.t0 = self._settle()
         for i, r in enumerate(trace):
-            self._push(r.arrival_s, _ARRIVAL, (i, r))
-        self._push(self.tick_s, _TICK, None)
+            self._push(self.t0 + r.arrival_s, _ARRIVAL, (i, r))
+        self._push(self.t0 + self.tick_s, _TICK, None)
         pending_arrivals = len(trace)
         records: list[RequestRecord] = []
         while self._heap:
@@ -176,13 +178,24 @@ class SimCluster:
                 break  # every request is answered; what devices do next no one would see
         return records
 
+    def _settle(self) -> float:
+        """Run the start (the initial placement's evictions, activations and KV caps) until
+        every device is idle, and return when that was: the trace starts then, as a replay
+        starts once the server is up. Records count time from there."""
+        while self._heap and any(st.busy or st.inbox for st in self.devices.values()):
+            t, _, kind, payload = heapq.heappop(self._heap)
+            self.now = t
+            if kind == _DEVICE:
+                self._run_device(*payload)
+        return self.now
+
     def _ttft_due(self, req_id: str) -> bool:
         """Whether this request's TTFT miss puts the target out of reach."""
         rec = self._records.get(req_id)
         if rec is not None:
             st = self.devices[self._where[req_id]].device
             first = st.engines[rec.model].first_token_time(req_id)
-            missed = first is None or first - rec.send_s > self.early_stop.ttft_slo_s[rec.model]
+            missed = first is None or first - self.t0 - rec.send_s > self.early_stop.ttft_slo_s[rec.model]
         else:
             return False  # finished: the report judges it
         self._ttft_misses += missed
@@ -190,7 +203,7 @@ class SimCluster:
 
     def _stop(self, records: list[RequestRecord], trace: list[TraceRequest]) -> list[RequestRecord]:
         for rec in self._records.values():
-            rec.error, rec.finish_s = "not simulated: the run stopped early", self.now
+            rec.error, rec.finish_s = "not simulated: the run stopped early", self.now - self.t0
         for i, r in enumerate(trace[len(records):], start=len(records)):
             records.append(RequestRecord(i, r.model, r.input_len, r.output_len, r.arrival_s,
                                          error="not simulated: the run stopped early"))
@@ -199,16 +212,16 @@ class SimCluster:
 
     def _arrive(self, index: int, r: TraceRequest) -> RequestRecord:
         req_id = str(index)
-        rec = RequestRecord(index, r.model, r.input_len, r.output_len, r.arrival_s, send_s=self.now,
+        rec = RequestRecord(index, r.model, r.input_len, r.output_len, r.arrival_s, send_s=self.now - self.t0,
                             prompt_kind="ids")
         if r.model not in self.control.specs:
-            rec.error, rec.finish_s = f"NotFoundError: the model {r.model!r} does not exist", self.now
+            rec.error, rec.finish_s = f"NotFoundError: the model {r.model!r} does not exist", rec.send_s
             return rec
         limit = self.control.max_model_len(r.model)
         if r.input_len >= limit:
             rec.error = (f"BadRequestError: the prompt has {r.input_len} tokens but {r.model}'s "
                          f"context limit is {limit}")
-            rec.finish_s = self.now
+            rec.finish_s = rec.send_s
             return rec
         device = self.control.route(r.model, self.now)
         self.control.record_arrival(r.model, self.now, r.input_len, r.output_len)
@@ -256,16 +269,16 @@ class SimCluster:
         if rec is None:
             return  # given up (timeout) already
         m = out.metrics
-        rec.token_s = m["token_times"]
+        rec.token_s = [t - self.t0 for t in m["token_times"]]
         rec.num_output_tokens = m["num_output_tokens"]
-        rec.finish_s = self.now
+        rec.finish_s = self.now - self.t0
         rec.finish_reason = out.finish_reason.value
         self._done(out.req_id, rec)
 
     def _fail(self, req_id: str, error: str) -> None:
         rec = self._records.pop(req_id, None)
         if rec is not None:
-            rec.error, rec.finish_s = error, self.now
+            rec.error, rec.finish_s = error, self.now - self.t0
             self._done(req_id, rec)
 
     def _timeout(self, req_id: str) -> None:

@@ -51,8 +51,11 @@ class Point:
     stopped_early: bool = False  # the target was out of reach: attainment is a lower bound
 
     def meets(self, target: float) -> bool:
-        return self.runs and self.ttft_attainment is not None and self.tpot_attainment is not None \
-            and self.ttft_attainment >= target and self.tpot_attainment >= target
+        if not self.runs:
+            return False
+        if self.ttft_attainment is None:  # no requests for these models: holding them is enough
+            return True
+        return self.ttft_attainment >= target and self.tpot_attainment >= target
 
 
 # ---- clusters of n devices ------------------------------------------------------------------------
@@ -86,11 +89,12 @@ def _bytes(size) -> int:
 
 
 def evaluate(raw: dict, system: str, cls: ModelClass, num_devices: int, trace: list[TraceRequest],
-             slos: dict[str, SLOTargets], profiles: ProfileSet, target: float) -> Point:
+             slos: dict[str, SLOTargets], profiles: ProfileSet, target: float,
+             early_stop: bool = True) -> Point:
     mine = [r for r in trace if r.model in cls.models]
     gpus = num_devices * cls.gpus
     # Once more requests missed their TTFT than the target allows, the answer is known: stop.
-    stop = EarlyStop({m: s.ttft_s for m, s in slos.items()}, int((1 - target) * len(mine)))
+    stop = EarlyStop({m: s.ttft_s for m, s in slos.items()}, int((1 - target) * len(mine))) if early_stop else None
     try:
         result = simulate(config_for(cluster_raw(raw, cls, num_devices), system), mine, profiles,
                           early_stop=stop)
@@ -138,7 +142,7 @@ def fewest_devices(system: str, cls: ModelClass, max_devices: int, target: float
 
 def plan(raw: dict, trace: list[TraceRequest], systems: list[str], slos: dict[str, SLOTargets],
          profiles: ProfileSet, target: float = 0.99, max_gpus: int = 8,
-         group_weight_fraction: float = 0.5, jobs: int | None = None) -> dict:
+         group_weight_fraction: float = 0.5, jobs: int | None = None, early_stop: bool = True) -> dict:
     classes = model_classes(raw, group_weight_fraction)
     too_big = [c for c in classes if c.gpus > max_gpus]
     if too_big:
@@ -149,7 +153,7 @@ def plan(raw: dict, trace: list[TraceRequest], systems: list[str], slos: dict[st
     def search(case):
         system, cls = case
         return fewest_devices(system, cls, max_gpus // cls.gpus, target,
-                              lambda n: evaluate(raw, system, cls, n, trace, slos, profiles, target))
+                              lambda n: evaluate(raw, system, cls, n, trace, slos, profiles, target, early_stop))
 
     found = parallel_map(search, cases, jobs or default_jobs())
     policies: dict[str, dict] = {s: {"gpus": 0, "by_class": {}} for s in systems}

@@ -17,13 +17,22 @@ def plot_plan(result: dict, path: str | Path) -> None:
     styles = ("-", "--", ":", "-.")
     for s in policies:
         for k, g in enumerate(classes):
-            pts = sorted((p["gpus"], min(p["ttft_attainment"], p["tpot_attainment"]) if p["runs"] else 0.0)
-                         for p in result["points"] if p["system"] == s and p["class_gpus"] == g)
+            pts = sorted((p["gpus"], min(p["ttft_attainment"], p["tpot_attainment"]) if p["runs"] else 0.0,
+                          p.get("stopped_early", False))
+                         for p in result["points"] if p["system"] == s and p["class_gpus"] == g
+                         and (not p["runs"] or p["ttft_attainment"] is not None))  # no traffic: no point
             if pts:
                 label = s if len(classes) == 1 else f"{s} (groups of {g})"
-                left.plot([x for x, _ in pts], [100 * y for _, y in pts], marker="o", color=colors[s],
+                left.plot([x for x, _, _ in pts], [100 * y for _, y, _ in pts], color=colors[s],
                           linestyle=styles[k % len(styles)], label=label)
+                # hollow: the run stopped once the target was out of reach (a lower bound)
+                for x, y, stopped in pts:
+                    left.plot([x], [100 * y], marker="o", color=colors[s],
+                              markerfacecolor="white" if stopped else colors[s])
     left.axhline(100 * target, color="gray", linestyle="--", linewidth=1)
+    if any(p.get("stopped_early") for p in result["points"]):
+        left.plot([], [], marker="o", color="gray", markerfacecolor="white", linestyle="none",
+                  label="stopped early (lower bound)")
     left.set(xlabel="GPUs", ylabel="min(TTFT, TPOT) attainment (%)", ylim=(0, 102),
              title="SLO attainment vs cluster size (simulated)")
     left.grid(alpha=0.3)
