@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from prism.bench.sweep import sustained_rate
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 INPUTS = ROOT / "benchmarks" / "sim-inputs"
@@ -159,25 +161,84 @@ def profiles_args(args) -> list[str]:
     return [] if args.profiles == "none" else ["--profiles", args.profiles]
 
 
+NO_MIGRATION = "prism-without-migration"  # prism with scheduler.migration_threshold: .inf
+TARGETS = (0.99, 0.95)
+
+
+def without_migration(config: Path) -> Path:
+    """A copy of `config` whose prism never migrates (docs/simulator.md, "What the simulator
+    found": a migration's drain strands the requests queued at the source)."""
+    raw = yaml.safe_load(config.read_text())
+    raw.setdefault("scheduler", {})["migration_threshold"] = float("inf")
+    path = config.with_name(config.name.replace("-config.yaml", "-nomigration-config.yaml"))
+    path.write_text(f"# {config.name} with migration off (benchmarks/sim_experiments.py)\n"
+                    + yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
 def run_e1(args) -> None:
     out = RESULTS / f"sim-e1-8models-2gpus{args.suffix}"
     trace, config = inputs(args, "e1")
-    cmd = ["simulate", "--config", str(config.relative_to(ROOT)), "--trace", str(trace.relative_to(ROOT)),
-           "--policy", ",".join(POLICIES), "--rate-scales", args.scales, *profiles_args(args),
-           "--out", str(out.relative_to(ROOT))]
-    prism_cli(cmd)
-    note(out, cmd)
+    commands = []
+    for folder, cfg, policies in ((out, config, POLICIES), (out / NO_MIGRATION, without_migration(config), ["prism"])):
+        cmd = ["simulate", "--config", rel(cfg), "--trace", rel(trace), "--policy", ",".join(policies),
+               "--rate-scales", args.scales, *profiles_args(args), "--out", rel(folder)]
+        prism_cli(cmd)
+        commands.append(cmd)
+    summary = ["| policy | " + " | ".join(f"rate at {t:.0%} TTFT" for t in TARGETS) + " |",
+               "|---|" + "---:|" * len(TARGETS)]
+    for folder, name in ((out, None), (out / NO_MIGRATION, NO_MIGRATION)):
+        points = json.loads((folder / "sweep.json").read_text())["points"]
+        for system in dict.fromkeys(p["system"] for p in points):
+            mine = [(p["rate_rps"], p["ttft_attainment"]) for p in points if p["system"] == system]
+            cells = [_rate(sustained_rate(mine, t)) for t in TARGETS]
+            summary.append(f"| {name or system} | " + " | ".join(cells) + " |")
+    (out / "summary.md").write_text("\n".join(summary) + "\n")
+    note(out, commands[0], "and, for prism without migration:\n\n    prism " + shlex.join(commands[1]) + "\n\n"
+         + "\n".join(summary) + "\n")
+
+
+def _rate(value) -> str:
+    return "none of the rates" if value is None else f"{value:.2f} req/s"
 
 
 def run_plan(args, tag: str, out_name: str, max_gpus: int) -> None:
     out = RESULTS / f"{out_name}{args.suffix}"
     trace, config = inputs(args, tag)
-    cmd = ["plan", "--config", str(config.relative_to(ROOT)), "--trace", str(trace.relative_to(ROOT)),
-           "--policies", ",".join(POLICIES), "--max-gpus", str(max_gpus), "--target", "0.99",
-           *profiles_args(args), "--out", str(out.relative_to(ROOT))]
+    lines, commands = [], []
     start = time.perf_counter()
-    prism_cli(cmd)
-    note(out, cmd, f"Planner wall time: {time.perf_counter() - start:.0f} s.\n")
+    for target in TARGETS:
+        folder = out / f"target-{round(100 * target)}"
+        runs = ((folder, config, POLICIES), (folder / NO_MIGRATION, without_migration(config), ["prism"]))
+        for where, cfg, policies in runs:
+            cmd = ["plan", "--config", rel(cfg), "--trace", rel(trace), "--policies", ",".join(policies),
+                   "--max-gpus", str(max_gpus), "--target", str(target), "--no-early-stop", *profiles_args(args),
+                   "--out", rel(where)]
+            prism_cli(cmd)
+            commands.append(cmd)
+        for where, name in ((folder, None), (folder / NO_MIGRATION, NO_MIGRATION)):
+            result = json.loads((where / "plan.json").read_text())
+            for system, entry in result["policies"].items():
+                by_class = ", ".join(f"{_gpus(n, max_gpus)} for the {_cls(c)}" for c, n in
+                                     ((c, entry["by_class"][str(c["gpus"])]) for c in result["classes"]))
+                lines.append(f"| {target:.0%} | {name or system} | {_gpus(entry['gpus'], max_gpus)} | {by_class} |")
+    table = ["| target | policy | GPUs | by class |", "|---:|---|---:|---|", *lines]
+    (out / "summary.md").write_text("\n".join(table) + "\n")
+    note(out, commands[0], f"(and the same for each target and for prism without migration; {len(commands)} "
+         f"planner runs, {time.perf_counter() - start:.0f} s in all)\n\n" + "\n".join(table) + "\n")
+
+
+def _gpus(n, cap: int) -> str:
+    return f"> {cap}" if n is None else str(n)
+
+
+def _cls(c: dict) -> str:
+    kind = "single GPUs" if c["gpus"] == 1 else f"groups of {c['gpus']}"
+    return f"{len(c['models'])} models on {kind}"
 
 
 def pin_big_models(raw: dict) -> None:
@@ -194,6 +255,7 @@ def run_speed(args) -> None:
     """58 models on one cluster of 32 GPUs: 20 single GPUs, two TP-2 groups and two TP-4
     groups (the global scheduler places every model where its weights fit)."""
     from prism.bench.trace import load_trace
+    from prism.bench.transforms import scale_rate
     from prism.sim.costs import ProfileSet
     from prism.sim.run import config_for, read_raw_config, simulate
 
@@ -203,26 +265,27 @@ def run_speed(args) -> None:
                       + [dict(DEVICE, device=f"cuda:{20 + i}", memory="140GiB", gpus=2) for i in range(2)]
                       + [dict(DEVICE, device=f"cuda:{22 + i}", memory="280GiB", gpus=4) for i in range(2)])
     pin_big_models(raw)
-    trace = load_trace(trace_path)
+    base = load_trace(trace_path)
     profiles = ProfileSet.load(None if args.profiles == "none" else args.profiles)
     out = RESULTS / f"sim-speed{args.suffix}"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for system in args.systems.split(","):
+    for scale, system in ((float(x), s) for x in args.speed_scales.split(",") for s in args.systems.split(",")):
+        trace = scale_rate(base, scale, seed=0)
         config = config_for(raw, system)
         start = time.perf_counter()
         result = simulate(config, trace, profiles)
         wall = time.perf_counter() - start
         tokens = sum(r.num_output_tokens or 0 for r in result.records)
-        rows.append({"system": system, "models": len(config.models), "gpus": result.num_gpus,
+        rows.append({"system": system, "scale": scale, "models": len(config.models), "gpus": result.num_gpus,
                      "devices": result.num_devices, "requests": len(trace), "output_tokens": tokens,
                      "simulated_s": round(result.duration_s, 1), "wall_s": round(wall, 1),
                      "events": result.num_events})
         print(rows[-1], flush=True)
     (out / "speed.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| system | models | GPUs (devices) | requests | output tokens | simulated s | wall s | events |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['system']} | {r['models']} | {r['gpus']} ({r['devices']}) | {r['requests']} | "
+    lines = ["| system | rate scale | models | GPUs (devices) | requests | output tokens | simulated s | wall s | events |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['system']} | x{r['scale']:g} | {r['models']} | {r['gpus']} ({r['devices']}) | {r['requests']} | "
               f"{r['output_tokens']} | {r['simulated_s']} | {r['wall_s']} | {r['events']} |" for r in rows]
     (out / "speed.md").write_text("\n".join(lines) + "\n")
     note(out, ["(benchmarks/sim_experiments.py speed)"], "\n".join(lines) + "\n")
@@ -234,11 +297,14 @@ def main(argv=None) -> int:
     p.add_argument("--profiles", default=str(DEFAULT_PROFILES.relative_to(ROOT)),
                    help="profile folder, or 'none' for the H100 roofline")
     p.add_argument("--suffix", default="", help="appended to the input and result names (one set per cost model)")
-    p.add_argument("--scales", default="0.25,0.5,1,2,4", help="e1 rate scales")
-    p.add_argument("--rate-e1", type=float, default=1.0)
-    p.add_argument("--rate-e2", type=float, default=1.0)
-    p.add_argument("--rate-e3", type=float, default=1.0)
-    p.add_argument("--systems", default="prism", help="speed: systems to time")
+    p.add_argument("--scales", default="1,2,4,8", help="e1 rate scales")
+    # The loads (share of the squeezed busiest day) today's measured engine can carry at all:
+    # its busiest model must fit one GPU (see README of the results).
+    p.add_argument("--rate-e1", type=float, default=0.05)
+    p.add_argument("--rate-e2", type=float, default=0.2)
+    p.add_argument("--rate-e3", type=float, default=0.2)
+    p.add_argument("--systems", default="prism,static,muxserve,swap", help="speed: systems to time")
+    p.add_argument("--speed-scales", default="1,5", help="speed: rate scales of the e3 trace")
     args = p.parse_args(argv)
     if args.what == "inputs":
         from prism.sim.costs import ProfileSet
