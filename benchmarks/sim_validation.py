@@ -14,6 +14,7 @@ errors, and whether the systems come out in the same order at each scale.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -110,7 +111,9 @@ def validate(real_dir: Path, raw: dict, trace, slos, profiles: ProfileSet, out: 
 
     rows = parallel_map(one, real_points(real_dir, system), jobs or default_jobs())
     report = {"real": str(real_dir), "cost_sources": _sources(raw, trace, profiles), "rows": rows,
-              "host": {"step_overhead_ms": 1e3 * profiles.host.step_s, "request_latency_ms": 1e3 * profiles.host.request_s},
+              "host": {"step_overhead_ms": 1e3 * profiles.host.step_s, "request_latency_ms": 1e3 * profiles.host.request_s,
+                       "scheduling_scale": profiles.host.scheduling_scale,
+                       "server_has_profiles": profiles.host.server_has_profiles},
               "same_order": {"ttft_att": same_order(rows, "ttft_att"), "slo_att": same_order(rows, "slo_att")}}
     (out / "validation.json").write_text(json.dumps(report, indent=1))
     (out / "validation.md").write_text(markdown(report))
@@ -119,8 +122,6 @@ def validate(real_dir: Path, raw: dict, trace, slos, profiles: ProfileSet, out: 
 
 def calibrated(profiles: ProfileSet, raw: dict, solo, out: Path) -> ProfileSet:
     """`profiles` with host overheads measured from a solo run (and saved to out/host.yaml)."""
-    import dataclasses
-
     from prism.sched.cost import ProfileCostModel
     from prism.sim.shapes import model_shape
 
@@ -165,7 +166,9 @@ def markdown(report: dict) -> str:
         lines.append(f"- by {label}: {text}")
     lines += ["", "Cost sources: " + ", ".join(f"{m}: {how}" for m, how in report["cost_sources"].items()) + ".",
               f"Host overheads: {report['host']['step_overhead_ms']:.2f} ms per step, "
-              f"{report['host']['request_latency_ms']:.1f} ms per request.", ""]
+              f"{report['host']['request_latency_ms']:.1f} ms per request; scheduling time charged x"
+              f"{report['host']['scheduling_scale']:g}; the servers "
+              f"{'planned with these profiles' if report['host']['server_has_profiles'] else 'had no profiles to plan with'}.", ""]
     return "\n".join(lines)
 
 
@@ -176,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", required=True)
     p.add_argument("--profiles", default=None, help="profiles of the card the real runs used")
     p.add_argument("--system", default=None, help="the system of a single replay's requests.jsonl")
+    p.add_argument("--scheduling-scale", type=float, default=None,
+                   help="charge each step this many times its scheduling code's wall time here (HostOverheads)")
+    p.add_argument("--server-without-profiles", action="store_true",
+                   help="the real server had no profiles installed: its schedulers planned from the card's nominal rates")
     p.add_argument("--calibrate-host", metavar="RECORDS", default=None,
                    help="requests.jsonl of a solo run on the same server (requests one at a time): "
                         "measure the host overheads from it (written to OUT/host.yaml) instead of PROFILES/host.yaml")
@@ -190,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         profiles = ProfileSet.load(args.profiles)
         if args.calibrate_host:
             profiles = calibrated(profiles, raw, load_records(args.calibrate_host), Path(args.out))
+        if args.scheduling_scale is not None or args.server_without_profiles:
+            host = profiles.host
+            if args.scheduling_scale is not None:
+                host = dataclasses.replace(host, scheduling_scale=args.scheduling_scale)
+            if args.server_without_profiles:
+                host = dataclasses.replace(host, server_has_profiles=False)
+            profiles = dataclasses.replace(profiles, host=host, _memo={})
         report = validate(Path(args.real), raw, trace, slos, profiles, Path(args.out), args.system, args.jobs)
     except (ValueError, OSError) as e:
         print(f"sim_validation: error: {str(e).splitlines()[0]}", file=sys.stderr)

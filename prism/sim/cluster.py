@@ -112,12 +112,14 @@ class SimCluster:
         # A real worker plans with the profiles measured for its models; a TP group has no
         # real worker, so it plans with the group's own profiles.
         if gpus == 1:
-            policy = {s.source: profiles.measured[s.source] for s in specs if s.source in profiles.measured}
+            installed = profiles.measured if profiles.host.server_has_profiles else {}
+            policy = {s.source: installed[s.source] for s in specs if s.source in installed}
         else:
             policy = {s.source: truth.profile(s.name) for s in specs}
         wc = WorkerConfig(dev, specs, self.config.local, sample_interval_s=math.inf,
                           detokenize=False, metrics_keep_last=0)
-        return SimDevice(wc, shapes, truth, policy, step_overhead_s=profiles.host.step_s)
+        return SimDevice(wc, shapes, truth, policy, step_overhead_s=profiles.host.step_s,
+                         scheduling_scale=profiles.host.scheduling_scale)
 
     # ---- messages ------------------------------------------------------------------------------
     def deliver(self, device_id: str, message) -> None:

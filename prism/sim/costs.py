@@ -146,10 +146,20 @@ class HostOverheads:
     """Time the server spends outside forward passes, which a profile does not measure:
     `step_s` per device step (the worker's scheduling, output handling and messages) and
     `request_s` per request (HTTP, routing and IPC between the client and the worker).
-    Measured from a solo run (`from_solo`), kept as `host.yaml` beside the profiles."""
+    Measured from a solo run (`from_solo`), kept as `host.yaml` beside the profiles.
+
+    `scheduling_scale` > 0 also charges each step the wall time this process spends in the
+    step's own scheduling code (snapshot, local scheduler, batch scheduler, outputs: the very
+    Python a real worker runs between forward passes), times the scale (the real host's CPU
+    relative to this one). What grows with the queue is then charged as it grows, at the price
+    of determinism: runs with it on differ in their last digits."""
 
     step_s: float = 0.0
     request_s: float = 0.0
+    scheduling_scale: float = 0.0
+    # Whether the servers had these profiles installed ($PRISM_PROFILE_DIR) to plan with; a
+    # server without them plans from the card's nominal rates (and calibrates).
+    server_has_profiles: bool = True
 
     @classmethod
     def load(cls, path: Path) -> "HostOverheads":
@@ -157,29 +167,32 @@ class HostOverheads:
 
         raw = yaml.safe_load(path.read_text()) or {}
         try:
-            return cls(float(raw.get("step_overhead_ms", 0)) / 1e3, float(raw.get("request_latency_ms", 0)) / 1e3)
+            return cls(float(raw.get("step_overhead_ms", 0)) / 1e3, float(raw.get("request_latency_ms", 0)) / 1e3,
+                       float(raw.get("scheduling_scale", 0)), bool(raw.get("server_has_profiles", True)))
         except (TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{path}: not host overheads ({e})") from None
 
     def save(self, path: Path, note: str = "") -> None:
         path.write_text((f"# {note}\n" if note else "") + f"step_overhead_ms: {1e3 * self.step_s:.3f}\n"
-                        f"request_latency_ms: {1e3 * self.request_s:.3f}\n")
+                        f"request_latency_ms: {1e3 * self.request_s:.3f}\n"
+                        f"scheduling_scale: {self.scheduling_scale:g}\n"
+                        f"server_has_profiles: {str(self.server_has_profiles).lower()}\n")
 
     @classmethod
     def from_solo(cls, records, cost: CostModel) -> "HostOverheads":
-        """From requests served one at a time (no queueing, no batching): the median of what
-        each decode step took beyond the profile, and of what the first token took beyond the
-        prefill and that step overhead. `cost` is keyed by the records' model names."""
+        """From requests served alone (in a solo run, all of them; in any other run, those
+        whose lifetime overlapped no other request's): the median of what each decode step
+        took beyond the profile, and of what the first token took beyond the prefill and that
+        step overhead. `cost` is keyed by the records' model names."""
         import statistics
 
-        steps, firsts = [], []
-        for r in records:
-            if not r.ok or r.tpot is None or r.ttft is None:
-                continue
-            steps.append(r.tpot - cost.decode_step_time(r.model, 1, r.input_len + r.output_len // 2))
-            firsts.append(r.ttft - cost.prefill_time(r.model, r.input_len))
+        done = [r for r in records if r.ok and r.tpot is not None and r.ttft is not None]
+        alone = [r for r in done
+                 if not any(o is not r and o.send_s < r.finish_s and o.finish_s > r.send_s for o in done)]
+        steps = [r.tpot - cost.decode_step_time(r.model, 1, r.input_len + r.output_len // 2) for r in alone]
+        firsts = [r.ttft - cost.prefill_time(r.model, r.input_len) for r in alone]
         if not steps:
-            raise ValueError("no finished request with a TTFT and a TPOT to calibrate from")
+            raise ValueError("no finished request served alone to calibrate from")
         step = max(0.0, statistics.median(steps))
         return cls(step, max(0.0, statistics.median(firsts) - step))
 

@@ -8,6 +8,7 @@ step ends, when a message comes, or when a scheduling timer (idle eviction) fall
 from __future__ import annotations
 
 import math
+import time
 
 from prism.config import ModelSpec
 from prism.memory.page_pool import PagePool
@@ -30,7 +31,8 @@ class SimDevice(DeviceCore):
 
     def __init__(self, config: WorkerConfig, shapes: dict[str, ModelShape], truth: CostModel,
                  policy_profiles: dict[str, ModelProfile], start: float = 0.0,
-                 policy_cost: CostModel | None = None, step_overhead_s: float = 0.0):
+                 policy_cost: CostModel | None = None, step_overhead_s: float = 0.0,
+                 scheduling_scale: float = 0.0):
         dev = config.device
         pool = PagePool(CountingBackend(dev.page_size), dev.num_pages, num_spare_pages=0)
         cost = policy_cost or ProfileCostModel(defaults=card_defaults(dev.device))
@@ -38,6 +40,7 @@ class SimDevice(DeviceCore):
         self.shapes = shapes  # by model name
         self.truth = truth
         self.step_overhead_s = step_overhead_s
+        self.scheduling_scale = scheduling_scale  # see HostOverheads
         self.device_id = dev.device
         self._register_all()
 
@@ -65,7 +68,10 @@ class SimDevice(DeviceCore):
         for m in inbox:  # an activation among them keeps the device busy for the copy
             handle(self, m, send)
         before = self._residency_marks()
+        wall = time.perf_counter()
         out = self.step()
+        if self.scheduling_scale and out.num_tokens:
+            self.clock.advance(self.scheduling_scale * (time.perf_counter() - wall))
         if out.num_tokens or self.clock.now() > start or self._residency_marks() != before:
             return out, self.clock.now()  # it worked (or made room): go on at once
         return out, self._next_timer()
