@@ -161,17 +161,21 @@ def profiles_args(args) -> list[str]:
     return [] if args.profiles == "none" else ["--profiles", args.profiles]
 
 
-NO_MIGRATION = "prism-without-migration"  # prism with scheduler.migration_threshold: .inf
 TARGETS = (0.99, 0.95)
+# Prism with parts of its policy off (docs/simulator.md, "What the simulator found"): a
+# migration's drain strands the requests queued at the source; idle eviction makes the next
+# request pay a weight copy longer than a 5x-solo TTFT SLO.
+VARIANTS = {
+    "prism-without-migration": {"migration_threshold": float("inf")},
+    "prism-without-migration-or-idle-eviction": {"migration_threshold": float("inf"), "idle_evict_s": float("inf")},
+}
 
 
-def without_migration(config: Path) -> Path:
-    """A copy of `config` whose prism never migrates (docs/simulator.md, "What the simulator
-    found": a migration's drain strands the requests queued at the source)."""
+def variant_config(config: Path, name: str) -> Path:
     raw = yaml.safe_load(config.read_text())
-    raw.setdefault("scheduler", {})["migration_threshold"] = float("inf")
-    path = config.with_name(config.name.replace("-config.yaml", "-nomigration-config.yaml"))
-    path.write_text(f"# {config.name} with migration off (benchmarks/sim_experiments.py)\n"
+    raw.setdefault("scheduler", {}).update(VARIANTS[name])
+    path = config.with_name(config.name.replace("-config.yaml", f"-{name}-config.yaml"))
+    path.write_text(f"# {config.name} with {VARIANTS[name]} (benchmarks/sim_experiments.py)\n"
                     + yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -184,22 +188,23 @@ def run_e1(args) -> None:
     out = RESULTS / f"sim-e1-8models-2gpus{args.suffix}"
     trace, config = inputs(args, "e1")
     commands = []
-    for folder, cfg, policies in ((out, config, POLICIES), (out / NO_MIGRATION, without_migration(config), ["prism"])):
+    runs = [(out, config, POLICIES)] + [(out / v, variant_config(config, v), ["prism"]) for v in VARIANTS]
+    for folder, cfg, policies in runs:
         cmd = ["simulate", "--config", rel(cfg), "--trace", rel(trace), "--policy", ",".join(policies),
                "--rate-scales", args.scales, *profiles_args(args), "--out", rel(folder)]
         prism_cli(cmd)
         commands.append(cmd)
     summary = ["| policy | " + " | ".join(f"rate at {t:.0%} TTFT" for t in TARGETS) + " |",
                "|---|" + "---:|" * len(TARGETS)]
-    for folder, name in ((out, None), (out / NO_MIGRATION, NO_MIGRATION)):
+    for folder, name in [(out, None)] + [(out / v, v) for v in VARIANTS]:
         points = json.loads((folder / "sweep.json").read_text())["points"]
         for system in dict.fromkeys(p["system"] for p in points):
             mine = [(p["rate_rps"], p["ttft_attainment"]) for p in points if p["system"] == system]
             cells = [_rate(sustained_rate(mine, t)) for t in TARGETS]
             summary.append(f"| {name or system} | " + " | ".join(cells) + " |")
     (out / "summary.md").write_text("\n".join(summary) + "\n")
-    note(out, commands[0], "and, for prism without migration:\n\n    prism " + shlex.join(commands[1]) + "\n\n"
-         + "\n".join(summary) + "\n")
+    note(out, commands[0], "and, for the prism variants:\n\n" + "".join(f"    prism {shlex.join(c)}\n" for c in commands[1:])
+         + "\n" + "\n".join(summary) + "\n")
 
 
 def _rate(value) -> str:
@@ -213,14 +218,14 @@ def run_plan(args, tag: str, out_name: str, max_gpus: int) -> None:
     start = time.perf_counter()
     for target in TARGETS:
         folder = out / f"target-{round(100 * target)}"
-        runs = ((folder, config, POLICIES), (folder / NO_MIGRATION, without_migration(config), ["prism"]))
+        runs = [(folder, config, POLICIES)] + [(folder / v, variant_config(config, v), ["prism"]) for v in VARIANTS]
         for where, cfg, policies in runs:
             cmd = ["plan", "--config", rel(cfg), "--trace", rel(trace), "--policies", ",".join(policies),
                    "--max-gpus", str(max_gpus), "--target", str(target), "--no-early-stop", *profiles_args(args),
                    "--out", rel(where)]
             prism_cli(cmd)
             commands.append(cmd)
-        for where, name in ((folder, None), (folder / NO_MIGRATION, NO_MIGRATION)):
+        for where, name in [(folder, None)] + [(folder / v, v) for v in VARIANTS]:
             result = json.loads((where / "plan.json").read_text())
             for system, entry in result["policies"].items():
                 by_class = ", ".join(f"{_gpus(n, max_gpus)} for the {_cls(c)}" for c, n in
@@ -228,7 +233,7 @@ def run_plan(args, tag: str, out_name: str, max_gpus: int) -> None:
                 lines.append(f"| {target:.0%} | {name or system} | {_gpus(entry['gpus'], max_gpus)} | {by_class} |")
     table = ["| target | policy | GPUs | by class |", "|---:|---|---:|---|", *lines]
     (out / "summary.md").write_text("\n".join(table) + "\n")
-    note(out, commands[0], f"(and the same for each target and for prism without migration; {len(commands)} "
+    note(out, commands[0], f"(and the same for each target and for the prism variants; {len(commands)} "
          f"planner runs, {time.perf_counter() - start:.0f} s in all)\n\n" + "\n".join(table) + "\n")
 
 
@@ -298,13 +303,12 @@ def main(argv=None) -> int:
                    help="profile folder, or 'none' for the H100 roofline")
     p.add_argument("--suffix", default="", help="appended to the input and result names (one set per cost model)")
     p.add_argument("--scales", default="1,2,4,8", help="e1 rate scales")
-    # The loads (share of the squeezed busiest day) today's measured engine can carry at all:
-    # its busiest model must fit one GPU (see README of the results).
-    p.add_argument("--rate-e1", type=float, default=0.05)
-    p.add_argument("--rate-e2", type=float, default=0.2)
-    p.add_argument("--rate-e3", type=float, default=0.2)
+    # Shares of the squeezed busiest day: e2 and e3 replay it whole; e1 sweeps from a quarter.
+    p.add_argument("--rate-e1", type=float, default=0.25)
+    p.add_argument("--rate-e2", type=float, default=1.0)
+    p.add_argument("--rate-e3", type=float, default=1.0)
     p.add_argument("--systems", default="prism,static,muxserve,swap", help="speed: systems to time")
-    p.add_argument("--speed-scales", default="1,5", help="speed: rate scales of the e3 trace")
+    p.add_argument("--speed-scales", default="1,4", help="speed: rate scales of the e3 trace")
     args = p.parse_args(argv)
     if args.what == "inputs":
         from prism.sim.costs import ProfileSet
