@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism.config import DeviceConfig, EngineConfig  # noqa: E402
 from prism.engine.llm_engine import LLMEngine  # noqa: E402
-from prism.engine.profiler import prefill_all  # noqa: E402
+from prism.engine.profiler import prefill_all, timed_decode_steps  # noqa: E402
 from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan  # noqa: E402
 from prism.types import SamplingParams  # noqa: E402
 
@@ -127,21 +127,9 @@ def prefill(engine: LLMEngine, batch: int, context: int) -> list[Sequence]:
 
 
 def time_decode(engine: LLMEngine, seqs: list[Sequence], steps: int, warmup: int = 3) -> list[float]:
-    times = []
-    for step in range(warmup + steps):
-        for s in seqs:
-            assert engine.blocks.allocate(s, s.num_tokens)
-        plan = StepPlan(tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs))
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        sampled = engine.runner.execute(plan)  # .tolist() inside synchronizes
-        t1 = time.perf_counter()
-        engine.scheduler.commit(plan)
-        for s, tok in sampled:
-            s.output_token_ids.append(tok)
-        if step >= warmup:
-            times.append(t1 - t0)
-    return times
+    for s in seqs:
+        assert engine.blocks.allocate(s, s.num_tokens + warmup + steps)
+    return timed_decode_steps(engine, seqs, warmup + steps)[warmup:]
 
 
 def run_case(engine, batch, context, steps, bandwidth) -> dict:

@@ -55,7 +55,7 @@ from prism.engine.llm_engine import LLMEngine  # noqa: E402
 from prism.engine.parallel import (  # noqa: E402
     TPGroup, destroy_tp_group, disable_multicast, free_port, init_tp_group,
 )
-from prism.engine.profiler import prefill_all  # noqa: E402
+from prism.engine.profiler import prefill_all, timed_decode_steps  # noqa: E402
 from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan  # noqa: E402
 from prism.engine.tp_shard import TPError, check_tp  # noqa: E402
 from prism.types import SamplingParams  # noqa: E402
@@ -149,18 +149,7 @@ def decode_case(engine, tp, batch, context, steps, bandwidth) -> dict:
     for s in seqs:
         assert engine.blocks.allocate(s, context + steps + 3)
     prefill_all(engine, seqs, context)
-    times = []
-    for step in range(3 + steps):
-        plan = StepPlan(tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs))
-        sync(engine.device)
-        t0 = time.perf_counter()
-        sampled = engine.runner.execute(plan)  # .tolist() inside synchronizes
-        t1 = time.perf_counter()
-        engine.scheduler.commit(plan)
-        for s, tok in sampled:
-            s.output_token_ids.append(tok)
-        if step >= 3:
-            times.append(t1 - t0)
+    times = timed_decode_steps(engine, seqs, 3 + steps)[3:]
     for s in seqs:
         engine.blocks.free(s)
     c = engine.config

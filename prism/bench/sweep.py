@@ -78,7 +78,9 @@ def sweep(config_path: str, trace: list[TraceRequest], systems: list[str], scale
           slos: dict[str, SLOTargets], out_dir: str | Path, target: float = 0.99) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = yaml.safe_load(Path(config_path).read_text())
+    from prism.server.config_file import read_yaml
+
+    raw = read_yaml(config_path)
     points = [p for s in systems for p in run_system(raw, s, trace, scales, slos, out_dir)]
     return write_sweep(points, systems, out_dir, target)
 

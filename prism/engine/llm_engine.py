@@ -18,6 +18,7 @@ from prism.engine.block_manager import BlockManager
 from prism.engine.catalog import ModelSource, resolve_model
 from prism.engine.kv_cache import KVLayout, PagedKVCache
 from prism.engine.llama import LlamaModel
+from prism.engine.memory_plan import check_prompt_fits, max_kv_blocks
 from prism.engine.model_runner import ModelRunner
 from prism.engine.model_weights import ModelWeights
 from prism.engine.ops import make_ops
@@ -191,21 +192,9 @@ class LLMEngine:
         return ids
 
     def _check_fits(self, num_prompt_tokens: int) -> None:
-        if num_prompt_tokens >= self.max_model_len:
-            raise RequestError(
-                f"the prompt has {num_prompt_tokens} tokens but {self.model_id}'s context limit "
-                f"is {self.max_model_len} (prompt plus at least one generated token)"
-            )
-        if self.blocks.num_blocks_for(num_prompt_tokens + 1) > self._max_kv_blocks():
-            raise RequestError(
-                f"the prompt has {num_prompt_tokens} tokens, more than the KV memory this "
-                f"device can ever give {self.model_id}"
-            )
-
-    def _max_kv_blocks(self) -> int:
-        """KV blocks this model would have if it had every page its weights leave free."""
-        kv_pages = (self._budget_pages - self.weights.num_pages) // self.kv.pages_per_kv_page
-        return min(self.blocks.max_blocks(), kv_pages * self.blocks.blocks_per_page)
+        max_blocks = max_kv_blocks(self.blocks, self.kv.pages_per_kv_page, self._budget_pages,
+                                   self.weights.num_pages)
+        check_prompt_fits(self.model_id, num_prompt_tokens, self.max_model_len, self.blocks, max_blocks)
 
     def abort(self, req_id: str) -> CompletionOutput | None:
         seq = self.sequence(req_id)
@@ -218,7 +207,7 @@ class LLMEngine:
 
     def sequences(self) -> list[Sequence]:
         """Every unfinished request: running ones first, then waiting in queue order."""
-        return list(self.scheduler.running) + list(self.scheduler.waiting)
+        return self.scheduler.unfinished()
 
     @property
     def has_unfinished(self) -> bool:

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from prism.config import ModelConfig
+from prism.engine.block_manager import BlockManager
 from prism.memory.page_pool import Owner, PagePool
+from prism.types import RequestError
 
 ALIGN = 256  # bytes; keeps every tensor aligned for vectorized loads
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -122,10 +124,25 @@ def kv_geometry(config: ModelConfig, itemsize: int, block_size: int, page_size: 
     return KVGeometry(block_size, blocks_per_page, num_virtual_pages, group)
 
 
-def max_kv_blocks(geometry: KVGeometry, budget_pages: int, weight_pages: int) -> int:
+def max_kv_blocks(blocks: BlockManager, pages_per_kv_page: int, budget_pages: int, weight_pages: int) -> int:
     """KV blocks a model would have if it had every page its weights leave free."""
-    kv_pages = (budget_pages - weight_pages) // geometry.pages_per_kv_page
-    return min(geometry.num_virtual_pages * geometry.blocks_per_page, kv_pages * geometry.blocks_per_page)
+    kv_pages = (budget_pages - weight_pages) // pages_per_kv_page
+    return min(blocks.max_blocks(), kv_pages * blocks.blocks_per_page)
+
+
+def check_prompt_fits(model_id: str, num_prompt_tokens: int, max_model_len: int,
+                      blocks: BlockManager, max_blocks: int) -> None:
+    """The two refusals every engine (real or simulated) makes before queueing a prompt."""
+    if num_prompt_tokens >= max_model_len:
+        raise RequestError(
+            f"the prompt has {num_prompt_tokens} tokens but {model_id}'s context limit "
+            f"is {max_model_len} (prompt plus at least one generated token)"
+        )
+    if blocks.num_blocks_for(num_prompt_tokens + 1) > max_blocks:
+        raise RequestError(
+            f"the prompt has {num_prompt_tokens} tokens, more than the KV memory this "
+            f"device can ever give {model_id}"
+        )
 
 
 def mappable_kv_pages(pool: PagePool, owner: Owner, pages_per_kv_page: int) -> int:

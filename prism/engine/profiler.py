@@ -139,14 +139,7 @@ def _time_decode(session: _Session, batch: int, context: int, repeats: int) -> f
             if not engine.blocks.allocate(seq, context + num_steps):
                 return None
         prefill_all(engine, seqs, context)
-        times = []
-        for _ in range(num_steps):
-            plan = StepPlan(tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs))
-            seconds, sampled = _timed_execute(engine, plan)
-            engine.scheduler.commit(plan)
-            for seq, token in sampled:
-                seq.output_token_ids.append(token)
-            times.append(seconds)
+        times = timed_decode_steps(engine, seqs, num_steps)
         return statistics.median(times[1:])
     finally:
         session.free(seqs)
@@ -181,6 +174,20 @@ def _time_mixed(session: _Session, prefill: int, batch: int, context: int, repea
         return statistics.median(times[1:])
     finally:
         session.free(seqs + [new])
+
+
+def timed_decode_steps(engine: LLMEngine, seqs: list[Sequence], num_steps: int) -> list[float]:
+    """`num_steps` decode steps of all of `seqs` (their blocks already allocated), each timed
+    around `runner.execute` with the device synchronized; sampled tokens are appended."""
+    times = []
+    for _ in range(num_steps):
+        plan = StepPlan(tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs))
+        seconds, sampled = _timed_execute(engine, plan)
+        engine.scheduler.commit(plan)
+        for seq, token in sampled:
+            seq.output_token_ids.append(token)
+        times.append(seconds)
+    return times
 
 
 def prefill_all(engine: LLMEngine, seqs: list[Sequence], context: int) -> None:

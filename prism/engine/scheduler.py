@@ -41,6 +41,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def unfinished(self) -> list[Sequence]:
+        """Running sequences first, then waiting ones in queue order."""
+        return list(self.running) + list(self.waiting)
+
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)

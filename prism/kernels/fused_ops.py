@@ -39,24 +39,22 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of a 2-D tensor."""
-    x = _rows(x)
-    out = torch.empty_like(x)
-    n = x.shape[-1]
-    _rms_norm_kernel[(x.shape[0],)](
-        x, x, weight, out, x.stride(0), x.stride(0), out.stride(0), n, eps,
-        ADD_RESIDUAL=False, BLOCK=triton.next_power_of_2(n), num_warps=_warps(n),
-    )
-    return out
+    return _launch_rms_norm(x, None, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """residual += x (in place); returns RMSNorm(residual). One pass instead of two."""
+    return _launch_rms_norm(x, residual, weight, eps)
+
+
+def _launch_rms_norm(x, residual, weight, eps) -> torch.Tensor:
     x = _rows(x)
     out = torch.empty_like(x)
+    res = x if residual is None else residual  # unused without ADD_RESIDUAL
     n = x.shape[-1]
     _rms_norm_kernel[(x.shape[0],)](
-        x, residual, weight, out, x.stride(0), residual.stride(0), out.stride(0), n, eps,
-        ADD_RESIDUAL=True, BLOCK=triton.next_power_of_2(n), num_warps=_warps(n),
+        x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), n, eps,
+        ADD_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), num_warps=_warps(n),
     )
     return out
 

@@ -84,6 +84,27 @@ def _block_d(head_dim: int) -> int:
 
 
 @triton.jit
+def _slots(table, pos, pos_ok, stride_bb, BLOCK_SIZE: tl.constexpr, BLOCKS_PER_PAGE: tl.constexpr):
+    """(page, slot in page) of each token position, through the sequence's block table."""
+    block = tl.load(table + (pos // BLOCK_SIZE) * stride_bb, mask=pos_ok, other=0)
+    page = (block // BLOCKS_PER_PAGE).to(tl.int64)
+    slot = (block % BLOCKS_PER_PAGE) * BLOCK_SIZE + pos % BLOCK_SIZE
+    return page, slot
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, dot_ty: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one KV tile into the running max, sum and output; s is in log2 units."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(dot_ty), v.to(dot_ty), acc, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, k_anchor_off, v_ptr, v_anchor_off, out_ptr, tiles_ptr, tables_ptr, ctx_ptr, qstart_ptr,
     stride_qt, stride_qh, stride_qd,
@@ -138,35 +159,25 @@ def _prefill_kernel(
 
     for start in range(0, full_end, BLOCK_N):
         pos = start + cols
-        block = tl.load(table + (pos // BLOCK_SIZE) * stride_bb)
-        page = (block // BLOCKS_PER_PAGE).to(tl.int64)
-        slot = (block % BLOCKS_PER_PAGE) * BLOCK_SIZE + pos % BLOCK_SIZE
+        page, slot = _slots(table, pos, cols < BLOCK_N, stride_bb, BLOCK_SIZE, BLOCKS_PER_PAGE)  # all true
         k_rows = page[:, None] * stride_kp + slot[:, None] * stride_ks + dims[None, :] * stride_kd
         v_rows = page[:, None] * stride_vp + slot[:, None] * stride_vs + dims[None, :] * stride_vd
         if BLOCK_D == HEAD_DIM:
             k = tl.load(k_head + k_rows)
         else:
             k = tl.load(k_head + k_rows, mask=dim_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-        p = tl.exp2(s * scale_log2 - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION) * scale_log2
         if BLOCK_D == HEAD_DIM:
             v = tl.load(v_head + v_rows)
         else:
             v = tl.load(v_head + v_rows, mask=dim_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(dot_ty), v.to(dot_ty), acc, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, dot_ty, PRECISION)
 
     # The diagonal band: causal mask, and never a position at or past kv_end (<= ctx).
     for start in range(full_end, kv_end, BLOCK_N):
         pos = start + cols
         pos_ok = pos < kv_end
-        block = tl.load(table + (pos // BLOCK_SIZE) * stride_bb, mask=pos_ok, other=0)
-        page = (block // BLOCKS_PER_PAGE).to(tl.int64)
-        slot = (block % BLOCKS_PER_PAGE) * BLOCK_SIZE + pos % BLOCK_SIZE
+        page, slot = _slots(table, pos, pos_ok, stride_bb, BLOCK_SIZE, BLOCKS_PER_PAGE)
         kv_mask = pos_ok[:, None] & dim_ok[None, :]
         k_rows = page[:, None] * stride_kp + slot[:, None] * stride_ks + dims[None, :] * stride_kd
         v_rows = page[:, None] * stride_vp + slot[:, None] * stride_vs + dims[None, :] * stride_vd
@@ -174,15 +185,10 @@ def _prefill_kernel(
         s = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION)
         visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
         s = tl.where(visible, s * scale_log2, float("-inf"))
-        # Every row sees key 0 (q_pos >= 0, kv_end >= 1), so m_new is finite from the first step.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        # Every row sees key 0 (q_pos >= 0, kv_end >= 1), so the running max is finite from
+        # the first step.
         v = tl.load(v_head + v_rows, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(dot_ty), v.to(dot_ty), acc, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, dot_ty, PRECISION)
 
     out = acc / l_i[:, None]
     o_off = (q_begin + tok)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :] * stride_od

@@ -126,15 +126,19 @@ class ServerConfig:
     metrics_log: str | None = None
 
 
-def load_config(path: str | Path) -> ServerConfig:
+def read_yaml(path: str | Path):
+    """A config file's YAML content; ConfigError (one line) if it is missing or not YAML."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path.name}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_config(raw, source=path.name)
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    return parse_config(read_yaml(path), source=Path(path).name)
 
 
 def parse_config(raw, source: str = "config") -> ServerConfig:

@@ -14,7 +14,9 @@ from typing import Callable
 
 from prism.config import ModelSpec
 from prism.engine.block_manager import BlockManager
-from prism.engine.memory_plan import kv_geometry, mappable_kv_pages, max_kv_blocks, num_pages_for
+from prism.engine.memory_plan import (
+    check_prompt_fits, kv_geometry, mappable_kv_pages, max_kv_blocks, num_pages_for,
+)
 from prism.engine.output_processor import OutputProcessor, TokenEvent
 from prism.engine.scheduler import Scheduler, VictimChooser
 from prism.engine.sequence import Sequence, StepPlan
@@ -147,16 +149,9 @@ class SimEngine:
         return req_id
 
     def _check_fits(self, num_prompt_tokens: int) -> None:
-        # The same two refusals as the real engine's (LLMEngine._check_fits).
-        if num_prompt_tokens >= self.max_model_len:
-            raise RequestError(
-                f"the prompt has {num_prompt_tokens} tokens but {self.model_id}'s context limit "
-                f"is {self.max_model_len} (prompt plus at least one generated token)")
-        limit = max_kv_blocks(self.geometry, self.pool.budget_pages, self.weights.num_pages)
-        if self.blocks.num_blocks_for(num_prompt_tokens + 1) > limit:
-            raise RequestError(
-                f"the prompt has {num_prompt_tokens} tokens, more than the KV memory this "
-                f"device can ever give {self.model_id}")
+        max_blocks = max_kv_blocks(self.blocks, self.kv.pages_per_kv_page, self.pool.budget_pages,
+                                   self.weights.num_pages)
+        check_prompt_fits(self.model_id, num_prompt_tokens, self.max_model_len, self.blocks, max_blocks)
 
     def abort(self, req_id: str) -> CompletionOutput | None:
         seq = self._live.get(req_id)
@@ -169,7 +164,7 @@ class SimEngine:
 
     def sequences(self) -> list[Sequence]:
         """Every unfinished request: running ones first, then waiting in queue order."""
-        return list(self.scheduler.running) + list(self.scheduler.waiting)
+        return self.scheduler.unfinished()
 
     @property
     def has_unfinished(self) -> bool:

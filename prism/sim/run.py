@@ -11,14 +11,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from prism.bench.replay import DEFAULT_REQUEST_TIMEOUT_S, RequestRecord, save_records
 from prism.bench.report import SLOTargets, records_duration, write_report
 from prism.bench.sweep import SYSTEMS, system_config
 from prism.bench.trace import TraceRequest
 from prism.config import ConfigError
-from prism.server.config_file import ServerConfig, parse_config
+from prism.server.config_file import ServerConfig, parse_config, read_yaml
 from prism.sim.cluster import EarlyStop, SimCluster
 from prism.sim.costs import ProfileSet
 
@@ -27,12 +26,7 @@ MAX_MEMORY_PANELS = 8  # memory.png gets one panel per device; beyond this it is
 
 def read_raw_config(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path.name}: not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path.name}: expected a mapping with devices and models")
     return raw

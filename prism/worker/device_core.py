@@ -9,6 +9,7 @@ rest, written once. Torch-free: the engines bring torch in where they need it.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -90,7 +91,7 @@ class ModelSizes:
     vocab_size: int
 
 
-class DeviceCore:
+class DeviceCore(ABC):
     """Many engines on one PagePool, driven by the local scheduler. Subclasses say how an
     engine is built (`_new_engine`), how big a model's weights are before it is built
     (`_weight_bytes`) and what its sizes are once built (`_sizes_of`)."""
@@ -128,14 +129,14 @@ class DeviceCore:
         self._request_views: dict[str, tuple] = {}
 
     # ---- what subclasses provide ---------------------------------------------------------
-    def _weight_bytes(self, spec: ModelSpec) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def _weight_bytes(self, spec: ModelSpec) -> int: ...
 
-    def _new_engine(self, spec: ModelSpec) -> DeviceEngine:
-        raise NotImplementedError
+    @abstractmethod
+    def _new_engine(self, spec: ModelSpec) -> DeviceEngine: ...
 
-    def _sizes_of(self, engine: DeviceEngine) -> ModelSizes:
-        raise NotImplementedError
+    @abstractmethod
+    def _sizes_of(self, engine: DeviceEngine) -> ModelSizes: ...
 
     # ---- models ----------------------------------------------------------------------------
     def _register_all(self) -> None:
