@@ -25,7 +25,7 @@ from prism.engine.ops import make_ops
 from prism.engine.output_processor import OutputProcessor, TokenEvent
 from prism.engine.parallel import TPGroup, TPPageMapper
 from prism.engine.scheduler import Scheduler, VictimChooser
-from prism.engine.sequence import Sequence, StepPlan
+from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
 from prism.engine.tp_shard import TPShard
 from prism.memory import PagePool, make_backend
@@ -151,8 +151,28 @@ class LLMEngine:
         model = LlamaModel(self.config, self.weights, self.max_model_len, ops, self.tp)
         self.runner = ModelRunner(model, self.kv, self.device)
         graph_batch = min(engine_config.cuda_graph_max_batch, engine_config.max_num_seqs)
-        if self.device.type == "cuda" and ops.name == "triton" and graph_batch > 0:
-            self.runner.capture_decode_graphs(graph_batch, self.max_model_len)
+        if self.device.type == "cuda" and ops.name == "triton":
+            if graph_batch > 0:
+                self.runner.capture_decode_graphs(graph_batch, self.max_model_len)
+            self._warm_up_eager_kernels()
+
+    def _warm_up_eager_kernels(self) -> None:
+        """Compile the kernels of steps that run outside CUDA graphs (prefill, mixed) now: a
+        Triton compile is a pause of about a second, and serving must not meet it mid-trace.
+        One step with a long and a one-token sequence covers both tile shapes of the prefill
+        kernel. Skipped when the pool has no room (the kernels then compile on first use)."""
+        long_len = min(self.max_model_len - 1, 4 * self.blocks.block_size + 1)
+        greedy = SamplingParams(temperature=0, max_tokens=1)
+        seqs = [Sequence(f"warm-up-{n}", [0] * n, greedy) for n in (long_len, 1)]
+        try:
+            if all(self.blocks.allocate(seq, seq.num_tokens) for seq in seqs):
+                self.runner.execute(StepPlan(tuple(ScheduledChunk(s, 0, s.num_tokens) for s in seqs)))
+                torch.cuda.synchronize(self.device)
+        finally:
+            for seq in seqs:
+                self.blocks.free(seq)
+                self.runner.forget(seq)
+            self.blocks.release_all_free_pages()
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(

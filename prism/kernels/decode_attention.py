@@ -37,7 +37,9 @@ def num_splits_for(batch: int, num_kv_heads: int) -> int:
     return max(1, min(MAX_SPLITS, triton.next_power_of_2(want)))
 
 
-@triton.jit
+# Not specialized on the block-table row stride: it varies with the batch outside CUDA graphs
+# (see prefill_attention.py).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
     q_ptr, k_ptr, k_off, v_ptr, v_off, tables_ptr, ctx_ptr, part_out_ptr, part_lse_ptr, out_ptr,
     stride_qt, stride_qh,

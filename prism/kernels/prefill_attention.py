@@ -104,7 +104,10 @@ def _online_softmax_step(s, v, m_i, l_i, acc, dot_ty: tl.constexpr, PRECISION: t
     return m_new, l_i, acc
 
 
-@triton.jit
+# The block-table row stride changes with the longest sequence of a batch; Triton would compile
+# a variant for each of its value classes (1, multiple of 16, other), a pause of about a second
+# in the middle of serving each time a new class turns up.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_ptr, k_anchor_off, v_ptr, v_anchor_off, out_ptr, tiles_ptr, tables_ptr, ctx_ptr, qstart_ptr,
     stride_qt, stride_qh, stride_qd,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import tempfile
+import time
 import traceback
 
 import msgspec
@@ -21,6 +23,7 @@ from prism.worker.commands import handle, one_line
 from prism.worker.device_worker import DeviceWorker, WorkerConfig
 
 _ENCODER = msgspec.msgpack.Encoder()
+SLOW_STEP_S = 0.5  # longer steps are logged: no healthy step takes this long
 
 
 class WorkerStartError(RuntimeError):
@@ -131,7 +134,14 @@ def _serve(worker: DeviceWorker, inbox, send, idle_tick_s: float) -> None:
             if not handle(worker, decoder.decode(inbox.recv()), send):
                 return
             timeout_ms = 0
+        started = time.perf_counter()
         out = worker.step()
+        took = time.perf_counter() - started
+        if took > SLOW_STEP_S:  # a whole-device pause: say what the step did (server log)
+            print(f"prism worker {worker.config.device.device}: slow step {took:.2f} s "
+                  f"(ran {out.ran_model or '-'}, {out.num_tokens} tokens; "
+                  f"activations so far {sum(worker.counters.activations.values())}, "
+                  f"evictions {sum(worker.counters.evictions.values())})", file=sys.stderr, flush=True)
         if out.events:
             send(msg.Tokens([msg.Token(e.req_id, e.token_id, e.text, e.time,
                                        e.finish_reason.value if e.finish_reason else None)

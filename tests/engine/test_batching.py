@@ -136,3 +136,26 @@ def test_corrupt_model_loaded_beside_a_running_engine_leaks_no_pages(folder, tmp
         assert [o.req_id for o in done] == [req] and len(done[0].token_ids) == 6
     finally:
         running.close()
+
+
+def _compiled_variants(kernel) -> int:
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+def test_serving_compiles_no_kernel_after_start(folder):
+    """A Triton compile mid-serving stalls every model of the device for about a second: the
+    engine compiles its eager kernels at start, and batches of any shape reuse them."""
+    from prism.kernels.decode_attention import _decode_split_kernel
+    from prism.kernels.prefill_attention import _prefill_kernel
+
+    engine = engine_for(folder, device="cuda:0", kernels="triton", max_num_batched_tokens=256)
+    try:
+        before = _compiled_variants(_prefill_kernel), _compiled_variants(_decode_split_kernel)
+        # Block tables 1 to 22 blocks wide (stride 1, multiples of 16 and others), mixed steps.
+        prompts, params = mixed_requests(48, seed=3, max_prompt=170, max_output=8)
+        engine.generate(prompts, params)
+        after = _compiled_variants(_prefill_kernel), _compiled_variants(_decode_split_kernel)
+    finally:
+        engine.close()
+    assert after == before
