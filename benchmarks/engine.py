@@ -6,8 +6,10 @@
   device copy bandwidth.
 - prefill: one `--prefill` token prompt in one step. Ceiling: its matmul FLOPs (weights and
   causal attention) at the dense bf16 matmul rate.
-- offline: `--offline N` requests of `--offline-lens IN OUT` tokens submitted at once to
-  engine.generate (continuous batching); output tokens per second.
+- offline: `--offline N` requests of `--offline-lens IN OUT` tokens (and with `--offline-azure`
+  the Azure conv trace's lengths) submitted at once to engine.generate (continuous batching);
+  output tokens per second, and where the wall time went.
+- `--decode-sweep`, `--activation`, `--elastic`, `--two-streams`: see engine_cases.py.
 
     python3 benchmarks/engine.py --model llama-3.1-8b:random --batches 1 64 256 --context 1024
 """
@@ -18,19 +20,25 @@ import datetime
 import json
 import re
 import statistics
+from dataclasses import asdict
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import engine_cases as cases_mod  # noqa: E402
 
 from prism.config import DeviceConfig, EngineConfig  # noqa: E402
 from prism.engine.llm_engine import LLMEngine  # noqa: E402
-from prism.engine.profiler import prefill_all, timed_decode_steps  # noqa: E402
+from prism.engine import cuda_graph  # noqa: E402
+from prism.engine.profiler import measure_h2d_bandwidth, timed_decode_steps  # noqa: E402
+from prism.kernels import decode_attention  # noqa: E402
 from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan  # noqa: E402
-from prism.types import SamplingParams  # noqa: E402
 
 
 def copy_bandwidth(device: torch.device, num_bytes: int = 2 << 30, repeats: int = 20) -> float:
@@ -77,7 +85,7 @@ def prefill_flops(engine: LLMEngine, n: int) -> float:
 
 
 def run_prefill_case(engine: LLMEngine, n: int, rate: float, repeats: int = 5) -> dict:
-    seqs = prefill(engine, 1, n)  # also the warm-up
+    seqs = cases_mod.prefilled(engine, 1, n)  # also the warm-up
     seq = seqs[0]
     plan = StepPlan((ScheduledChunk(seq, 0, n),))
     times = []
@@ -87,43 +95,13 @@ def run_prefill_case(engine: LLMEngine, n: int, rate: float, repeats: int = 5) -
         engine.runner.execute(plan)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    engine.blocks.free(seq)
+    cases_mod.free(engine, seqs)
     time_s = statistics.median(times)
     ceiling_s = prefill_flops(engine, n) / rate
     return dict(phase="prefill", model=engine.source.name, batch=1, context=n, steps=repeats,
                 time_ms=time_s * 1e3, roofline_ms=ceiling_s * 1e3, roofline_ratio=time_s / ceiling_s,
                 tflops=prefill_flops(engine, n) / time_s / 1e12, fraction_of_matmul_rate=ceiling_s / time_s,
                 tokens_per_s=n / time_s)
-
-
-def run_offline_case(engine: LLMEngine, num_requests: int, input_len: int, output_len: int) -> dict:
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, engine.config.vocab_size, (input_len,), generator=gen).tolist()
-               for _ in range(num_requests)]
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    engine.generate(prompts[: min(8, num_requests)], params)  # warm-up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    out_tokens = sum(len(o.token_ids) for o in outs)
-    return dict(phase="offline", model=engine.source.name, batch=engine.scheduler.config.max_num_seqs,
-                context=input_len + output_len, requests=num_requests, input_len=input_len,
-                output_len=output_len, time_ms=elapsed * 1e3, output_tokens=out_tokens,
-                output_tokens_per_s=out_tokens / elapsed, total_tokens_per_s=(out_tokens + num_requests * input_len) / elapsed)
-
-
-def prefill(engine: LLMEngine, batch: int, context: int) -> list[Sequence]:
-    gen = torch.Generator().manual_seed(0)
-    seqs = []
-    for i in range(batch):
-        ids = torch.randint(0, engine.config.vocab_size, (context,), generator=gen).tolist()
-        seq = Sequence(f"b{i}", ids, SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True))
-        assert engine.blocks.allocate(seq, context), "not enough KV memory for the benchmark"
-        seqs.append(seq)
-    prefill_all(engine, seqs, context)  # as many per step as the token budget allows
-    return seqs
 
 
 def time_decode(engine: LLMEngine, seqs: list[Sequence], steps: int, warmup: int = 3) -> list[float]:
@@ -133,10 +111,9 @@ def time_decode(engine: LLMEngine, seqs: list[Sequence], steps: int, warmup: int
 
 
 def run_case(engine, batch, context, steps, bandwidth) -> dict:
-    seqs = prefill(engine, batch, context)
+    seqs = cases_mod.prefilled(engine, batch, context)
     times = time_decode(engine, seqs, steps)
-    for s in seqs:
-        engine.blocks.free(s)
+    cases_mod.free(engine, seqs)
     kv_bytes = batch * (context + 1) * engine.config.kv_bytes_per_token(engine.dtype.itemsize)
     roofline_s = (engine.weights.num_bytes + kv_bytes) / bandwidth
     time_s = statistics.median(times)
@@ -153,12 +130,11 @@ def run_case(engine, batch, context, steps, bandwidth) -> dict:
 def profile_step(engine: LLMEngine, batch: int, context: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    seqs = prefill(engine, batch, context)
+    seqs = cases_mod.prefilled(engine, batch, context)
     time_decode(engine, seqs, steps=1)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         time_decode(engine, seqs, steps=2, warmup=0)
-    for s in seqs:
-        engine.blocks.free(s)
+    cases_mod.free(engine, seqs)
     for key in ("self_cuda_time_total", "cpu_time_total"):
         print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=50))
 
@@ -173,6 +149,15 @@ def main() -> int:
     ap.add_argument("--prefill", type=int, nargs="*", default=[4096], help="prompt lengths to time")
     ap.add_argument("--offline", type=int, default=0, help="requests for the offline throughput case")
     ap.add_argument("--offline-lens", type=int, nargs=2, default=[256, 256], metavar=("IN", "OUT"))
+    ap.add_argument("--offline-azure", default=None, metavar="JSON",
+                    help="also run offline with these (input, output) lengths (benchmarks/traces/azure-conv-lengths-1000.json)")
+    ap.add_argument("--max-seqs", type=int, default=256, help="engine's max_num_seqs (and CUDA graph batch) for offline")
+    ap.add_argument("--decode-sweep", action="store_true",
+                    help="first time the decode kernel's tile configurations at the largest batch; use the fastest")
+    ap.add_argument("--activation", action="store_true", help="time evict + activate against host-to-device bandwidth")
+    ap.add_argument("--elastic", action="store_true", help="TTFT/TPOT with KV pages on demand vs all mapped up front")
+    ap.add_argument("--two-streams", type=int, nargs="*", default=[], metavar="BATCH",
+                    help="decode of this model and a second copy on two streams vs alternated, at these batches")
     ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"])
     ap.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
     ap.add_argument("--out", default=None)
@@ -182,20 +167,45 @@ def main() -> int:
     card = torch.cuda.get_device_name(device)
     bandwidth = copy_bandwidth(device)
     rate = matmul_rate(device)
-    max_seqs = max(args.batches + [256 if args.offline else 1])
+    h2d = measure_h2d_bandwidth(device, num_bytes=1 << 30)
+    max_seqs = max(args.batches + [args.max_seqs if args.offline or args.offline_azure else 1])
     t0 = time.perf_counter()
-    engine = LLMEngine(
-        args.model, EngineConfig(block_size=16, max_num_seqs=max_seqs,
-                                 max_num_batched_tokens=max(8192, *args.prefill), kernels=args.kernels,
-                                 cuda_graph_max_batch=0 if args.no_graphs else 256),
-        DeviceConfig("cuda:0", int(args.memory_gib * 2**30)), show_progress=True,
-    )
+    engine = build_engine(args.model, args, max_seqs)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s (kernels {engine.runner.model.ops.name}, "
           f"graphs {'off' if engine.runner.graphs is None else engine.runner.graphs.buckets})", flush=True)
-    cases = [run_case(engine, b, args.context, args.steps, bandwidth) for b in args.batches]
+    cases, extra, errors = [], {}, []
+
+    def attempt(name, fn):
+        """Run one optional case; a failure is reported and the others still run (device
+        time is scarce)."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+            return None
+
+    if args.decode_sweep:
+        sweep = attempt("decode sweep", lambda: cases_mod.decode_kernel_sweep(
+            engine, max(args.batches), args.context, bandwidth))
+        if sweep:
+            extra["decode_kernel_sweep"] = sweep
+            use_fastest_decode_config(engine, sweep)
+    cases += [run_case(engine, b, args.context, args.steps, bandwidth) for b in args.batches]
     cases += [run_prefill_case(engine, n, rate) for n in args.prefill]
+    if args.elastic:
+        cases += attempt("elastic", lambda: cases_mod.elastic_overhead_case(engine)) or []
+    if args.activation:
+        cases += [c for c in [attempt("activation", lambda: cases_mod.activation_case(engine, h2d))] if c]
     if args.offline:
-        cases.append(run_offline_case(engine, args.offline, *args.offline_lens))
+        lens = [tuple(args.offline_lens)] * args.offline
+        cases += [c for c in [attempt("offline", lambda: cases_mod.offline_case(
+            engine, lens, f"{lens[0][0]}+{lens[0][1]}"))] if c]
+    if args.offline_azure:
+        pairs = [tuple(p) for p in json.loads(Path(args.offline_azure).read_text())["pairs"]]
+        cases += [c for c in [attempt("offline azure", lambda: cases_mod.offline_case(engine, pairs, "azure conv"))] if c]
+    if args.two_streams:
+        cases += attempt("two streams", lambda: two_streams_cases(engine, args)) or []
     if args.profile:
         profile_step(engine, args.batches[0], args.context)
     engine_kernels = engine.runner.model.ops.name + ("" if engine.runner.graphs is None else "+graphs")
@@ -203,25 +213,82 @@ def main() -> int:
     result = dict(
         benchmark="engine_decode", card=card, date=datetime.date.today().isoformat(),
         command="python3 " + " ".join(sys.argv), torch=torch.__version__,
-        ceilings={"copy_bandwidth_GBps": bandwidth / 1e9, "bf16_matmul_TFLOPs": rate / 1e12},
-        kernels=engine_kernels, cases=cases,
+        ceilings={"copy_bandwidth_GBps": bandwidth / 1e9, "bf16_matmul_TFLOPs": rate / 1e12,
+                  "h2d_pinned_GBps": h2d / 1e9},
+        kernels=engine_kernels, decode_config=asdict(decode_attention.DEFAULT_CONFIG), cases=cases,
+        errors=errors, **extra,
     )
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
     out = Path(args.out or f"benchmarks/results/engine-{slug}-{result['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"\n{card}  copy bandwidth {bandwidth / 1e9:.0f} GB/s (read+write), "
-          f"bf16 matmul {rate / 1e12:.0f} TFLOP/s, kernels {engine_kernels}")
-    print(f"{'phase':>8} {'batch':>5} {'context':>7} {'ms':>9} {'ceiling ms':>10} {'ratio':>6} {'tok/s':>8}")
-    for c in cases:
-        if c["phase"] == "offline":
-            print(f"{'offline':>8} {c['requests']:>5} {c['input_len']:>3}+{c['output_len']:<3} "
-                  f"{c['time_ms']:>9.0f} {'':>10} {'':>6} {c['output_tokens_per_s']:>8.0f} output tok/s")
-            continue
-        print(f"{c['phase']:>8} {c['batch']:>5} {c['context']:>7} {c['time_ms']:>9.2f} {c['roofline_ms']:>10.2f} "
-              f"{c['roofline_ratio']:>6.2f} {c['tokens_per_s']:>8.0f}")
+    print_table(result)
+    for line in errors:
+        print(f"FAILED {line}")
     print(f"wrote {out}")
     return 0
+
+
+def build_engine(model: str, args, max_seqs: int, pool=None, model_id=None) -> LLMEngine:
+    return LLMEngine(
+        model, EngineConfig(block_size=16, max_num_seqs=max_seqs,
+                            max_num_batched_tokens=max(8192, *args.prefill), kernels=args.kernels,
+                            cuda_graph_max_batch=0 if args.no_graphs else max(256, max_seqs)),
+        DeviceConfig("cuda:0", int(args.memory_gib * 2**30)), pool=pool, model_id=model_id,
+        show_progress=True, keep_host_copy=args.activation,
+    )
+
+
+def use_fastest_decode_config(engine: LLMEngine, sweep: dict) -> None:
+    """Make the sweep's fastest accurate configuration the decode kernel's, and capture the
+    engine's graphs again with it."""
+    ok = [r for r in sweep["rows"] if "ms" in r and r["max_abs_err"] < 2e-2]
+    if not ok:
+        return
+    decode_attention.DEFAULT_CONFIG = decode_attention.DecodeConfig(**ok[0]["config"])
+    if engine.runner.graphs is not None:
+        engine.runner.capture_decode_graphs(engine.runner.graphs.max_batch, engine.max_model_len)
+    print(f"decode kernel: {decode_attention.DEFAULT_CONFIG} ({ok[0]['ms']:.3f} ms per layer at batch "
+          f"{sweep['batch']}, {ok[0]['roofline_ratio']:.2f}x its KV bytes)", flush=True)
+
+
+def two_streams_cases(engine: LLMEngine, args) -> list[dict]:
+    """A second copy of the model (other random weights) on the same pool. Its graphs go to a
+    pool of their own, so the two models' graphs may run at the same time."""
+    cuda_graph._POOLS.clear()
+    second = build_engine(args.model + ":1" if args.model.endswith(":random") else args.model,
+                          args, max(args.two_streams), pool=engine.pool, model_id=engine.model_id + "-b")
+    try:
+        return [cases_mod.two_streams_case(engine, second, b, args.context) for b in args.two_streams]
+    finally:
+        second.close()
+
+
+def print_table(result: dict) -> None:
+    c = result["ceilings"]
+    print(f"\n{result['card']}  copy {c['copy_bandwidth_GBps']:.0f} GB/s (read+write), bf16 matmul "
+          f"{c['bf16_matmul_TFLOPs']:.0f} TFLOP/s, pinned host-to-device {c['h2d_pinned_GBps']:.1f} GB/s, "
+          f"kernels {result['kernels']}, decode {result['decode_config']}")
+    for row in result.get("decode_kernel_sweep", {}).get("rows", [])[:6]:
+        print(f"  decode kernel {row['config']}: " + (f"{row['ms']:.3f} ms/layer, {row['roofline_ratio']:.2f}x, "
+              f"err {row['max_abs_err']:.1e}" if "ms" in row else row["error"]))
+    print(f"{'case':>18} {'batch':>5} {'context':>9} {'ms':>9} {'ceiling ms':>10} {'ratio':>6}  rate")
+    for c in result["cases"]:
+        what, batch, ctx, rate = c["phase"], c.get("batch", ""), c.get("context", ""), ""
+        if what == "offline":
+            what, batch, ctx = f"offline {c['lengths']}", c["requests"], f"{c['input_len']:.0f}+{c['output_len']:.0f}"
+            sec, steps = c["seconds"], c["steps"]
+            rate = (f"{c['output_tokens_per_s']:.0f} output tok/s; of the wall time: "
+                    + ", ".join(f"{k} {sec.get(k + ' steps', 0):.1f} s in {n} steps" for k, n in steps.items())
+                    + f", scheduling {sec.get('schedule', 0):.1f} s, host batches {sec.get('host batch (inside the steps)', 0):.1f} s")
+        elif what == "elastic_overhead":
+            what, batch, ctx = f"elastic {c['load']} {c['metric'][:4]}", "", ""
+        elif what == "activation":
+            batch, ctx, rate = "", "", f"{c['GBps']:.1f} GB/s"
+        elif "tokens_per_s" in c:
+            rate = f"{c['tokens_per_s']:.0f} tok/s"
+        ceiling = f"{c['roofline_ms']:>10.2f} {c['roofline_ratio']:>6.2f}" if "roofline_ms" in c else f"{'':>17}"
+        print(f"{what:>18} {batch:>5} {ctx:>9} {c['time_ms']:>9.2f} {ceiling}  {rate}")
 
 
 if __name__ == "__main__":

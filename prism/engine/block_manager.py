@@ -151,6 +151,16 @@ class BlockManager:
         self.mapper.unmap_page(page)
         heapq.heappush(self._unmapped_pages, page)
 
+    def keep_mapped(self, num_pages: int) -> int:
+        """Map pages until num_pages are mapped (or the pool says no) and keep every mapped
+        page even when free: a statically sized KV cache, the baseline against which the
+        elastic one's overhead is measured. `num_spare_pages` restores elastic behaviour.
+        Returns the number of pages mapped."""
+        while self.num_mapped_pages < num_pages and self._map_new_page():
+            pass
+        self.num_spare_pages = max(self.num_spare_pages, self.num_mapped_pages)
+        return self.num_mapped_pages
+
     def release_all_free_pages(self) -> None:
         """Unmap every page with no used block (spares included): used on eviction/close."""
         for page in [p for p, f in self._free_in_page.items() if len(f) == self.blocks_per_page]:

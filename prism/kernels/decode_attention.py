@@ -14,6 +14,8 @@ every K/V load is masked with `other=0` and masked scores are -inf before the so
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,20 @@ from prism.kernels import cache_pointer
 LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 264  # about two waves of an H100's 132 multiprocessors
 MAX_SPLITS = 32
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile and pipeline of the decode kernel: keys per loop step (BLOCK_N; head_dim > 128
+    halves it to stay within registers), warps per program, loads in flight."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# The configuration engines use (benchmarks/engine.py --decode-sweep measures the others).
+DEFAULT_CONFIG = DecodeConfig()
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -140,6 +156,7 @@ def _merge_splits_kernel(
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     meta: AttentionMetadata, scale: float, num_splits: int | None = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """q: [batch, heads, head_dim], one query per sequence -> [batch, heads, head_dim].
 
@@ -156,7 +173,8 @@ def paged_decode_attention(
         part_lse = torch.empty(batch * num_heads * splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
-    block_n = 64 if head_dim <= 128 else 32
+    config = config or DEFAULT_CONFIG
+    block_n = config.block_n if head_dim <= 128 else max(16, config.block_n // 2)
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         q, *cache_pointer(k_cache), *cache_pointer(v_cache), meta.block_tables, meta.context_lens, part_out, part_lse, out,
         q.stride(0), q.stride(1),

@@ -81,3 +81,16 @@ def test_random_alloc_free_keeps_invariants():
         assert all(b // 3 in mapper.mapped for b in used), "a used block lies in an unmapped page"
         assert len(mapper.mapped) <= 6
         assert bm.num_free_blocks == len(mapper.mapped) * 3 - len(used)
+
+
+def test_keep_mapped_holds_pages_until_spares_are_lowered():
+    mapper = CountingMapper(budget=10)
+    bm = BlockManager(num_virtual_pages=10, blocks_per_page=4, block_size=2, mapper=mapper)
+    assert bm.keep_mapped(6) == 6 and len(mapper.mapped) == 6
+    seq = Sequence("s", [1] * 20, SamplingParams())
+    assert bm.allocate(seq, 20)  # 10 blocks: 3 pages, all of them already mapped
+    bm.free(seq)
+    assert bm.num_mapped_pages == 6  # static: nothing unmapped when the request ends
+    bm.num_spare_pages = 1
+    bm.release_all_free_pages()
+    assert bm.num_mapped_pages == 0 and not mapper.mapped

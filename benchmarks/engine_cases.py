@@ -1,0 +1,268 @@
+"""The cases of benchmarks/engine.py beyond one step's time: the decode kernel's tile sweep,
+activation, the elastic-memory overhead, two models on two CUDA streams, offline throughput.
+
+Each returns a dict for the JSON (phase, model, time_ms, and where there is one a ceiling
+measured in the same run with its ratio).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict
+
+import torch
+
+from prism.engine.llm_engine import LLMEngine
+from prism.engine.profiler import prefill_all
+from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
+from prism.types import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def prefilled(engine: LLMEngine, batch: int, context: int, extra_tokens: int = 0) -> list[Sequence]:
+    """`batch` sequences with `context` tokens in the KV cache (prefilled for real) and room
+    for `extra_tokens` more."""
+    seqs = [Sequence(f"b{i}", ids, GREEDY) for i, ids in
+            enumerate(random_prompts(engine.config.vocab_size, [context] * batch, seed=0))]
+    for s in seqs:
+        assert engine.blocks.allocate(s, context + extra_tokens), "not enough KV memory for the benchmark"
+    prefill_all(engine, seqs, context)
+    return seqs
+
+
+def free(engine: LLMEngine, seqs: list[Sequence]) -> None:
+    for s in seqs:
+        engine.blocks.free(s)
+        engine.runner.forget(s)
+
+
+def decode_plan(seqs: list[Sequence]) -> StepPlan:
+    return StepPlan(tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs))
+
+
+# ---- decode kernel sweep ---------------------------------------------------------------------
+def decode_kernel_sweep(engine: LLMEngine, batch: int, context: int, bandwidth: float) -> dict:
+    """Time the decode attention kernel of layer 0 over a real batch's KV for a grid of tile
+    configurations, each checked against the reference attention; the fastest first."""
+    import triton.testing
+
+    from prism.engine.attention import paged_attention_reference, write_kv
+    from prism.kernels import decode_attention as dk
+
+    seqs = prefilled(engine, batch, context, extra_tokens=1)
+    try:
+        meta = engine.runner.prepare(decode_plan(seqs)).meta
+        c = engine.config
+        k_cache, v_cache = engine.kv.k_caches[0], engine.kv.v_caches[0]
+        shape = (batch, c.num_kv_heads, c.head_dim)
+        new_k, new_v = (torch.randn(shape, device=engine.device, dtype=engine.dtype) for _ in range(2))
+        write_kv(k_cache, v_cache, new_k, new_v, meta)  # the new token's slot, as the model would
+        q = torch.randn(batch, c.num_heads, c.head_dim, device=engine.device, dtype=engine.dtype)
+        scale = c.head_dim ** -0.5
+        expected = paged_attention_reference(q, k_cache, v_cache, meta, scale).float()
+        kv_bytes = 2 * batch * context * c.num_kv_heads * c.head_dim * engine.dtype.itemsize
+        rows = []
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    cfg = dk.DecodeConfig(block_n, warps, stages)
+                    run = lambda: dk.paged_decode_attention(q, k_cache, v_cache, meta, scale, config=cfg)  # noqa: E731
+                    try:
+                        err = (run().float() - expected).abs().max().item()
+                        ms = triton.testing.do_bench(run, warmup=10, rep=100)
+                    except Exception as e:  # out of shared memory or registers
+                        rows.append(dict(config=asdict(cfg), error=type(e).__name__))
+                        continue
+                    rows.append(dict(config=asdict(cfg), ms=ms, max_abs_err=err,
+                                     roofline_ratio=ms / 1e3 / (kv_bytes / bandwidth)))
+    finally:
+        free(engine, seqs)
+    rows.sort(key=lambda r: r.get("ms", float("inf")))
+    return dict(phase="decode_kernel_sweep", model=engine.source.name, batch=batch, context=context,
+                kv_bytes_layer=kv_bytes, roofline_ms=kv_bytes / bandwidth * 1e3, rows=rows)
+
+
+# ---- activation --------------------------------------------------------------------------------
+def activation_case(engine: LLMEngine, h2d_bandwidth: float, repeats: int = 3) -> dict:
+    """Evict (unmap weights and KV) and activate again (map, copy the weights in from the
+    pinned host copy); ceiling: weight bytes over the pinned host-to-device rate."""
+    times = []
+    for _ in range(repeats):
+        engine.evict()
+        sync(engine.device)
+        t0 = time.perf_counter()
+        engine.activate()  # synchronizes the device
+        times.append(time.perf_counter() - t0)
+    time_s = statistics.median(times)
+    ceiling_s = engine.weights.num_bytes / h2d_bandwidth
+    return dict(phase="activation", model=engine.source.name, batch=0, context=0, steps=repeats,
+                time_ms=time_s * 1e3, roofline_ms=ceiling_s * 1e3, roofline_ratio=time_s / ceiling_s,
+                weight_bytes=engine.weights.num_bytes, GBps=engine.weights.num_bytes / time_s / 1e9,
+                all_ms=[t * 1e3 for t in times])
+
+
+# ---- elastic memory overhead -----------------------------------------------------------------
+def _served(engine: LLMEngine, prompts: list[list[int]], output_len: int, one_by_one: bool) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    if one_by_one:
+        outs = [engine.generate([p], params)[0] for p in prompts]
+    else:
+        outs = engine.generate(prompts, params)
+    return dict(ttft_ms=statistics.median(o.metrics["ttft"] for o in outs) * 1e3,
+                tpot_ms=statistics.median(o.metrics["tpot"] for o in outs) * 1e3)
+
+
+def elastic_overhead_case(engine: LLMEngine, alone: tuple[int, int, int] = (8, 1024, 64),
+                          together: tuple[int, int, int] = (64, 512, 256)) -> list[dict]:
+    """The same requests served with KV pages mapped on demand (and unmapped when free) and
+    with every page the pool allows mapped up front: TTFT and TPOT medians, ratio elastic /
+    static. Two loads of (requests, prompt, output) tokens: `alone`, one request at a time
+    (each prefill maps its pages anew), and `together`, all at once (decodes map pages as they
+    grow)."""
+    vocab = engine.config.vocab_size
+    loads = [("alone", random_prompts(vocab, [alone[1]] * alone[0], seed=2), alone[2], True),
+             (f"batch{together[0]}", random_prompts(vocab, [together[1]] * together[0], seed=3), together[2], False)]
+    _served(engine, loads[0][1][:2], 8, True)  # warm-up
+    results = {}
+    for mode in ("elastic", "static", "elastic again"):
+        if mode == "static":
+            engine.blocks.keep_mapped(engine.blocks.num_virtual_pages)
+        else:
+            engine.blocks.num_spare_pages = 1
+            engine.blocks.release_all_free_pages()
+        results[mode] = {name: _served(engine, prompts, out, alone) for name, prompts, out, alone in loads}
+    engine.blocks.num_spare_pages = 1
+    engine.blocks.release_all_free_pages()
+    cases = []
+    for name, *_ in loads:
+        for metric in ("ttft_ms", "tpot_ms"):
+            elastic = statistics.mean(results[m][name][metric] for m in ("elastic", "elastic again"))
+            static = results["static"][name][metric]
+            cases.append(dict(phase="elastic_overhead", model=engine.source.name, load=name, metric=metric,
+                              time_ms=elastic, roofline_ms=static, roofline_ratio=elastic / static,
+                              runs={m: results[m][name][metric] for m in results}))
+    return cases
+
+
+# ---- two models on two streams ---------------------------------------------------------------
+def _decode_launch(engine: LLMEngine, seqs: list[Sequence]) -> torch.Tensor:
+    """One decode step's forward (graph replay) and greedy pick, launched, not waited for."""
+    hb = engine.runner.host_batch(decode_plan(seqs))
+    hidden = engine.runner._sampled_hidden(hb)
+    return engine.runner.model.logits(hidden).argmax(dim=-1)
+
+
+def two_streams_case(a: LLMEngine, b: LLMEngine, batch: int, context: int, steps: int = 20) -> dict:
+    """Decode steps of two models (the same batch and context each) run alternately on one
+    stream against concurrently on two streams. The KV slot of each step is rewritten, so
+    every repetition does the same work. Each engine's graphs must have their own memory pool
+    (engine.py captures them so): graphs sharing a pool cannot run at the same time."""
+    seqs = {e: prefilled(e, batch, context, extra_tokens=1) for e in (a, b)}
+    streams = {a: torch.cuda.Stream(a.device), b: torch.cuda.Stream(b.device)}
+
+    def alternated():
+        for e in (a, b):
+            _decode_launch(e, seqs[e])
+
+    def concurrent():
+        main = torch.cuda.current_stream(a.device)
+        for e in (a, b):
+            streams[e].wait_stream(main)
+            with torch.cuda.stream(streams[e]):
+                _decode_launch(e, seqs[e])
+        for e in (a, b):
+            main.wait_stream(streams[e])
+
+    timed = {}
+    with torch.inference_mode():
+        for name, fn in (("alternated", alternated), ("concurrent", concurrent)):
+            for _ in range(3):
+                fn()
+            sync(a.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(a.device)
+            timed[name] = (time.perf_counter() - t0) / steps
+    for e in (a, b):
+        free(e, seqs[e])
+    return dict(phase="two_streams", model=f"{a.model_id} + {b.model_id}", batch=batch, context=context,
+                time_ms=timed["concurrent"] * 1e3, roofline_ms=timed["alternated"] * 1e3,
+                roofline_ratio=timed["concurrent"] / timed["alternated"],
+                note="ceiling column: the same two steps alternated on one stream")
+
+
+# ---- offline throughput ----------------------------------------------------------------------
+class StepTimes:
+    """Wall time of an engine's step phases, by wrapping its bound methods for one run: what
+    the host spends (scheduling, batch building, bookkeeping) against forward + sampling."""
+
+    def __init__(self, engine: LLMEngine):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.steps: dict[str, int] = defaultdict(int)
+        self._undo = []
+        self._wrap(engine.scheduler, "schedule", "schedule")
+        self._wrap(engine.runner, "host_batch", "host batch (inside the steps)")
+        self._wrap(engine.runner, "execute", "", count_kind=True)  # forward + sampling, by kind
+        self._wrap(engine.scheduler, "commit", "commit")
+        self._wrap(engine, "step", "engine.step (all of the above and bookkeeping)")
+
+    def _wrap(self, obj, name: str, label: str, count_kind: bool = False) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if count_kind:
+                    plan = args[0]
+                    kind = "decode" if all(c.num_tokens == 1 for c in plan.chunks) else "mixed"
+                    self.steps[kind] += 1
+                    self.seconds[f"{kind} steps"] += time.perf_counter() - t0
+                else:
+                    self.seconds[label] += time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+        self._undo.append((obj, name))
+
+    def restore(self) -> None:
+        for obj, name in reversed(self._undo):
+            delattr(obj, name)  # back to the class's method
+
+
+def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str) -> dict:
+    """All requests submitted at once to engine.generate (continuous batching); output tokens
+    per second, and where the wall time went."""
+    prompts = random_prompts(engine.config.vocab_size, [n for n, _ in lengths])
+    params = [SamplingParams(temperature=0, max_tokens=out, ignore_eos=True) for _, out in lengths]
+    engine.generate(prompts[:8], params[:8])  # warm-up
+    times = StepTimes(engine)
+    sync(engine.device)
+    t0 = time.perf_counter()
+    try:
+        outs = engine.generate(prompts, params)
+        sync(engine.device)
+    finally:
+        times.restore()
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.token_ids) for o in outs)
+    in_tokens = sum(n for n, _ in lengths)
+    return dict(phase="offline", model=engine.source.name, lengths=label,
+                batch=engine.scheduler.config.max_num_seqs, requests=len(lengths),
+                input_len=in_tokens / len(lengths), output_len=out_tokens / len(lengths),
+                time_ms=elapsed * 1e3, output_tokens=out_tokens,
+                output_tokens_per_s=out_tokens / elapsed, total_tokens_per_s=(out_tokens + in_tokens) / elapsed,
+                seconds={k: round(v, 6) for k, v in times.seconds.items()}, steps=dict(times.steps))
