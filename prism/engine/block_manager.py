@@ -40,6 +40,7 @@ class BlockManager:
         # Keep a few fully free pages mapped: a decode that crosses a block boundary right
         # after a request finished should not pay an unmap + map round trip.
         self.num_spare_pages = num_spare_pages
+        self._ahead_pages = 0  # free pages map_ahead asked to keep for the next step
         self._free_in_page: dict[int, list[int]] = {}  # mapped page -> its free block ids
         self._unmapped_pages: list[int] = list(range(num_virtual_pages))  # min-heap
         self._pages_with_free: list[int] = []  # min-heap of mapped pages that have free blocks
@@ -140,7 +141,7 @@ class BlockManager:
             1 for f in self._free_in_page.values() if len(f) == self.blocks_per_page
         )
         for page in empty:
-            if num_empty_total <= self.num_spare_pages:
+            if num_empty_total <= max(self.num_spare_pages, self._ahead_pages):
                 break
             self._unmap_page(page)
             num_empty_total -= 1
@@ -150,6 +151,23 @@ class BlockManager:
         self._num_free_mapped_blocks -= self.blocks_per_page
         self.mapper.unmap_page(page)
         heapq.heappush(self._unmapped_pages, page)
+
+    def map_ahead(self, num_blocks: int) -> None:
+        """Map pages until `num_blocks` blocks are free (as far as the pool has room, never
+        taking from anyone) and keep that many free pages mapped: the engine calls this with
+        the next step's needs while the GPU runs the current step, so mapping (tens of
+        microseconds per page per layer) leaves the critical path."""
+        while self._num_free_mapped_blocks < num_blocks and self._unmapped_pages \
+                and self.mapper.num_mappable_pages() > 0 and self._map_new_page():
+            pass
+        self._ahead_pages = -(-num_blocks // self.blocks_per_page)
+
+    def trim(self) -> None:
+        """Unmap the free pages beyond those kept (spares, map_ahead's target): called after a
+        step, when the device is idle anyway (an unmap waits for the device)."""
+        keep = max(self.num_spare_pages, self._ahead_pages)
+        if self._num_free_mapped_blocks >= (keep + 1) * self.blocks_per_page:  # else none to trim
+            self._unmap_empty_pages(set(self._free_in_page))
 
     def keep_mapped(self, num_pages: int) -> int:
         """Map pages until num_pages are mapped (or the pool says no) and keep every mapped

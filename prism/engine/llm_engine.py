@@ -247,7 +247,7 @@ class LLMEngine:
         for chunk in plan.chunks:
             if chunk.seq.admitted_time is None:
                 chunk.seq.admitted_time = now
-        sampled = self.runner.execute(plan)
+        sampled = self.runner.execute(plan, lambda: self.blocks.map_ahead(self._blocks_for_next_step(plan)))
         self.scheduler.commit(plan)
         now = self.clock()
         finished = []
@@ -256,7 +256,27 @@ class LLMEngine:
             self._events.append(event)
             if event.finish_reason is not None:
                 finished.append(self._finish(seq, event.finish_reason, now))
+        if not self.scheduler.has_work:
+            self.blocks.map_ahead(0)  # idle: keep no pages for a next step that may not come
+        self.blocks.trim()
         return finished
+
+    def _blocks_for_next_step(self, plan: StepPlan) -> int:
+        """KV blocks the step after `plan` will likely take: one per sequence whose next token
+        starts a block, plus those of the prefill tokens the token budget lets in."""
+        bs = self.blocks.block_size
+        decodes = prefill = 0
+        for chunk in plan.chunks:
+            if chunk.samples:  # next step writes position num_tokens (this step's token)
+                decodes += chunk.seq.num_tokens % bs == 0
+            else:  # a chunked prefill goes on
+                prefill += chunk.seq.num_tokens - chunk.start - chunk.num_tokens
+        budget = self.scheduler.config.max_num_batched_tokens
+        for seq in itertools.islice(self.scheduler.waiting, 64):
+            if prefill >= budget:
+                break
+            prefill += seq.num_uncomputed_tokens
+        return decodes + -(-min(prefill, budget) // bs)
 
     def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> CompletionOutput:
         tail, out = self.outputs.finish(seq, reason, now)

@@ -6,6 +6,7 @@ static buffers of a captured CUDA graph for a pure decode step -> sampled token 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -140,11 +141,16 @@ class ModelRunner:
         return hidden[batch.logits_indices]
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[tuple[Sequence, int]]:
-        """Run one step; returns (sequence, sampled token) for each sequence that samples."""
+    def execute(self, plan: StepPlan, while_gpu_runs: Callable[[], None] | None = None
+                ) -> list[tuple[Sequence, int]]:
+        """Run one step; returns (sequence, sampled token) for each sequence that samples.
+        `while_gpu_runs` is called once the step is queued on the device and before waiting
+        for its tokens: host work placed there overlaps the GPU's."""
         hb = self.host_batch(plan)
         hidden = self._sampled_hidden(hb)
         if not hb.sampled_seqs:
+            if while_gpu_runs is not None:
+                while_gpu_runs()
             return []
         logits = self.model.logits(hidden)
         params = [s.params for s in hb.sampled_seqs]
@@ -153,6 +159,8 @@ class ModelRunner:
         tp = self.model.tp
         if tp is not None and not all(p.greedy for p in params):
             tokens = tp.broadcast(tokens)
+        if while_gpu_runs is not None:
+            while_gpu_runs()
         return list(zip(hb.sampled_seqs, tokens.tolist()))
 
     @torch.inference_mode()

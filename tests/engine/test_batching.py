@@ -159,3 +159,36 @@ def test_serving_compiles_no_kernel_after_start(folder):
     finally:
         engine.close()
     assert after == before
+
+
+def test_kv_pages_are_mapped_while_the_step_runs_not_when_the_next_is_planned(folder):
+    """Growing sequences map their next pages during the previous step (map_ahead), so after
+    the first step the scheduler finds its blocks mapped already."""
+    engine = engine_for(folder, block_size=4, max_num_batched_tokens=256)
+    mapped_while_planning = []
+    inner_map, inner_schedule = engine.kv.map_page, engine.scheduler.schedule
+    planning = [False]
+
+    def map_page(page):
+        if planning[0]:
+            mapped_while_planning.append(page)
+        return inner_map(page)
+
+    def schedule():
+        planning[0] = True
+        try:
+            return inner_schedule()
+        finally:
+            planning[0] = False
+
+    engine.blocks.mapper.map_page = map_page
+    engine.scheduler.schedule = schedule
+    try:
+        engine.add_request([7] * 10, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        engine.step()  # the prefill maps its pages when planned: nothing could be ahead
+        first = len(mapped_while_planning)
+        while engine.has_unfinished:
+            engine.step()
+    finally:
+        engine.close()
+    assert first >= 1 and len(mapped_while_planning) == first

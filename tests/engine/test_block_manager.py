@@ -94,3 +94,21 @@ def test_keep_mapped_holds_pages_until_spares_are_lowered():
     bm.num_spare_pages = 1
     bm.release_all_free_pages()
     assert bm.num_mapped_pages == 0 and not mapper.mapped
+
+
+def test_map_ahead_maps_free_pages_and_keeps_them_through_a_free():
+    mapper = CountingMapper(budget=6)
+    bm = BlockManager(num_virtual_pages=10, blocks_per_page=4, block_size=2, mapper=mapper, num_spare_pages=0)
+    bm.map_ahead(9)  # 3 pages
+    assert len(mapper.mapped) == 3 and bm.num_free_blocks == 12
+    a = seq()
+    assert bm.allocate(a, 2 * 9)
+    assert len(mapper.mapped) == 3  # nothing mapped at allocation: it was done ahead
+    bm.free(a)
+    assert len(mapper.mapped) == 3  # still wanted for the next step
+    bm.map_ahead(100)  # more than the pool has: takes what is free, never fails
+    assert len(mapper.mapped) == 6
+    bm.map_ahead(0)
+    assert len(mapper.mapped) == 6  # not unmapped while the GPU may run a step
+    bm.trim()  # after the step
+    assert not mapper.mapped
