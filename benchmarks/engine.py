@@ -232,7 +232,7 @@ def main() -> int:
 def build_engine(model: str, args, max_seqs: int, pool=None, model_id=None) -> LLMEngine:
     return LLMEngine(
         model, EngineConfig(block_size=16, max_num_seqs=max_seqs,
-                            max_num_batched_tokens=max(8192, *args.prefill), kernels=args.kernels,
+                            max_num_batched_tokens=max([8192, *args.prefill]), kernels=args.kernels,
                             cuda_graph_max_batch=0 if args.no_graphs else max(256, max_seqs)),
         DeviceConfig("cuda:0", int(args.memory_gib * 2**30)), pool=pool, model_id=model_id,
         show_progress=True, keep_host_copy=args.activation,
