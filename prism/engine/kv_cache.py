@@ -1,9 +1,12 @@
-"""Paged KV cache over elastic arenas: one arena for each layer's K and one for its V.
+"""Paged KV cache over one elastic arena, page-major: KV page p is 2 x num_layers physical
+pages in a row (layer 0's K, layer 0's V, layer 1's K, ...), mapped with one call.
 
-KV page p is page p of all 2 x num_layers arenas at once; it holds `tokens_per_page` token
-slots (whole blocks only, so a block never straddles a page). Each layer's cache is a strided
-view [num_pages, tokens_per_page, num_kv_heads, head_dim] whose address never changes, so
-block tables and (later) CUDA graphs stay valid while pages come and go.
+A KV page holds `tokens_per_page` token slots in every layer (whole blocks only, so a block
+never straddles a page). Each layer's cache is a strided view [num_pages, tokens_per_page,
+num_kv_heads, head_dim] whose address never changes, so block tables and CUDA graphs stay
+valid while pages come and go. Page-major because a driver call costs about the same for one
+page as for a hundred: one arena per layer (2 x num_layers calls per KV page) made growing a
+batch's KV cost ~20% of its time to first token on an H100 (benchmarks/engine.py --elastic).
 """
 from __future__ import annotations
 
@@ -55,48 +58,45 @@ class PagedKVCache:
         self.pool = pool
         self.owner = Owner(model_id, "kv")
         self.num_layers = config.num_layers
-        nbytes = layout.num_virtual_pages * layout.page_size
-        self._arenas = [Arena(pool, self.owner, nbytes) for _ in range(2 * config.num_layers)]
-        self.k_caches = [self._layer_view(a) for a in self._arenas[0::2]]
-        self.v_caches = [self._layer_view(a) for a in self._arenas[1::2]]
+        self._pages_per_kv_page = 2 * config.num_layers
+        nbytes = layout.num_virtual_pages * layout.page_size * self._pages_per_kv_page
+        self._arena: Arena | None = Arena(pool, self.owner, nbytes)
+        self.k_caches = [self._layer_view(2 * n) for n in range(config.num_layers)]
+        self.v_caches = [self._layer_view(2 * n + 1) for n in range(config.num_layers)]
 
-    def _layer_view(self, arena: Arena) -> torch.Tensor:
+    def _layer_view(self, index: int) -> torch.Tensor:
+        """The view of physical page `index` of every KV page (2n: layer n's K, 2n+1: its V)."""
         lay = self.layout
         elems_per_page = lay.page_size // lay.dtype.itemsize
-        flat = arena.tensor.view(lay.dtype)
+        flat = self._arena.tensor.view(lay.dtype)
         return flat.as_strided(
             (lay.num_virtual_pages, lay.tokens_per_page, lay.num_kv_heads, lay.head_dim),
-            (elems_per_page, lay.num_kv_heads * lay.head_dim, lay.head_dim, 1),
+            (elems_per_page * self._pages_per_kv_page, lay.num_kv_heads * lay.head_dim, lay.head_dim, 1),
+            flat.storage_offset() + index * elems_per_page,
         )
 
     # ---- PageMapper ----------------------------------------------------------------------
     @property
     def pages_per_kv_page(self) -> int:
-        return len(self._arenas)
+        return self._pages_per_kv_page
 
     def num_mappable_pages(self) -> int:
         return mappable_kv_pages(self.pool, self.owner, self.pages_per_kv_page)
 
     def map_page(self, page: int) -> bool:
-        if not self.pool.can_allocate(self.owner, self.pages_per_kv_page):
-            return False
-        for i, arena in enumerate(self._arenas):
-            if not arena.map(page, 1):
-                for done in self._arenas[:i]:
-                    done.unmap(page, 1)
-                return False
-        return True
+        n = self._pages_per_kv_page
+        return self._arena.map(page * n, n, chunk_pages=n)  # all or nothing
 
     def unmap_page(self, page: int) -> None:
-        for arena in self._arenas:
-            arena.unmap(page, 1)
+        n = self._pages_per_kv_page
+        self._arena.unmap(page * n, n)
 
     # ---- lifetime ------------------------------------------------------------------------
     @property
     def num_mapped_pages(self) -> int:
-        return self._arenas[0].num_mapped_pages
+        return self._arena.num_mapped_pages // self._pages_per_kv_page if self._arena else 0
 
     def close(self) -> None:
-        for arena in self._arenas:
-            arena.close()
-        self._arenas = []
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None

@@ -45,11 +45,10 @@ def make_batch(seqs, *, num_kv_heads, group, head_dim, block_size, blocks_per_pa
     lay = KVLayout(block_size=block_size, blocks_per_page=blocks_per_page, num_virtual_pages=num_pages,
                    page_size=page_size, dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim)
 
-    def cache():
-        arena = torch.full((num_pages * page_size // elem,), float("nan"), dtype=dtype, device=device)
-        return PagedKVCache._layer_view(SimpleNamespace(layout=lay), SimpleNamespace(tensor=arena.view(torch.uint8)))
-
-    k_cache, v_cache = cache(), cache()
+    # One layer's K and V pages interleaved page by page, as the engine's page-major arena has them.
+    arena = torch.full((2 * num_pages * page_size // elem,), float("nan"), dtype=dtype, device=device)
+    kv = SimpleNamespace(layout=lay, _arena=SimpleNamespace(tensor=arena.view(torch.uint8)), _pages_per_kv_page=2)
+    k_cache, v_cache = (PagedKVCache._layer_view(kv, i) for i in (0, 1))
     assert k_cache.stride(0) > lay.tokens_per_page * num_kv_heads * head_dim
 
     free = list(range(num_pages * blocks_per_page))
