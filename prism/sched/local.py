@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from prism.sched.moore_hodgson import Job, moore_hodgson
-from prism.sched.residency import plan_residency
+from prism.sched.residency import IDLE_EVICT_MODES, plan_residency
 from prism.sched.swap import plan_swap
 from prism.sched.view import CostModel, DeviceView, RequestView, StepDecision
 
@@ -32,7 +32,9 @@ POLICIES = ("prism", "fcfs")
 @dataclass(frozen=True)
 class LocalSchedulerConfig:
     policy: str = "prism"  # "prism" (SLO-aware) or "fcfs" (baseline: arrival order everywhere)
-    idle_evict_s: float = 45.0  # evict a resident model with no requests after this long idle
+    idle_evict_s: float = 45.0  # a resident model with no requests this long may be evicted...
+    # ...when: "pressure" (the device's work wants its pages: see residency.py) or "always"
+    idle_evict: str = "pressure"
     swap_idle_s: float = 2.0  # under activation pressure, models idle this long (no requests) may go
     kv_headroom_pages: int = 0  # pages to keep free beyond a model's weights when activating it
     # Time-sharing only (the `swap` baseline): at most this many resident models, served in
@@ -47,6 +49,8 @@ class LocalSchedulerConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown local scheduling policy {self.policy!r}; use one of {POLICIES}")
+        if self.idle_evict not in IDLE_EVICT_MODES:
+            raise ValueError(f"unknown idle_evict mode {self.idle_evict!r}; use one of {IDLE_EVICT_MODES}")
         if self.idle_evict_s < 0 or self.swap_idle_s < 0 or self.kv_headroom_pages < 0:
             raise ValueError(f"scheduler knobs must be >= 0: {self}")
         if self.max_resident is not None and self.max_resident < 1:
@@ -134,6 +138,7 @@ class LocalScheduler:
                 view,
                 (r.model_id for r in admission.order),
                 idle_evict_s=self.config.idle_evict_s,
+                idle_evict=self.config.idle_evict,
                 swap_idle_s=self.config.swap_idle_s,
                 kv_headroom_pages=self.config.kv_headroom_pages,
             )

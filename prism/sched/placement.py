@@ -33,7 +33,11 @@ Choices where the brief is silent:
   request and the time this scheduler first saw (or put) it on the device, so a model placed
   before any traffic gets `idle_evict_s` of grace like everyone else.
 - A pinned model lives only on its pinned device; it can still be evicted when idle.
-- Idle evictions of a periodic pass count as freed memory for that pass's migrations.
+- Idle evictions of a periodic pass count as freed memory for that pass's migrations. They
+  happen only under `idle_evict: always`; under "pressure" (the default) an idle model stays
+  until an activation needs its memory (make-room here, or the device's own residency rules,
+  which also evict for KV demand): an eviction nobody needed makes its next request pay the
+  weight copy.
 - Among moves with the same gain (moving a model off the hottest device often leaves the
   same maximum whichever cooler device takes it), the one that leaves the target with the
   lower KVPR wins; then source device_id, model_id, target device_id.
@@ -50,6 +54,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
+from prism.sched.residency import IDLE_EVICT_MODES
 
 EVICT_REASONS = ("idle", "make-room", "migration")
 
@@ -57,7 +62,10 @@ EVICT_REASONS = ("idle", "make-room", "migration")
 @dataclass(frozen=True)
 class GlobalSchedulerConfig:
     rate_window_s: float = 60.0  # the window of the token rates the server feeds the view
-    idle_evict_s: float = 45.0  # evict a model with no pending requests and no request this long
+    idle_evict_s: float = 45.0  # a model with no pending requests and no request this long...
+    # ...is evicted by periodic(): "always", or "pressure": never there; only when memory is
+    # wanted (on_request's make-room here, KV demand and activations on the device).
+    idle_evict: str = "pressure"
     placement_period_s: float = 10.0  # periodic() does its work at most this often
     # Migrate only if it lowers max(KVPR(src), KVPR(dst)) by more than this fraction.
     migration_threshold: float = 0.2
@@ -72,6 +80,8 @@ class GlobalSchedulerConfig:
                  self.migration_cooldown_s, self.max_migrations_per_period)
         if any(k < 0 for k in knobs):
             raise ValueError(f"global scheduler knobs must be >= 0: {self}")
+        if self.idle_evict not in IDLE_EVICT_MODES:
+            raise ValueError(f"unknown idle_evict mode {self.idle_evict!r}; use one of {IDLE_EVICT_MODES}")
         if not 0 <= self.kv_headroom_fraction < 1:
             raise ValueError(f"kv_headroom_fraction must be in [0, 1): {self}")
 
@@ -279,6 +289,8 @@ class GlobalScheduler:
         return max(last_request, self._on_device_since.get((model_id, device_id), -math.inf))
 
     def _idle_evictions(self, view: ClusterView) -> list[Evict]:
+        if self.config.idle_evict != "always":
+            return []  # under "pressure", idle models go only when their memory is wanted
         return [
             Evict(m, d.device_id, "idle")
             for d in sorted(view.devices, key=lambda d: d.device_id)

@@ -281,8 +281,9 @@ class DeviceCore(ABC):
             return
         for m in self._touched:
             e = self.engines[m]
-            self._views[m] = ModelView(m, e.resident, self.last_used[m], self._sizes[m].weight_pages,
-                                       e.num_kv_pages)
+            sizes = self._sizes[m]
+            self._views[m] = ModelView(m, e.resident, self.last_used[m], sizes.weight_pages, e.num_kv_pages,
+                                       kv_pages_per_token=sizes.kv_bytes_per_token / self.pool.page_size)
             (self._busy.add if e.has_unfinished else self._busy.discard)(m)
         self._touched.clear()
         self._model_views = tuple(sorted(self._views.values(), key=lambda v: self._order[v.model_id]))

@@ -37,9 +37,9 @@ def decoding(req_id, model_id, arrival, *, last, tpot=0.1, prompt=100):
                out=1, running=True, first=last, last=last)
 
 
-def model(model_id, *, resident=True, last_used=0.0, weight=10, kv=0, activating=False):
+def model(model_id, *, resident=True, last_used=0.0, weight=10, kv=0, activating=False, kv_per_token=0.0):
     return ModelView(model_id=model_id, resident=resident, last_used=last_used, weight_pages=weight,
-                     kv_pages=kv, activating=activating)
+                     kv_pages=kv, activating=activating, kv_pages_per_token=kv_per_token)
 
 
 def view(now, models, requests, *, free=100, budget=1000):
@@ -64,6 +64,8 @@ def test_config_rejects_unknown_policy_and_negative_knobs():
         LocalSchedulerConfig(policy="edf")
     with pytest.raises(ValueError):
         LocalSchedulerConfig(idle_evict_s=-1.0)
+    with pytest.raises(ValueError, match="idle_evict"):
+        LocalSchedulerConfig(idle_evict="never")
 
 
 # ---- slack ----------------------------------------------------------------------------------
@@ -283,11 +285,34 @@ def test_activating_models_are_neither_run_nor_activated_again_nor_evicted():
 
 
 @pytest.mark.parametrize("idle_for, evicted", [(44.9, False), (45.0, True), (100.0, True)])
-def test_idle_eviction_after_idle_evict_s_but_not_before(idle_for, evicted):
+def test_idle_evict_always_evicts_after_idle_evict_s_but_not_before(idle_for, evicted):
     models = [model("idle", last_used=100.0 - idle_for), model("busy", last_used=0.0)]
     requests = [decoding("b", "busy", 0.0, last=99.99, tpot=1.0)]
-    decision = sched().decide(view(100.0, models, requests))
+    decision = sched(idle_evict="always").decide(view(100.0, models, requests))
     assert decision.evict == (("idle",) if evicted else ())
+
+
+def kv_pressure_view(busy_kv_per_token):
+    models = [
+        model("busy", last_used=99.0, kv_per_token=busy_kv_per_token),
+        model("old", last_used=10.0, weight=10),
+        model("older", last_used=0.0, weight=60),
+        model("oldest", last_used=-5.0, weight=5, resident=False),  # gone already
+        model("recent", last_used=80.0, weight=500),  # idle 20 s < idle_evict_s
+    ]
+    # prompt 100 + max_tokens 64: 164 tokens, all still to be cached
+    return view(100.0, models, [req("b", "busy", 99.9, 1.0)], free=100)
+
+
+def test_idle_models_stay_while_nothing_needs_their_memory():
+    assert sched().decide(kv_pressure_view(0.5)).evict == ()  # wants 82 pages of 100 free
+
+
+def test_kv_demand_evicts_long_idle_models_longest_idle_first_and_only_as_needed():
+    # wants 164 pages, 100 free: "older" (60) and "old" (10) cover it; "recent" is not idle long
+    assert sched().decide(kv_pressure_view(1.0)).evict == ("older", "old")
+    assert sched().decide(kv_pressure_view(0.7)).evict == ("older",)  # wants 115
+    assert sched().decide(kv_pressure_view(9.0)).evict == ("older", "old")  # all it may take
 
 
 # ---- invariants on random views -------------------------------------------------------------

@@ -67,7 +67,8 @@ def test_burst_grows_kv_into_pages_another_model_freed():
 
 def test_idle_model_is_evicted_and_reactivated_with_identical_output():
     clock = ManualClock()
-    worker = make_worker(("smollm2-135m", TINY[0]), kv_groups=8, clock=clock, idle_evict_s=45)
+    worker = make_worker(("smollm2-135m", TINY[0]), kv_groups=8, clock=clock, idle_evict_s=45,
+                         idle_evict="always")
     try:
         prompt = "The capital of France is"
         worker.add_request("m0", prompt, greedy(12))
