@@ -74,6 +74,8 @@ class SchedulerEntry(BaseModel):
     # "always" (prism system; the swap baseline always evicts idle models)
     idle_evict: str = Field("pressure", pattern="^(pressure|always)$")
     swap_idle_s: float = Field(2.0, ge=0)
+    # A late request contends like on-time work after waiting this many TTFT SLOs (prism policy)
+    late_contender_ttft_multiple: float = Field(3.0, gt=0)
     rate_window_s: float = Field(60.0, gt=0)
     placement_period_s: float = Field(10.0, gt=0)
     migration_threshold: float = Field(0.2, ge=0)
@@ -181,7 +183,8 @@ def system_configs(s: SchedulerEntry) -> tuple[LocalSchedulerConfig, GlobalSched
     never = float("inf")
     if s.system == "prism":
         local = LocalSchedulerConfig(policy=s.policy, idle_evict_s=s.idle_evict_s, idle_evict=s.idle_evict,
-                                     swap_idle_s=s.swap_idle_s)
+                                     swap_idle_s=s.swap_idle_s,
+                                     late_contender_ttft_multiple=s.late_contender_ttft_multiple)
         migrate, idle, when = s.migration_threshold, s.idle_evict_s, s.idle_evict
     elif s.system == "swap":
         local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1)

@@ -64,6 +64,8 @@ def test_config_rejects_unknown_policy_and_negative_knobs():
         LocalSchedulerConfig(policy="edf")
     with pytest.raises(ValueError):
         LocalSchedulerConfig(idle_evict_s=-1.0)
+    with pytest.raises(ValueError):
+        LocalSchedulerConfig(late_contender_ttft_multiple=0.0)
     with pytest.raises(ValueError, match="idle_evict"):
         LocalSchedulerConfig(idle_evict="never")
 
@@ -199,10 +201,31 @@ def test_late_waiting_work_runs_when_nothing_deserving_is_runnable():
 
 def test_late_work_steals_slack_only_when_it_fits():
     relaxed = decoding("d", "A", 0.0, last=10.0, tpot=0.5)  # slack 0.49
-    short_late = req("late", "B", 0.0, 0.1, prompt=400)  # 0.4 s of prefill fits
-    long_late = req("late", "B", 0.0, 0.1, prompt=600)  # 0.6 s would make the decode late
+    # late, not yet overdue (waited 2x its TTFT SLO)
+    short_late = req("late", "B", 9.8, 0.1, prompt=400)  # 0.4 s of prefill fits
+    long_late = req("late", "B", 9.8, 0.1, prompt=600)  # 0.6 s would make the decode late
     assert sched().decide(view(10.0, AB, [relaxed, short_late])).run_model == "B"
     assert sched().decide(view(10.0, AB, [relaxed, long_late])).run_model == "A"
+
+
+def test_late_work_behind_nonstop_decodes_contends_once_overdue():
+    # A and B decode without pause (40 ms of slack each step); C's late prefill (100 ms) never
+    # fits into that slack, so slack stealing alone would hold it back for as long as they run.
+    decodes = [decoding("a", "A", 0.0, last=9.95), decoding("b", "B", 0.0, last=9.95)]
+    abc = [*AB, model("C")]
+    just_late = req("c", "C", 9.75, 0.1)  # waited 2.5x its TTFT SLO
+    overdue = req("c", "C", 9.65, 0.1)  # waited 3.5x
+    assert sched().decide(view(10.0, abc, [*decodes, just_late])).run_model in ("A", "B")
+    assert sched().decide(view(10.0, abc, [*decodes, overdue])).run_model == "C"
+    no_bound = sched(late_contender_ttft_multiple=float("inf"))
+    assert no_bound.decide(view(10.0, abc, [*decodes, overdue])).run_model in ("A", "B")
+
+
+def test_overdue_work_is_not_postponed_by_on_time_prefills_that_fit():
+    relaxed = decoding("d", "A", 0.0, last=10.0, tpot=0.5)  # 490 ms of slack
+    on_time = req("new", "A", 10.0, 1.0, prompt=50)  # fits into the decode's slack
+    overdue = req("old", "B", 0.0, 0.1, prompt=600)  # too long to steal that slack
+    assert sched().decide(view(10.0, AB, [relaxed, on_time, overdue])).run_model == "B"
 
 
 def test_nothing_to_run():

@@ -14,8 +14,10 @@ def test_defaults_and_conversions():
     assert c.host == "127.0.0.1" and c.port == 8000 and c.api_key is None
     assert c.local.policy == "prism" and c.global_.idle_evict_s == 45.0
     assert c.local.idle_evict == c.global_.idle_evict == "pressure"
-    old = parse_config({**BASE, "scheduler": {"idle_evict": "always"}})
+    assert c.local.late_contender_ttft_multiple == 3.0
+    old = parse_config({**BASE, "scheduler": {"idle_evict": "always", "late_contender_ttft_multiple": 2}})
     assert old.local.idle_evict == old.global_.idle_evict == "always"
+    assert old.local.late_contender_ttft_multiple == 2.0
 
 
 def test_examples_parse():
