@@ -43,9 +43,11 @@ Choices where the brief is silent:
   lower KVPR wins; then source device_id, model_id, target device_id.
 - make-room victims go least recently used first: by the later of the last request and the
   time this scheduler noted the model on the device (never requested, never noted: first).
-- `Migrate` means: activate on `to_device`, then evict from `from_device` once its requests
-  there are done (the server reports that eviction with reason "migration"); meanwhile the
-  model is on both, and `route` sends new requests to the resident copy with the lower KVPR.
+- `Migrate` means: activate on `to_device`; the source keeps serving until the target is
+  resident, then drains (serves every request it holds, takes no new one) and is evicted
+  (ClusterControl carries this out; the source is `DeviceState.draining` meanwhile). `route`
+  sends new requests to the resident, not draining copy with the lower KVPR, so no request
+  waits at a source that is leaving.
 """
 from __future__ import annotations
 
@@ -166,8 +168,13 @@ def _without_models(device: DeviceState, model_ids: Iterable[str]) -> DeviceStat
 
 
 def _ready(device: DeviceState) -> list[str]:
-    """Resident and not (also) activating: the models a decision may evict or move."""
-    return sorted(m for m in device.resident if m not in device.activating)
+    """Resident, not (also) activating and not draining: the models that serve new requests
+    and that a decision may evict or move."""
+    return sorted(m for m in device.resident if _serves(device, m))
+
+
+def _serves(device: DeviceState, model_id: str) -> bool:
+    return model_id in device.resident and model_id not in device.activating and model_id not in device.draining
 
 
 # ---- the scheduler --------------------------------------------------------------------------
@@ -236,9 +243,10 @@ class GlobalScheduler:
         return [*evicts, *self._migrations(view, devices)]
 
     def route(self, view: ClusterView, model_id: str) -> str | None:
-        """The device that serves a request of `model_id` now: one where it is resident (the
-        lowest KVPR if several), or None (not ready anywhere: the request waits)."""
-        ready = [d for d in view.devices if model_id in d.resident and model_id not in d.activating]
+        """The device that serves a request of `model_id` now: one where it is resident and
+        not leaving (the lowest KVPR if several), or None (not ready anywhere: the request
+        waits)."""
+        ready = [d for d in view.devices if _serves(d, model_id)]
         if not ready:
             return None
         return min(ready, key=lambda d: (kvpr(d, view), d.device_id)).device_id

@@ -245,6 +245,16 @@ def test_route_to_the_resident_copy_with_the_lowest_kvpr():
     assert s.route(v, "nowhere") is None
 
 
+def test_route_skips_a_draining_migration_source_and_nothing_moves_it_again():
+    models = [model("A", 10), model("B", 10)]
+    source = DeviceState("d0", 100, ("A",), draining=("A",))
+    v = view(models, [source, device("d1", ["A", "B"])], rates={"A": 10, "B": 50}, pending={"A": 1, "B": 1})
+    s = sched(placement_period_s=0.0, migration_threshold=0.0)
+    assert s.route(v, "A") == "d1"  # d0's KVPR is lower, but A is leaving it
+    assert s.route(replace(v, devices=(source,)), "A") is None
+    assert all(m.model_id != "A" for m in s.periodic(v) if isinstance(m, Migrate))
+
+
 # ---- idle eviction -----------------------------------------------------------------------
 def test_idle_eviction_after_idle_evict_s_not_before_and_not_with_pending():
     models = [model("A", 10), model("B", 10)]
