@@ -34,6 +34,9 @@ class DeviceState:
     memory_bytes: int  # the device's page budget in bytes
     resident: tuple[str, ...]  # models whose weights are on it now (ready to serve)
     activating: tuple[str, ...] = ()  # models whose weights are being copied in
+    # Resident models leaving (a migration's source): they finish what they hold, take no new
+    # requests, and are evicted when done. Their weights still count here.
+    draining: tuple[str, ...] = ()
 
     @property
     def hosted(self) -> tuple[str, ...]:

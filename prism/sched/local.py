@@ -11,7 +11,8 @@ Policy "prism":
   those go first in EDD order, then the still-feasible rest by deadline, then late ones by
   arrival. Nothing is dropped.
 - Run: least slack first among each resident model's decodes and the on-time prefills taken
-  in EDD order; late work fills the gaps it fits in (see `_pick_model_prism`).
+  in EDD order; late work fills the gaps it fits in, and contends like the rest once it has
+  waited `late_contender_ttft_multiple` x its TTFT SLO (see `_pick_model_prism`).
 - Preemption victim: the request with most slack.
 Policy "fcfs" (baseline): arrival order everywhere; same residency rules.
 """
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from prism.sched.moore_hodgson import Job, moore_hodgson
-from prism.sched.residency import plan_residency
+from prism.sched.residency import IDLE_EVICT_MODES, plan_residency
 from prism.sched.swap import plan_swap
 from prism.sched.view import CostModel, DeviceView, RequestView, StepDecision
 
@@ -32,7 +33,9 @@ POLICIES = ("prism", "fcfs")
 @dataclass(frozen=True)
 class LocalSchedulerConfig:
     policy: str = "prism"  # "prism" (SLO-aware) or "fcfs" (baseline: arrival order everywhere)
-    idle_evict_s: float = 45.0  # evict a resident model with no requests after this long idle
+    idle_evict_s: float = 45.0  # a resident model with no requests this long may be evicted...
+    # ...when: "pressure" (the device's work wants its pages: see residency.py) or "always"
+    idle_evict: str = "pressure"
     swap_idle_s: float = 2.0  # under activation pressure, models idle this long (no requests) may go
     kv_headroom_pages: int = 0  # pages to keep free beyond a model's weights when activating it
     # Time-sharing only (the `swap` baseline): at most this many resident models, served in
@@ -43,16 +46,26 @@ class LocalSchedulerConfig:
     # competes with 8-10 ms GPU steps) and loses nothing while it exceeds what one step can
     # admit (max_num_seqs).
     admission_window: int = 256
+    # Starvation bound: a waiting request that missed its Moore-Hodgson slot gets the leftover
+    # slack only, which a device whose other models decode without pause never has. Once it
+    # has waited this many times its TTFT SLO it becomes a contender like on-time work (its
+    # model competes by slack, and a request that late has the least), so no request waits
+    # forever behind other models' decodes. inf: no bound (late work only steals slack).
+    late_contender_ttft_multiple: float = 3.0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown local scheduling policy {self.policy!r}; use one of {POLICIES}")
+        if self.idle_evict not in IDLE_EVICT_MODES:
+            raise ValueError(f"unknown idle_evict mode {self.idle_evict!r}; use one of {IDLE_EVICT_MODES}")
         if self.idle_evict_s < 0 or self.swap_idle_s < 0 or self.kv_headroom_pages < 0:
             raise ValueError(f"scheduler knobs must be >= 0: {self}")
         if self.max_resident is not None and self.max_resident < 1:
             raise ValueError(f"max_resident must be >= 1 or None: {self}")
         if self.admission_window < 1:
             raise ValueError(f"admission_window must be >= 1: {self}")
+        if not self.late_contender_ttft_multiple > 0:
+            raise ValueError(f"late_contender_ttft_multiple must be > 0: {self}")
 
 
 # ---- keys: every sort is total, so decisions never depend on input order -------------------
@@ -134,6 +147,7 @@ class LocalScheduler:
                 view,
                 (r.model_id for r in admission.order),
                 idle_evict_s=self.config.idle_evict_s,
+                idle_evict=self.config.idle_evict,
                 swap_idle_s=self.config.swap_idle_s,
                 kv_headroom_pages=self.config.kv_headroom_pages,
             )
@@ -262,7 +276,10 @@ class LocalScheduler:
         Work not on time (feasible-but-dropped, or late) must neither starve nor push the
         above past its deadlines: the first such request in the admission order runs when its
         prefill fits into the least slack of all contenders (slack stealing), and whenever
-        there are no contenders.
+        there are no contenders. Slack stealing alone starves it where other models decode
+        without pause (their slack never holds a prefill), so waiting work late by
+        (late_contender_ttft_multiple - 1) TTFT SLOs is overdue: each model with such work is
+        a contender with its least slack (the most late runs first).
         """
         runnable = [r for r in view.requests if r.model_id in est.resident]
         if not runnable:
@@ -282,9 +299,14 @@ class LocalScheduler:
         if pipeline:
             head_model = pipeline[0].model_id
             contenders.append((self._pipeline_slack(pipeline, est), first_arrival[head_model], head_model))
+        overdue = self._overdue(runnable, est, admission)
+        for model_id, reqs in overdue.items():
+            least = min(self._slack(r, est) for r in reqs)
+            contenders.append((least, first_arrival[model_id], model_id))
         # Serve the next on-time prefill at once when that makes no decode miss its next token:
         # waiting until its own slack is the least would only add latency to its first token.
-        if pipeline and self._prefill_s(pipeline[0], est) <= decode_slack:
+        # Not while work is overdue: a stream of such prefills could postpone it without end.
+        if pipeline and not overdue and self._prefill_s(pipeline[0], est) <= decode_slack:
             return head_model
         spare = min(contenders)[0] if contenders else math.inf
         rest_head = next(
@@ -294,6 +316,18 @@ class LocalScheduler:
         if rest_head is not None and self._prefill_s(rest_head, est) <= spare:
             return rest_head.model_id
         return min(contenders)[2] if contenders else None
+
+    def _overdue(self, runnable: list[RequestView], est: _Estimates,
+                 admission: _Admission) -> dict[str, list[RequestView]]:
+        """Waiting work outside the on-time set that is late by (multiple - 1) TTFT SLOs or
+        more (a first token: waited `late_contender_ttft_multiple` x its TTFT SLO), by model.
+        It contends like on-time work from then on: slack stealing alone can starve it."""
+        bound = self.config.late_contender_ttft_multiple - 1.0
+        return _group_by_model(
+            r for r in runnable
+            if not r.running and r.req_id not in admission.on_time
+            and est.now - next_deadline(r) >= bound * r.slo.ttft_s
+        )
 
     def _pipeline_slack(self, pipeline: list[RequestView], est: _Estimates) -> float:
         """How long prefills run back to back in this order could all wait and still be on time."""

@@ -33,15 +33,21 @@ Choices where the brief is silent:
   request and the time this scheduler first saw (or put) it on the device, so a model placed
   before any traffic gets `idle_evict_s` of grace like everyone else.
 - A pinned model lives only on its pinned device; it can still be evicted when idle.
-- Idle evictions of a periodic pass count as freed memory for that pass's migrations.
+- Idle evictions of a periodic pass count as freed memory for that pass's migrations. They
+  happen only under `idle_evict: always`; under "pressure" (the default) an idle model stays
+  until an activation needs its memory (make-room here, or the device's own residency rules,
+  which also evict for KV demand): an eviction nobody needed makes its next request pay the
+  weight copy.
 - Among moves with the same gain (moving a model off the hottest device often leaves the
   same maximum whichever cooler device takes it), the one that leaves the target with the
   lower KVPR wins; then source device_id, model_id, target device_id.
 - make-room victims go least recently used first: by the later of the last request and the
   time this scheduler noted the model on the device (never requested, never noted: first).
-- `Migrate` means: activate on `to_device`, then evict from `from_device` once its requests
-  there are done (the server reports that eviction with reason "migration"); meanwhile the
-  model is on both, and `route` sends new requests to the resident copy with the lower KVPR.
+- `Migrate` means: activate on `to_device`; the source keeps serving until the target is
+  resident, then drains (serves every request it holds, takes no new one) and is evicted
+  (ClusterControl carries this out; the source is `DeviceState.draining` meanwhile). `route`
+  sends new requests to the resident, not draining copy with the lower KVPR, so no request
+  waits at a source that is leaving.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
+from prism.sched.residency import IDLE_EVICT_MODES
 
 EVICT_REASONS = ("idle", "make-room", "migration")
 
@@ -57,7 +64,10 @@ EVICT_REASONS = ("idle", "make-room", "migration")
 @dataclass(frozen=True)
 class GlobalSchedulerConfig:
     rate_window_s: float = 60.0  # the window of the token rates the server feeds the view
-    idle_evict_s: float = 45.0  # evict a model with no pending requests and no request this long
+    idle_evict_s: float = 45.0  # a model with no pending requests and no request this long...
+    # ...is evicted by periodic(): "always", or "pressure": never there; only when memory is
+    # wanted (on_request's make-room here, KV demand and activations on the device).
+    idle_evict: str = "pressure"
     placement_period_s: float = 10.0  # periodic() does its work at most this often
     # Migrate only if it lowers max(KVPR(src), KVPR(dst)) by more than this fraction.
     migration_threshold: float = 0.2
@@ -72,6 +82,8 @@ class GlobalSchedulerConfig:
                  self.migration_cooldown_s, self.max_migrations_per_period)
         if any(k < 0 for k in knobs):
             raise ValueError(f"global scheduler knobs must be >= 0: {self}")
+        if self.idle_evict not in IDLE_EVICT_MODES:
+            raise ValueError(f"unknown idle_evict mode {self.idle_evict!r}; use one of {IDLE_EVICT_MODES}")
         if not 0 <= self.kv_headroom_fraction < 1:
             raise ValueError(f"kv_headroom_fraction must be in [0, 1): {self}")
 
@@ -156,8 +168,13 @@ def _without_models(device: DeviceState, model_ids: Iterable[str]) -> DeviceStat
 
 
 def _ready(device: DeviceState) -> list[str]:
-    """Resident and not (also) activating: the models a decision may evict or move."""
-    return sorted(m for m in device.resident if m not in device.activating)
+    """Resident, not (also) activating and not draining: the models that serve new requests
+    and that a decision may evict or move."""
+    return sorted(m for m in device.resident if _serves(device, m))
+
+
+def _serves(device: DeviceState, model_id: str) -> bool:
+    return model_id in device.resident and model_id not in device.activating and model_id not in device.draining
 
 
 # ---- the scheduler --------------------------------------------------------------------------
@@ -226,9 +243,10 @@ class GlobalScheduler:
         return [*evicts, *self._migrations(view, devices)]
 
     def route(self, view: ClusterView, model_id: str) -> str | None:
-        """The device that serves a request of `model_id` now: one where it is resident (the
-        lowest KVPR if several), or None (not ready anywhere: the request waits)."""
-        ready = [d for d in view.devices if model_id in d.resident and model_id not in d.activating]
+        """The device that serves a request of `model_id` now: one where it is resident and
+        not leaving (the lowest KVPR if several), or None (not ready anywhere: the request
+        waits)."""
+        ready = [d for d in view.devices if _serves(d, model_id)]
         if not ready:
             return None
         return min(ready, key=lambda d: (kvpr(d, view), d.device_id)).device_id
@@ -279,6 +297,8 @@ class GlobalScheduler:
         return max(last_request, self._on_device_since.get((model_id, device_id), -math.inf))
 
     def _idle_evictions(self, view: ClusterView) -> list[Evict]:
+        if self.config.idle_evict != "always":
+            return []  # under "pressure", idle models go only when their memory is wanted
         return [
             Evict(m, d.device_id, "idle")
             for d in sorted(view.devices, key=lambda d: d.device_id)

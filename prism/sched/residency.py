@@ -1,8 +1,11 @@
 """Which models a device evicts and activates this step (shared by every local policy).
 
 Rules, in order:
-1. Idle eviction: a resident model with no requests (waiting or running), unused for at least
-   `idle_evict_s`, goes; its pages (weights and KV) count as free for what follows.
+1. Idle eviction, `idle_evict: always` (the old rule): a resident model with no requests
+   (waiting or running), unused for at least `idle_evict_s`, goes; its pages (weights and KV)
+   count as free for what follows. Under `idle_evict: pressure` (the default) nothing goes
+   here: an eviction nobody needs the memory of only makes the model's next request pay the
+   weight copy (0.1-0.7 s, several TTFT SLOs).
 2. Activation, one model at a time in demand order (the model of the earliest request in the
    admission order first): a non-resident, not-yet-activating model with waiting requests is
    activated if its weights plus `kv_headroom_pages` fit in the free pages. If not, resident
@@ -11,17 +14,38 @@ Rules, in order:
    waits (a later, smaller model may still fit). Models with requests are never evicted.
    An activation reserves its weights and its headroom, so two activations in one decision
    never promise each other the same pages.
+3. KV pressure (`idle_evict: pressure`): when the device's requests need more KV pages to
+   run to their full length (prompt + max_tokens) than are free after the activations,
+   models with no requests idle at least `idle_evict_s` go, longest idle first, until the
+   need is covered (or none is left): their memory is wanted, and the alternative is
+   preempting (recomputing) running requests.
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Iterable
 
 from prism.sched.view import DeviceView, ModelView
+
+IDLE_EVICT_MODES = ("pressure", "always")
 
 
 def model_pages(m: ModelView) -> int:
     """Pages an eviction of `m` gives back."""
     return m.weight_pages + m.kv_pages
+
+
+def kv_pages_wanted(view: DeviceView) -> int:
+    """KV pages the device's requests still need, beyond what their models hold, to reach
+    their full length (prompt + max_tokens): the memory the work already here will ask for."""
+    tokens: Counter = Counter()
+    for r in view.requests:
+        tokens[r.model_id] += r.num_prompt_tokens + r.max_tokens
+    return sum(
+        max(0, math.ceil(tokens[m.model_id] * m.kv_pages_per_token) - m.kv_pages)
+        for m in view.models if tokens[m.model_id]
+    )
 
 
 def plan_residency(
@@ -31,18 +55,20 @@ def plan_residency(
     idle_evict_s: float,
     swap_idle_s: float,
     kv_headroom_pages: int,
+    idle_evict: str = "pressure",
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Return (evict, activate) model ids. `demand_order`: model ids of waiting requests in
-    admission order (repeats are fine; the first occurrence ranks a model)."""
+    admission order (repeats are fine; the first occurrence ranks a model). `idle_evict`: one
+    of IDLE_EVICT_MODES (validated by the scheduler's config)."""
     busy = {r.model_id for r in view.requests}
-    # Activating models are mid-copy: neither evicted nor activated again.
-    idle = [m for m in view.models if m.resident and not m.activating and m.model_id not in busy]
-    evict = [m for m in idle if view.now - m.last_used >= idle_evict_s]
-    free = view.free_pages + sum(model_pages(m) for m in evict)
-    swappable = sorted(
-        (m for m in idle if m not in evict and view.now - m.last_used >= swap_idle_s),
+    # Activating models are mid-copy: neither evicted nor activated again. Longest idle first.
+    idle = sorted(
+        (m for m in view.models if m.resident and not m.activating and m.model_id not in busy),
         key=lambda m: (m.last_used, m.model_id),
     )
+    evict = [m for m in idle if idle_evict == "always" and view.now - m.last_used >= idle_evict_s]
+    free = view.free_pages + sum(model_pages(m) for m in evict)
+    swappable = [m for m in idle if m not in evict and view.now - m.last_used >= swap_idle_s]
     models = {m.model_id: m for m in view.models}
     activate: list[str] = []
     for model_id in dict.fromkeys(demand_order):
@@ -58,4 +84,18 @@ def plan_residency(
             free += model_pages(victim)
         activate.append(model_id)
         free -= need
+    long_idle = [m for m in swappable if view.now - m.last_used >= idle_evict_s]
+    if idle_evict == "pressure" and long_idle:  # (the demand is summed only when it matters)
+        evict += _make_kv_room(long_idle, kv_pages_wanted(view) - free)
     return tuple(m.model_id for m in evict), tuple(activate)
+
+
+def _make_kv_room(candidates: list[ModelView], short_pages: int) -> list[ModelView]:
+    """The first of `candidates` (longest idle first) whose pages cover `short_pages`."""
+    victims: list[ModelView] = []
+    for m in candidates:
+        if short_pages <= 0:
+            break
+        victims.append(m)
+        short_pages -= model_pages(m)
+    return victims

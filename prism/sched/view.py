@@ -49,6 +49,7 @@ class ModelView:
     weight_pages: int  # pages its weights take when resident
     kv_pages: int  # pages its KV holds now
     activating: bool = False
+    kv_pages_per_token: float = 0.0  # pages one token's KV takes (all layers); 0: unknown
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,12 @@ class SchedulerEntry(BaseModel):
     system: str = Field("prism", pattern="^(" + "|".join(SYSTEMS) + ")$")
     policy: str = Field("prism", pattern=r"^(prism|fcfs)$")  # local order (prism system only)
     idle_evict_s: float = Field(45.0, ge=0)
+    # When a model idle for idle_evict_s goes: "pressure" (only when its memory is wanted) or
+    # "always" (prism system; the swap baseline always evicts idle models)
+    idle_evict: str = Field("pressure", pattern="^(pressure|always)$")
     swap_idle_s: float = Field(2.0, ge=0)
+    # A late request contends like on-time work after waiting this many TTFT SLOs (prism policy)
+    late_contender_ttft_multiple: float = Field(3.0, gt=0)
     rate_window_s: float = Field(60.0, gt=0)
     placement_period_s: float = Field(10.0, gt=0)
     migration_threshold: float = Field(0.2, ge=0)
@@ -177,16 +182,18 @@ def system_configs(s: SchedulerEntry) -> tuple[LocalSchedulerConfig, GlobalSched
     idle models and migrates; the baselines switch those off one by one (docs/policies.md)."""
     never = float("inf")
     if s.system == "prism":
-        local = LocalSchedulerConfig(policy=s.policy, idle_evict_s=s.idle_evict_s, swap_idle_s=s.swap_idle_s)
-        migrate, idle = s.migration_threshold, s.idle_evict_s
+        local = LocalSchedulerConfig(policy=s.policy, idle_evict_s=s.idle_evict_s, idle_evict=s.idle_evict,
+                                     swap_idle_s=s.swap_idle_s,
+                                     late_contender_ttft_multiple=s.late_contender_ttft_multiple)
+        migrate, idle, when = s.migration_threshold, s.idle_evict_s, s.idle_evict
     elif s.system == "swap":
         local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1)
-        migrate, idle = never, s.idle_evict_s
+        migrate, idle, when = never, s.idle_evict_s, "always"
     else:  # static, muxserve, dedicated: placed once, pinned even when idle, arrival order
         local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=never, swap_idle_s=never)
-        migrate, idle = never, never
+        migrate, idle, when = never, never, "always"
     global_ = GlobalSchedulerConfig(
-        rate_window_s=s.rate_window_s, idle_evict_s=idle, placement_period_s=s.placement_period_s,
+        rate_window_s=s.rate_window_s, idle_evict_s=idle, idle_evict=when, placement_period_s=s.placement_period_s,
         migration_threshold=migrate, migration_cooldown_s=s.migration_cooldown_s,
     )
     return local, global_

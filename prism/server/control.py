@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 from prism.config import ConfigError, ModelSpec
@@ -24,6 +24,15 @@ from prism.worker import messages as msg
 log = logging.getLogger("prism.control")
 TICK_S = 0.5  # how often the frontend asks for memory reports and runs the global scheduler
 ACTIVATION_GRACE_S = 30.0  # an activation not reported done after this long is forgotten
+
+
+@dataclass(frozen=True)
+class _Migration:
+    """A model on its way from one device to another (see `ClusterControl.tick`)."""
+
+    from_device: str
+    to_device: str
+    since: float
 
 
 class DeviceLink(Protocol):
@@ -53,6 +62,8 @@ class ClusterControl:
         self.rates = TokenRateTracker(config.global_.rate_window_s)
         self._in_flight = in_flight  # requests in flight per model (waiting or running)
         self._pending_activation: dict[str, tuple[str, float]] = {}  # model -> (device, since)
+        self._migrating: dict[str, _Migration] = {}  # model -> move whose target is not ready yet
+        self._leaving: dict[str, str] = {}  # model -> migration source draining it
         self.migrations = migrations if migrations is not None else Counter()
         self._infos: tuple[int, dict[str, ModelInfo]] | None = None
         self._by_device: tuple[tuple, dict[str, tuple[str, ...]]] | None = None
@@ -144,9 +155,12 @@ class ClusterControl:
                 self.links[a.device_id].send(msg.Activate(a.model_id))
                 self._pending_activation[a.model_id] = (a.device_id, now)
             elif isinstance(a, Migrate):
-                self.links[a.from_device].send(msg.Evict(a.model_id, "drain"))
+                # The source keeps serving while the target copies the weights in: draining it
+                # now would leave the requests routed there meanwhile waiting for nothing.
+                # `_advance_migrations` drains it once the target reports the model resident.
                 self.links[a.to_device].send(msg.Activate(a.model_id))
                 self._pending_activation[a.model_id] = (a.to_device, now)
+                self._migrating[a.model_id] = _Migration(a.from_device, a.to_device, now)
                 self.migrations[a.model_id] += 1
                 log.info("migrating %s from %s to %s", a.model_id, a.from_device, a.to_device)
 
@@ -160,13 +174,31 @@ class ClusterControl:
         for model, (device, since) in list(self._pending_activation.items()):
             if device in resident.get(model, ()) or now - since > ACTIVATION_GRACE_S:
                 del self._pending_activation[model]
+        self._advance_migrations(resident, now)
         self.carry_out(self.global_sched.periodic(self.cluster_view(now)), now)
+
+    def _advance_migrations(self, resident: dict[str, list[str]], now: float) -> None:
+        """A migration's target reported the model resident: from now on requests go there
+        (route skips a draining copy), and the source drains: it serves every request it
+        holds, then evicts the model. A target that never got ready (no memory) is given up
+        after ACTIVATION_GRACE_S; the source simply keeps the model."""
+        for model, move in list(self._migrating.items()):
+            if move.to_device in resident.get(model, ()):
+                del self._migrating[model]
+                self._leaving[model] = move.from_device
+                self.links[move.from_device].send(msg.Evict(model, "drain"))
+            elif now - move.since > ACTIVATION_GRACE_S:
+                del self._migrating[model]
+        for model, device in list(self._leaving.items()):
+            if device not in resident.get(model, ()):
+                del self._leaving[model]
 
     def cluster_view(self, now: float) -> ClusterView:
         resident = self._resident_by_device()
         devices = tuple(
             DeviceState(d, self.memory_bytes(d), resident.get(d, ()),
-                        tuple(m for m, (dev, _) in self._pending_activation.items() if dev == d))
+                        tuple(m for m, (dev, _) in self._pending_activation.items() if dev == d),
+                        tuple(m for m, dev in self._leaving.items() if dev == d))
             for d in self.links
         )
         return ClusterView(

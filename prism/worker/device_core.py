@@ -195,13 +195,14 @@ class DeviceCore(ABC):
 
     def evict(self, model_id: str, mode: str = "preempt") -> None:
         """preempt: running requests are preempted now and recomputed after reactivation.
-        drain: admission stops, running requests finish, then the model is evicted."""
+        drain (a migration's source): every request the model holds, waiting ones too, is
+        served, then the model is evicted. The frontend sends it no new ones meanwhile;
+        pausing admission instead would strand the waiting ones until a re-activation."""
         engine = self._engine(model_id)
         if not engine.resident:
             return
-        if mode == "drain" and engine.scheduler.running:
+        if mode == "drain" and engine.has_unfinished:
             self.draining.add(model_id)
-            self._pause(model_id, True)
             return
         if mode not in ("preempt", "drain"):
             raise ValueError(f"unknown eviction mode {mode!r} (preempt or drain)")
@@ -281,8 +282,9 @@ class DeviceCore(ABC):
             return
         for m in self._touched:
             e = self.engines[m]
-            self._views[m] = ModelView(m, e.resident, self.last_used[m], self._sizes[m].weight_pages,
-                                       e.num_kv_pages)
+            sizes = self._sizes[m]
+            self._views[m] = ModelView(m, e.resident, self.last_used[m], sizes.weight_pages, e.num_kv_pages,
+                                       kv_pages_per_token=sizes.kv_bytes_per_token / self.pool.page_size)
             (self._busy.add if e.has_unfinished else self._busy.discard)(m)
         self._touched.clear()
         self._model_views = tuple(sorted(self._views.values(), key=lambda v: self._order[v.model_id]))
@@ -295,7 +297,7 @@ class DeviceCore(ABC):
         self._finish_drains()
         view = self.snapshot()
         decision = self.local.decide(view)
-        paused = set(decision.drain) | self.draining
+        paused = set(decision.drain)
         for model_id in self._paused ^ paused:
             self._pause(model_id, model_id in paused)
         for model_id in decision.evict:
@@ -348,7 +350,7 @@ class DeviceCore(ABC):
 
     def _finish_drains(self) -> None:
         for model_id in list(self.draining):
-            if not self.engines[model_id].scheduler.running:
+            if not self.engines[model_id].has_unfinished:
                 self.evict(model_id)
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> list[tuple[str, CompletionOutput]]:
@@ -368,8 +370,7 @@ class DeviceCore(ABC):
         for m in self._in_order(self._busy):
             e = self.engines[m]
             running = {id(s) for s in e.scheduler.running}
-            requests += [self._request_view(m, seq, id(seq) in running) for seq in e.sequences()
-                         if m not in self.draining or id(seq) in running]
+            requests += [self._request_view(m, seq, id(seq) in running) for seq in e.sequences()]
         return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, self._model_views, tuple(requests))
 
     def _request_view(self, model_id: str, seq: Sequence, running: bool) -> RequestView:

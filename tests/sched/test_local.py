@@ -37,9 +37,9 @@ def decoding(req_id, model_id, arrival, *, last, tpot=0.1, prompt=100):
                out=1, running=True, first=last, last=last)
 
 
-def model(model_id, *, resident=True, last_used=0.0, weight=10, kv=0, activating=False):
+def model(model_id, *, resident=True, last_used=0.0, weight=10, kv=0, activating=False, kv_per_token=0.0):
     return ModelView(model_id=model_id, resident=resident, last_used=last_used, weight_pages=weight,
-                     kv_pages=kv, activating=activating)
+                     kv_pages=kv, activating=activating, kv_pages_per_token=kv_per_token)
 
 
 def view(now, models, requests, *, free=100, budget=1000):
@@ -64,6 +64,10 @@ def test_config_rejects_unknown_policy_and_negative_knobs():
         LocalSchedulerConfig(policy="edf")
     with pytest.raises(ValueError):
         LocalSchedulerConfig(idle_evict_s=-1.0)
+    with pytest.raises(ValueError):
+        LocalSchedulerConfig(late_contender_ttft_multiple=0.0)
+    with pytest.raises(ValueError, match="idle_evict"):
+        LocalSchedulerConfig(idle_evict="never")
 
 
 # ---- slack ----------------------------------------------------------------------------------
@@ -197,10 +201,31 @@ def test_late_waiting_work_runs_when_nothing_deserving_is_runnable():
 
 def test_late_work_steals_slack_only_when_it_fits():
     relaxed = decoding("d", "A", 0.0, last=10.0, tpot=0.5)  # slack 0.49
-    short_late = req("late", "B", 0.0, 0.1, prompt=400)  # 0.4 s of prefill fits
-    long_late = req("late", "B", 0.0, 0.1, prompt=600)  # 0.6 s would make the decode late
+    # late, not yet overdue (waited 2x its TTFT SLO)
+    short_late = req("late", "B", 9.8, 0.1, prompt=400)  # 0.4 s of prefill fits
+    long_late = req("late", "B", 9.8, 0.1, prompt=600)  # 0.6 s would make the decode late
     assert sched().decide(view(10.0, AB, [relaxed, short_late])).run_model == "B"
     assert sched().decide(view(10.0, AB, [relaxed, long_late])).run_model == "A"
+
+
+def test_late_work_behind_nonstop_decodes_contends_once_overdue():
+    # A and B decode without pause (40 ms of slack each step); C's late prefill (100 ms) never
+    # fits into that slack, so slack stealing alone would hold it back for as long as they run.
+    decodes = [decoding("a", "A", 0.0, last=9.95), decoding("b", "B", 0.0, last=9.95)]
+    abc = [*AB, model("C")]
+    just_late = req("c", "C", 9.75, 0.1)  # waited 2.5x its TTFT SLO
+    overdue = req("c", "C", 9.65, 0.1)  # waited 3.5x
+    assert sched().decide(view(10.0, abc, [*decodes, just_late])).run_model in ("A", "B")
+    assert sched().decide(view(10.0, abc, [*decodes, overdue])).run_model == "C"
+    no_bound = sched(late_contender_ttft_multiple=float("inf"))
+    assert no_bound.decide(view(10.0, abc, [*decodes, overdue])).run_model in ("A", "B")
+
+
+def test_overdue_work_is_not_postponed_by_on_time_prefills_that_fit():
+    relaxed = decoding("d", "A", 0.0, last=10.0, tpot=0.5)  # 490 ms of slack
+    on_time = req("new", "A", 10.0, 1.0, prompt=50)  # fits into the decode's slack
+    overdue = req("old", "B", 0.0, 0.1, prompt=600)  # too long to steal that slack
+    assert sched().decide(view(10.0, AB, [relaxed, on_time, overdue])).run_model == "B"
 
 
 def test_nothing_to_run():
@@ -283,11 +308,34 @@ def test_activating_models_are_neither_run_nor_activated_again_nor_evicted():
 
 
 @pytest.mark.parametrize("idle_for, evicted", [(44.9, False), (45.0, True), (100.0, True)])
-def test_idle_eviction_after_idle_evict_s_but_not_before(idle_for, evicted):
+def test_idle_evict_always_evicts_after_idle_evict_s_but_not_before(idle_for, evicted):
     models = [model("idle", last_used=100.0 - idle_for), model("busy", last_used=0.0)]
     requests = [decoding("b", "busy", 0.0, last=99.99, tpot=1.0)]
-    decision = sched().decide(view(100.0, models, requests))
+    decision = sched(idle_evict="always").decide(view(100.0, models, requests))
     assert decision.evict == (("idle",) if evicted else ())
+
+
+def kv_pressure_view(busy_kv_per_token):
+    models = [
+        model("busy", last_used=99.0, kv_per_token=busy_kv_per_token),
+        model("old", last_used=10.0, weight=10),
+        model("older", last_used=0.0, weight=60),
+        model("oldest", last_used=-5.0, weight=5, resident=False),  # gone already
+        model("recent", last_used=80.0, weight=500),  # idle 20 s < idle_evict_s
+    ]
+    # prompt 100 + max_tokens 64: 164 tokens, all still to be cached
+    return view(100.0, models, [req("b", "busy", 99.9, 1.0)], free=100)
+
+
+def test_idle_models_stay_while_nothing_needs_their_memory():
+    assert sched().decide(kv_pressure_view(0.5)).evict == ()  # wants 82 pages of 100 free
+
+
+def test_kv_demand_evicts_long_idle_models_longest_idle_first_and_only_as_needed():
+    # wants 164 pages, 100 free: "older" (60) and "old" (10) cover it; "recent" is not idle long
+    assert sched().decide(kv_pressure_view(1.0)).evict == ("older", "old")
+    assert sched().decide(kv_pressure_view(0.7)).evict == ("older",)  # wants 115
+    assert sched().decide(kv_pressure_view(9.0)).evict == ("older", "old")  # all it may take
 
 
 # ---- invariants on random views -------------------------------------------------------------

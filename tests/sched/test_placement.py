@@ -245,11 +245,21 @@ def test_route_to_the_resident_copy_with_the_lowest_kvpr():
     assert s.route(v, "nowhere") is None
 
 
+def test_route_skips_a_draining_migration_source_and_nothing_moves_it_again():
+    models = [model("A", 10), model("B", 10)]
+    source = DeviceState("d0", 100, ("A",), draining=("A",))
+    v = view(models, [source, device("d1", ["A", "B"])], rates={"A": 10, "B": 50}, pending={"A": 1, "B": 1})
+    s = sched(placement_period_s=0.0, migration_threshold=0.0)
+    assert s.route(v, "A") == "d1"  # d0's KVPR is lower, but A is leaving it
+    assert s.route(replace(v, devices=(source,)), "A") is None
+    assert all(m.model_id != "A" for m in s.periodic(v) if isinstance(m, Migrate))
+
+
 # ---- idle eviction -----------------------------------------------------------------------
 def test_idle_eviction_after_idle_evict_s_not_before_and_not_with_pending():
     models = [model("A", 10), model("B", 10)]
     devices = [device("d0", ["A", "B"])]
-    s = sched(placement_period_s=0.0, idle_evict_s=45.0)
+    s = sched(placement_period_s=0.0, idle_evict_s=45.0, idle_evict="always")
     assert s.periodic(view(models, devices, now=0.0, last={"A": 0.0, "B": 0.0})) == []
     assert s.periodic(view(models, devices, now=44.9, last={"A": 0.0, "B": 0.0})) == []
     v = view(models, devices, now=45.0, last={"A": 0.0, "B": 0.0}, pending={"B": 1})
@@ -258,9 +268,19 @@ def test_idle_eviction_after_idle_evict_s_not_before_and_not_with_pending():
     assert Evict("B", "d0", "idle") not in s.periodic(v)
 
 
+def test_idle_evict_pressure_leaves_idle_models_to_whoever_needs_their_memory():
+    models = [model("A", 10), model("B", 95)]
+    devices = [device("d0", ["A"]), device("d1")]
+    s = sched(placement_period_s=0.0, idle_evict_s=45.0)  # idle_evict: pressure, the default
+    assert s.periodic(view(models, devices, now=500.0, last={"A": 0.0})) == []
+    # B fits nowhere as it is: the idle A makes room for it (make-room, on demand)
+    v = view(models, [device("d0", ["A"])], now=500.0, last={"A": 0.0})
+    assert s.on_request(v, "B") == [Evict("A", "d0", "make-room"), Activate("B", "d0")]
+
+
 def test_models_placed_before_any_traffic_get_the_full_grace():
     models = [model("A", 10)]
-    s = sched(placement_period_s=0.0, idle_evict_s=45.0)
+    s = sched(placement_period_s=0.0, idle_evict_s=45.0, idle_evict="always")
     v0 = view(models, [device("d0")], now=0.0)
     v = apply(v0, s.initial_placement(v0))
     assert s.periodic(replace(v, now=10.0)) == []
@@ -271,7 +291,7 @@ def test_models_placed_before_any_traffic_get_the_full_grace():
 def test_periodic_works_at_most_once_per_period():
     models = [model("A", 10)]
     devices = [device("d0", ["A"])]
-    s = sched(placement_period_s=10.0, idle_evict_s=45.0)
+    s = sched(placement_period_s=10.0, idle_evict_s=45.0, idle_evict="always")
     assert s.periodic(view(models, devices, now=0.0, last={"A": 0.0})) == []
     assert s.periodic(view(models, devices, now=40.0, last={"A": 0.0})) == []
     assert s.periodic(view(models, devices, now=45.0, last={"A": 0.0})) == []  # 5 s after the last pass
@@ -336,7 +356,7 @@ def test_idle_evictions_free_room_for_migrations_in_the_same_pass():
     v = view(models, [device("d0", ["A", "B"]), device("d1", ["Old"])], now=100.0,
              rates={"A": 60, "B": 60}, last={"A": 100.0, "B": 100.0, "Old": 0.0},
              pending={"A": 1, "B": 1})
-    s = sched(kv_headroom_fraction=0.1)
+    s = sched(kv_headroom_fraction=0.1, idle_evict="always")
     # At t=0 d1 has 15 free: A (10) does not fit with 10 of headroom; Old is not idle long yet.
     assert s.periodic(replace(v, now=0.0)) == []
     assert s.periodic(v) == [Evict("Old", "d1", "idle"), Migrate("A", "d0", "d1")]

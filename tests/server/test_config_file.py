@@ -13,6 +13,11 @@ def test_defaults_and_conversions():
     assert c.models[0].ttft_slo_s == 2.0 and c.models[0].tpot_slo_s == 0.2
     assert c.host == "127.0.0.1" and c.port == 8000 and c.api_key is None
     assert c.local.policy == "prism" and c.global_.idle_evict_s == 45.0
+    assert c.local.idle_evict == c.global_.idle_evict == "pressure"
+    assert c.local.late_contender_ttft_multiple == 3.0
+    old = parse_config({**BASE, "scheduler": {"idle_evict": "always", "late_contender_ttft_multiple": 2}})
+    assert old.local.idle_evict == old.global_.idle_evict == "always"
+    assert old.local.late_contender_ttft_multiple == 2.0
 
 
 def test_examples_parse():
@@ -28,6 +33,7 @@ def test_examples_parse():
     (lambda c: c["devices"][0].update(memory="lots"), "devices.0.memory"),
     (lambda c: c["models"].append(dict(c["models"][0])), "used twice"),
     (lambda c: c["models"][0].update(device="cuda:3"), "models.0.device"),
+    (lambda c: c.update(scheduler={"idle_evict": "never"}), "scheduler.idle_evict"),
     (lambda c: c.update(scheduler={"policy": "random"}), "scheduler.policy"),
 ])
 def test_errors_name_the_bad_key(change, where):

@@ -61,14 +61,38 @@ def test_muxserve_pins_every_model_without_caps():
     assert all(d.device.pool.cap_of(Owner(m, "kv")) is None for d in cluster.devices.values() for m in d.device.engines)
 
 
-def test_prism_evicts_idle_models():
-    cluster = SimCluster(config_for(RAW, "prism"), ROOFLINE)
-    cluster.run(trace())
+def with_scheduler(**knobs):
+    raw = copy.deepcopy(RAW)
+    raw["scheduler"].update(knobs)
+    return raw
+
+
+def last_resident(cluster):
     last = {}
     for s in cluster.memory_samples:
         last[s["device"]] = s
-    resident = sorted(m for s in last.values() for m in resident_by_device(s))
-    assert resident == ["m0"]  # the others were idle past idle_evict_s
+    return sorted(m for s in last.values() for m in resident_by_device(s))
+
+
+def test_prism_with_idle_evict_always_evicts_idle_models():
+    cluster = SimCluster(config_for(with_scheduler(idle_evict="always"), "prism"), ROOFLINE)
+    cluster.run(trace())
+    assert last_resident(cluster) == ["m0"]  # the others were idle past idle_evict_s
+
+
+def test_prism_keeps_idle_models_while_nothing_needs_their_memory():
+    # m1 is idle from ~8 s to 20 s (past idle_evict_s = 5 s); its next request then pays a
+    # weight copy only if the idle model was evicted, which nothing needed (48 GiB, 4 small models)
+    comeback = trace() + [TraceRequest(20.0, "m1", 128, 16)]
+    runs = {}
+    for mode in ("always", "pressure"):
+        cluster = SimCluster(config_for(with_scheduler(idle_evict=mode), "prism"), ROOFLINE)
+        back = next(r for r in cluster.run(comeback) if r.model == "m1" and r.arrival_s == 20.0)
+        activations = sum(d.device.counters.activations["m1"] for d in cluster.devices.values())
+        runs[mode] = (activations, back.token_s[0] - back.send_s, cluster)
+    assert runs["always"][0] == 1 and runs["pressure"][0] == 0  # (loaded at start: no activation)
+    assert runs["pressure"][1] < runs["always"][1]
+    assert last_resident(runs["pressure"][2]) == ["m0", "m1", "m2", "m3"]
 
 
 def test_swap_keeps_one_model_per_device():
