@@ -74,8 +74,8 @@ def virtual_time(worker: DeviceWorker, cost) -> None:
     for model_id, engine in worker.engines.items():
         execute, activate = engine.runner.execute, engine.activate
 
-        def timed_execute(plan, execute=execute, model_id=model_id):
-            out = execute(plan)
+        def timed_execute(plan, while_gpu_runs=None, *, execute=execute, model_id=model_id):
+            out = execute(plan, while_gpu_runs)
             worker.clock.advance(step_seconds(cost, model_id, *plan.cost_terms()))
             return out
 
