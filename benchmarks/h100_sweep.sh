@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of the issue-5 experiment: `prism bench sweep` for each system named,
 # one after the other, with the servers planning on the committed H100 profiles; every output
-# (records, server logs, sweep tables, plots) tarred into $OUT, because the device tool brings
+# (records, server logs, step logs, sweep tables, plots) tarred into $OUT, because the device tool brings
 # back only a bounded number of files.
 #
 #   benchmarks/h100_sweep.sh examples/h100-6models.yaml \
@@ -20,7 +20,8 @@ export PRISM_PROFILE_DIR=${PRISM_PROFILE_DIR:-benchmarks/profiles/nvidia-h100}
 work=$(mktemp -d)
 for system in "$@"; do
     start=$(date +%s)
-    python3 -m prism.cli bench sweep --config "$config" --trace "$trace" --systems "$system" \
+    # One step log per server (a worker per scale): benchmarks/step_log.py fits host time to it.
+    PRISM_STEP_LOG="$work/$system/steps" python3 -m prism.cli bench sweep --config "$config" --trace "$trace" --systems "$system" \
         --scales "$scales" --slo-config "$config" --out "$work/$system" 2>&1 | tail -8
     echo "$system: $(( $(date +%s) - start )) s"
 done

@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_log beside this script
+
 from prism.bench.cli_replay import add_slo_options, resolve_slos
 from prism.bench.plots import plot_latency_cdfs
 from prism.bench.replay import load_records, save_records
@@ -113,6 +115,7 @@ def validate(real_dir: Path, raw: dict, trace, slos, profiles: ProfileSet, out: 
     report = {"real": str(real_dir), "cost_sources": _sources(raw, trace, profiles), "rows": rows,
               "host": {"step_overhead_ms": 1e3 * profiles.host.step_s, "request_latency_ms": 1e3 * profiles.host.request_s,
                        "scheduling_scale": profiles.host.scheduling_scale,
+                       "seq_overhead_us": 1e6 * profiles.host.seq_s,
                        "server_has_profiles": profiles.host.server_has_profiles},
               "same_order": {"ttft_att": same_order(rows, "ttft_att"), "slo_att": same_order(rows, "slo_att")}}
     (out / "validation.json").write_text(json.dumps(report, indent=1))
@@ -131,6 +134,20 @@ def calibrated(profiles: ProfileSet, raw: dict, solo, out: Path) -> ProfileSet:
     host = HostOverheads.from_solo(solo, ProfileCostModel(per_model))
     out.mkdir(parents=True, exist_ok=True)
     host.save(out / HOST_FILE, note=f"measured from a solo run of {len(solo)} requests (benchmarks/sim_validation.py)")
+    return dataclasses.replace(profiles, host=host, _memo={})
+
+
+def fitted_to_steps(profiles: ProfileSet, config: str, folders: list[str], out: Path) -> ProfileSet:
+    """`profiles` with the per-step and per-sequence host time fitted to real step logs
+    (request latency kept), saved to out/host.yaml."""
+    import step_log
+
+    steps = step_log.read_steps(step_log.log_files(folders), step_log.cost_model(config, profiles))
+    step_s, seq_s = step_log.fit_host(steps)
+    host = dataclasses.replace(profiles.host, step_s=step_s, seq_s=seq_s)
+    out.mkdir(parents=True, exist_ok=True)
+    host.save(out / HOST_FILE, note=f"step and sequence overheads fitted to {len(steps)} busy steps of "
+              f"{', '.join(folders)}; request latency from the solo figure (benchmarks/sim_validation.py)")
     return dataclasses.replace(profiles, host=host, _memo={})
 
 
@@ -165,7 +182,8 @@ def markdown(report: dict) -> str:
         text = ", ".join(f"x{s:g}: {'yes' if ok else 'no'}" for s, ok in verdict.items()) or "one system only"
         lines.append(f"- by {label}: {text}")
     lines += ["", "Cost sources: " + ", ".join(f"{m}: {how}" for m, how in report["cost_sources"].items()) + ".",
-              f"Host overheads: {report['host']['step_overhead_ms']:.2f} ms per step, "
+              f"Host overheads: {report['host']['step_overhead_ms']:.2f} ms per step + "
+              f"{report['host'].get('seq_overhead_us', 0):.1f} us per sequence in it, "
               f"{report['host']['request_latency_ms']:.1f} ms per request; scheduling time charged x"
               f"{report['host']['scheduling_scale']:g}; the servers "
               f"{'planned with these profiles' if report['host']['server_has_profiles'] else 'had no profiles to plan with'}.", ""]
@@ -186,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-host", metavar="RECORDS", default=None,
                    help="requests.jsonl of a solo run on the same server (requests one at a time): "
                         "measure the host overheads from it (written to OUT/host.yaml) instead of PROFILES/host.yaml")
+    p.add_argument("--host-steps", nargs="+", metavar="DIR", default=None,
+                   help="step logs of the real runs (PRISM_STEP_LOG folders): fit the per-step and "
+                        "per-sequence host time to them (benchmarks/step_log.py) instead of the solo figure")
     p.add_argument("--out", required=True)
     p.add_argument("--jobs", type=int, default=None)
     add_slo_options(p, required=False)
@@ -197,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         profiles = ProfileSet.load(args.profiles)
         if args.calibrate_host:
             profiles = calibrated(profiles, raw, load_records(args.calibrate_host), Path(args.out))
+        if args.host_steps:
+            profiles = fitted_to_steps(profiles, args.config, args.host_steps, Path(args.out))
         if args.scheduling_scale is not None or args.server_without_profiles:
             host = profiles.host
             if args.scheduling_scale is not None:

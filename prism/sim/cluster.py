@@ -118,8 +118,7 @@ class SimCluster:
             policy = {s.source: truth.profile(s.name) for s in specs}
         wc = WorkerConfig(dev, specs, self.config.local, sample_interval_s=math.inf,
                           detokenize=False, metrics_keep_last=0)
-        return SimDevice(wc, shapes, truth, policy, step_overhead_s=profiles.host.step_s,
-                         scheduling_scale=profiles.host.scheduling_scale)
+        return SimDevice(wc, shapes, truth, policy, host=profiles.host)
 
     # ---- messages ------------------------------------------------------------------------------
     def deliver(self, device_id: str, message) -> None:

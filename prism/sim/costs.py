@@ -144,9 +144,11 @@ HOST_FILE = "host.yaml"
 @dataclass(frozen=True)
 class HostOverheads:
     """Time the server spends outside forward passes, which a profile does not measure:
-    `step_s` per device step (the worker's scheduling, output handling and messages) and
-    `request_s` per request (HTTP, routing and IPC between the client and the worker).
-    Measured from a solo run (`from_solo`), kept as `host.yaml` beside the profiles.
+    `step_s` per device step plus `seq_s` per sequence in the step (the worker's scheduling,
+    batch building, output handling and messages, which grow with the batch) and `request_s`
+    per request (HTTP, routing and IPC between the client and the worker). Measured from a
+    solo run (`from_solo`: step_s and request_s) or fitted to a real run's step log
+    (benchmarks/step_log.py: step_s and seq_s), kept as `host.yaml` beside the profiles.
 
     `scheduling_scale` > 0 also charges each step the wall time this process spends in the
     step's own scheduling code (snapshot, local scheduler, batch scheduler, outputs: the very
@@ -157,6 +159,7 @@ class HostOverheads:
     step_s: float = 0.0
     request_s: float = 0.0
     scheduling_scale: float = 0.0
+    seq_s: float = 0.0
     # Whether the servers had these profiles installed ($PRISM_PROFILE_DIR) to plan with; a
     # server without them plans from the card's nominal rates (and calibrates).
     server_has_profiles: bool = True
@@ -168,15 +171,21 @@ class HostOverheads:
         raw = yaml.safe_load(path.read_text()) or {}
         try:
             return cls(float(raw.get("step_overhead_ms", 0)) / 1e3, float(raw.get("request_latency_ms", 0)) / 1e3,
-                       float(raw.get("scheduling_scale", 0)), bool(raw.get("server_has_profiles", True)))
+                       float(raw.get("scheduling_scale", 0)), float(raw.get("seq_overhead_us", 0)) / 1e6,
+                       bool(raw.get("server_has_profiles", True)))
         except (TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{path}: not host overheads ({e})") from None
 
     def save(self, path: Path, note: str = "") -> None:
         path.write_text((f"# {note}\n" if note else "") + f"step_overhead_ms: {1e3 * self.step_s:.3f}\n"
                         f"request_latency_ms: {1e3 * self.request_s:.3f}\n"
+                        f"seq_overhead_us: {1e6 * self.seq_s:.2f}\n"
                         f"scheduling_scale: {self.scheduling_scale:g}\n"
                         f"server_has_profiles: {str(self.server_has_profiles).lower()}\n")
+
+    def step_time(self, num_seqs: int) -> float:
+        """Host time of one step of `num_seqs` sequences, beyond its forward pass."""
+        return self.step_s + self.seq_s * num_seqs
 
     @classmethod
     def from_solo(cls, records, cost: CostModel) -> "HostOverheads":
@@ -194,7 +203,7 @@ class HostOverheads:
         if not steps:
             raise ValueError("no finished request served alone to calibrate from")
         step = max(0.0, statistics.median(steps))
-        return cls(step, max(0.0, statistics.median(firsts) - step))
+        return cls(step, max(0.0, statistics.median(firsts) - step))  # seq_s: one sequence per step here
 
 
 # ---- the profiles of a cluster ------------------------------------------------------------------

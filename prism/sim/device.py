@@ -15,7 +15,7 @@ from prism.memory.page_pool import PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.cost import ModelProfile, ProfileCostModel
 from prism.sched.view import CostModel
-from prism.sim.costs import card_defaults
+from prism.sim.costs import HostOverheads, card_defaults
 from prism.sim.engine import CountingBackend, SimEngine, victim_chooser
 from prism.sim.shapes import ModelShape
 from prism.worker.commands import handle
@@ -31,16 +31,14 @@ class SimDevice(DeviceCore):
 
     def __init__(self, config: WorkerConfig, shapes: dict[str, ModelShape], truth: CostModel,
                  policy_profiles: dict[str, ModelProfile], start: float = 0.0,
-                 policy_cost: CostModel | None = None, step_overhead_s: float = 0.0,
-                 scheduling_scale: float = 0.0):
+                 policy_cost: CostModel | None = None, host: HostOverheads = HostOverheads()):
         dev = config.device
         pool = PagePool(CountingBackend(dev.page_size), dev.num_pages, num_spare_pages=0)
         cost = policy_cost or ProfileCostModel(defaults=card_defaults(dev.device))
         super().__init__(config, ManualClock(start), pool, cost, policy_profiles)
         self.shapes = shapes  # by model name
         self.truth = truth
-        self.step_overhead_s = step_overhead_s
-        self.scheduling_scale = scheduling_scale  # see HostOverheads
+        self.host = host
         self.device_id = dev.device
         self._register_all()
 
@@ -50,7 +48,7 @@ class SimDevice(DeviceCore):
 
     def _new_engine(self, spec: ModelSpec) -> SimEngine:
         return SimEngine(spec, self.shapes[spec.name], self.pool, self.clock, self.truth,
-                         victim_chooser(self._choose_victim, spec.name), self.step_overhead_s)
+                         victim_chooser(self._choose_victim, spec.name), self.host)
 
     def _sizes_of(self, engine: SimEngine) -> ModelSizes:
         shape = engine.shape
@@ -70,8 +68,8 @@ class SimDevice(DeviceCore):
         before = self._residency_marks()
         wall = time.perf_counter()
         out = self.step()
-        if self.scheduling_scale and out.num_tokens:
-            self.clock.advance(self.scheduling_scale * (time.perf_counter() - wall))
+        if self.host.scheduling_scale and out.num_tokens:
+            self.clock.advance(self.host.scheduling_scale * (time.perf_counter() - wall))
         if out.num_tokens or self.clock.now() > start or self._residency_marks() != before:
             return out, self.clock.now()  # it worked (or made room): go on at once
         return out, self._next_timer()

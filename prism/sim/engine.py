@@ -24,7 +24,7 @@ from prism.memory.backend import PhysicalChunk
 from prism.memory.page_pool import Owner, PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.view import SLO, CostModel
-from prism.sim.costs import step_seconds
+from prism.sim.costs import HostOverheads, step_seconds
 from prism.sim.shapes import ModelShape
 from prism.types import CompletionOutput, FinishReason, RequestError, SamplingParams
 
@@ -103,14 +103,15 @@ class SimEngine:
     traces give the true output length as max_tokens."""
 
     def __init__(self, spec: ModelSpec, shape: ModelShape, pool: PagePool, clock: ManualClock,
-                 cost: CostModel, choose_victim: VictimChooser | None = None, step_overhead_s: float = 0.0):
+                 cost: CostModel, choose_victim: VictimChooser | None = None,
+                 host: HostOverheads = HostOverheads()):
         self.model_id = spec.name
         self.shape = shape
         self.config = shape.config
         self.pool = pool
         self.clock = clock
         self.cost = cost  # what a step takes on this device (the simulation's truth)
-        self.step_overhead_s = step_overhead_s  # host time per step beyond the forward pass
+        self.host = host  # host time per step beyond the forward pass
         self.weights = SimWeights(pool, Owner(spec.name, "weights"), shape.weight_bytes)
         if not self.weights.map():
             raise RuntimeError(
@@ -182,7 +183,8 @@ class SimEngine:
         for chunk in plan.chunks:
             if chunk.seq.admitted_time is None:
                 chunk.seq.admitted_time = now
-        self.clock.advance(self.step_overhead_s + step_seconds(self.cost, self.model_id, *plan.cost_terms()))
+        self.clock.advance(self.host.step_time(len(plan.chunks))
+                           + step_seconds(self.cost, self.model_id, *plan.cost_terms()))
         self.scheduler.commit(plan)
         now = self.clock.now()
         finished = []

@@ -7,6 +7,7 @@ steps every `idle_tick_s` so idle models get evicted on time.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -122,8 +123,32 @@ def worker_main(config: WorkerConfig, addr_in: str, addr_out: str, idle_tick_s: 
         ctx.term()
 
 
+def _open_step_log(worker: DeviceWorker):
+    """$PRISM_STEP_LOG (a folder): one JSON line per step of this worker, with the step's
+    wall time and cost terms, so a simulator's cost model can be checked step by step
+    against a real run (benchmarks/step_log.py fits the host time it leaves out)."""
+    folder = os.environ.get("PRISM_STEP_LOG")
+    if not folder:
+        return None
+    os.makedirs(folder, exist_ok=True)
+    name = worker.config.device.device.replace(":", "")
+    return open(os.path.join(folder, f"steps-{name}-{os.getpid()}.jsonl"), "w", buffering=1)  # lines survive a killed worker
+
+
+def _log_step(log, worker: DeviceWorker, out, started: float, took: float) -> None:
+    engine = worker.engines[out.ran_model]
+    plan = engine.last_plan
+    running = sum(len(e.scheduler.running) for e in worker.engines.values())
+    waiting = sum(len(e.scheduler.waiting) for e in worker.engines.values())
+    log.write(json.dumps({"t": round(started, 6), "wall_s": round(took, 6), "model": out.ran_model,
+                          "terms": list(plan.cost_terms()) if plan else None,
+                          "seqs": len(plan.chunks) if plan else 0,
+                          "running": running, "waiting": waiting}) + "\n")
+
+
 def _serve(worker: DeviceWorker, inbox, send, idle_tick_s: float) -> None:
     decoder = msgspec.msgpack.Decoder(msg.ToWorker)
+    step_log = _open_step_log(worker)
     parent = os.getppid()
     while True:
         if os.getppid() != parent:  # the frontend died without saying goodbye: do not linger
@@ -137,6 +162,8 @@ def _serve(worker: DeviceWorker, inbox, send, idle_tick_s: float) -> None:
         started = time.perf_counter()
         out = worker.step()
         took = time.perf_counter() - started
+        if step_log is not None and out.ran_model is not None:
+            _log_step(step_log, worker, out, started, took)
         if took > SLOW_STEP_S:  # a whole-device pause: say what the step did (server log)
             print(f"prism worker {worker.config.device.device}: slow step {took:.2f} s "
                   f"(ran {out.ran_model or '-'}, {out.num_tokens} tokens; "

@@ -1,4 +1,5 @@
 """The device worker as its own process, driven through typed messages over ZeroMQ."""
+import json
 import time
 
 import psutil
@@ -86,3 +87,31 @@ def test_close_leaves_no_process():
 def test_a_worker_that_cannot_start_says_why():
     with pytest.raises(WorkerStartError, match="unknown model"):
         WorkerProcess(config("no-such-model"))
+
+
+def test_step_log_records_every_step_and_fits_host_time(tmp_path, monkeypatch):
+    """PRISM_STEP_LOG: the worker writes one line per step; benchmarks/step_log.py reads the
+    busy steps back against a cost model and fits the host time beyond it."""
+    import sys
+    from pathlib import Path
+
+    from prism.sched.cost import ProfileCostModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import step_log
+
+    monkeypatch.setenv("PRISM_STEP_LOG", str(tmp_path))
+    w = WorkerProcess(config("tiny-llama:random", "tiny-qwen3:random"))
+    try:
+        for i, model in enumerate(["m0", "m1", "m0", "m1"]):
+            w.send(msg.AddRequest(f"r{i}", model, [5, 6, 7, 8 + i], temperature=0, max_tokens=12, ignore_eos=True))
+        collect(w, {f"r{i}" for i in range(4)})
+    finally:
+        w.close()
+    (log,) = tmp_path.glob("steps-cpu-*.jsonl")
+    lines = [line for line in log.read_text().splitlines() if line]
+    assert len(lines) >= 12 and {json.loads(line)["model"] for line in lines} == {"m0", "m1"}
+    steps = step_log.read_steps([log], ProfileCostModel())  # nominal CPU rates: any cost model
+    assert steps and all(s.cycle_s > 0 for s in steps)
+    step_s, seq_s = step_log.fit_host(steps)
+    assert step_s >= 0 and seq_s >= 0
