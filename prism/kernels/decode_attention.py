@@ -33,15 +33,15 @@ class DecodeConfig:
     """Tile and pipeline of the decode kernel: keys per loop step (BLOCK_N; head_dim > 128
     halves it to stay within registers), warps per program, loads in flight."""
 
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    # The fastest of benchmarks/engine.py --decode-sweep on an H100 (llama-3.1-8b, batch 256,
+    # 1,024 tokens of context: 0.374 ms per layer, 1.04x its KV bytes at the measured copy
+    # bandwidth; every BLOCK_N=128 variant tied, 64 was 4% slower, 32 8%).
+    block_n: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
 
 
-# The configuration engines use: the fastest of benchmarks/engine.py --decode-sweep on an H100
-# (llama-3.1-8b, batch 256, 1,024 tokens of context: 0.374 ms per layer, 1.04x its KV bytes
-# at the measured copy bandwidth; every BLOCK_N=128 variant tied, BLOCK_N=64 was slower).
-DEFAULT_CONFIG = DecodeConfig(block_n=128, num_warps=8, num_stages=3)
+DEFAULT_CONFIG = DecodeConfig()  # what engines use (a benchmark may set another before capture)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -132,7 +132,8 @@ def _open_step_log(worker: DeviceWorker):
         return None
     os.makedirs(folder, exist_ok=True)
     name = worker.config.device.device.replace(":", "")
-    return open(os.path.join(folder, f"steps-{name}-{os.getpid()}.jsonl"), "w", buffering=1)  # lines survive a killed worker
+    path = os.path.join(folder, f"steps-{name}-{os.getpid()}.jsonl")
+    return open(path, "w", buffering=1)  # line by line: what was logged survives a killed worker
 
 
 def _log_step(log, worker: DeviceWorker, out, started: float, took: float) -> None:
