@@ -83,3 +83,28 @@ def test_measured_mixed_steps_replace_the_one_pass_rule():
     assert again.mixed == slow.mixed  # kept in the profile file
     scaled = scale_profile(slow, shape("llama-3.1-8b"), shape("llama-3.2-1b"), H100)
     assert len(scaled.mixed) == 3 and all(t < t0 for (*_, t), (*_, t0) in zip(scaled.mixed, slow.mixed))
+
+
+def test_host_overheads_per_sequence_round_trip_and_slow_a_batch_down(tmp_path):
+    """host.yaml's per-sequence term is read back, and a simulated step pays it once per
+    sequence: a batch of 8 decodes loses 8 x seq_s per token, one request alone 1 x."""
+    import statistics
+
+    from prism.bench.trace import TraceRequest
+    from prism.sim.costs import HostOverheads
+    from prism.sim.run import config_for, simulate
+
+    host = HostOverheads(step_s=0.4e-3, request_s=0.02, seq_s=50e-6)
+    host.save(tmp_path / "host.yaml")
+    assert HostOverheads.load(tmp_path / "host.yaml") == host
+    assert host.step_time(8) == pytest.approx(0.4e-3 + 8 * 50e-6)
+
+    raw = {"devices": [{"device": "cuda:0", "memory": "24GiB"}],
+           "models": [{"name": "m", "source": "llama-3.2-1b:random"}]}
+    together = [TraceRequest(0.0, "m", 64, 200) for _ in range(8)]
+
+    def tpot(seq_s):
+        profiles = ProfileSet({}, {}, HostOverheads(seq_s=seq_s))
+        return statistics.median(r.tpot for r in simulate(config_for(raw, "prism"), together, profiles).records)
+
+    assert tpot(1e-3) - tpot(0.0) == pytest.approx(8e-3, rel=0.05)
