@@ -36,6 +36,7 @@ class Step:
     seqs: int
     cycle_s: float
     predicted_s: float
+    kind: str = "decode"  # decode, prefill or mixed
 
     @property
     def host_s(self) -> float:
@@ -52,7 +53,9 @@ def read_steps(files: list[Path], cost: ProfileCostModel) -> list[Step]:
             cycle = b["t"] - a["t"]
             if a["terms"] is None or cycle - a["wall_s"] > BUSY_GAP_S:
                 continue
-            steps.append(Step(a["model"], a["seqs"], cycle, step_seconds(cost, a["model"], *a["terms"])))
+            decodes, _, prefill = a["terms"]
+            kind = "decode" if not prefill else "prefill" if not decodes else "mixed"
+            steps.append(Step(a["model"], a["seqs"], cycle, step_seconds(cost, a["model"], *a["terms"]), kind))
     return steps
 
 
@@ -93,6 +96,20 @@ def table(steps: list[Step]) -> str:
     return "\n".join(rows)
 
 
+def table_by_model(steps: list[Step], min_steps: int = 20) -> str:
+    """Measured cycle against the profile's forward time, per model and kind of step."""
+    rows = ["| model | step | steps | sequences p50 | cycle p50 (ms) | forward predicted p50 (ms) | cycle / predicted p50 |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for model, kind in sorted({(s.model, s.kind) for s in steps}):
+        group = [s for s in steps if (s.model, s.kind) == (model, kind)]
+        if len(group) >= min_steps:
+            med = lambda f: statistics.median(f(s) for s in group)  # noqa: E731
+            rows.append(f"| {model} | {kind} | {len(group)} | {med(lambda s: s.seqs):.0f} | "
+                        f"{med(lambda s: s.cycle_s) * 1e3:.2f} | {med(lambda s: s.predicted_s) * 1e3:.2f} | "
+                        f"{med(lambda s: s.cycle_s / s.predicted_s):.2f} |")
+    return "\n".join(rows)
+
+
 def log_files(folders: list[str]) -> list[Path]:
     files = sorted(f for d in folders for f in Path(d).glob("steps-*.jsonl"))
     if not files:
@@ -113,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"step_log: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(table(steps))
+    print()
+    print(table_by_model(steps))
     print(f"\n{len(steps)} busy steps; host time per step = {step_s * 1e3:.3f} ms + "
           f"{seq_s * 1e6:.1f} us x sequences in the step")
     return 0
