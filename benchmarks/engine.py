@@ -139,7 +139,7 @@ def profile_step(engine: LLMEngine, batch: int, context: int) -> None:
         print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=50))
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3.1-8b:random")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
@@ -162,59 +162,26 @@ def main() -> int:
     ap.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="print where one decode step's time goes")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     device = torch.device("cuda:0")
     card = torch.cuda.get_device_name(device)
-    bandwidth = copy_bandwidth(device)
-    rate = matmul_rate(device)
-    h2d = measure_h2d_bandwidth(device, num_bytes=1 << 30)
+    ceilings = {"copy_bandwidth_GBps": copy_bandwidth(device) / 1e9, "bf16_matmul_TFLOPs": matmul_rate(device) / 1e12,
+                "h2d_pinned_GBps": measure_h2d_bandwidth(device, num_bytes=1 << 30) / 1e9}
     max_seqs = max(args.batches + [args.max_seqs if args.offline or args.offline_azure else 1])
     t0 = time.perf_counter()
     engine = build_engine(args.model, args, max_seqs)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s (kernels {engine.runner.model.ops.name}, "
           f"graphs {'off' if engine.runner.graphs is None else engine.runner.graphs.buckets})", flush=True)
-    cases, extra, errors = [], {}, []
-
-    def attempt(name, fn):
-        """Run one optional case; a failure is reported and the others still run (device
-        time is scarce)."""
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            errors.append(f"{name}: {type(e).__name__}: {e}")
-            return None
-
-    if args.decode_sweep:
-        sweep = attempt("decode sweep", lambda: cases_mod.decode_kernel_sweep(
-            engine, max(args.batches), args.context, bandwidth))
-        if sweep:
-            extra["decode_kernel_sweep"] = sweep
-            use_fastest_decode_config(engine, sweep)
-    cases += [run_case(engine, b, args.context, args.steps, bandwidth) for b in args.batches]
-    cases += [run_prefill_case(engine, n, rate) for n in args.prefill]
-    if args.elastic:
-        cases += attempt("elastic", lambda: cases_mod.elastic_overhead_case(engine)) or []
-    if args.activation:
-        cases += [c for c in [attempt("activation", lambda: cases_mod.activation_case(engine, h2d))] if c]
-    if args.offline:
-        lens = [tuple(args.offline_lens)] * args.offline
-        cases += [c for c in [attempt("offline", lambda: cases_mod.offline_case(
-            engine, lens, f"{lens[0][0]}+{lens[0][1]}"))] if c]
-    if args.offline_azure:
-        pairs = [tuple(p) for p in json.loads(Path(args.offline_azure).read_text())["pairs"]]
-        cases += [c for c in [attempt("offline azure", lambda: cases_mod.offline_case(engine, pairs, "azure conv"))] if c]
-    if args.two_streams:
-        cases += attempt("two streams", lambda: two_streams_cases(engine, args)) or []
-    if args.profile:
-        profile_step(engine, args.batches[0], args.context)
+    cases, extra, errors = run_cases(engine, args, ceilings)
     engine_kernels = engine.runner.model.ops.name + ("" if engine.runner.graphs is None else "+graphs")
     engine.close()
     result = dict(
         benchmark="engine_decode", card=card, date=datetime.date.today().isoformat(),
-        command="python3 " + " ".join(sys.argv), torch=torch.__version__,
-        ceilings={"copy_bandwidth_GBps": bandwidth / 1e9, "bf16_matmul_TFLOPs": rate / 1e12,
-                  "h2d_pinned_GBps": h2d / 1e9},
+        command="python3 " + " ".join(sys.argv), torch=torch.__version__, ceilings=ceilings,
         kernels=engine_kernels, decode_config=asdict(decode_attention.DEFAULT_CONFIG), cases=cases,
         errors=errors, **extra,
     )
@@ -227,6 +194,46 @@ def main() -> int:
         print(f"FAILED {line}")
     print(f"wrote {out}")
     return 0
+
+
+def run_cases(engine: LLMEngine, args, ceilings: dict) -> tuple[list[dict], dict, list[str]]:
+    """(cases, extra JSON entries, errors). The step and prefill cases always run; an
+    optional case that fails is reported and the others still run (device time is scarce)."""
+    bandwidth, rate = ceilings["copy_bandwidth_GBps"] * 1e9, ceilings["bf16_matmul_TFLOPs"] * 1e12
+    cases, extra, errors = [], {}, []
+
+    def attempt(name, fn) -> list[dict]:
+        try:
+            got = fn()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+            return []
+        return got if isinstance(got, list) else [got]
+
+    if args.decode_sweep:
+        for sweep in attempt("decode sweep", lambda: cases_mod.decode_kernel_sweep(
+                engine, max(args.batches), args.context, bandwidth)):
+            extra["decode_kernel_sweep"] = sweep
+            use_fastest_decode_config(engine, sweep)
+    cases += [run_case(engine, b, args.context, args.steps, bandwidth) for b in args.batches]
+    cases += [run_prefill_case(engine, n, rate) for n in args.prefill]
+    if args.elastic:
+        cases += attempt("elastic", lambda: cases_mod.elastic_overhead_case(engine))
+    if args.activation:
+        h2d = ceilings["h2d_pinned_GBps"] * 1e9
+        cases += attempt("activation", lambda: cases_mod.activation_case(engine, h2d))
+    if args.offline:
+        lens = [tuple(args.offline_lens)] * args.offline
+        cases += attempt("offline", lambda: cases_mod.offline_case(engine, lens, f"{lens[0][0]}+{lens[0][1]}"))
+    if args.offline_azure:
+        pairs = [tuple(p) for p in json.loads(Path(args.offline_azure).read_text())["pairs"]]
+        cases += attempt("offline azure", lambda: cases_mod.offline_case(engine, pairs, "azure conv"))
+    if args.two_streams:
+        cases += attempt("two streams", lambda: two_streams_cases(engine, args))
+    if args.profile:
+        profile_step(engine, args.batches[0], args.context)
+    return cases, extra, errors
 
 
 def build_engine(model: str, args, max_seqs: int, pool=None, model_id=None) -> LLMEngine:

@@ -14,16 +14,11 @@ from dataclasses import asdict
 import torch
 
 from prism.engine.llm_engine import LLMEngine
-from prism.engine.profiler import prefill_all
-from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
+from prism.engine.profiler import decode_plan, prefill_all, synchronize
+from prism.engine.sequence import Sequence
 from prism.types import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_prompts(vocab: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
@@ -46,10 +41,6 @@ def free(engine: LLMEngine, seqs: list[Sequence]) -> None:
     for s in seqs:
         engine.blocks.free(s)
         engine.runner.forget(s)
-
-
-def decode_plan(seqs: list[Sequence]) -> StepPlan:
-    return StepPlan(tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs))
 
 
 # ---- decode kernel sweep ---------------------------------------------------------------------
@@ -101,7 +92,7 @@ def activation_case(engine: LLMEngine, h2d_bandwidth: float, repeats: int = 3) -
     times = []
     for _ in range(repeats):
         engine.evict()
-        sync(engine.device)
+        synchronize(engine.device)
         t0 = time.perf_counter()
         engine.activate()  # synchronizes the device
         times.append(time.perf_counter() - t0)
@@ -190,11 +181,11 @@ def two_streams_case(a: LLMEngine, b: LLMEngine, batch: int, context: int, steps
         for name, fn in (("alternated", alternated), ("concurrent", concurrent)):
             for _ in range(3):
                 fn()
-            sync(a.device)
+            synchronize(a.device)
             t0 = time.perf_counter()
             for _ in range(steps):
                 fn()
-            sync(a.device)
+            synchronize(a.device)
             timed[name] = (time.perf_counter() - t0) / steps
     for e in (a, b):
         free(e, seqs[e])
@@ -250,11 +241,11 @@ def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str) 
     params = [SamplingParams(temperature=0, max_tokens=out, ignore_eos=True) for _, out in lengths]
     engine.generate(prompts[:8], params[:8])  # warm-up
     times = StepTimes(engine)
-    sync(engine.device)
+    synchronize(engine.device)
     t0 = time.perf_counter()
     try:
         outs = engine.generate(prompts, params)
-        sync(engine.device)
+        synchronize(engine.device)
     finally:
         times.restore()
     elapsed = time.perf_counter() - t0

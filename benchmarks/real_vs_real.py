@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sim_validation import METRICS, compare, real_points  # noqa: E402
+from sim_validation import METRICS, compare, comparison_cell, real_points  # noqa: E402
 
 from prism.bench.report import slos_from_config  # noqa: E402
 from prism.bench.replay import load_records  # noqa: E402
@@ -38,12 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         a = summarize(load_records(path), slos, duration)["overall"]
         b = summarize(load_records(b_points[system, scale]), slos, duration)["overall"]
-        cells = []
-        for key, _, _ in METRICS:
-            m = compare(a, b)[key]
-            fmt = (lambda x: f"{x:.1%}") if key.endswith("_att") else (lambda x: f"{x:.3g}")
-            diff = "-" if m["rel_err"] is None else f"{m['rel_err']:+.0%}"
-            cells.append(f"{fmt(m['real'])} / {fmt(m['sim'])} ({diff})")
+        cells = [comparison_cell(key, m) for key, m in compare(a, b).items()]
         print(f"| {system} | {scale:g} | " + " | ".join(cells) + " |")
     return 0
 

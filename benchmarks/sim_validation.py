@@ -165,6 +165,12 @@ def _fmt(key: str, x) -> str:
     return f"{x:.0f}" if key.startswith("tpot") else f"{x:.2f}"
 
 
+def comparison_cell(key: str, m: dict) -> str:
+    """'real / other (relative error)' of one metric of `compare`."""
+    err = "" if m["rel_err"] is None else f" ({m['rel_err']:+.0%})"
+    return f"{_fmt(key, m['real'])} / {_fmt(key, m['sim'])}{err}"
+
+
 def markdown(report: dict) -> str:
     lines = ["Real vs simulated, per system and rate scale (relative error = (sim - real) / real):", "",
              "| system | scale | requests |" + "".join(f" {label} real / sim (err) |" for _, label, _ in METRICS),
@@ -172,9 +178,7 @@ def markdown(report: dict) -> str:
     for r in sorted(report["rows"], key=lambda r: (r["scale"], r["system"])):
         cells = ""
         for key, _, _ in METRICS:
-            m = r["metrics"][key]
-            err = "" if m["rel_err"] is None else f" ({m['rel_err']:+.0%})"
-            cells += f" {_fmt(key, m['real'])} / {_fmt(key, m['sim'])}{err} |"
+            cells += f" {comparison_cell(key, r['metrics'][key])} |"
         lines.append(f"| {r['system']} | {r['scale']:g} | {r['requests']} |{cells}")
     lines += ["", "Same order of systems (real vs simulated) at each scale:"]
     for key, label in (("ttft_att", "TTFT attainment"), ("slo_att", "both SLOs")):

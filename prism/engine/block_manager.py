@@ -44,6 +44,7 @@ class BlockManager:
         self._free_in_page: dict[int, list[int]] = {}  # mapped page -> its free block ids
         self._unmapped_pages: list[int] = list(range(num_virtual_pages))  # min-heap
         self._pages_with_free: list[int] = []  # min-heap of mapped pages that have free blocks
+        self._empty_pages: set[int] = set()  # mapped pages with every block free
         self._num_free_mapped_blocks = 0
 
     # ---- queries -------------------------------------------------------------------------
@@ -103,6 +104,7 @@ class BlockManager:
         block = free.pop()
         if not free:
             heapq.heappop(self._pages_with_free)
+        self._empty_pages.discard(page)
         self._num_free_mapped_blocks -= 1
         return block
 
@@ -118,6 +120,7 @@ class BlockManager:
         self._free_in_page[page] = list(range(first + self.blocks_per_page - 1, first - 1, -1))
         self._num_free_mapped_blocks += self.blocks_per_page
         heapq.heappush(self._pages_with_free, page)
+        self._empty_pages.add(page)
         return True
 
     def _give_back(self, blocks: list[int]) -> None:
@@ -129,24 +132,21 @@ class BlockManager:
                 heapq.heappush(self._pages_with_free, page)
             free.append(block)
             self._num_free_mapped_blocks += 1
+            if len(free) == self.blocks_per_page:
+                self._empty_pages.add(page)
             touched.add(page)
         self._unmap_empty_pages(touched)
 
     def _unmap_empty_pages(self, candidates: set[int]) -> None:
-        empty = sorted(
-            (p for p in candidates if len(self._free_in_page[p]) == self.blocks_per_page),
-            reverse=True,  # unmap the highest pages first: allocation prefers low ones
-        )
-        num_empty_total = sum(
-            1 for f in self._free_in_page.values() if len(f) == self.blocks_per_page
-        )
-        for page in empty:
-            if num_empty_total <= max(self.num_spare_pages, self._ahead_pages):
+        keep = max(self.num_spare_pages, self._ahead_pages)
+        # Highest pages first: allocation prefers low ones.
+        for page in sorted(candidates & self._empty_pages, reverse=True):
+            if len(self._empty_pages) <= keep:
                 break
             self._unmap_page(page)
-            num_empty_total -= 1
 
     def _unmap_page(self, page: int) -> None:
+        self._empty_pages.discard(page)
         del self._free_in_page[page]
         self._num_free_mapped_blocks -= self.blocks_per_page
         self.mapper.unmap_page(page)
@@ -165,9 +165,7 @@ class BlockManager:
     def trim(self) -> None:
         """Unmap the free pages beyond those kept (spares, map_ahead's target): called after a
         step, when the device is idle anyway (an unmap waits for the device)."""
-        keep = max(self.num_spare_pages, self._ahead_pages)
-        if self._num_free_mapped_blocks >= (keep + 1) * self.blocks_per_page:  # else none to trim
-            self._unmap_empty_pages(set(self._free_in_page))
+        self._unmap_empty_pages(self._empty_pages)
 
     def keep_mapped(self, num_pages: int) -> int:
         """Map pages until num_pages are mapped (or the pool says no) and keep every mapped
@@ -181,5 +179,5 @@ class BlockManager:
 
     def release_all_free_pages(self) -> None:
         """Unmap every page with no used block (spares included): used on eviction/close."""
-        for page in [p for p, f in self._free_in_page.items() if len(f) == self.blocks_per_page]:
+        for page in list(self._empty_pages):
             self._unmap_page(page)

@@ -163,7 +163,7 @@ def _time_mixed(session: _Session, prefill: int, batch: int, context: int, repea
         prefill_all(engine, seqs, context)
         times = []
         for _ in range(num_steps):
-            chunks = tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs)
+            chunks = decode_plan(seqs).chunks
             plan = StepPlan(chunks + (ScheduledChunk(new, 0, prefill),))
             seconds, sampled = _timed_execute(engine, plan)
             engine.scheduler.commit(StepPlan(chunks))
@@ -176,12 +176,17 @@ def _time_mixed(session: _Session, prefill: int, batch: int, context: int, repea
         session.free(seqs + [new])
 
 
+def decode_plan(seqs: list[Sequence]) -> StepPlan:
+    """One decode step of every sequence (each computes its next token)."""
+    return StepPlan(tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs))
+
+
 def timed_decode_steps(engine: LLMEngine, seqs: list[Sequence], num_steps: int) -> list[float]:
     """`num_steps` decode steps of all of `seqs` (their blocks already allocated), each timed
     around `runner.execute` with the device synchronized; sampled tokens are appended."""
     times = []
     for _ in range(num_steps):
-        plan = StepPlan(tuple(ScheduledChunk(s, s.num_computed_tokens, 1) for s in seqs))
+        plan = decode_plan(seqs)
         seconds, sampled = _timed_execute(engine, plan)
         engine.scheduler.commit(plan)
         for seq, token in sampled:
@@ -201,14 +206,15 @@ def prefill_all(engine: LLMEngine, seqs: list[Sequence], context: int) -> None:
 
 
 def _timed_execute(engine: LLMEngine, plan: StepPlan) -> tuple[float, list]:
-    _synchronize(engine.device)
+    synchronize(engine.device)
     start = time.perf_counter()
     sampled = engine.runner.execute(plan)
-    _synchronize(engine.device)
+    synchronize(engine.device)
     return time.perf_counter() - start, sampled
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): for timing host-side."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
