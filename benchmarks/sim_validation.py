@@ -116,6 +116,7 @@ def validate(real_dir: Path, raw: dict, trace, slos, profiles: ProfileSet, out: 
               "host": {"step_overhead_ms": 1e3 * profiles.host.step_s, "request_latency_ms": 1e3 * profiles.host.request_s,
                        "scheduling_scale": profiles.host.scheduling_scale,
                        "seq_overhead_us": 1e6 * profiles.host.seq_s,
+                       "cold_shape_ms": 1e3 * profiles.host.cold_shape_s,
                        "server_has_profiles": profiles.host.server_has_profiles},
               "same_order": {"ttft_att": same_order(rows, "ttft_att"), "slo_att": same_order(rows, "slo_att")}}
     (out / "validation.json").write_text(json.dumps(report, indent=1))
@@ -123,32 +124,61 @@ def validate(real_dir: Path, raw: dict, trace, slos, profiles: ProfileSet, out: 
     return report
 
 
-def calibrated(profiles: ProfileSet, raw: dict, solo, out: Path) -> ProfileSet:
-    """`profiles` with host overheads measured from a solo run (and saved to out/host.yaml)."""
+def calibrated(profiles: ProfileSet, raw: dict, solo, keep_step_times: bool = False,
+               solo_steps: Path | None = None) -> ProfileSet:
+    """`profiles` with host overheads measured from requests served alone: the request latency
+    and, unless `keep_step_times` (fitted to step logs already), the per-step time. With the
+    step log of the server that served them (`solo_steps`), the request latency is what each
+    spent outside its prefill step (step_log.request_latency); without, TTFT less the profile's
+    prefill, less the cold-shape cost where the request was the first of its shape class."""
+    import step_log
+
     from prism.sched.cost import ProfileCostModel
     from prism.sim.shapes import model_shape
 
     config = config_for(raw, "prism")
     device = config.devices[0].device
-    per_model = {m.name: profiles.profile_for(model_shape(m, device), device)[0] for m in config.models}
-    host = HostOverheads.from_solo(solo, ProfileCostModel(per_model))
-    out.mkdir(parents=True, exist_ok=True)
-    host.save(out / HOST_FILE, note=f"measured from a solo run of {len(solo)} requests (benchmarks/sim_validation.py)")
+    shapes = {m.name: model_shape(m, device) for m in config.models}
+    per_model = {name: profiles.profile_for(shape, device)[0] for name, shape in shapes.items()}
+    keys = {name: (shape.config, shape.itemsize) for name, shape in shapes.items()}
+    solo_host = HostOverheads.from_solo(solo, ProfileCostModel(per_model), profiles.host.cold_shape_s, keys.__getitem__)
+    host = dataclasses.replace(profiles.host, request_s=solo_host.request_s) if keep_step_times else solo_host
+    if solo_steps is not None:
+        host = dataclasses.replace(host, request_s=step_log.request_latency(solo, solo_steps)[0])
     return dataclasses.replace(profiles, host=host, _memo={})
 
 
-def fitted_to_steps(profiles: ProfileSet, config: str, folders: list[str], out: Path) -> ProfileSet:
-    """`profiles` with the per-step and per-sequence host time fitted to real step logs
-    (request latency kept), saved to out/host.yaml."""
+def fitted_to_steps(profiles: ProfileSet, config: str, logs: list[str]) -> tuple[ProfileSet, int]:
+    """`profiles` with the per-step, per-sequence and cold-shape host times fitted to real
+    step logs (request latency kept), and the number of busy steps fitted."""
     import step_log
 
-    steps = step_log.read_steps(step_log.log_files(folders), step_log.cost_model(config, profiles))
+    files = step_log.log_files(logs)
+    cost = step_log.cost_model(config, profiles)
+    steps = step_log.read_steps(files, cost)
     step_s, seq_s = step_log.fit_host(steps)
-    host = dataclasses.replace(profiles.host, step_s=step_s, seq_s=seq_s)
-    out.mkdir(parents=True, exist_ok=True)
-    host.save(out / HOST_FILE, note=f"step and sequence overheads fitted to {len(steps)} busy steps of "
-              f"{', '.join(folders)}; request latency from the solo figure (benchmarks/sim_validation.py)")
-    return dataclasses.replace(profiles, host=host, _memo={})
+    cold_s, _, _ = step_log.fit_cold_shapes(files, cost, step_log.shape_keys(config))
+    host = dataclasses.replace(profiles.host, step_s=step_s, seq_s=seq_s, cold_shape_s=cold_s)
+    return dataclasses.replace(profiles, host=host, _memo={}), len(steps)
+
+
+def with_host_overheads(profiles: ProfileSet, args, raw: dict) -> ProfileSet:
+    """The host overheads asked for on the command line (step logs first: the solo figure
+    subtracts the cold-shape cost they give), saved to OUT/host.yaml."""
+    notes = []
+    if args.host_steps:
+        profiles, num_steps = fitted_to_steps(profiles, args.config, args.host_steps)
+        notes.append(f"step, sequence and cold-shape times fitted to {num_steps} busy steps of {', '.join(args.host_steps)}")
+    if args.calibrate_host:
+        solo_steps = Path(args.solo_steps) if args.solo_steps else None
+        profiles = calibrated(profiles, raw, load_records(args.calibrate_host), bool(args.host_steps), solo_steps)
+        notes.append(f"request latency{'' if args.host_steps else ' and step time'} from the requests served alone "
+                     f"in {args.calibrate_host}" + (f" against their steps in {solo_steps}" if solo_steps else ""))
+    if notes:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        profiles.host.save(out / HOST_FILE, note="; ".join(notes) + " (benchmarks/sim_validation.py)")
+    return profiles
 
 
 def _sources(raw, trace, profiles) -> dict:
@@ -188,7 +218,9 @@ def markdown(report: dict) -> str:
     lines += ["", "Cost sources: " + ", ".join(f"{m}: {how}" for m, how in report["cost_sources"].items()) + ".",
               f"Host overheads: {report['host']['step_overhead_ms']:.2f} ms per step + "
               f"{report['host'].get('seq_overhead_us', 0):.1f} us per sequence in it, "
-              f"{report['host']['request_latency_ms']:.1f} ms per request; scheduling time charged x"
+              f"{report['host']['request_latency_ms']:.1f} ms per request, "
+              f"{report['host'].get('cold_shape_ms', 0):.1f} ms for a fresh server's first eager step of a shape class; "
+              f"scheduling time charged x"
               f"{report['host']['scheduling_scale']:g}; the servers "
               f"{'planned with these profiles' if report['host']['server_has_profiles'] else 'had no profiles to plan with'}.", ""]
     return "\n".join(lines)
@@ -208,9 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-host", metavar="RECORDS", default=None,
                    help="requests.jsonl of a solo run on the same server (requests one at a time): "
                         "measure the host overheads from it (written to OUT/host.yaml) instead of PROFILES/host.yaml")
+    p.add_argument("--solo-steps", metavar="FILE", default=None,
+                   help="with --calibrate-host: the step log of the server that served RECORDS; the request "
+                        "latency is then each solo request's TTFT less its prefill step's wall time")
     p.add_argument("--host-steps", nargs="+", metavar="DIR", default=None,
-                   help="step logs of the real runs (PRISM_STEP_LOG folders): fit the per-step and "
-                        "per-sequence host time to them (benchmarks/step_log.py) instead of the solo figure")
+                   help="step logs of the real runs (PRISM_STEP_LOG folders or files): fit the per-step, "
+                        "per-sequence and cold-shape host time to them (benchmarks/step_log.py) instead of the solo figure")
     p.add_argument("--out", required=True)
     p.add_argument("--jobs", type=int, default=None)
     add_slo_options(p, required=False)
@@ -220,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         trace = load_trace(args.trace)
         slos = resolve_slos(args, sorted({r.model for r in trace}), default_config=args.config)
         profiles = ProfileSet.load(args.profiles)
-        if args.calibrate_host:
-            profiles = calibrated(profiles, raw, load_records(args.calibrate_host), Path(args.out))
-        if args.host_steps:
-            profiles = fitted_to_steps(profiles, args.config, args.host_steps, Path(args.out))
+        profiles = with_host_overheads(profiles, args, raw)
         if args.scheduling_scale is not None or args.server_without_profiles:
             host = profiles.host
             if args.scheduling_scale is not None:

@@ -6,7 +6,10 @@ its start, wall time, model and cost terms. The cycle of a step is the time from
 the next step's start while the device stays busy: the forward pass, the worker's scheduling,
 batch building, token messages and request intake. The forward pass is what the profiles
 predict (prism.sim.costs.step_seconds, as the simulator charges it); the rest is host time,
-fitted here as step_s + seq_s x sequences in the step (least squares over busy steps).
+fitted here as step_s + seq_s x sequences in the step (least squares over busy steps). A
+fresh server's first eager step of each model shape and token-count class also takes longer
+than later ones (kernels loaded on first use): that difference is fitted too (cold_shape_s,
+prism.sim.costs.ColdShapes).
 
     python3 benchmarks/step_log.py --steps DIR [DIR...] --config examples/h100-6models.yaml \
         --profiles benchmarks/profiles/nvidia-h100
@@ -25,9 +28,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism.sched.cost import ProfileCostModel  # noqa: E402
-from prism.sim.costs import ProfileSet, step_seconds  # noqa: E402
+from prism.sim.costs import ColdShapes, ProfileSet, served_alone, step_seconds  # noqa: E402
+from prism.sim.shapes import ModelShape  # noqa: E402
 
 BUSY_GAP_S = 0.02  # a longer gap between two steps is the worker waiting for work
+MATCH_S = 0.01  # how close a request's prefill step lies to the clock offset (request_latency)
 
 
 @dataclass(frozen=True)
@@ -48,15 +53,25 @@ def read_steps(files: list[Path], cost: ProfileCostModel) -> list[Step]:
     beyond the first one's wall time)."""
     steps = []
     for path in files:
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for a, b in zip(lines, lines[1:]):
+        lines = _read_lines(path)
+        for before, a, b in zip([{}] + lines, lines, lines[1:]):
             cycle = b["t"] - a["t"]
-            if a["terms"] is None or cycle - a["wall_s"] > BUSY_GAP_S:
+            if a["terms"] is None or cycle - a["wall_s"] > BUSY_GAP_S or _activated(before, a):
                 continue
             decodes, _, prefill = a["terms"]
             kind = "decode" if not prefill else "prefill" if not decodes else "mixed"
             steps.append(Step(a["model"], a["seqs"], cycle, step_seconds(cost, a["model"], *a["terms"]), kind))
     return steps
+
+
+def _read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _activated(before: dict, step: dict) -> bool:
+    """Whether the step copied a model's weights in (logs since 2026-12-01 count activations;
+    older ones cannot tell, so give them no swap runs)."""
+    return step.get("activations", 0) > before.get("activations", 0)
 
 
 def fit_host(steps: list[Step]) -> tuple[float, float]:
@@ -71,14 +86,70 @@ def fit_host(steps: list[Step]) -> tuple[float, float]:
     return max(0.0, float(intercept)), float(slope)
 
 
-def cost_model(config_path: str, profiles: ProfileSet) -> ProfileCostModel:
-    """The simulator's truth for the config's models on its first device."""
+def fit_cold_shapes(files: list[Path], cost: ProfileCostModel, shape_keys: dict[str, object]
+                    ) -> tuple[float, int, int]:
+    """(cold_shape_s, first steps, repeat steps): how much longer the first eager step of a
+    model shape in a token-count class takes in a server's life (one log file) than the later
+    ones of that class (prism.sim.costs.ColdShapes): the difference of the medians of each
+    group's wall time beyond the profile, at least 0."""
+    first, repeat = [], []
+    for path in files:
+        seen = ColdShapes(1.0)  # charges 1 for a first step, 0 for a repeat
+        lines = _read_lines(path)
+        for before, step in zip([{}] + lines, lines):
+            if step["terms"] is None or not step["terms"][2] or _activated(before, step):
+                continue
+            extra = step["wall_s"] - step_seconds(cost, step["model"], *step["terms"])
+            is_first = seen.charge(shape_keys[step["model"]], tuple(step["terms"]))
+            (first if is_first else repeat).append(extra)
+    if not first or not repeat:
+        return 0.0, len(first), len(repeat)
+    return max(0.0, statistics.median(first) - statistics.median(repeat)), len(first), len(repeat)
+
+
+def request_latency(records, steps_file: Path) -> tuple[float, int]:
+    """(seconds, requests used): what a request spends outside the worker's steps before its
+    first token (HTTP, tokenizing, routing, IPC both ways), the median over the requests that
+    were served alone of TTFT less the wall time of their prefill step. `steps_file` is the
+    step log of the server that served `records`. A request's prefill step is a step of its
+    model that prefills exactly its prompt, at the offset between the two clocks (the client's
+    send times count from the replay's start, the log's from the worker's): the offset most
+    candidates agree on. Unlike the solo figure of the records alone, this leaves out what the
+    step itself paid (a cold shape class, say)."""
+    steps = _read_lines(steps_file)
+    alone = served_alone([r for r in records if r.ok and r.ttft is not None])
+    candidates = {id(r): [s for s in steps if s["model"] == r.model and s["terms"] == [0, 0, r.input_len]]
+                  for r in alone}
+    offsets = [round((s["t"] - r.send_s) / MATCH_S) for r in alone for s in candidates[id(r)]]
+    if not offsets:
+        raise ValueError(f"no request served alone has its prefill step in {steps_file}")
+    offset = statistics.mode(offsets) * MATCH_S
+    outside = []
+    for r in alone:
+        near = [s for s in candidates[id(r)] if abs(s["t"] - r.send_s - offset) <= MATCH_S]
+        if near:
+            outside.append(r.ttft - near[0]["wall_s"])
+    return max(0.0, statistics.median(outside)), len(outside)
+
+
+def config_shapes(config_path: str) -> tuple[str, dict[str, ModelShape]]:
+    """The config's first device and its models' shapes, by name."""
     from prism.server.config_file import load_config
     from prism.sim.shapes import model_shape
 
     config = load_config(config_path)
     device = config.devices[0].device
-    shapes = {m.name: model_shape(m, device) for m in config.models}
+    return device, {m.name: model_shape(m, device) for m in config.models}
+
+
+def shape_keys(config_path: str) -> dict[str, object]:
+    """Each model's key in ColdShapes, as a simulated engine gives it (same shape, same key)."""
+    return {name: (s.config, s.itemsize) for name, s in config_shapes(config_path)[1].items()}
+
+
+def cost_model(config_path: str, profiles: ProfileSet) -> ProfileCostModel:
+    """The simulator's truth for the config's models on its first device."""
+    device, shapes = config_shapes(config_path)
     return profiles.cost_model(shapes, device)[0]
 
 
@@ -110,22 +181,26 @@ def table_by_model(steps: list[Step], min_steps: int = 20) -> str:
     return "\n".join(rows)
 
 
-def log_files(folders: list[str]) -> list[Path]:
-    files = sorted(f for d in folders for f in Path(d).glob("steps-*.jsonl"))
+def log_files(paths: list[str]) -> list[Path]:
+    """The step logs named (files) or in the folders named (their steps-*.jsonl)."""
+    files = sorted(f for d in map(Path, paths) for f in ([d] if d.is_file() else d.glob("steps-*.jsonl")))
     if not files:
-        raise ValueError(f"no steps-*.jsonl in {', '.join(folders)}")
+        raise ValueError(f"no steps-*.jsonl in {', '.join(paths)}")
     return files
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", nargs="+", required=True, help="folders of PRISM_STEP_LOG files")
+    p.add_argument("--steps", nargs="+", required=True, help="PRISM_STEP_LOG folders, or step log files")
     p.add_argument("--config", required=True)
     p.add_argument("--profiles", required=True)
     args = p.parse_args(argv)
     try:
-        steps = read_steps(log_files(args.steps), cost_model(args.config, ProfileSet.load(args.profiles)))
+        files = log_files(args.steps)
+        cost = cost_model(args.config, ProfileSet.load(args.profiles))
+        steps = read_steps(files, cost)
         step_s, seq_s = fit_host(steps)
+        cold_s, num_first, num_repeat = fit_cold_shapes(files, cost, shape_keys(args.config))
     except (ValueError, OSError) as e:
         print(f"step_log: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -134,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table_by_model(steps))
     print(f"\n{len(steps)} busy steps; host time per step = {step_s * 1e3:.3f} ms + "
           f"{seq_s * 1e6:.1f} us x sequences in the step")
+    print(f"first eager step of a shape class: {cold_s * 1e3:.1f} ms more than a repeat "
+          f"({num_first} first, {num_repeat} repeat prefill or mixed steps)")
     return 0
 
 

@@ -27,6 +27,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_profiles
 from prism.sched.view import CostModel
@@ -163,6 +164,8 @@ class HostOverheads:
     # Whether the servers had these profiles installed ($PRISM_PROFILE_DIR) to plan with; a
     # server without them plans from the card's nominal rates (and calibrates).
     server_has_profiles: bool = True
+    # What a fresh server's first eager step of a shape class costs beyond later ones (ColdShapes).
+    cold_shape_s: float = 0.0
 
     @classmethod
     def load(cls, path: Path) -> "HostOverheads":
@@ -172,7 +175,7 @@ class HostOverheads:
         try:
             return cls(float(raw.get("step_overhead_ms", 0)) / 1e3, float(raw.get("request_latency_ms", 0)) / 1e3,
                        float(raw.get("scheduling_scale", 0)), float(raw.get("seq_overhead_us", 0)) / 1e6,
-                       bool(raw.get("server_has_profiles", True)))
+                       bool(raw.get("server_has_profiles", True)), float(raw.get("cold_shape_ms", 0)) / 1e3)
         except (TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{path}: not host overheads ({e})") from None
 
@@ -181,29 +184,71 @@ class HostOverheads:
                         f"request_latency_ms: {1e3 * self.request_s:.3f}\n"
                         f"seq_overhead_us: {1e6 * self.seq_s:.2f}\n"
                         f"scheduling_scale: {self.scheduling_scale:g}\n"
-                        f"server_has_profiles: {str(self.server_has_profiles).lower()}\n")
+                        f"server_has_profiles: {str(self.server_has_profiles).lower()}\n"
+                        f"cold_shape_ms: {1e3 * self.cold_shape_s:.3f}\n")
 
     def step_time(self, num_seqs: int) -> float:
         """Host time of one step of `num_seqs` sequences, beyond its forward pass."""
         return self.step_s + self.seq_s * num_seqs
 
     @classmethod
-    def from_solo(cls, records, cost: CostModel) -> "HostOverheads":
+    def from_solo(cls, records, cost: CostModel, cold_shape_s: float = 0.0,
+                  shape_key: Callable[[str], object] = lambda model: model) -> "HostOverheads":
         """From requests served alone (in a solo run, all of them; in any other run, those
         whose lifetime overlapped no other request's): the median of what each decode step
         took beyond the profile, and of what the first token took beyond the prefill and that
-        step overhead. `cost` is keyed by the records' model names."""
+        step overhead. `cost` is keyed by the records' model names. With `cold_shape_s`, a
+        request whose prompt was the first of its shape class (`shape_key` of its model, and
+        its prompt's token-count class) since the run began is taken to have paid it, so the
+        request latency left is what a warm server adds."""
         import statistics
 
-        done = [r for r in records if r.ok and r.tpot is not None and r.ttft is not None]
-        alone = [r for r in done
-                 if not any(o is not r and o.send_s < r.finish_s and o.finish_s > r.send_s for o in done)]
+        done = sorted((r for r in records if r.ok and r.tpot is not None and r.ttft is not None),
+                      key=lambda r: r.send_s)
+        alone = served_alone(done)
+        cold = ColdShapes(cold_shape_s)
+        paid = {id(r): cold.charge(shape_key(r.model), (0, 0, r.input_len)) for r in done}
         steps = [r.tpot - cost.decode_step_time(r.model, 1, r.input_len + r.output_len // 2) for r in alone]
-        firsts = [r.ttft - cost.prefill_time(r.model, r.input_len) for r in alone]
+        firsts = [r.ttft - cost.prefill_time(r.model, r.input_len) - paid[id(r)] for r in alone]
         if not steps:
             raise ValueError("no finished request served alone to calibrate from")
         step = max(0.0, statistics.median(steps))
-        return cls(step, max(0.0, statistics.median(firsts) - step))  # seq_s: one sequence per step here
+        return cls(step, max(0.0, statistics.median(firsts) - step), cold_shape_s=cold_shape_s)  # seq_s: one sequence per step here
+
+
+def served_alone(records) -> list:
+    """The records whose lifetime (send to finish) overlapped no other record's."""
+    return [r for r in records
+            if not any(o is not r and o.send_s < r.finish_s and o.finish_s > r.send_s for o in records)]
+
+
+def token_class(num_tokens: int) -> int:
+    """A step's token count in powers of two: 1, 2, 3-4, 5-8, 9-16, ... -> 0, 1, 2, 3, 4, ..."""
+    return max(0, num_tokens - 1).bit_length()
+
+
+class ColdShapes:
+    """The first eager step (a prefill, or a prefill beside decodes) of each model shape in
+    each token-count class (`token_class`) costs a fresh server `cost_s` more than later ones:
+    CUDA loads kernels on first use and cuBLAS picks its kernels by problem size. Decode steps
+    replay CUDA graphs captured at start and pay nothing. One per device (kernels are loaded
+    per process), shared by its engines; models of one shape share their kernels. On the
+    H200, 2026-12-01, about 10 ms (benchmarks/step_log.py fits it to a step log)."""
+
+    def __init__(self, cost_s: float = 0.0):
+        self.cost_s = cost_s
+        self._seen: set = set()
+
+    def charge(self, shape_key, terms: tuple[int, int, int]) -> float:
+        """The extra time of a step with these cost terms (decodes, context, prefill tokens)."""
+        num_decodes, _, num_prefill = terms
+        if not num_prefill:
+            return 0.0
+        key = (shape_key, token_class(num_decodes + num_prefill))
+        if key in self._seen:
+            return 0.0
+        self._seen.add(key)
+        return self.cost_s
 
 
 # ---- the profiles of a cluster ------------------------------------------------------------------

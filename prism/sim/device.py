@@ -15,7 +15,7 @@ from prism.memory.page_pool import PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.cost import ModelProfile, ProfileCostModel
 from prism.sched.view import CostModel
-from prism.sim.costs import HostOverheads, card_defaults
+from prism.sim.costs import ColdShapes, HostOverheads, card_defaults
 from prism.sim.engine import CountingBackend, SimEngine, victim_chooser
 from prism.sim.shapes import ModelShape
 from prism.worker.commands import handle
@@ -39,6 +39,7 @@ class SimDevice(DeviceCore):
         self.shapes = shapes  # by model name
         self.truth = truth
         self.host = host
+        self.cold = ColdShapes(host.cold_shape_s)  # kernels are loaded once per device process
         self.device_id = dev.device
         self._register_all()
 
@@ -48,7 +49,7 @@ class SimDevice(DeviceCore):
 
     def _new_engine(self, spec: ModelSpec) -> SimEngine:
         return SimEngine(spec, self.shapes[spec.name], self.pool, self.clock, self.truth,
-                         victim_chooser(self._choose_victim, spec.name), self.host)
+                         victim_chooser(self._choose_victim, spec.name), self.host, self.cold)
 
     def _sizes_of(self, engine: SimEngine) -> ModelSizes:
         shape = engine.shape

@@ -24,7 +24,7 @@ from prism.memory.backend import PhysicalChunk
 from prism.memory.page_pool import Owner, PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.view import SLO, CostModel
-from prism.sim.costs import HostOverheads, step_seconds
+from prism.sim.costs import ColdShapes, HostOverheads, step_seconds
 from prism.sim.shapes import ModelShape
 from prism.types import CompletionOutput, FinishReason, RequestError, SamplingParams
 
@@ -104,7 +104,7 @@ class SimEngine:
 
     def __init__(self, spec: ModelSpec, shape: ModelShape, pool: PagePool, clock: ManualClock,
                  cost: CostModel, choose_victim: VictimChooser | None = None,
-                 host: HostOverheads = HostOverheads()):
+                 host: HostOverheads = HostOverheads(), cold: ColdShapes | None = None):
         self.model_id = spec.name
         self.shape = shape
         self.config = shape.config
@@ -112,6 +112,7 @@ class SimEngine:
         self.clock = clock
         self.cost = cost  # what a step takes on this device (the simulation's truth)
         self.host = host  # host time per step beyond the forward pass
+        self.cold = cold or ColdShapes(host.cold_shape_s)  # the device's, shared by its engines
         self.weights = SimWeights(pool, Owner(spec.name, "weights"), shape.weight_bytes)
         if not self.weights.map():
             raise RuntimeError(
@@ -183,8 +184,9 @@ class SimEngine:
         for chunk in plan.chunks:
             if chunk.seq.admitted_time is None:
                 chunk.seq.admitted_time = now
-        self.clock.advance(self.host.step_time(len(plan.chunks))
-                           + step_seconds(self.cost, self.model_id, *plan.cost_terms()))
+        terms = plan.cost_terms()
+        self.clock.advance(self.host.step_time(len(plan.chunks)) + step_seconds(self.cost, self.model_id, *terms)
+                           + self.cold.charge((self.config, self.shape.itemsize), terms))
         self.scheduler.commit(plan)
         now = self.clock.now()
         finished = []

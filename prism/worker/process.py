@@ -144,7 +144,9 @@ def _log_step(log, worker: DeviceWorker, out, started: float, took: float) -> No
     log.write(json.dumps({"t": round(started, 6), "wall_s": round(took, 6), "model": out.ran_model,
                           "terms": list(plan.cost_terms()) if plan else None,
                           "seqs": len(plan.chunks) if plan else 0,
-                          "running": running, "waiting": waiting}) + "\n")
+                          "running": running, "waiting": waiting,
+                          # so far: a step that activated a model holds its weight copy
+                          "activations": sum(worker.counters.activations.values())}) + "\n")
 
 
 def _serve(worker: DeviceWorker, inbox, send, idle_tick_s: float) -> None:

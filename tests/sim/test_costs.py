@@ -94,7 +94,7 @@ def test_host_overheads_per_sequence_round_trip_and_slow_a_batch_down(tmp_path):
     from prism.sim.costs import HostOverheads
     from prism.sim.run import config_for, simulate
 
-    host = HostOverheads(step_s=0.4e-3, request_s=0.02, seq_s=50e-6)
+    host = HostOverheads(step_s=0.4e-3, request_s=0.02, seq_s=50e-6, cold_shape_s=0.012)
     host.save(tmp_path / "host.yaml")
     assert HostOverheads.load(tmp_path / "host.yaml") == host
     assert host.step_time(8) == pytest.approx(0.4e-3 + 8 * 50e-6)
@@ -108,3 +108,41 @@ def test_host_overheads_per_sequence_round_trip_and_slow_a_batch_down(tmp_path):
         return statistics.median(r.tpot for r in simulate(config_for(raw, "prism"), together, profiles).records)
 
     assert tpot(1e-3) - tpot(0.0) == pytest.approx(8e-3, rel=0.05)
+
+
+def test_cold_shapes_charge_the_first_eager_step_of_each_class_once():
+    """Token-count classes are powers of two; decodes (CUDA graphs) never pay; another shape
+    has classes of its own."""
+    from prism.sim.costs import ColdShapes, token_class
+
+    assert [token_class(n) for n in (1, 2, 3, 4, 5, 8, 9, 64, 65, 128, 129)] == [0, 1, 2, 2, 3, 3, 4, 6, 7, 7, 8]
+    cold = ColdShapes(0.01)
+    assert cold.charge("a", (0, 0, 100)) == 0.01
+    assert cold.charge("a", (0, 0, 120)) == 0.0  # 65-128 again
+    assert cold.charge("a", (8, 900, 0)) == 0.0  # a decode step
+    assert cold.charge("a", (3, 300, 60)) == 0.01  # a mixed step: 63 tokens with its decodes, 33-64
+    assert cold.charge("a", (0, 0, 40)) == 0.0  # 33-64 again
+    assert cold.charge("a", (0, 0, 200)) == 0.01
+    assert cold.charge("b", (0, 0, 100)) == 0.01
+
+
+def test_a_fresh_simulated_device_pays_each_shape_class_once():
+    """Requests alone, far apart: the first prefill of a class costs cold_shape_s more; a
+    second model of the same shape on the device finds its kernels loaded."""
+    from prism.bench.trace import TraceRequest
+    from prism.sim.costs import HostOverheads
+    from prism.sim.run import config_for, simulate
+
+    raw = {"devices": [{"device": "cuda:0", "memory": "24GiB"}],
+           "models": [{"name": "a", "source": "llama-3.2-1b:random"},
+                      {"name": "b", "source": "llama-3.2-1b:random:1"}]}
+    trace = [TraceRequest(1.0, "a", 300, 4), TraceRequest(3.0, "a", 300, 4), TraceRequest(5.0, "b", 300, 4),
+             TraceRequest(7.0, "a", 1000, 4)]
+
+    def ttfts(cold_s):
+        profiles = ProfileSet({}, {}, HostOverheads(cold_shape_s=cold_s))
+        records = sorted(simulate(config_for(raw, "static"), trace, profiles).records, key=lambda r: r.index)
+        return [r.ttft for r in records]
+
+    warm, cold = ttfts(0.0), ttfts(0.05)
+    assert [c - w for c, w in zip(cold, warm)] == pytest.approx([0.05, 0.0, 0.0, 0.05], abs=1e-9)

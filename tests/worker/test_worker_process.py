@@ -111,6 +111,7 @@ def test_step_log_records_every_step_and_fits_host_time(tmp_path, monkeypatch):
     (log,) = tmp_path.glob("steps-cpu-*.jsonl")
     lines = [line for line in log.read_text().splitlines() if line]
     assert len(lines) >= 12 and {json.loads(line)["model"] for line in lines} == {"m0", "m1"}
+    assert all(json.loads(line)["activations"] == 0 for line in lines)  # both resident from the start
     steps = step_log.read_steps([log], ProfileCostModel())  # nominal CPU rates: any cost model
     assert steps and all(s.cycle_s > 0 for s in steps)
     step_s, seq_s = step_log.fit_host(steps)
