@@ -51,8 +51,8 @@ for item in "$@"; do
         continue
     fi
     start=$(date +%s)
-    # One step log per server: benchmarks/step_log.py fits host time to it and compares it
-    # with a simulated run's (benchmarks/step_compare.py).
+    # One step log per server: benchmarks/step_log.py fits the host time to it, and
+    # sim_validation.py --solo-steps measures the request latency outside the steps.
     PRISM_STEP_LOG="$work/$folder/steps" python3 -m prism.cli bench sweep --config "$config" --trace "$trace" \
         --systems "$system" --scales "$scales" --slo-config "$config" --out "$work/$folder" 2>&1 | tail -8
     echo "$folder: $(( $(date +%s) - start )) s"
