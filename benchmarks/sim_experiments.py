@@ -87,7 +87,9 @@ def build_trace(names: list[str], rate_scale: float):
 
 def solo_slos(models: list[tuple[str, str]], trace, profiles, group_fraction: float = 0.5) -> dict:
     """name -> (ttft_ms, tpot_ms): SLO_SCALE x the model's latency served alone, from the
-    cost model of the GPU group it would run on."""
+    cost model of the GPU group it would run on, plus the host time of `profiles.host` (what a
+    deployment measuring its solo latency would see: the request latency and one step's host
+    time in the TTFT, one step's host time in the TPOT; none without a host.yaml)."""
     from prism.config import ModelSpec
     from prism.sched.cost import ProfileCostModel
     from prism.sim.shapes import model_shape
@@ -104,8 +106,9 @@ def solo_slos(models: list[tuple[str, str]], trace, profiles, group_fraction: fl
             gpus *= 2
         profile, _ = profiles.profile_for(shape, DEVICE["device"], gpus)
         cost = ProfileCostModel({name: profile})
-        ttft = cost.prefill_time(name, n_in)
-        tpot = cost.decode_step_time(name, 1, n_in + n_out // 2)
+        host_step = profiles.host.step_time(1)
+        ttft = cost.prefill_time(name, n_in) + profiles.host.request_s + host_step
+        tpot = cost.decode_step_time(name, 1, n_in + n_out // 2) + host_step
         out[name] = (round(SLO_SCALE * ttft * 1e3, 1), round(SLO_SCALE * tpot * 1e3, 1))
     return out
 
