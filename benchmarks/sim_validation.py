@@ -140,7 +140,7 @@ def calibrated(profiles: ProfileSet, raw: dict, solo, keep_step_times: bool = Fa
     device = config.devices[0].device
     shapes = {m.name: model_shape(m, device) for m in config.models}
     per_model = {name: profiles.profile_for(shape, device)[0] for name, shape in shapes.items()}
-    keys = {name: (shape.config, shape.itemsize) for name, shape in shapes.items()}
+    keys = {name: shape.kernel_key for name, shape in shapes.items()}
     solo_host = HostOverheads.from_solo(solo, ProfileCostModel(per_model), profiles.host.cold_shape_s, keys.__getitem__)
     host = dataclasses.replace(profiles.host, request_s=solo_host.request_s) if keep_step_times else solo_host
     if solo_steps is not None:

@@ -144,7 +144,7 @@ def config_shapes(config_path: str) -> tuple[str, dict[str, ModelShape]]:
 
 def shape_keys(config_path: str) -> dict[str, object]:
     """Each model's key in ColdShapes, as a simulated engine gives it (same shape, same key)."""
-    return {name: (s.config, s.itemsize) for name, s in config_shapes(config_path)[1].items()}
+    return {name: s.kernel_key for name, s in config_shapes(config_path)[1].items()}
 
 
 def cost_model(config_path: str, profiles: ProfileSet) -> ProfileCostModel:

@@ -186,7 +186,7 @@ class SimEngine:
                 chunk.seq.admitted_time = now
         terms = plan.cost_terms()
         self.clock.advance(self.host.step_time(len(plan.chunks)) + step_seconds(self.cost, self.model_id, *terms)
-                           + self.cold.charge((self.config, self.shape.itemsize), terms))
+                           + self.cold.charge(self.shape.kernel_key, terms))
         self.scheduler.commit(plan)
         now = self.clock.now()
         finished = []

@@ -22,6 +22,12 @@ class ModelShape:
         return self.config.kv_bytes_per_token(self.itemsize)
 
     @property
+    def kernel_key(self) -> tuple:
+        """What a model's kernels depend on: models with the same key share them on a device
+        (prism.sim.costs.ColdShapes)."""
+        return (self.config, self.itemsize)
+
+    @property
     def num_layers(self) -> int:
         return self.config.num_layers
 
