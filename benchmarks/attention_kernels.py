@@ -134,7 +134,7 @@ def bench_prefill(tokens: int = 4096, heads: int = 32, kv_heads: int = 8, head_d
                         try:
                             o = run_prefill(q, k_cache, v_cache, meta, scale, cfg)
                             err = (o.float() - expected).abs().max().item()
-                            ms = _bench_ms(lambda: run_prefill(q, k_cache, v_cache, meta, scale, cfg))
+                            ms = _bench_ms(lambda: run_prefill(q, k_cache, v_cache, meta, scale, cfg))  # noqa: B023
                         except Exception as e:  # out of shared memory / registers
                             rows.append(dict(config=cfg.__dict__, error=type(e).__name__))
                             continue

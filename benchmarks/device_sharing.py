@@ -79,7 +79,7 @@ def sharing(budget_gib: float, prompt_len: int, out_len: int, per_wave: int) -> 
     t_start = time.perf_counter()
     try:
         # Wave k starts on model k once wave k-1's prefills are done: loads overlap, then fade.
-        for wave, name in enumerate(names + names[:2]):
+        for _wave, name in enumerate(names + names[:2]):
             for _ in range(per_wave):
                 ids = torch.randint(0, 32000, (prompt_len,), generator=gen).tolist()
                 worker.add_request(name, ids, SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True))

@@ -287,7 +287,8 @@ def print_table(result: dict) -> None:
             sec, steps = c["seconds"], c["steps"]
             rate = (f"{c['output_tokens_per_s']:.0f} output tok/s; of the wall time: "
                     + ", ".join(f"{k} {sec.get(k + ' steps', 0):.1f} s in {n} steps" for k, n in steps.items())
-                    + f", scheduling {sec.get('schedule', 0):.1f} s, host batches {sec.get('host batch (inside the steps)', 0):.1f} s")
+                    + f", scheduling {sec.get('schedule', 0):.1f} s, "
+                    f"host batches {sec.get('host batch (inside the steps)', 0):.1f} s")
         elif what == "elastic_overhead":
             what, batch, ctx = f"elastic {c['load']} {c['metric'][:4]}", "", ""
         elif what == "activation":

@@ -69,7 +69,7 @@ def decode_kernel_sweep(engine: LLMEngine, batch: int, context: int, bandwidth: 
             for warps in (4, 8):
                 for stages in (2, 3, 4):
                     cfg = dk.DecodeConfig(block_n, warps, stages)
-                    run = lambda: dk.paged_decode_attention(q, k_cache, v_cache, meta, scale, config=cfg)  # noqa: E731
+                    run = lambda: dk.paged_decode_attention(q, k_cache, v_cache, meta, scale, config=cfg)  # noqa: E731, B023
                     try:
                         err = (run().float() - expected).abs().max().item()
                         ms = triton.testing.do_bench(run, warmup=10, rep=100)

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sim_validation import METRICS, compare, comparison_cell, real_points  # noqa: E402
 
-from prism.bench.report import slos_from_config  # noqa: E402
-from prism.bench.replay import load_records  # noqa: E402
+from prism.bench.records import load_records  # noqa: E402
+from prism.cluster.config import slos_from_config  # noqa: E402
 from prism.bench.report import summarize  # noqa: E402
 from prism.bench.trace import load_trace  # noqa: E402
 

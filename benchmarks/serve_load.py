@@ -18,11 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prism.bench.replay import replay, save_records  # noqa: E402
+from prism.bench.records import save_records  # noqa: E402
+from prism.client.replay import replay  # noqa: E402
 from prism.bench.report import SLOTargets, markdown_table, summarize  # noqa: E402
 from prism.bench.trace import poisson_trace  # noqa: E402
-from prism.server.config_file import load_config  # noqa: E402
-from prism.server.demo import free_port, start_server, stop_server, wait_healthy  # noqa: E402
+from prism.client.server_process import free_port, start_server, stop_server, wait_healthy  # noqa: E402
+from prism.cluster.config import load_config  # noqa: E402
 
 
 def card_name() -> str:

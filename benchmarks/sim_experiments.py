@@ -9,7 +9,8 @@
 Each writes benchmarks/results/sim-<name>/ (tables, PNGs, the command line). Everything runs
 through `prism simulate` / `prism plan` code paths. Workload: the Alibaba many-model trace's
 popularity and burstiness (its busiest day for the experiment's models, squeezed into 10
-minutes: each model's share and bursts kept, 144x faster), Azure conv prompt and output lengths (input <= 2048, output <= 1024), and
+minutes: each model's share and bursts kept, 144x faster), Azure conv prompt and output lengths
+(input <= 2048, output <= 1024), and
 model sizes assigned to popularity ranks by a seeded shuffle (size and popularity are not
 correlated). SLOs follow the research convention: 5x each model's latency served alone
 (TTFT of a median prompt, TPOT of a lone decode), from the same cost model the devices use.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from prism.bench.sweep import sustained_rate
+from prism.bench.sweeps import sustained_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_log beside this script
 
-from prism.bench.cli_replay import add_slo_options, resolve_slos
+from prism.cli.replay import add_slo_options, resolve_slos
 from prism.bench.plots import plot_latency_cdfs
-from prism.bench.replay import load_records, save_records
+from prism.bench.records import load_records, save_records
 from prism.bench.report import summarize
-from prism.bench.sweep import SYSTEMS
+from prism.cluster.systems import SYSTEM_NAMES as SYSTEMS
 from prism.bench.trace import load_trace
 from prism.bench.transforms import scale_rate
 from prism.sim.costs import HOST_FILE, HostOverheads, ProfileSet
@@ -222,7 +222,8 @@ def markdown(report: dict) -> str:
               f"{report['host'].get('cold_shape_ms', 0):.1f} ms for a fresh server's first eager step of a shape class; "
               f"scheduling time charged x"
               f"{report['host']['scheduling_scale']:g}; the servers "
-              f"{'planned with these profiles' if report['host']['server_has_profiles'] else 'had no profiles to plan with'}.", ""]
+              ('planned with these profiles' if report['host']['server_has_profiles']
+               else 'had no profiles to plan with') + ".", ""]
     return "\n".join(lines)
 
 

@@ -134,7 +134,7 @@ def request_latency(records, steps_file: Path) -> tuple[float, int]:
 
 def config_shapes(config_path: str) -> tuple[str, dict[str, ModelShape]]:
     """The config's first device and its models' shapes, by name."""
-    from prism.server.config_file import load_config
+    from prism.cluster.config import load_config
     from prism.sim.shapes import model_shape
 
     config = load_config(config_path)
@@ -160,7 +160,7 @@ def table(steps: list[Step]) -> str:
     for lo, hi in bins:
         group = [s for s in steps if lo <= s.seqs <= hi]
         if group:
-            med = lambda f: statistics.median(f(s) for s in group) * 1e3  # noqa: E731
+            med = lambda f: statistics.median(f(s) for s in group) * 1e3  # noqa: E731, B023
             label = f"{lo}" if lo == hi else f"{lo}-{hi}" if hi < 10**9 else f">= {lo}"
             rows.append(f"| {label} | {len(group)} | {med(lambda s: s.cycle_s):.2f} | "
                         f"{med(lambda s: s.predicted_s):.2f} | {med(lambda s: s.host_s):.2f} |")
@@ -174,7 +174,7 @@ def table_by_model(steps: list[Step], min_steps: int = 20) -> str:
     for model, kind in sorted({(s.model, s.kind) for s in steps}):
         group = [s for s in steps if (s.model, s.kind) == (model, kind)]
         if len(group) >= min_steps:
-            med = lambda f: statistics.median(f(s) for s in group)  # noqa: E731
+            med = lambda f: statistics.median(f(s) for s in group)  # noqa: E731, B023
             rows.append(f"| {model} | {kind} | {len(group)} | {med(lambda s: s.seqs):.0f} | "
                         f"{med(lambda s: s.cycle_s) * 1e3:.2f} | {med(lambda s: s.predicted_s) * 1e3:.2f} | "
                         f"{med(lambda s: s.cycle_s / s.predicted_s):.2f} |")

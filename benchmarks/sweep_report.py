@@ -18,9 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism.bench.plots import plot_attainment_vs_rate, plot_latency_cdfs  # noqa: E402
-from prism.bench.replay import load_records  # noqa: E402
-from prism.bench.report import SLOTargets, slos_from_config, summarize  # noqa: E402
-from prism.bench.sweep import sustained_rate  # noqa: E402
+from prism.bench.records import load_records  # noqa: E402
+from prism.bench.report import SLOTargets, summarize  # noqa: E402
+from prism.bench.sweeps import sustained_rate  # noqa: E402
+from prism.cluster.config import slos_from_config  # noqa: E402
 
 NAME = re.compile(r"requests-(?P<system>[a-z]+)-x(?P<scale>[0-9.]+)\.jsonl$")
 

@@ -5,6 +5,7 @@ Facts discovered at run time (pages free, measured rates) live in state objects,
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,18 @@ SUPPORTED_ARCHITECTURES = (
 
 class ConfigError(ValueError):
     """A configuration a user gave us is wrong; the message names what and where."""
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
+              "g": 1 << 30, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512MiB', '2g', '1000000' -> bytes (one parser for sizes everywhere)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in SIZE_UNITS:
+        raise ConfigError(f"not a size: {text!r} (try 4GiB or 512MiB)")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
 
 
 @dataclass(frozen=True)

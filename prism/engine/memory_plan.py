@@ -68,9 +68,11 @@ def weight_layout(config: ModelConfig, itemsize: int, vocab_shards: int = 1) -> 
     for n in range(c.num_layers):
         p = f"model.layers.{n}."
         att = p + "self_attn."
-        lay.add(p + "qkv", (q + 2 * kv, h), sz, [(att + "q_proj.weight", q), (att + "k_proj.weight", kv), (att + "v_proj.weight", kv)])
+        lay.add(p + "qkv", (q + 2 * kv, h), sz,
+                [(att + "q_proj.weight", q), (att + "k_proj.weight", kv), (att + "v_proj.weight", kv)])
         if c.attention_bias:
-            lay.add(p + "qkv_bias", (q + 2 * kv,), sz, [(att + "q_proj.bias", q), (att + "k_proj.bias", kv), (att + "v_proj.bias", kv)])
+            lay.add(p + "qkv_bias", (q + 2 * kv,), sz,
+                    [(att + "q_proj.bias", q), (att + "k_proj.bias", kv), (att + "v_proj.bias", kv)])
         if c.qk_norm:
             lay.add(p + "q_norm", (c.head_dim,), sz, [(att + "q_norm.weight", c.head_dim)])
             lay.add(p + "k_norm", (c.head_dim,), sz, [(att + "k_norm.weight", c.head_dim)])

@@ -8,11 +8,11 @@ once against this interface; `make_ops` picks the implementation for a device.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
 
+from prism import env
 from prism.engine.attention import AttentionMetadata, paged_attention_reference, write_kv
 
 
@@ -65,7 +65,7 @@ class TritonOps(ReferenceOps):
         # Imported here: Triton is only needed (and only importable) where this path runs.
         from prism.kernels import decode_attention, fix_interpreter_scalars, fused_ops
 
-        if os.environ.get("TRITON_INTERPRET") == "1":  # kernels on CPU tensors (tests)
+        if env.triton_interpret():  # kernels on CPU tensors (tests)
             fix_interpreter_scalars()
         self._decode = decode_attention
         self._fused = fused_ops
@@ -110,9 +110,12 @@ def triton_available() -> bool:
 
 
 def make_ops(device: torch.device, kind: str | None = None) -> ReferenceOps:
-    """`kind`: "reference", "triton" or None (auto: Triton on CUDA when installed). The
-    environment variable PRISM_KERNELS overrides auto (e.g. PRISM_KERNELS=reference)."""
-    kind = kind or os.environ.get("PRISM_KERNELS") or "auto"
+    """`kind`: "reference", "triton" or "auto"/None (Triton on CUDA when installed). The
+    environment variable PRISM_KERNELS overrides auto (e.g. PRISM_KERNELS=reference); a kind
+    set explicitly (EngineConfig.kernels) wins over it."""
+    kind = kind or "auto"
+    if kind == "auto":
+        kind = env.kernels() or "auto"
     if kind == "auto":
         kind = "triton" if device.type == "cuda" and triton_available() else "reference"
     if kind == "reference":

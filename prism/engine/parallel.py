@@ -21,7 +21,6 @@ same steps, with a deterministic victim chooser (the default is). See docs/archi
 """
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,19 +28,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from prism import env
 from prism.engine.kv_cache import PagedKVCache
 
 # NVLink multicast (NVLS) must stay off on the lent machines: a program using it can take the
 # host's GPUs out of service. Set in every rank before the process group starts.
-NO_MULTICAST_ENV = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
-
-
-def disable_multicast() -> None:
-    os.environ.update(NO_MULTICAST_ENV)
+disable_multicast = env.disable_multicast
 
 
 def free_port() -> int:
@@ -137,5 +129,5 @@ class TPPageMapper:
         self.kv.unmap_page(page)
 
 
-__all__ = ["NO_MULTICAST_ENV", "TPGroup", "TPPageMapper", "destroy_tp_group", "disable_multicast",
+__all__ = ["TPGroup", "TPPageMapper", "destroy_tp_group", "disable_multicast",
            "free_port", "init_tp_group"]

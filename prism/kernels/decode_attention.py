@@ -15,13 +15,16 @@ every K/V load is masked with `other=0` and masked scores are -inf before the so
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from prism.engine.attention import AttentionMetadata
 from prism.kernels import cache_pointer
+
+if TYPE_CHECKING:  # the engine's type; kernels sit below the engine and only read its fields
+    from prism.engine.attention import AttentionMetadata
 
 LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 264  # about two waves of an H100's 132 multiprocessors

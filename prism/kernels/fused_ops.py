@@ -151,7 +151,8 @@ def rope_and_write_kv(
     num_heads: int, num_kv_heads: int, head_dim: int,
     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """Rotate q and k (after Qwen3's per-head norm when `qk_norm` = (q weight, k weight, eps)) of a fused qkv [tokens, (H + 2 KV) * D] (rotate-half layout), store
+    """Rotate q and k (after Qwen3's per-head norm when `qk_norm` = (q weight, k weight, eps)) of a
+    fused qkv [tokens, (H + 2 KV) * D] (rotate-half layout), store
     k and v at their cache slots, return the rotated q [tokens, H, D]."""
     tokens = qkv.shape[0]
     q = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)

@@ -31,14 +31,17 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from prism.engine.attention import AttentionMetadata
 from prism.kernels import cache_pointer, fix_interpreter_scalars
+
+if TYPE_CHECKING:  # the engine's type; kernels sit below the engine and only read its fields
+    from prism.engine.attention import AttentionMetadata
 
 LOG2E = 1.4426950408889634
 
@@ -300,7 +303,8 @@ def _launch(q, k_cache, v_cache, out, meta, scale, tiles, config: PrefillConfig,
     grid = (tiles.shape[0] * num_kv_heads,)
     interpret = q.device.type == "cpu"
     _kernel_for(q.device)[grid](
-        q, *cache_pointer(k_cache), *cache_pointer(v_cache), out, tiles, meta.block_tables, meta.context_lens, meta.query_start_loc,
+        q, *cache_pointer(k_cache), *cache_pointer(v_cache), out, tiles,
+        meta.block_tables, meta.context_lens, meta.query_start_loc,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *meta.block_tables.stride(),
         scale * LOG2E,

@@ -17,7 +17,7 @@ _WHERE = {
     "MemoryBackend": "prism.memory.backend",
     "OutOfPages": "prism.memory.backend",
     "PhysicalChunk": "prism.memory.backend",
-    "make_backend": "prism.memory.backend",
+    "make_backend": "prism.memory.factory",
     "Owner": "prism.memory.page_pool",
     "PagePool": "prism.memory.page_pool",
     "PoolStats": "prism.memory.page_pool",

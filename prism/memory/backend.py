@@ -6,7 +6,6 @@ only track what they need to stay safe (which addresses are mapped, which ranges
 """
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -70,18 +69,3 @@ class MemoryBackend(ABC):
             raise ValueError(
                 f"{what} {num_bytes} must be a positive multiple of the page size {self.page_size}"
             )
-
-
-def make_backend(device: str, page_size: int) -> MemoryBackend:
-    """"cpu" or "cpu:N" -> HostMmapBackend, "cuda:N" (or "cuda") -> CudaVmmBackend. Several
-    "cpu:N" devices are separate page budgets on the host (tests and demos of many devices)."""
-    if device == "cpu" or re.fullmatch(r"cpu:\d+", device):
-        from prism.memory.host_mmap import HostMmapBackend
-
-        return HostMmapBackend(page_size)
-    if device == "cuda" or device.startswith("cuda:"):
-        from prism.memory.cuda_vmm import CudaVmmBackend
-
-        index = int(device.partition(":")[2] or 0)
-        return CudaVmmBackend(index, page_size)
-    raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cpu:N' or 'cuda:N'")

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PROFILE_VERSION = 1
-PROFILE_DIR_ENV = "PRISM_PROFILE_DIR"
 
 
 # ---- profiles ----------------------------------------------------------------------------
@@ -141,7 +139,7 @@ class ModelProfile:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        tmp.replace(path)
         return path
 
     @classmethod
@@ -164,29 +162,20 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(f"not a valid model profile: {message}")
 
 
-def profile_dir() -> Path:
-    """$PRISM_PROFILE_DIR, else $XDG_CACHE_HOME/prism/profiles (~/.cache/prism/profiles)."""
-    if os.environ.get(PROFILE_DIR_ENV):
-        return Path(os.environ[PROFILE_DIR_ENV]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(cache).expanduser() / "prism" / "profiles"
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.") or "x"
 
 
-def default_profile_path(model: str, device: str) -> Path:
-    """<profile_dir>/<model-slug>-<device-slug>.json, e.g. llama-3.1-8b-random-cuda-0.json."""
-    return profile_dir() / f"{_slug(model)}-{_slug(device)}.json"
+def default_profile_path(folder: str | Path, model: str, device: str) -> Path:
+    """<folder>/<model-slug>-<device-slug>.json, e.g. llama-3.1-8b-random-cuda-0.json."""
+    return Path(folder).expanduser() / f"{_slug(model)}-{_slug(device)}.json"
 
 
-def load_profiles(folder: str | Path | None = None, device: str | None = None
-                  ) -> dict[str, ModelProfile]:
-    """Every profile in folder (default: profile_dir()), keyed by model name; only those of
+def load_profiles(folder: str | Path, device: str | None = None) -> dict[str, ModelProfile]:
+    """Every profile in folder (prism.env.profile_dir() for the user's), keyed by model name; only those of
     `device` if given. Where one model has several, the latest date wins. Files that are not
     valid profiles are skipped with a warning; a missing folder gives {}."""
-    folder = Path(folder).expanduser() if folder is not None else profile_dir()
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         return {}
     found: dict[str, ModelProfile] = {}

@@ -246,7 +246,7 @@ class LocalScheduler:
                     processing += self._activation_s(r.model_id, est)
                 jobs.append(Job(r.req_id, processing, next_deadline(r)))
                 rank[r.req_id] = _edd_key(r)[1:]
-            kept, _ = moore_hodgson(jobs, est.now, tie_key=lambda j: rank[j.job_id])
+            kept, _ = moore_hodgson(jobs, est.now, tie_key=lambda j: rank[j.job_id])  # noqa: B023 (called within the iteration)
             on_time = {j.job_id for j in kept}
             models_on_time = {r.model_id for r in candidates if r.req_id in on_time}
             stranded = {

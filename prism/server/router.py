@@ -13,18 +13,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from prism.cluster.config import ClusterConfig
+from prism.cluster.control import TICK_S, ClusterControl, device_models
+from prism.cluster.worker_link import WorkerLink
 from prism.config import ConfigError, ModelSpec
 from prism.engine.catalog import resolve_model
 from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
 from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel
-from prism.server.config_file import ServerConfig
-from prism.server.control import TICK_S, ClusterControl, device_models
 from prism.server.metrics import ServerMetrics
-from prism.server.worker_link import WorkerLink
 from prism.types import RequestError
 from prism.worker import messages as msg
-from prism.worker.device_worker import WorkerConfig
+from prism.worker.device_core import WorkerConfig
 
 log = logging.getLogger("prism.router")
 
@@ -46,7 +46,7 @@ class _Stream:
 
 
 class Router:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ClusterConfig):
         grouped = [d for d, n in config.gpus.items() if n > 1]
         if grouped:
             raise ConfigError(f"device {grouped[0]} spans several GPUs (gpus: {config.gpus[grouped[0]]}); "

@@ -4,18 +4,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 
 import uvicorn
 
 from prism.server.app import create_app
-from prism.server.config_file import load_config
+from prism import env
+from prism.cluster.config import load_config
 from prism.server.router import Router
-
-API_KEY_ENV = "PRISM_API_KEY"
-
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGINT/SIGTERM after its own shutdown, which would kill the process
@@ -34,7 +31,7 @@ def serve(config_path: str, host: str | None = None, port: int | None = None,
     config = load_config(config_path)
     host = host or config.host
     port = config.port if port is None else port
-    api_key = api_key or os.environ.get(API_KEY_ENV) or config.api_key
+    api_key = api_key or env.api_key() or config.api_key
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     print(f"prism: starting {len(config.devices)} worker(s) for {len(config.models)} model(s)...",
           file=sys.stderr, flush=True)

@@ -29,10 +29,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from prism.bench.replay import DEFAULT_REQUEST_TIMEOUT_S, RequestRecord
+from prism.bench.records import DEFAULT_REQUEST_TIMEOUT_S, RequestRecord
 from prism.bench.trace import TraceRequest
-from prism.server.config_file import ServerConfig
-from prism.server.control import TICK_S, ClusterControl, device_models
+from prism.cluster.config import ClusterConfig
+from prism.cluster.control import TICK_S, ClusterControl, device_models
 from prism.sim.costs import ProfileSet
 from prism.sim.device import SimDevice
 from prism.sim.engine import SAMPLED_TOKEN
@@ -46,7 +46,7 @@ MAX_ZERO_TIME_STEPS = 64  # a device that keeps "making progress" without time p
 
 @dataclass
 class SimLink:
-    """One simulated device as ClusterControl sees it (prism.server.control.DeviceLink)."""
+    """One simulated device as ClusterControl sees it (prism.cluster.control.DeviceLink)."""
 
     device_id: str
     ready: msg.Ready
@@ -75,7 +75,7 @@ class EarlyStop:
 
 
 class SimCluster:
-    def __init__(self, config: ServerConfig, profiles: ProfileSet,
+    def __init__(self, config: ClusterConfig, profiles: ProfileSet,
                  request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, tick_s: float = TICK_S,
                  early_stop: EarlyStop | None = None):
         self.config = config

@@ -213,7 +213,8 @@ class HostOverheads:
         if not steps:
             raise ValueError("no finished request served alone to calibrate from")
         step = max(0.0, statistics.median(steps))
-        return cls(step, max(0.0, statistics.median(firsts) - step), cold_shape_s=cold_shape_s)  # seq_s: one sequence per step here
+        # seq_s stays 0: one sequence per step here
+        return cls(step, max(0.0, statistics.median(firsts) - step), cold_shape_s=cold_shape_s)
 
 
 def served_alone(records) -> list:

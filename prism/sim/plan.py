@@ -23,7 +23,8 @@ from pathlib import Path
 
 from prism.bench.report import SLOTargets, summarize
 from prism.bench.trace import TraceRequest
-from prism.config import ConfigError
+from prism.cluster.systems import system_spec
+from prism.config import ConfigError, parse_size
 from prism.sim.costs import ProfileSet
 from prism.sim.cluster import EarlyStop
 from prism.sim.run import config_for, simulate
@@ -83,8 +84,6 @@ def cluster_raw(raw: dict, cls: ModelClass, num_devices: int) -> dict:
 
 
 def _bytes(size) -> int:
-    from prism.cli import parse_size  # one parser for sizes everywhere
-
     return size if isinstance(size, int) else parse_size(str(size))
 
 
@@ -117,7 +116,7 @@ def fewest_devices(system: str, cls: ModelClass, max_devices: int, target: float
             points[n] = check(n)
         return points[n].meets(target)
 
-    if system == "dedicated":  # one device per model, by definition
+    if system_spec(system).device_per_model:  # by definition
         n = len(cls.models)
         return (n if n <= max_devices and meets(n) else None), list(points.values())
     miss, hit, n = 0, None, 1

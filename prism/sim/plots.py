@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prism.bench.plots import _save, plt
+from prism.bench.plots import plt, save_figure
 
 
 def plot_plan(result: dict, path: str | Path) -> None:
@@ -48,4 +48,4 @@ def plot_plan(result: dict, path: str | Path) -> None:
                        ha="center", va="bottom", fontsize=9)
     right.set(ylabel="GPUs", title=f"fewest GPUs for {target:.0%} attainment")
     right.grid(alpha=0.3, axis="y")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -1,7 +1,7 @@
 """One simulated run: a server config, a system (prism or a baseline), a trace -> records.
 
 The config is the server's own YAML (`prism serve --config`), turned into the config of one
-system exactly as `prism bench sweep` does it (prism.bench.sweep.system_config), so a
+system exactly as `prism bench sweep` does (prism.cluster.systems.system_config), so a
 simulated run and a real sweep point describe the same server.
 """
 from __future__ import annotations
@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from prism.bench.replay import DEFAULT_REQUEST_TIMEOUT_S, RequestRecord, save_records
+from prism.bench.records import DEFAULT_REQUEST_TIMEOUT_S, RequestRecord, save_records
 from prism.bench.report import SLOTargets, records_duration, write_report
-from prism.bench.sweep import SYSTEMS, system_config
 from prism.bench.trace import TraceRequest
 from prism.config import ConfigError
-from prism.server.config_file import ServerConfig, parse_config, read_yaml
+from prism.cluster.config import ClusterConfig, parse_config, read_yaml
+from prism.cluster.systems import system_config
 from prism.sim.cluster import EarlyStop, SimCluster
 from prism.sim.costs import ProfileSet
 
@@ -32,10 +32,8 @@ def read_raw_config(path: str | Path) -> dict:
     return raw
 
 
-def config_for(raw: dict, system: str, source: str = "config") -> ServerConfig:
+def config_for(raw: dict, system: str, source: str = "config") -> ClusterConfig:
     """The server config of `system` (prism, static, muxserve, swap or dedicated)."""
-    if system not in SYSTEMS:
-        raise ValueError(f"unknown policy {system!r}; choose from {', '.join(SYSTEMS)}")
     return parse_config(system_config(raw, system), source=source)
 
 
@@ -56,7 +54,7 @@ class SimResult:
         return records_duration(self.records)
 
 
-def simulate(config: ServerConfig, trace: list[TraceRequest], profiles: ProfileSet,
+def simulate(config: ClusterConfig, trace: list[TraceRequest], profiles: ProfileSet,
              request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
              early_stop: EarlyStop | None = None) -> SimResult:
     start = time.perf_counter()

@@ -10,9 +10,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
-from prism.bench.replay import save_records
+from prism.bench.records import save_records
 from prism.bench.report import SLOTargets, summarize
-from prism.bench.sweep import sweep_point, write_sweep
+from prism.bench.sweeps import sweep_point, write_sweep
 from prism.bench.trace import TraceRequest
 from prism.bench.transforms import scale_rate
 from prism.sim.costs import ProfileSet

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from prism import env
 from prism.config import ModelSpec
 from prism.engine.catalog import resolve_model
 from prism.engine.llm_engine import LLMEngine, default_dtype
@@ -35,7 +36,7 @@ class DeviceWorker(DeviceCore):
         defaults = DefaultCosts.nvidia_h100() if dev.is_cuda else DefaultCosts()
         super().__init__(config, clock or MonotonicClock(), pool,
                          cost or ProfileCostModel(defaults=defaults),
-                         load_profiles(device=dev.device) if cost is None else {})
+                         load_profiles(env.profile_dir(), device=dev.device) if cost is None else {})
         self._show_progress = show_progress
         self._register_all()
 

@@ -7,6 +7,7 @@ steps every `idle_tick_s` so idle models get evicted on time.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -19,9 +20,10 @@ import traceback
 import msgspec
 import zmq
 
+from prism import env
 from prism.worker import messages as msg
 from prism.worker.commands import handle, one_line
-from prism.worker.device_worker import DeviceWorker, WorkerConfig
+from prism.worker.device_core import WorkerConfig
 
 _ENCODER = msgspec.msgpack.Encoder()
 SLOW_STEP_S = 0.5  # longer steps are logged: no healthy step takes this long
@@ -103,7 +105,9 @@ def worker_main(config: WorkerConfig, addr_in: str, addr_out: str, idle_tick_s: 
     outbox.connect(addr_out)
     send = lambda m: outbox.send(_ENCODER.encode(m))  # noqa: E731
     try:
-        worker = DeviceWorker(config)
+        # The engine (torch, CUDA) is imported here, in the child, by name: the frontend that
+        # spawns workers never imports torch (tests/server/test_frontend_imports.py).
+        worker = importlib.import_module("prism.worker.device_worker").DeviceWorker(config)
     except Exception as e:  # a bad model or no memory: say why in one line, then exit
         traceback.print_exc()  # the whole story goes to the worker's stderr (the server log)
         send(msg.Failed(one_line(e)))
@@ -123,11 +127,11 @@ def worker_main(config: WorkerConfig, addr_in: str, addr_out: str, idle_tick_s: 
         ctx.term()
 
 
-def _open_step_log(worker: DeviceWorker):
+def _open_step_log(worker):
     """$PRISM_STEP_LOG (a folder): one JSON line per step of this worker, with the step's
     wall time and cost terms, so a simulator's cost model can be checked step by step
     against a real run (benchmarks/step_log.py fits the host time it leaves out)."""
-    folder = os.environ.get("PRISM_STEP_LOG")
+    folder = env.step_log_dir()
     if not folder:
         return None
     os.makedirs(folder, exist_ok=True)
@@ -136,7 +140,7 @@ def _open_step_log(worker: DeviceWorker):
     return open(path, "w", buffering=1)  # line by line: what was logged survives a killed worker
 
 
-def _log_step(log, worker: DeviceWorker, out, started: float, took: float) -> None:
+def _log_step(log, worker, out, started: float, took: float) -> None:
     engine = worker.engines[out.ran_model]
     plan = engine.last_plan
     running = sum(len(e.scheduler.running) for e in worker.engines.values())
@@ -149,7 +153,7 @@ def _log_step(log, worker: DeviceWorker, out, started: float, took: float) -> No
                           "activations": sum(worker.counters.activations.values())}) + "\n")
 
 
-def _serve(worker: DeviceWorker, inbox, send, idle_tick_s: float) -> None:
+def _serve(worker, inbox, send, idle_tick_s: float) -> None:
     decoder = msgspec.msgpack.Decoder(msg.ToWorker)
     step_log = _open_step_log(worker)
     parent = os.getppid()

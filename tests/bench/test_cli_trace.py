@@ -3,7 +3,8 @@ import argparse
 
 import pytest
 
-from prism.bench.cli_trace import add_trace_parser, main
+from prism.cli import main
+from prism.cli.trace import add_trace_parser
 from prism.bench.sources import TracesNotFoundError, traces_dir
 from prism.bench.trace import load_trace
 

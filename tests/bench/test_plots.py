@@ -4,7 +4,7 @@ import json
 import pytest
 
 from prism.bench import plots
-from prism.bench.replay import RequestRecord
+from prism.bench.records import RequestRecord
 from prism.bench.report import SLOTargets, throughput_over_time
 
 PNG = b"\x89PNG\r\n\x1a\n"

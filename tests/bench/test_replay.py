@@ -11,11 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from prism.bench.cli_replay import main
-from prism.bench.replay import check_url, is_loopback_url, load_records, replay
+from prism.bench.records import load_records
+from prism.cli import main
+from prism.client.replay import check_url, is_loopback_url, replay
 from prism.bench.report import SLOTargets, records_duration, write_report
 from prism.bench.trace import TraceRequest, poisson_trace, save_trace
-from prism.server.demo import free_port, stop_server, wait_healthy
+from prism.client.server_process import free_port, stop_server, wait_healthy
 
 CONFIG = """
 devices:
@@ -52,7 +53,7 @@ def server(tmp_path_factory):
         wait_healthy(f"http://127.0.0.1:{port}", proc, timeout_s=120)
     except RuntimeError:
         proc.kill()
-        raise RuntimeError((folder / "server.log").read_text()[-3000:])
+        raise RuntimeError((folder / "server.log").read_text()[-3000:]) from None
     yield f"http://127.0.0.1:{port}/v1", config, folder / "metrics-cpu.jsonl"
     stop_server(proc)
     log.close()
@@ -159,7 +160,8 @@ class FakeHandler(BaseHTTPRequestHandler):
         kind = "ids" if isinstance(body["prompt"], list) else "text"
         self.seen.append((body["model"], kind, len(body["prompt"]) if kind == "ids" else len(body["prompt"].split())))
         if body["model"] == "text-only" and kind == "ids":
-            payload = json.dumps({"error": {"message": "token id 19000 is outside the vocabulary", "type": "invalid_request_error"}})
+            payload = json.dumps({"error": {"message": "token id 19000 is outside the vocabulary",
+                                            "type": "invalid_request_error"}})
             self.send_response(400)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(payload)))

@@ -4,10 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from prism.bench.cli_replay import main
-from prism.bench.replay import RequestRecord, load_records, save_records
+from prism.bench.records import RequestRecord, load_records, save_records
+from prism.cli import main
+from prism.cluster.config import slos_from_config
 from prism.bench.report import (
-    SLOTargets, markdown_table, records_duration, slos_from_config, slos_from_solo, summarize,
+    SLOTargets, markdown_table, records_duration, slos_from_solo, summarize,
     throughput_over_time, write_report,
 )
 

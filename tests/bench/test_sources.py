@@ -27,7 +27,8 @@ def test_traces_dir_env_override(tmp_path, monkeypatch):
 
 def test_traces_dir_error_names_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.delenv("PRISM_TRACES_DIR", raising=False)
-    monkeypatch.setattr(sources, "REPO_ROOT", tmp_path / "repo")
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")  # the working directory is the checkout
     with pytest.raises(TracesNotFoundError) as e:
         traces_dir()
     assert str(tmp_path / "shared" / "traces") in str(e.value)

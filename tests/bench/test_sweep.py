@@ -1,8 +1,9 @@
 """A CI-sized sweep: the same trace under prism and the baselines, on real servers."""
 import json
 
-from prism.bench.cli_replay import main
-from prism.bench.sweep import sustained_rate, system_config
+from prism.bench.sweeps import sustained_rate
+from prism.cli import main
+from prism.cluster.systems import system_config
 from prism.bench.trace import poisson_trace, save_trace
 
 CONFIG = """

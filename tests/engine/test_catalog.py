@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prism.config import ConfigError, ModelConfig
 from prism.engine import catalog
 from prism.engine.catalog import list_catalog, resolve_model, shipped_configs, smollm2_gguf_path
+from prism.engine.weights import iter_source_weights
 
 SMOLLM2 = smollm2_gguf_path()
 HAS_GGUF = importlib.util.find_spec("gguf") is not None  # absent on the GPU machine
@@ -81,9 +82,9 @@ def test_unknown_names_list_the_known_ones():
 
 def test_random_weights_follow_dtype_and_seed():
     source = resolve_model("tiny-llama:random:5")
-    weights = dict(source.iter_weights(torch.bfloat16, "cpu"))
+    weights = dict(iter_source_weights(source, torch.bfloat16, "cpu"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
-    other = dict(resolve_model("tiny-llama:random:6").iter_weights(torch.bfloat16, "cpu"))
+    other = dict(iter_source_weights(resolve_model("tiny-llama:random:6"), torch.bfloat16, "cpu"))
     assert not torch.equal(weights["model.norm.weight"], other["model.norm.weight"])
 
 
@@ -107,7 +108,7 @@ def test_hf_folder(tmp_path):
     model.save_pretrained(tmp_path)
     source = resolve_model(str(tmp_path))
     assert (source.kind, source.path, source.tokenizer_path) == ("hf", str(tmp_path), None)
-    weights = dict(source.iter_weights(torch.float64, "cpu"))
+    weights = dict(iter_source_weights(source, torch.float64, "cpu"))
     reference = model.state_dict()
     assert set(weights) == set(reference) - {"lm_head.weight"}  # tied: the embedding serves
     assert all(torch.equal(t, reference[n].double()) for n, t in weights.items())

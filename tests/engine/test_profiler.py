@@ -74,7 +74,7 @@ def test_busy_engine_is_refused(engine):
 
 
 def run_profile_cli(*args, env=None):
-    code = "import sys; from prism.cli_profile import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from prism.cli import main; sys.exit(main(['profile'] + sys.argv[1:]))"
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=120, env=env)
@@ -84,8 +84,7 @@ def test_cli_writes_a_profile_the_cost_model_loads(tmp_path):
     result = run_profile_cli("--model", "tiny-llama:random", "--memory", "256MiB", "--quick",
                              "--repeats", "1", env={"PRISM_PROFILE_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr
-    path = default_profile_path("tiny-llama:random", "cpu")
-    path = tmp_path / path.name
+    path = default_profile_path(tmp_path, "tiny-llama:random", "cpu")
     assert path.exists() and str(path) in result.stdout
     assert "tokens/s" in result.stdout and "step ms" in result.stdout
     profile = ModelProfile.load(path)

@@ -27,6 +27,7 @@ from prism.engine.catalog import shipped_configs, smollm2_gguf_path
 from prism.engine.weights import (
     WeightsError,
     expected_parameter_shapes,
+    iter_gguf_tensors,
     iter_random,
     iter_safetensors,
     read_gguf,
@@ -61,7 +62,7 @@ def hf_smollm2():
 @needs_smollm2
 def test_smollm2_tensors_equal_transformers_gguf_loader(hf_smollm2):
     reference = hf_smollm2.state_dict()
-    ours = dict(read_gguf(SMOLLM2).iter_tensors())
+    ours = dict(iter_gguf_tensors(read_gguf(SMOLLM2)))
     # Tied: transformers lists lm_head as an alias of the embedding; we leave it out.
     assert set(reference) - set(ours) == {"lm_head.weight"}
     assert set(ours) <= set(reference)
@@ -166,7 +167,7 @@ def test_gguf_round_trip(tmp_path, shape, arch):
     write_gguf(path, arch, config, weights, f16=f16)
     checkpoint = read_gguf(path)
     assert checkpoint.model_config() == config
-    ours = dict(checkpoint.iter_tensors())
+    ours = dict(iter_gguf_tensors(checkpoint))
     assert list(ours) == list(weights)  # GGUF keeps the writer's order
     weights[f16] = weights[f16].half().float()
     for name, tensor in ours.items():
@@ -185,7 +186,7 @@ def test_gguf_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
     scaling = read_gguf(path).model_config().rope_scaling
     assert (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor) == (8.0, 1.0, 4.0)
     assert scaling.original_max_position_embeddings == 8192
-    assert len(dict(read_gguf(path).iter_tensors())) == len(expected_parameter_shapes(config))
+    assert len(dict(iter_gguf_tensors(read_gguf(path)))) == len(expected_parameter_shapes(config))
 
 
 @needs_gguf
@@ -222,7 +223,7 @@ def test_gguf_missing_and_misshapen_tensors(tmp_path):
     write_gguf(path, "qwen2", config, weights)
     missing = "missing.gguf: missing tensors model.layers.1.self_attn.v_proj.bias"
     with pytest.raises(WeightsError, match=missing):
-        list(read_gguf(path).iter_tensors())
+        list(iter_gguf_tensors(read_gguf(path)))
     weights = dict(iter_random(config))
     up = "model.layers.0.mlp.up_proj.weight"
     weights[up] = weights[up].T.contiguous()  # same numel: only a shape check catches it
@@ -230,7 +231,7 @@ def test_gguf_missing_and_misshapen_tensors(tmp_path):
     write_gguf(path, "qwen2", config, weights)
     misshapen = r"misshapen.gguf: tensor blk.0.ffn_up.weight .*expected \[128, 64\]"
     with pytest.raises(WeightsError, match=misshapen):
-        list(read_gguf(path).iter_tensors())
+        list(iter_gguf_tensors(read_gguf(path)))
 
 
 # ---------------------------------------------------------------- safetensors

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from prism.env import profile_dir
 from prism.sched.cost import (
     DefaultCosts,
     ModelProfile,
@@ -232,12 +233,12 @@ def test_load_profiles_keys_by_model_newest_first_and_skips_junk(tmp_path):
 
 def test_default_profile_path(monkeypatch, tmp_path):
     monkeypatch.setenv("PRISM_PROFILE_DIR", str(tmp_path))
-    path = default_profile_path("llama-3.1-8b:random", "cuda:0")
+    path = default_profile_path(profile_dir(), "llama-3.1-8b:random", "cuda:0")
     assert path == tmp_path / "llama-3.1-8b-random-cuda-0.json"
     make_profile(PREFILL, model="llama-3.1-8b:random").save(path)
-    assert set(load_profiles()) == {"llama-3.1-8b:random"}
+    assert set(load_profiles(profile_dir())) == {"llama-3.1-8b:random"}
     monkeypatch.delenv("PRISM_PROFILE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert default_profile_path("/models/Qwen2.5-7B", "cpu") == (
+    assert default_profile_path(profile_dir(), "/models/Qwen2.5-7B", "cpu") == (
         tmp_path / "home" / ".cache" / "prism" / "profiles" / "models-qwen2.5-7b-cpu.json")

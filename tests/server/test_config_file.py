@@ -2,7 +2,7 @@
 import pytest
 
 from prism.config import ConfigError
-from prism.server.config_file import load_config, parse_config
+from prism.cluster.config import load_config, parse_config
 
 BASE = {"devices": [{"device": "cpu", "memory": "1GiB"}], "models": [{"name": "m", "source": "tiny-llama:random"}]}
 

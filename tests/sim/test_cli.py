@@ -52,12 +52,12 @@ def test_plan_writes_table_and_plot(files):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["simulate", "--policy", "vllm"], "unknown policy 'vllm'"),
+    (["simulate", "--policy", "vllm"], "unknown system 'vllm'"),
     (["simulate", "--rate-scales", "1,x"], "--rate-scales must be"),
     (["simulate", "--target", "2"], "--target must be in (0, 1]"),
     (["simulate", "--profiles", "/nonexistent"], "profile folder not found"),
     (["plan", "--max-gpus", "0"], "--max-gpus must be >= 1"),
-    (["plan", "--policies", ""], "unknown policy"),
+    (["plan", "--policies", ""], "unknown system"),
 ])
 def test_bad_input_is_one_line(files, capsys, args, message):
     assert run(files, *args, "--out", str(files / "x")) == 2

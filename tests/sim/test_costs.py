@@ -28,7 +28,7 @@ def test_scaling_a_roofline_profile_gives_the_other_models_roofline():
     ref, small = shape("llama-3.1-8b"), shape("llama-3.2-1b")
     scaled = scale_profile(measured_8b(), ref, small, H100)
     expected = roofline_profile(small, H100, "H100", "cuda:0")
-    for (n, t), (_, e) in zip(scaled.prefill, expected.prefill):
+    for (_n, t), (_, e) in zip(scaled.prefill, expected.prefill):
         assert t == pytest.approx(e, rel=1e-9)
     assert scaled.weight_bytes == small.weight_bytes and scaled.kv_bytes_per_token == small.kv_bytes_per_token
 

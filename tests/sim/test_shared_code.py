@@ -8,8 +8,8 @@ from prism.engine.scheduler import Scheduler
 from prism.memory.page_pool import PagePool
 from prism.sched.local import LocalScheduler
 from prism.sched.placement import GlobalScheduler
-from prism.server.config_file import parse_config
-from prism.server.control import ClusterControl
+from prism.cluster.config import parse_config
+from prism.cluster.control import ClusterControl
 from prism.sim.cluster import SimCluster
 from prism.sim.costs import ProfileSet
 from prism.sim.device import SimDevice

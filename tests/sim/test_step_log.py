@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from prism.bench.replay import RequestRecord
+from prism.bench.records import RequestRecord
 from prism.sched.cost import ProfileCostModel
 from prism.sim.costs import HostOverheads
 

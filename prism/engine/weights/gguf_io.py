@@ -1,94 +1,64 @@
-"""Reading GGUF checkpoints (llama.cpp's format) as float32 tensors with HF names and layouts."""
+"""Reading a GGUF checkpoint's tensors (llama.cpp's format) as float32 tensors with HF names and layouts."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
+from gguf import ReaderTensor
 from gguf.quants import dequantize
 
 from prism.config import ModelConfig
 
 from .errors import WeightsError, one_line
-from .gguf_config import ROPE_FREQS_TENSOR, hf_config_from_gguf
+from .gguf_config import ROPE_FREQS_TENSOR
+from .gguf_meta import GgufCheckpoint
 from .shapes import NamedTensor, Shape, check_weights, expected_parameter_shapes
 
 # Tensors llama.cpp stores that are not HF parameters (folded into hf_config instead).
 NON_PARAMETERS = frozenset({ROPE_FREQS_TENSOR})
-TOKENIZER_TOKENS_KEY = "tokenizer.ggml.tokens"
 
 
-@dataclass(frozen=True)
-class GgufCheckpoint:
-    path: Path
-    hf_config: dict  # an HF config.json dict, ready for ModelConfig.from_hf_dict
-    reader: GGUFReader = field(repr=False, compare=False)
-
-    @property
-    def gguf_architecture(self) -> str:
-        return self.hf_config["model_type"]
-
-    @property
-    def has_tokenizer(self) -> bool:
-        """Whether the metadata holds a tokenizer (transformers can build one from it)."""
-        return TOKENIZER_TOKENS_KEY in self.reader.fields
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.from_hf_dict(self.hf_config, source=str(self.path))
-
-    def iter_tensors(self) -> Iterator[NamedTensor]:
-        """Yield (hf_name, float32 tensor) for every parameter, checked against hf_config."""
-        config = self.model_config()
-        return check_weights(self._iter_unchecked(config), config, str(self.path))
-
-    def _iter_unchecked(self, config: ModelConfig) -> Iterator[NamedTensor]:
-        shapes = expected_parameter_shapes(config)
-        to_hf = gguf_to_hf_names(self.gguf_architecture, config.num_layers, shapes)
-        for tensor in self.reader.tensors:
-            if tensor.name in NON_PARAMETERS:
-                continue
-            hf_name = to_hf.get(tensor.name)
-            if hf_name is None:
-                raise WeightsError(f"{self.path}: unexpected tensor {tensor.name}")
-            yield hf_name, self._load(tensor, hf_name, shapes[hf_name], config)
-
-    def _load(
-        self, tensor: ReaderTensor, hf_name: str, shape: Shape, config: ModelConfig
-    ) -> torch.Tensor:
-        try:
-            array = dequantize(tensor.data, tensor.tensor_type)
-        except Exception as e:  # NotImplementedError for types gguf-py cannot dequantize
-            raise WeightsError(
-                f"{self.path}: tensor {tensor.name} of type {tensor.tensor_type.name}: "
-                f"{one_line(e)}"
-            ) from None
-        if tuple(array.shape) != shape:
-            raise WeightsError(
-                f"{self.path}: tensor {tensor.name} ({hf_name}) has shape {list(array.shape)}, "
-                f"expected {list(shape)}"
-            )
-        heads = _permuted_heads(self.gguf_architecture, hf_name, config)
-        if heads:
-            array = unpermute_rope_rows(array, heads)
-        if not array.flags.writeable or array.dtype != np.float32:
-            array = array.astype(np.float32)  # a private copy: F32 tensors come memory-mapped
-        return torch.from_numpy(array)
+def iter_gguf_tensors(checkpoint: GgufCheckpoint) -> Iterator[NamedTensor]:
+    """Yield (hf_name, float32 tensor) for every parameter, checked against hf_config."""
+    config = checkpoint.model_config()
+    return check_weights(_iter_unchecked(checkpoint, config), config, str(checkpoint.path))
 
 
-def read_gguf(path: str | Path) -> GgufCheckpoint:
-    """Open a GGUF file and read its metadata; tensors are read lazily by iter_tensors()."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: file not found")
+def _iter_unchecked(checkpoint: GgufCheckpoint, config: ModelConfig) -> Iterator[NamedTensor]:
+    shapes = expected_parameter_shapes(config)
+    to_hf = gguf_to_hf_names(checkpoint.gguf_architecture, config.num_layers, shapes)
+    for tensor in checkpoint.reader.tensors:
+        if tensor.name in NON_PARAMETERS:
+            continue
+        hf_name = to_hf.get(tensor.name)
+        if hf_name is None:
+            raise WeightsError(f"{checkpoint.path}: unexpected tensor {tensor.name}")
+        yield hf_name, _load(checkpoint, tensor, hf_name, shapes[hf_name], config)
+
+
+def _load(
+    checkpoint: GgufCheckpoint, tensor: ReaderTensor, hf_name: str, shape: Shape, config: ModelConfig
+) -> torch.Tensor:
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # a bad magic, truncated data: the reader maps the whole file up front
-        raise WeightsError(f"{path}: not a valid GGUF file ({one_line(e)})") from None
-    return GgufCheckpoint(path, hf_config_from_gguf(reader, path), reader)
+        array = dequantize(tensor.data, tensor.tensor_type)
+    except Exception as e:  # NotImplementedError for types gguf-py cannot dequantize
+        raise WeightsError(
+            f"{checkpoint.path}: tensor {tensor.name} of type {tensor.tensor_type.name}: "
+            f"{one_line(e)}"
+        ) from None
+    if tuple(array.shape) != shape:
+        raise WeightsError(
+            f"{checkpoint.path}: tensor {tensor.name} ({hf_name}) has shape {list(array.shape)}, "
+            f"expected {list(shape)}"
+        )
+    heads = _permuted_heads(checkpoint.gguf_architecture, hf_name, config)
+    if heads:
+        array = unpermute_rope_rows(array, heads)
+    if not array.flags.writeable or array.dtype != np.float32:
+        array = array.astype(np.float32)  # a private copy: F32 tensors come memory-mapped
+    return torch.from_numpy(array)
 
 
 def gguf_to_hf_names(gguf_arch: str, num_layers: int, hf_names) -> dict[str, str]:

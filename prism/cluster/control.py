@@ -14,11 +14,11 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
+from prism.cluster.config import ClusterConfig
 from prism.config import ConfigError, ModelSpec
 from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
 from prism.sched.placement import Activate, Evict, GlobalScheduler, Migrate, kvpr
 from prism.sched.rates import TokenRateTracker
-from prism.server.config_file import ServerConfig
 from prism.worker import messages as msg
 
 log = logging.getLogger("prism.control")
@@ -46,13 +46,13 @@ class DeviceLink(Protocol):
     def send(self, message) -> None: ...
 
 
-def device_models(config: ServerConfig, device_id: str) -> tuple[ModelSpec, ...]:
+def device_models(config: ClusterConfig, device_id: str) -> tuple[ModelSpec, ...]:
     """The models a device loads when it starts: those pinned to it and every unpinned one."""
     return tuple(m for m in config.models if config.pinned.get(m.name, device_id) == device_id)
 
 
 class ClusterControl:
-    def __init__(self, config: ServerConfig, links: dict[str, DeviceLink],
+    def __init__(self, config: ClusterConfig, links: dict[str, DeviceLink],
                  in_flight: Callable[[], dict[str, int]], migrations: Counter | None = None):
         self.config = config
         self.specs = {m.name: m for m in config.models}
@@ -74,7 +74,7 @@ class ClusterControl:
         asks for it) and ask every device for a memory report. Returns the initial placement
         (model -> device; empty when each device keeps what it loaded)."""
         target: dict[str, str] = {}
-        if len(self.links) > 1 or self.config.system != "prism":
+        if len(self.links) > 1 or self.config.system_spec.places_at_start:
             target = self._initial_placement(now)
         for link in self.links.values():
             link.send(msg.ReportMemory())
@@ -86,7 +86,7 @@ class ClusterControl:
         view = self.cluster_view(now)
         empty = replace(view, devices=tuple(replace(d, resident=(), activating=()) for d in view.devices))
         target = {a.model_id: a.device_id for a in self.global_sched.initial_placement(empty)}
-        if self.config.system in ("static", "muxserve", "dedicated"):
+        if self.config.system_spec.keeps_all_resident:
             missing = [m for m in self.specs if m not in target]
             if missing:
                 raise ConfigError(f"scheduler.system {self.config.system} keeps every model resident, "
@@ -98,7 +98,7 @@ class ClusterControl:
         for model, device in target.items():
             self.links[device].send(msg.Activate(model))
             self._pending_activation[model] = (device, now)
-        if self.config.system == "static":
+        if self.config.system_spec.static_kv_shares:
             self._set_static_kv_shares(target)
         log.info("initial placement: %s", target)
         return target

@@ -8,7 +8,7 @@ import threading
 from typing import Callable
 
 from prism.worker import messages as msg
-from prism.worker.device_worker import WorkerConfig
+from prism.worker.device_core import WorkerConfig
 from prism.worker.process import WorkerProcess
 
 OnMessage = Callable[[str, object], None]

@@ -2,37 +2,33 @@
 JSON the cost model reads (prism.sched.cost), print a short table."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 import time
+
+from prism.cli.common import default_memory, size_arg
 
 
 def add_profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="measure prefill and decode times of a model on a device")
     p.add_argument("--model", required=True, help="catalog name (e.g. llama-3.1-8b:random), HF folder, .gguf file or config.json")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    p.add_argument("--memory", type=_parse_size, default=None, help="device page budget (default: 4GiB on CPU, 90%% of free GPU memory)")
+    p.add_argument("--memory", type=size_arg, default=None,
+                   help="device page budget (default: 4GiB on CPU, 90%% of free GPU memory)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--out", default=None, help="profile JSON to write (default: $PRISM_PROFILE_DIR or ~/.cache/prism/profiles/<model>-<device>.json)")
+    p.add_argument("--out", default=None, help="profile JSON to write (default: $PRISM_PROFILE_DIR or "
+                   "~/.cache/prism/profiles/<model>-<device>.json)")
     p.add_argument("--quick", action="store_true", help="fewer cases (a rough profile in seconds)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case, after one warm-up")
     p.set_defaults(func=run_profile)
 
 
-def _parse_size(text: str) -> int:
-    from prism.cli import parse_size
-
-    return parse_size(text)
-
-
 def run_profile(args) -> int:
     import torch
 
-    from prism.cli import default_memory
     from prism.config import DeviceConfig, EngineConfig
     from prism.engine import profiler
     from prism.engine.llm_engine import LLMEngine
+    from prism.env import profile_dir
     from prism.sched.cost import default_profile_path
 
     if args.repeats < 1:
@@ -61,7 +57,7 @@ def run_profile(args) -> int:
         elapsed = time.perf_counter() - start
     finally:
         engine.close()
-    out = profile.save(args.out or default_profile_path(args.model, args.device))
+    out = profile.save(args.out or default_profile_path(profile_dir(), args.model, args.device))
     print_profile(profile)
     print(f"profiled in {elapsed:.1f} s; wrote {out}")
     return 0
@@ -83,17 +79,3 @@ def print_profile(profile) -> None:
         print(f"\n{'mixed: prefill':>14} {'batch':>6} {'context':>8} {'step ms':>9}")
         for p, b, c, t in profile.mixed:
             print(f"{p:>14} {b:>6} {c:>8} {t * 1e3:>9.2f}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`prism profile ...` on its own (tests; the `prism` command wires add_profile_parser)."""
-    parser = argparse.ArgumentParser(prog="prism")
-    add_profile_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["profile", *(sys.argv[1:] if argv is None else argv)])
-    from prism.cli import run_parsed  # lazily: prism.cli imports this module
-
-    return run_parsed(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

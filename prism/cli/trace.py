@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 LENGTH_SOURCES = ("azure-conv", "azure-code")
 
@@ -211,14 +210,3 @@ def run_trace(args) -> int:
     print(f"wrote {args.out}")
     print(format_description(describe(trace)))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`prism bench trace ...` for tests and `python -m`: the same parser and error path as `prism`."""
-    from prism.cli import main as prism_main  # lazily: prism.cli imports this module
-
-    return prism_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

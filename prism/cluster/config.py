@@ -1,4 +1,5 @@
-"""The server's YAML config: models, devices, scheduler knobs, HTTP settings.
+"""The system's YAML config (what `prism serve`, `prism simulate` and `prism plan` read):
+models, devices, scheduler knobs, HTTP settings.
 
 Parsed with pydantic (unknown keys refused) and turned into the frozen dataclasses the rest
 of the system uses. Errors name the file and the bad key, e.g.
@@ -12,7 +13,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prism.config import ConfigError, DeviceConfig, EngineConfig, ModelSpec
+from prism.bench.report import SLOTargets
+from prism.cluster.systems import SYSTEM_NAMES, SystemSpec, system_spec
+from prism.config import ConfigError, DeviceConfig, EngineConfig, ModelSpec, parse_size
 from prism.sched.local import LocalSchedulerConfig
 from prism.sched.placement import GlobalSchedulerConfig
 
@@ -20,14 +23,7 @@ _STRICT = ConfigDict(extra="forbid")
 
 
 def _size(value) -> int:
-    if isinstance(value, int):
-        return value
-    from prism.cli import parse_size  # one parser for sizes everywhere
-
-    try:
-        return parse_size(str(value))
-    except Exception as e:
-        raise ValueError(str(e)) from None
+    return value if isinstance(value, int) else parse_size(str(value))
 
 
 class DeviceEntry(BaseModel):
@@ -60,14 +56,11 @@ class ModelEntry(BaseModel):
     rate: float = Field(1.0, gt=0)  # expected relative request rate: popularity for placement, static KV shares
 
 
-SYSTEMS = ("prism", "static", "muxserve", "swap", "dedicated")
-
-
 class SchedulerEntry(BaseModel):
     model_config = _STRICT
     # The serving system as a whole (docs/policies.md): prism, or one of the baselines it is
     # measured against, all run by this same server.
-    system: str = Field("prism", pattern="^(" + "|".join(SYSTEMS) + ")$")
+    system: str = Field("prism", pattern="^(" + "|".join(SYSTEM_NAMES) + ")$")
     policy: str = Field("prism", pattern=r"^(prism|fcfs)$")  # local order (prism system only)
     idle_evict_s: float = Field(45.0, ge=0)
     # When a model idle for idle_evict_s goes: "pressure" (only when its memory is wanted) or
@@ -109,14 +102,14 @@ class ConfigFile(BaseModel):
         for i, m in enumerate(self.models):
             if m.device is not None and m.device not in names:
                 raise ValueError(f"models.{i}.device: {m.device!r} is not among the devices {names}")
-        if self.scheduler.system == "dedicated" and len(self.devices) < len(self.models):
-            raise ValueError(f"scheduler.system: dedicated needs a device per model "
+        if system_spec(self.scheduler.system).device_per_model and len(self.devices) < len(self.models):
+            raise ValueError(f"scheduler.system: {self.scheduler.system} needs a device per model "
                              f"({len(self.models)} models, {len(self.devices)} devices)")
         return self
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class ClusterConfig:
     devices: tuple[DeviceConfig, ...]
     models: tuple[ModelSpec, ...]
     pinned: dict  # model name -> device (only pinned models)
@@ -130,6 +123,10 @@ class ServerConfig:
     api_key: str | None = None
     metrics_log: str | None = None
 
+    @property
+    def system_spec(self) -> SystemSpec:
+        return system_spec(self.system)
+
 
 def read_yaml(path: str | Path):
     """A config file's YAML content; ConfigError (one line) if it is missing or not YAML."""
@@ -142,11 +139,16 @@ def read_yaml(path: str | Path):
         raise ConfigError(f"{path.name}: not valid YAML: {str(e).splitlines()[0]}") from None
 
 
-def load_config(path: str | Path) -> ServerConfig:
+def load_config(path: str | Path) -> ClusterConfig:
     return parse_config(read_yaml(path), source=Path(path).name)
 
 
-def parse_config(raw, source: str = "config") -> ServerConfig:
+def slos_from_config(path: str | Path) -> dict[str, SLOTargets]:
+    """The ttft_slo_ms / tpot_slo_ms of each model in a config, as a report judges them."""
+    return {m.name: SLOTargets(m.ttft_slo_s, m.tpot_slo_s) for m in load_config(path).models}
+
+
+def parse_config(raw, source: str = "config") -> ClusterConfig:
     try:
         f = ConfigFile.model_validate(raw if raw is not None else {})
     except ValidationError as e:
@@ -164,36 +166,15 @@ def parse_config(raw, source: str = "config") -> ServerConfig:
     )
     s = f.scheduler
     pinned = {m.name: m.device for m in f.models if m.device}
-    if s.system == "dedicated":  # one device per model, in order, unless pinned otherwise
+    spec = system_spec(s.system)
+    if spec.device_per_model:  # one device per model, in order, unless pinned otherwise
         free = [d.device for d in f.devices if d.device not in pinned.values()]
         pinned.update({m.name: free.pop(0) for m in f.models if m.name not in pinned})
-    local, global_ = system_configs(s)
-    return ServerConfig(
+    local, global_ = spec.scheduler_configs(s)
+    return ClusterConfig(
         devices=devices, models=models, pinned=pinned, local=local, global_=global_,
         system=s.system, rates={m.name: m.rate for m in f.models},
         gpus={d.device: d.gpus for d in f.devices},
         host=f.server.host, port=f.server.port, api_key=f.server.api_key,
         metrics_log=f.server.metrics_log,
     )
-
-
-def system_configs(s: SchedulerEntry) -> tuple[LocalSchedulerConfig, GlobalSchedulerConfig]:
-    """The knobs each system sets: prism shares memory elastically, arbitrates by SLO, evicts
-    idle models and migrates; the baselines switch those off one by one (docs/policies.md)."""
-    never = float("inf")
-    if s.system == "prism":
-        local = LocalSchedulerConfig(policy=s.policy, idle_evict_s=s.idle_evict_s, idle_evict=s.idle_evict,
-                                     swap_idle_s=s.swap_idle_s,
-                                     late_contender_ttft_multiple=s.late_contender_ttft_multiple)
-        migrate, idle, when = s.migration_threshold, s.idle_evict_s, s.idle_evict
-    elif s.system == "swap":
-        local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1)
-        migrate, idle, when = never, s.idle_evict_s, "always"
-    else:  # static, muxserve, dedicated: placed once, pinned even when idle, arrival order
-        local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=never, swap_idle_s=never)
-        migrate, idle, when = never, never, "always"
-    global_ = GlobalSchedulerConfig(
-        rate_window_s=s.rate_window_s, idle_evict_s=idle, idle_evict=when, placement_period_s=s.placement_period_s,
-        migration_threshold=migrate, migration_cooldown_s=s.migration_cooldown_s,
-    )
-    return local, global_

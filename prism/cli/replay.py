@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from pathlib import Path
 
-from prism.bench.replay import DEFAULT_REQUEST_TIMEOUT_S
+from prism.bench.records import DEFAULT_REQUEST_TIMEOUT_S
 
 
 def add_slo_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -35,7 +34,8 @@ def _add_report_options(p: argparse.ArgumentParser) -> None:
 def add_replay_parsers(bench_subparsers) -> None:
     p = bench_subparsers.add_parser("replay", help="replay a trace open-loop against an OpenAI-compatible server and report")
     p.add_argument("--trace", required=True, help="trace file (.jsonl or .csv: arrival_s, model, input_len, output_len)")
-    p.add_argument("--url", required=True, help="base URL of the API, e.g. http://127.0.0.1:8000/v1 (loopback only unless --allow-remote)")
+    p.add_argument("--url", required=True,
+                   help="base URL of the API, e.g. http://127.0.0.1:8000/v1 (loopback only unless --allow-remote)")
     p.add_argument("--out", required=True, help="output folder: requests.jsonl, summary.json, summary.md, PNGs")
     p.add_argument("--max-requests", type=int, default=None, help="send at most N requests")
     p.add_argument("--max-duration", type=float, default=None, metavar="S", help="send no request that arrives after S seconds")
@@ -72,8 +72,9 @@ def add_replay_parsers(bench_subparsers) -> None:
 
 def resolve_slos(args, models: list[str], default_config: str | None = None) -> dict:
     """The SLOs the options give (exactly one source), else those of `default_config`."""
-    from prism.bench.replay import load_records
-    from prism.bench.report import slos_from_config, slos_from_solo, uniform_slos
+    from prism.bench.records import load_records
+    from prism.bench.report import slos_from_solo, uniform_slos
+    from prism.cluster.config import slos_from_config
 
     explicit = args.slo_ttft_ms is not None or args.slo_tpot_ms is not None
     given = [bool(args.slo_config), explicit, bool(args.slo_solo)]
@@ -97,7 +98,8 @@ def resolve_slos(args, models: list[str], default_config: str | None = None) -> 
 
 
 def run_replay(args) -> int:
-    from prism.bench.replay import check_url, replay, save_records
+    from prism.bench.records import save_records
+    from prism.client.replay import check_url, replay
     from prism.bench.report import markdown_table, write_report
     from prism.bench.trace import load_trace
 
@@ -127,7 +129,7 @@ def run_replay(args) -> int:
 
 
 def run_report(args) -> int:
-    from prism.bench.replay import load_records
+    from prism.bench.records import load_records
     from prism.bench.report import markdown_table, records_duration, write_report
 
     records = load_records(args.records)
@@ -145,13 +147,11 @@ def run_report(args) -> int:
 
 
 def run_sweep(args) -> int:
-    from prism.bench.sweep import SYSTEMS, sweep
     from prism.bench.trace import load_trace
+    from prism.client.sweep import sweep
+    from prism.cluster.systems import parse_systems
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
-    if unknown or not systems:
-        raise ValueError(f"unknown system {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(SYSTEMS)}")
+    systems = parse_systems(args.systems, "--systems")
     try:
         scales = [float(x) for x in args.scales.split(",")]
     except ValueError:
@@ -172,14 +172,3 @@ def _print(report: dict, out: Path, markdown_table) -> None:
           f"{o.get('finished', 0)} finished, {o.get('errors', 0)} errors")
     print(markdown_table(report["summary"]))
     print(f"wrote {out / 'summary.md'}, {out / 'summary.json'} and {len(report['plots'])} plots")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`prism bench replay|report|sweep ...` for tests and `python -m`: the same parser and error path as `prism`."""
-    from prism.cli import main as prism_main  # lazily: prism.cli imports this module
-
-    return prism_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

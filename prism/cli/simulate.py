@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prism.bench.cli_replay import add_slo_options, resolve_slos
+from prism.cli.replay import add_slo_options, resolve_slos
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,13 +53,9 @@ def add_plan_parser(sub) -> None:
 
 # ---- parsing helpers: ValueError with the option's name -----------------------------------------
 def _systems(text: str, option: str) -> list[str]:
-    from prism.bench.sweep import SYSTEMS
+    from prism.cluster.systems import parse_systems
 
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in SYSTEMS]
-    if bad or not names:
-        raise ValueError(f"{option}: unknown policy {bad[0] if bad else '(none)'!r}; choose from {', '.join(SYSTEMS)}")
-    return list(dict.fromkeys(names))
+    return parse_systems(text, option)
 
 
 def _scales(text: str | None) -> list[float] | None:
@@ -84,7 +80,7 @@ def _check(args) -> None:
 def _inputs(args):
     """(raw config, trace, SLOs, profiles), each checked, before anything runs."""
     from prism.bench.trace import load_trace
-    from prism.sched.cost import profile_dir
+    from prism.env import profile_dir
     from prism.sim.costs import ProfileSet
     from prism.sim.run import config_for, read_raw_config
 

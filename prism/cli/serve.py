@@ -1,31 +1,16 @@
-"""`prism` command line (generate, profile, serve, demo, bench, simulate, plan). Errors a user can cause end in one line on stderr and exit code 2."""
+"""`prism generate`, `prism serve` and `prism demo`."""
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 import time
 
-from prism.bench.cli_replay import add_replay_parsers
-from prism.bench.cli_trace import add_trace_parser
-from prism.cli_profile import add_profile_parser
-from prism.sim.cli import add_plan_parser, add_simulate_parser
-
-SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
-              "g": 1 << 30, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
-def parse_size(text: str) -> int:
-    """'4GiB', '512MiB', '2g', '1000000' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 4GiB or 512MiB)")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
+from prism.cli.common import default_memory, size_arg
 
 
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="complete one prompt and print the text")
-    p.add_argument("--model", required=True, help="catalog name (e.g. smollm2-135m, llama-3.2-1b:random), HF folder, .gguf file or config.json")
+    p.add_argument("--model", required=True,
+                   help="catalog name (e.g. smollm2-135m, llama-3.2-1b:random), HF folder, .gguf file or config.json")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -36,7 +21,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    p.add_argument("--memory", type=parse_size, default=None, help="device page budget (default: 4GiB on CPU, 90%% of free GPU memory)")
+    p.add_argument("--memory", type=size_arg, default=None,
+                   help="device page budget (default: 4GiB on CPU, 90%% of free GPU memory)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.set_defaults(func=run_generate)
 
@@ -74,15 +60,6 @@ def run_generate(args) -> int:
     return 0
 
 
-def default_memory(device: str) -> int:
-    if device.startswith("cuda"):
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * 0.9)
-    return 4 << 30
-
-
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the OpenAI-compatible multi-model server")
     p.add_argument("--config", required=True, help="YAML file: models, devices, scheduler (see examples/)")
@@ -100,51 +77,13 @@ def _serve(args) -> int:
 
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="start the CPU demo server and drive it with a scripted session")
-    p.add_argument("--config", default=None, help="default: examples/cpu-demo.yaml")
+    p.add_argument("--config", default=None, help="default: the packaged cpu-demo.yaml (examples/cpu-demo.yaml)")
     p.add_argument("--port", type=int, default=None, help="default: a free port")
     p.add_argument("--keep-serving", action="store_true", help="keep the server up after the session")
     p.set_defaults(func=lambda a: _demo(a))
 
 
 def _demo(args) -> int:
-    from prism.server.demo import demo
+    from prism.client.demo import demo
 
     return demo(args.config, args.keep_serving, args.port)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prism", description="Prism: many LLMs on shared GPUs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_parser(sub)
-    add_profile_parser(sub)
-    add_serve_parser(sub)
-    add_demo_parser(sub)
-    bench = sub.add_parser("bench", help="workloads: make traces, replay them, report SLO attainment")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    add_trace_parser(bench_sub)
-    add_replay_parsers(bench_sub)
-    add_simulate_parser(sub)
-    add_plan_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_parsed(build_parser().parse_args(argv))
-
-
-def run_parsed(args) -> int:
-    """Run a parsed subcommand; user-caused errors become one line on stderr and exit 2."""
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, RuntimeError, OSError) as e:
-        # User-caused problems (bad model name, corrupt weights, prompt too long, no memory)
-        # arrive here as exceptions with a message meant for people: one line, no traceback.
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"prism: error: {msg}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

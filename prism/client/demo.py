@@ -3,61 +3,16 @@ a short scripted session (several models, streaming, an eviction and a reactivat
 timings), then stop it (unless --keep-serving)."""
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "cpu-demo.yaml"
+from prism import env
+from prism.client.server_process import admin_state, free_port, start_server, stop_server, wait_healthy
+
+# Package data, so that `prism demo` works from an installed package too (examples/ links to it).
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "cpu-demo.yaml"
 QUESTION = "What is the capital of France? Answer in one sentence."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(config: str, port: int, log=sys.stderr) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "prism.cli", "serve", "--config", config, "--port", str(port)],
-        stdout=log, stderr=log,
-    )
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the server did not become healthy in time")
-
-
-def stop_server(proc: subprocess.Popen, timeout_s: float = 30) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def admin_state(base: str) -> dict:
-    with urllib.request.urlopen(f"{base}/admin/state", timeout=5) as r:
-        return json.loads(r.read())
 
 
 def residency(base: str) -> str:
@@ -105,7 +60,7 @@ def chat(client, model: str, question: str, max_tokens: int = 48) -> str:
 def run_session(base: str) -> None:
     import openai
 
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key=os.environ.get("PRISM_API_KEY", "none"))
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=env.api_key() or "none")
     print("models:", ", ".join(m.id for m in client.models.list().data))
     print("memory at start:\n" + residency(base))
 

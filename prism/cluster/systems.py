@@ -1,0 +1,121 @@
+"""The registry of serving systems: prism and the baselines it is measured against, each run by
+this same code (docs/policies.md). One `SystemSpec` per system says everything that differs
+between them: the local and global scheduler settings it runs with, whether its models are
+laid out and pinned at start, whether KV is partitioned statically, and whether every model
+gets a device of its own. Code elsewhere asks the spec, never compares system names.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from prism.config import ConfigError
+from prism.sched.local import LocalSchedulerConfig
+from prism.sched.placement import GlobalSchedulerConfig
+
+NEVER = float("inf")
+
+
+class System(str, Enum):
+    PRISM = "prism"
+    STATIC = "static"
+    MUXSERVE = "muxserve"
+    SWAP = "swap"
+    DEDICATED = "dedicated"
+
+
+class SchedulerKnobs(Protocol):
+    """The scheduler section of a config, as the systems read it."""
+
+    system: str
+    policy: str
+    idle_evict_s: float
+    idle_evict: str
+    swap_idle_s: float
+    late_contender_ttft_multiple: float
+    rate_window_s: float
+    placement_period_s: float
+    migration_threshold: float
+    migration_cooldown_s: float
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    system: System
+    summary: str
+    places_at_start: bool  # lays models out at start even with one device (prism: only with several)
+    keeps_all_resident: bool  # every model stays resident where it was placed (refused if none fits)
+    static_kv_shares: bool  # each model's KV capped at a share of its device (S-Partition)
+    device_per_model: bool  # one device per model (no sharing at all)
+
+    def scheduler_configs(self, s: SchedulerKnobs) -> tuple[LocalSchedulerConfig, GlobalSchedulerConfig]:
+        """The local and global scheduler settings this system runs with: prism shares memory
+        elastically, arbitrates by SLO, evicts idle models and migrates; the baselines switch
+        those off one by one."""
+        if self.system is System.PRISM:
+            local = LocalSchedulerConfig(policy=s.policy, idle_evict_s=s.idle_evict_s, idle_evict=s.idle_evict,
+                                         swap_idle_s=s.swap_idle_s,
+                                         late_contender_ttft_multiple=s.late_contender_ttft_multiple)
+            migrate, idle, when = s.migration_threshold, s.idle_evict_s, s.idle_evict
+        elif self.system is System.SWAP:
+            local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1)
+            migrate, idle, when = NEVER, s.idle_evict_s, "always"
+        else:  # placed once, pinned even when idle, arrival order
+            local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=NEVER, swap_idle_s=NEVER)
+            migrate, idle, when = NEVER, NEVER, "always"
+        global_ = GlobalSchedulerConfig(
+            rate_window_s=s.rate_window_s, idle_evict_s=idle, idle_evict=when,
+            placement_period_s=s.placement_period_s, migration_threshold=migrate,
+            migration_cooldown_s=s.migration_cooldown_s,
+        )
+        return local, global_
+
+
+SYSTEMS: dict[System, SystemSpec] = {s.system: s for s in (
+    SystemSpec(System.PRISM, "elastic memory, SLO-aware local order, idle eviction, migration",
+               places_at_start=False, keeps_all_resident=False, static_kv_shares=False, device_per_model=False),
+    SystemSpec(System.STATIC, "S-Partition: models pinned, KV split by rate x KV bytes per token",
+               places_at_start=True, keeps_all_resident=True, static_kv_shares=True, device_per_model=False),
+    SystemSpec(System.MUXSERVE, "models pinned by popularity, one elastic KV pool per device",
+               places_at_start=True, keeps_all_resident=True, static_kv_shares=False, device_per_model=False),
+    SystemSpec(System.SWAP, "time sharing: one resident model per device, served in arrival groups",
+               places_at_start=True, keeps_all_resident=False, static_kv_shares=False, device_per_model=False),
+    SystemSpec(System.DEDICATED, "one device per model",
+               places_at_start=True, keeps_all_resident=True, static_kv_shares=False, device_per_model=True),
+)}
+SYSTEM_NAMES = tuple(s.value for s in System)
+
+
+def system_spec(name: str | System) -> SystemSpec:
+    try:
+        return SYSTEMS[System(name)]
+    except ValueError:
+        raise ConfigError(f"unknown system {name!r}; choose from {', '.join(SYSTEM_NAMES)}") from None
+
+
+def parse_systems(text: str, option: str) -> list[str]:
+    """A comma-separated list of system names (an option's value), checked, duplicates dropped."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in SYSTEM_NAMES]
+    if bad or not names:
+        raise ConfigError(f"{option}: unknown system {bad[0] if bad else '(none)'!r}; "
+                          f"choose from {', '.join(SYSTEM_NAMES)}")
+    return list(dict.fromkeys(names))
+
+
+def system_config(raw: dict, system: str) -> dict:
+    """A raw config (YAML content) turned into the config of one system. A system with a device
+    per model gets as many copies of the first device (cpu:N on a CPU, cuda:N on GPUs: it
+    needs that many cards), and no model stays pinned."""
+    spec = system_spec(system)
+    cfg = copy.deepcopy(raw)
+    cfg.setdefault("scheduler", {})["system"] = spec.system.value
+    if spec.device_per_model:
+        first = cfg["devices"][0]
+        kind = "cpu" if first["device"].startswith("cpu") else "cuda"
+        cfg["devices"] = [dict(first, device=f"{kind}:{i}") for i in range(len(cfg["models"]))]
+        for m in cfg["models"]:
+            m.pop("device", None)
+    return cfg
