@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prism.errors import UserError
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -17,7 +19,7 @@ SUPPORTED_ARCHITECTURES = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration a user gave us is wrong; the message names what and where."""
 
 

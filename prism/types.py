@@ -5,8 +5,10 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from prism.errors import UserError
 
-class RequestError(ValueError):
+
+class RequestError(UserError):
     """Bad input a user sent: the message is safe to show them as is."""
 
 

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from prism.bench.records import RequestRecord  # noqa: E402
+from prism.errors import UserError
 
 GIB = 1 << 30
 _METRICS = {"ttft": ("TTFT", "s"), "tpot": ("TPOT", "ms"), "e2e": ("end-to-end latency", "s")}
@@ -57,7 +58,7 @@ def plot_latency_cdfs(records_by_policy: dict[str, list[RequestRecord]], path: s
     The y axis is the share of *all* requests, so failed/unfinished ones keep the curve below
     100%. With `slos` (model -> SLOTargets) and a single SLO value, it is drawn as a line."""
     if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
+        raise UserError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
     name, unit = _METRICS[metric]
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy, records in sorted(records_by_policy.items()):
@@ -99,14 +100,14 @@ def read_memory_log(path: str | Path) -> list[dict]:
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
-        raise ValueError(f"memory log not found: {path}") from None
+        raise UserError(f"memory log not found: {path}") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+            raise UserError(f"{path}: line {i + 1} is not JSON") from None
         if row.get("kind") == "device":
             out.append(row)
     return out
@@ -129,7 +130,7 @@ def plot_memory_over_time(memory_log_path: str | Path, path: str | Path) -> None
     device, with the device's page budget as a dashed line."""
     samples = read_memory_log(memory_log_path)
     if not samples:
-        raise ValueError(f"{memory_log_path}: no device samples (lines with kind 'device')")
+        raise UserError(f"{memory_log_path}: no device samples (lines with kind 'device')")
     by_device: dict[str, list[dict]] = {}
     for s in samples:
         by_device.setdefault(s.get("device", "device"), []).append(s)

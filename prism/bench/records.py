@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from prism.errors import UserError
+
 # A request still unfinished this long after it was sent is given up (an error, a miss): the
 # replay client's default, and the simulator's, so both judge the same way.
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
@@ -58,7 +60,7 @@ def load_records(path: str | Path) -> list[RequestRecord]:
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
-        raise ValueError(f"records file not found: {path}") from None
+        raise UserError(f"records file not found: {path}") from None
     out = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -67,5 +69,5 @@ def load_records(path: str | Path) -> list[RequestRecord]:
             row = json.loads(line)
             out.append(RequestRecord(**{k: v for k, v in row.items() if k in known}))
         except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{path}: line {i + 1} is not a request record: {e}") from None
+            raise UserError(f"{path}: line {i + 1} is not a request record: {e}") from None
     return out

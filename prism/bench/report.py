@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from prism.bench.records import RequestRecord
+from prism.errors import UserError
 
 PERCENTILES = (50, 90, 99)
 DEFAULT_SOLO_SCALE = 5.0
@@ -28,7 +29,7 @@ class SLOTargets:
 
     def __post_init__(self):
         if not (self.ttft_s > 0 and self.tpot_s > 0 and math.isfinite(self.ttft_s) and math.isfinite(self.tpot_s)):
-            raise ValueError(f"SLO targets must be positive and finite, got TTFT {self.ttft_s} s, TPOT {self.tpot_s} s")
+            raise UserError(f"SLO targets must be positive and finite, got TTFT {self.ttft_s} s, TPOT {self.tpot_s} s")
 
 
 # ---- where SLOs come from -------------------------------------------------------------------
@@ -36,7 +37,7 @@ def slos_from_solo(solo_records: list[RequestRecord], scale: float = DEFAULT_SOL
     """Per model: scale x the median TTFT and scale x the median TPOT of a run in which the
     model was served alone (only finished requests count)."""
     if scale <= 0:
-        raise ValueError(f"SLO scale must be positive, got {scale}")
+        raise UserError(f"SLO scale must be positive, got {scale}")
     by_model = _by_model([r for r in solo_records if r.ok])
     out = {}
     for model in sorted({r.model for r in solo_records}):
@@ -44,10 +45,10 @@ def slos_from_solo(solo_records: list[RequestRecord], scale: float = DEFAULT_SOL
         ttfts = [r.ttft for r in rs if r.ttft is not None]
         tpots = [r.tpot for r in rs if r.tpot is not None]
         if not ttfts or not tpots:
-            raise ValueError(f"solo run of {model}: no finished request with a TTFT and a TPOT to scale")
+            raise UserError(f"solo run of {model}: no finished request with a TTFT and a TPOT to scale")
         out[model] = SLOTargets(scale * float(np.median(ttfts)), scale * float(np.median(tpots)))
     if not out:
-        raise ValueError("solo run has no requests")
+        raise UserError("solo run has no requests")
     return out
 
 
@@ -115,7 +116,7 @@ def summarize(records: list[RequestRecord], slos: dict[str, SLOTargets], duratio
     by_model = _by_model(records)
     missing = sorted(set(by_model) - set(slos))
     if missing:
-        raise ValueError(f"no SLO for model {missing[0]!r} (SLOs given for: {', '.join(sorted(slos)) or 'none'})")
+        raise UserError(f"no SLO for model {missing[0]!r} (SLOs given for: {', '.join(sorted(slos)) or 'none'})")
     out = {m: summarize_group(rs, slos[m], duration_s) for m, rs in sorted(by_model.items())}
     if records:
         out["overall"] = {**_counts(records, slos, duration_s), **_latencies(records)}
@@ -127,7 +128,7 @@ def throughput_over_time(records: list[RequestRecord], bin_s: float = DEFAULT_BI
     """Finished requests (by finish time) and output tokens (by arrival time of each streamed
     token) per time bin of `bin_s` seconds from the replay start, plus the same as rates."""
     if bin_s <= 0:
-        raise ValueError(f"bin width must be positive, got {bin_s}")
+        raise UserError(f"bin width must be positive, got {bin_s}")
     finishes = [r.finish_s for r in records if r.ok and r.finish_s is not None]
     tokens = [t for r in records if r.ok for t in r.token_s]
     end = max([duration_s or 0.0, *finishes, *tokens, 0.0])

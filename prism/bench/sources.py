@@ -20,6 +20,7 @@ from pathlib import Path
 
 from prism.bench.trace import TraceError, TraceRequest
 from prism.env import traces_dir as traces_env
+from prism.errors import UserError
 
 AZURE_FILES = {
     "code": "azure_llm_2023/AzureLLMInferenceTrace_code.csv",
@@ -91,7 +92,7 @@ def _azure_rows(path: Path, mtime: float) -> tuple[tuple[float, int, int], ...]:
 
 def _azure(kind: str) -> tuple[tuple[float, int, int], ...]:
     if kind not in AZURE_FILES:
-        raise ValueError(f"unknown Azure trace {kind!r}: choose from {', '.join(AZURE_FILES)}")
+        raise UserError(f"unknown Azure trace {kind!r}: choose from {', '.join(AZURE_FILES)}")
     path = _trace_file(AZURE_FILES[kind])
     return _azure_rows(path, path.stat().st_mtime)
 
@@ -164,16 +165,16 @@ def load_alibaba(num_models: int, model_names: list[str] | None = None, *,
     rows = _alibaba()
     counts = Counter(model for _, model in rows if model)
     if not isinstance(num_models, int) or num_models < 1:
-        raise ValueError(f"num_models must be a positive integer, got {num_models!r}")
+        raise UserError(f"num_models must be a positive integer, got {num_models!r}")
     if num_models > len(counts):
-        raise ValueError(f"the Alibaba trace has {len(counts)} base models with an id, "
+        raise UserError(f"the Alibaba trace has {len(counts)} base models with an id, "
                          f"asked for {num_models}")
     if model_names is None:
         model_names = [f"m{k}" for k in range(num_models)]
     if len(model_names) != num_models:
-        raise ValueError(f"{len(model_names)} model names given for {num_models} models")
+        raise UserError(f"{len(model_names)} model names given for {num_models} models")
     if len(set(model_names)) != len(model_names):
-        raise ValueError(f"model names must be distinct: {model_names}")
+        raise UserError(f"model names must be distinct: {model_names}")
     ranked = sorted(counts, key=lambda m: (-counts[m], m))[:num_models]
     rename = dict(zip(ranked, model_names))
     t0 = rows[0][0]

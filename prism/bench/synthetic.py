@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from prism.bench.trace import TraceRequest
+from prism.errors import UserError
 
 LengthSpec = tuple[int, int] | Sequence[tuple[int, int]]
 
@@ -27,26 +28,26 @@ def _length_sampler(input_lens: LengthSpec, output_lens: LengthSpec | None):
     """Returns draw(rng, n) -> (inputs, outputs) arrays."""
     if _is_range(input_lens):
         if not _is_range(output_lens):
-            raise ValueError(f"input_lens is a (lo, hi) range, so output_lens must be one too, "
+            raise UserError(f"input_lens is a (lo, hi) range, so output_lens must be one too, "
                              f"got {output_lens!r}")
         (ilo, ihi), (olo, ohi) = input_lens, output_lens
         if not (1 <= ilo <= ihi and 1 <= olo <= ohi):
-            raise ValueError(f"length ranges need 1 <= lo <= hi, got input {input_lens}, "
+            raise UserError(f"length ranges need 1 <= lo <= hi, got input {input_lens}, "
                              f"output {output_lens}")
 
         def draw(rng, n):
             return rng.integers(ilo, ihi + 1, n), rng.integers(olo, ohi + 1, n)
         return draw
     if output_lens is not None:
-        raise ValueError("with a list of (input, output) samples as input_lens, output_lens "
+        raise UserError("with a list of (input, output) samples as input_lens, output_lens "
                          "must be None")
     try:
         samples = np.asarray([(int(i), int(o)) for i, o in input_lens], dtype=np.int64)
     except (TypeError, ValueError):
-        raise ValueError("input_lens must be a (lo, hi) range or a list of (input, output) "
+        raise UserError("input_lens must be a (lo, hi) range or a list of (input, output) "
                          "pairs") from None
     if len(samples) == 0 or samples.min() < 1:
-        raise ValueError("length samples must be non-empty with lengths >= 1")
+        raise UserError("length samples must be non-empty with lengths >= 1")
 
     def draw(rng, n):
         idx = rng.integers(0, len(samples), n)
@@ -135,24 +136,24 @@ def synthetic_trace(num_models: int, duration_s: float, total_rate: float, alpha
     The same arguments and seed give the same trace. Each model draws from its own stream,
     so changing one model's parameters does not reshuffle the others."""
     if not isinstance(num_models, (int, np.integer)) or num_models < 1:
-        raise ValueError(f"num_models must be a positive integer, got {num_models!r}")
+        raise UserError(f"num_models must be a positive integer, got {num_models!r}")
     if not duration_s > 0:
-        raise ValueError(f"duration_s must be > 0, got {duration_s}")
+        raise UserError(f"duration_s must be > 0, got {duration_s}")
     if not total_rate > 0:
-        raise ValueError(f"total_rate must be > 0, got {total_rate}")
+        raise UserError(f"total_rate must be > 0, got {total_rate}")
     if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+        raise UserError(f"alpha must be >= 0, got {alpha}")
     if not cv >= 0:
-        raise ValueError(f"cv must be >= 0, got {cv}")
+        raise UserError(f"cv must be >= 0, got {cv}")
     if on_off is not None:
         if len(on_off) != 2 or not (on_off[0] > 0 and on_off[1] >= 0):
-            raise ValueError(f"on_off must be (mean_on > 0, mean_off >= 0) seconds, got {on_off}")
+            raise UserError(f"on_off must be (mean_on > 0, mean_off >= 0) seconds, got {on_off}")
         if on_off[1] == 0:
             on_off = None
     if model_names is None:
         model_names = [f"m{k}" for k in range(num_models)]
     if len(model_names) != num_models or len(set(model_names)) != num_models:
-        raise ValueError(f"need {num_models} distinct model names, got {model_names}")
+        raise UserError(f"need {num_models} distinct model names, got {model_names}")
     draw_lengths = _length_sampler(input_lens, output_lens)
 
     rates = total_rate * popularity_weights(num_models, alpha)

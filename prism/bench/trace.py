@@ -12,8 +12,10 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from prism.errors import UserError
 
-class TraceError(ValueError):
+
+class TraceError(UserError):
     pass
 
 

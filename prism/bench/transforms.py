@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import replace
 
 from prism.bench.trace import TraceRequest
+from prism.errors import UserError
 
 
 def _sorted(trace) -> list[TraceRequest]:
@@ -19,14 +20,14 @@ def _sorted(trace) -> list[TraceRequest]:
 
 def _positive(name: str, value: float) -> float:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+        raise UserError(f"{name} must be a positive number, got {value!r}")
     return float(value)
 
 
 def window(trace: list[TraceRequest], start_s: float, end_s: float) -> list[TraceRequest]:
     """The requests with start_s <= arrival_s < end_s, re-based so start_s becomes 0."""
     if not (0 <= start_s < end_s):
-        raise ValueError(f"window needs 0 <= start < end, got {start_s} .. {end_s}")
+        raise UserError(f"window needs 0 <= start < end, got {start_s} .. {end_s}")
     return _sorted(replace(r, arrival_s=r.arrival_s - start_s)
                    for r in trace if start_s <= r.arrival_s < end_s)
 
@@ -88,7 +89,7 @@ def cap_lengths(trace: list[TraceRequest], max_input: int | None = None,
     request keeps its prompt text, if any, which may then be longer than input_len."""
     for name, cap in (("max_input", max_input), ("max_output", max_output)):
         if cap is not None and (not isinstance(cap, int) or cap < 1):
-            raise ValueError(f"{name} must be a positive integer, got {cap!r}")
+            raise UserError(f"{name} must be a positive integer, got {cap!r}")
     out = []
     for r in trace:
         inp = min(r.input_len, max_input) if max_input is not None else r.input_len
@@ -103,7 +104,7 @@ def combine(arrivals_from: list[TraceRequest], lengths_from: list[TraceRequest],
     (and that request's prompt, if any) drawn with replacement from `lengths_from`. E.g.
     Alibaba arrivals and model popularity with Azure conv lengths."""
     if not lengths_from:
-        raise ValueError("combine: the lengths trace is empty")
+        raise UserError("combine: the lengths trace is empty")
     rng = random.Random(seed)
     pool = [(r.input_len, r.output_len, r.prompt) for r in lengths_from]
     out = []

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from prism.cli.profile import add_profile_parser
 from prism.cli.replay import add_replay_parsers
 from prism.cli.serve import add_demo_parser, add_generate_parser, add_serve_parser
 from prism.cli.simulate import add_plan_parser, add_simulate_parser
 from prism.cli.trace import add_trace_parser
+from prism.errors import UserError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,15 +35,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_parsed(args) -> int:
-    """Run a parsed subcommand; user-caused errors become one line on stderr and exit 2."""
+    """Run a parsed subcommand. A user's error (bad option, model name, config or file, no
+    memory for the model) is one line on stderr and exit 2; a missing file too. Anything else
+    is a bug: a crash report (the traceback) and exit 1."""
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, RuntimeError, OSError) as e:
-        # User-caused problems (bad model name, corrupt weights, prompt too long, no memory)
-        # arrive here as exceptions with a message meant for people: one line, no traceback.
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"prism: error: {msg}", file=sys.stderr)
+    except (UserError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"prism: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print("prism: internal error (a bug): the traceback above says where", file=sys.stderr)
+        return 1
 

@@ -6,6 +6,7 @@ import dataclasses
 import time
 
 from prism.cli.common import default_memory, size_arg
+from prism.errors import UserError
 
 
 def add_profile_parser(sub) -> None:
@@ -32,7 +33,7 @@ def run_profile(args) -> int:
     from prism.sched.cost import default_profile_path
 
     if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {args.device} asked for but CUDA is not available")
     if args.quick:

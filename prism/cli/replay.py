@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from prism.bench.records import DEFAULT_REQUEST_TIMEOUT_S
+from prism.errors import UserError
 
 
 def add_slo_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -82,36 +83,36 @@ def resolve_slos(args, models: list[str], default_config: str | None = None) -> 
         args.slo_config = default_config
         given[0] = True
     if sum(given) != 1:
-        raise ValueError("give the SLOs one way: --slo-config YAML, --slo-ttft-ms X --slo-tpot-ms Y, or --slo-solo RECORDS")
+        raise UserError("give the SLOs one way: --slo-config YAML, --slo-ttft-ms X --slo-tpot-ms Y, or --slo-solo RECORDS")
     if args.slo_config:
         slos = slos_from_config(args.slo_config)
     elif args.slo_solo:
         slos = slos_from_solo(load_records(args.slo_solo), args.slo_scale)
     else:
         if args.slo_ttft_ms is None or args.slo_tpot_ms is None:
-            raise ValueError("--slo-ttft-ms and --slo-tpot-ms go together")
+            raise UserError("--slo-ttft-ms and --slo-tpot-ms go together")
         slos = uniform_slos(models, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     missing = sorted(set(models) - set(slos))
     if missing:
-        raise ValueError(f"no SLO for model {missing[0]!r} (SLOs given for: {', '.join(sorted(slos))})")
+        raise UserError(f"no SLO for model {missing[0]!r} (SLOs given for: {', '.join(sorted(slos))})")
     return slos
 
 
 def run_replay(args) -> int:
     from prism.bench.records import save_records
-    from prism.client.replay import check_url, replay
     from prism.bench.report import markdown_table, write_report
     from prism.bench.trace import load_trace
+    from prism.client.replay import check_url, replay
 
     check_url(args.url, args.allow_remote)
     if args.max_requests is not None and args.max_requests < 0:
-        raise ValueError(f"--max-requests must be >= 0, got {args.max_requests}")
+        raise UserError(f"--max-requests must be >= 0, got {args.max_requests}")
     trace = load_trace(args.trace)
     if args.max_duration is not None:
         trace = [r for r in trace if r.arrival_s <= args.max_duration]
     trace = trace[:args.max_requests]
     if not trace:
-        raise ValueError(f"{args.trace}: no requests to replay (after --max-requests / --max-duration)")
+        raise UserError(f"{args.trace}: no requests to replay (after --max-requests / --max-duration)")
     slos = resolve_slos(args, sorted({r.model for r in trace}))  # fail before sending anything
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,11 +135,11 @@ def run_report(args) -> int:
 
     records = load_records(args.records)
     if not records:
-        raise ValueError(f"{args.records}: no request records")
+        raise UserError(f"{args.records}: no request records")
     slos = resolve_slos(args, sorted({r.model for r in records}))
     duration_s = args.duration if args.duration is not None else records_duration(records)
     if duration_s <= 0:
-        raise ValueError(f"duration must be positive, got {duration_s}")
+        raise UserError(f"duration must be positive, got {duration_s}")
     out = Path(args.out)
     report = write_report(out, records, slos, duration_s, title=args.title or out.name,
                           memory_log=args.memory_log, bin_s=args.bin_s)
@@ -155,9 +156,9 @@ def run_sweep(args) -> int:
     try:
         scales = [float(x) for x in args.scales.split(",")]
     except ValueError:
-        raise ValueError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
+        raise UserError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
     if any(x <= 0 for x in scales) or not 0 < args.target <= 1:
-        raise ValueError("rate scales must be > 0 and --target in (0, 1]")
+        raise UserError("rate scales must be > 0 and --target in (0, 1]")
     trace = load_trace(args.trace)
     slos = resolve_slos(args, sorted({r.model for r in trace}))
     result = sweep(args.config, trace, systems, scales, slos, args.out, args.target)

@@ -5,6 +5,7 @@ import sys
 import time
 
 from prism.cli.common import default_memory, size_arg
+from prism.errors import UserError
 
 
 def add_generate_parser(sub) -> None:
@@ -45,7 +46,7 @@ def run_generate(args) -> int:
         prompt = args.prompt
         if args.chat:
             if engine.tokenizer is None:
-                raise ValueError(f"model {args.model} has no tokenizer, so no chat template")
+                raise UserError(f"model {args.model} has no tokenizer, so no chat template")
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         start = time.perf_counter()
         out = engine.generate([prompt], params)[0]

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from prism.cli.replay import add_slo_options, resolve_slos
+from prism.errors import UserError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -64,17 +65,17 @@ def _scales(text: str | None) -> list[float] | None:
     try:
         scales = [float(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"--rate-scales must be comma-separated numbers, got {text!r}") from None
+        raise UserError(f"--rate-scales must be comma-separated numbers, got {text!r}") from None
     if not scales or any(not x > 0 for x in scales):
-        raise ValueError(f"--rate-scales must be > 0, got {text!r}")
+        raise UserError(f"--rate-scales must be > 0, got {text!r}")
     return scales
 
 
 def _check(args) -> None:
     if not 0 < args.target <= 1:
-        raise ValueError(f"--target must be in (0, 1], got {args.target}")
+        raise UserError(f"--target must be in (0, 1], got {args.target}")
     if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
 
 
 def _inputs(args):
@@ -88,7 +89,7 @@ def _inputs(args):
     config_for(raw, "prism", source=Path(args.config).name)  # a bad config fails here, in one line
     trace = load_trace(args.trace)
     if not trace:
-        raise ValueError(f"{args.trace}: the trace has no requests")
+        raise UserError(f"{args.trace}: the trace has no requests")
     slos = resolve_slos(args, sorted({r.model for r in trace}), default_config=args.config)
     folder = args.profiles
     if folder is None and profile_dir().is_dir():
@@ -128,9 +129,9 @@ def run_plan(args) -> int:
 
     _check(args)
     if args.max_gpus < 1:
-        raise ValueError(f"--max-gpus must be >= 1, got {args.max_gpus}")
+        raise UserError(f"--max-gpus must be >= 1, got {args.max_gpus}")
     if not 0 < args.group_weight_fraction <= 1:
-        raise ValueError(f"--group-weight-fraction must be in (0, 1], got {args.group_weight_fraction}")
+        raise UserError(f"--group-weight-fraction must be in (0, 1], got {args.group_weight_fraction}")
     systems = _systems(args.policies, "--policies")
     raw, trace, slos, profiles = _inputs(args)
     result = plan(raw, trace, systems, slos, profiles, args.target, args.max_gpus,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from prism.errors import UserError
+
 LENGTH_SOURCES = ("azure-conv", "azure-code")
 
 
@@ -82,13 +84,13 @@ def _float(name: str, text: str | None, *, positive: bool = False, nonneg: bool 
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"{name}: not a number: {text!r}") from None
+        raise UserError(f"{name}: not a number: {text!r}") from None
     if not math.isfinite(value):
-        raise ValueError(f"{name}: must be finite, got {text!r}")
+        raise UserError(f"{name}: must be finite, got {text!r}")
     if positive and value <= 0:
-        raise ValueError(f"{name}: must be > 0, got {text}")
+        raise UserError(f"{name}: must be > 0, got {text}")
     if nonneg and value < 0:
-        raise ValueError(f"{name}: must be >= 0, got {text}")
+        raise UserError(f"{name}: must be >= 0, got {text}")
     return value
 
 
@@ -98,9 +100,9 @@ def _int(name: str, text: str | None, *, minimum: int | None = 1):
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"{name}: not an integer: {text!r}") from None
+        raise UserError(f"{name}: not an integer: {text!r}") from None
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {text}")
+        raise UserError(f"{name}: must be >= {minimum}, got {text}")
     return value
 
 
@@ -110,7 +112,7 @@ def _range(name: str, text: str) -> tuple[int, int]:
         lo = hi = text
     lo_v, hi_v = _int(name, lo.strip()), _int(name, hi.strip())
     if lo_v > hi_v:
-        raise ValueError(f"{name}: LO must be <= HI, got {text}")
+        raise UserError(f"{name}: LO must be <= HI, got {text}")
     return lo_v, hi_v
 
 
@@ -119,9 +121,9 @@ def _names(text: str | None) -> list[str] | None:
         return None
     names = [n.strip() for n in text.split(",")]
     if not all(names):
-        raise ValueError(f"--models: empty name in {text!r}")
+        raise UserError(f"--models: empty name in {text!r}")
     if len(set(names)) != len(names):
-        raise ValueError(f"--models: names must be distinct, got {text!r}")
+        raise UserError(f"--models: names must be distinct, got {text!r}")
     return names
 
 
@@ -147,7 +149,7 @@ def build_trace(args) -> list:
         window = (_float("--window START", args.window[0], nonneg=True),
                   _float("--window END", args.window[1], nonneg=True))
         if window[1] <= window[0]:
-            raise ValueError(f"--window: END must be > START, got {args.window[0]} {args.window[1]}")
+            raise UserError(f"--window: END must be > START, got {args.window[0]} {args.window[1]}")
     time_scale = _float("--time-scale", args.time_scale, positive=True)
     rate_scale = _float("--rate-scale", args.rate_scale, positive=True)
     max_input = _int("--max-input", args.max_input)
@@ -157,12 +159,12 @@ def build_trace(args) -> list:
     if args.source == "azure":
         if args.kind == "both":
             if names is not None and len(names) != 2:
-                raise ValueError(f"--models: azure --kind both has 2 models (code, conv), "
+                raise UserError(f"--models: azure --kind both has 2 models (code, conv), "
                                  f"got {len(names)} names")
             trace = load_azure_both(tuple(names) if names else ("code", "conv"))
         else:
             if names is not None and len(names) != 1:
-                raise ValueError(f"--models: azure --kind {args.kind} has 1 model, "
+                raise UserError(f"--models: azure --kind {args.kind} has 1 model, "
                                  f"got {len(names)} names")
             trace = load_azure(args.kind, names[0] if names else args.kind)
     elif args.source == "alibaba":
@@ -197,7 +199,7 @@ def build_trace(args) -> list:
     if max_input is not None or max_output is not None:
         trace = transforms.cap_lengths(trace, max_input, max_output)
     if not trace:
-        raise ValueError("the trace is empty (check --window and --rate-scale)")
+        raise UserError("the trace is empty (check --window and --rate-scale)")
     return trace
 
 

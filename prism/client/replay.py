@@ -24,6 +24,7 @@ from tqdm import tqdm
 from prism.bench.records import DEFAULT_REQUEST_TIMEOUT_S, RequestRecord
 from prism.bench.trace import TraceRequest
 from prism.client.sse_client import EndpointError, make_client, stream_completion
+from prism.errors import UserError
 
 # Short common English words: about one token each in the usual BPE vocabularies.
 _WORDS = ("the", "of", "and", "to", "in", "is", "it", "that", "for", "on", "was", "with", "as", "at",
@@ -60,9 +61,9 @@ def check_url(url: str, allow_remote: bool = False) -> None:
     hosts are explicitly allowed."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {url!r}")
+        raise UserError(f"not an http(s) URL: {url!r}")
     if not allow_remote and not is_loopback_url(url):
-        raise ValueError(f"refusing to replay against {parts.hostname!r}: not a loopback address "
+        raise UserError(f"refusing to replay against {parts.hostname!r}: not a loopback address "
                          f"(127.0.0.0/8, localhost, ::1); pass allow_remote=True (--allow-remote) to send traffic to other hosts")
 
 
@@ -147,9 +148,9 @@ async def replay(trace: list[TraceRequest], base_url: str, api_key: str = "none"
     the last arrival (max_duration_s, when given)."""
     check_url(base_url, allow_remote)
     if max_requests is not None and max_requests < 0:
-        raise ValueError(f"max_requests must be >= 0, got {max_requests}")
+        raise UserError(f"max_requests must be >= 0, got {max_requests}")
     if request_timeout_s <= 0:
-        raise ValueError(f"request timeout must be positive, got {request_timeout_s}")
+        raise UserError(f"request timeout must be positive, got {request_timeout_s}")
     trace = [r for r in trace if max_duration_s is None or r.arrival_s <= max_duration_s][:max_requests]
     client = make_client(base_url, api_key, request_timeout_s)
     records = [RequestRecord(i, r.model, r.input_len, r.output_len, r.arrival_s) for i, r in enumerate(trace)]

@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 import httpx2
 import msgspec
 
+from prism.errors import PrismError
+
 _DECODE = msgspec.json.Decoder()
 
 
-class EndpointError(Exception):
+class EndpointError(PrismError):
     """The endpoint answered with an HTTP error status."""
 
     def __init__(self, status_code: int, message: str):

@@ -15,13 +15,14 @@ import yaml
 
 from prism.bench.records import save_records
 from prism.bench.report import SLOTargets, summarize
-from prism.bench.trace import TraceRequest
 from prism.bench.sweeps import sweep_point, write_sweep
+from prism.bench.trace import TraceRequest
 from prism.bench.transforms import scale_rate
 from prism.client.replay import replay
 from prism.client.server_process import free_port, start_server, stop_server, wait_healthy
 from prism.cluster.config import read_yaml
 from prism.cluster.systems import system_config
+
 
 def run_system(raw_config: dict, system: str, trace: list[TraceRequest], scales: list[float],
                slos: dict[str, SLOTargets], out_dir: Path, seed: int = 0) -> list[dict]:

@@ -14,12 +14,13 @@ import torch
 
 from prism.config import ModelConfig
 from prism.engine.memory_plan import WeightLayout, weight_layout  # the torch-free page arithmetic
+from prism.errors import UserError
 from prism.memory import Arena, Owner, PagePool
 
 WEIGHT_CHUNK_PAGES = 512  # map weights 1 GiB at a time: one large handle maps far faster than many pages
 
 
-class WeightsLoadError(ValueError):
+class WeightsLoadError(UserError):
     """A checkpoint does not fit the model (missing, unexpected or misshaped tensors)."""
 
 

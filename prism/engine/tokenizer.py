@@ -8,13 +8,14 @@ import os
 import struct
 from typing import Any
 
+from prism.errors import UserError
 from prism.types import RequestError
 
 # GGUF metadata keys that name ids which end a generation (llama.cpp's conventions).
 _GGUF_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
-class TokenizerLoadError(ValueError):
+class TokenizerLoadError(UserError):
     """A tokenizer could not be loaded: missing, unreadable or corrupt files."""
 
 

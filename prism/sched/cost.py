@@ -42,6 +42,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from prism.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PROFILE_VERSION = 1
@@ -111,10 +113,10 @@ class ModelProfile:
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelProfile":
         if not isinstance(raw, dict):
-            raise ValueError("not a Prism model profile: expected a JSON object")
+            raise UserError("not a Prism model profile: expected a JSON object")
         version = raw.get("version", PROFILE_VERSION)
         if version != PROFILE_VERSION:
-            raise ValueError(f"unsupported profile version {version!r} (this Prism reads "
+            raise UserError(f"unsupported profile version {version!r} (this Prism reads "
                              f"{PROFILE_VERSION})")
         try:
             h2d = raw.get("h2d_bytes_per_s")
@@ -129,9 +131,9 @@ class ModelProfile:
                 h2d_bytes_per_s=None if h2d is None else float(h2d),
             )
         except KeyError as e:
-            raise ValueError(f"not a Prism model profile: missing key {e.args[0]!r}") from None
+            raise UserError(f"not a Prism model profile: missing key {e.args[0]!r}") from None
         except (TypeError, IndexError) as e:
-            raise ValueError(f"not a Prism model profile: bad value ({e})") from None
+            raise UserError(f"not a Prism model profile: bad value ({e})") from None
 
     def save(self, path: str | Path) -> Path:
         """Write as JSON (atomically: a reader never sees half a file); returns the path."""
@@ -148,18 +150,18 @@ class ModelProfile:
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ValueError(f"profile not found: {path}") from None
+            raise UserError(f"profile not found: {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            raise UserError(f"{path} is not valid JSON: {e}") from None
         try:
             return cls.from_dict(raw)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise UserError(f"{path}: {e}") from None
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(f"not a valid model profile: {message}")
+        raise UserError(f"not a valid model profile: {message}")
 
 
 def _slug(text: str) -> str:

@@ -9,14 +9,15 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 from prism.engine.tokenizer import Tokenizer
+from prism.errors import PrismError, UserError
 from prism.types import SamplingParams
 
 
-class UnknownModel(LookupError):
+class UnknownModel(UserError, LookupError):
     """The request names a model this server does not serve (HTTP 404)."""
 
 
-class ServerBusy(RuntimeError):
+class ServerBusy(PrismError, RuntimeError):
     """The server cannot take the request now (HTTP 503): shutting down or no worker."""
 
 

@@ -9,10 +9,11 @@ import sys
 
 import uvicorn
 
-from prism.server.app import create_app
 from prism import env
 from prism.cluster.config import load_config
+from prism.server.app import create_app
 from prism.server.router import Router
+
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGINT/SIGTERM after its own shutdown, which would kill the process

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from prism.errors import UserError
 from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_profiles
 from prism.sched.view import CostModel
 from prism.sim.shapes import ModelShape
@@ -177,7 +178,7 @@ class HostOverheads:
                        float(raw.get("scheduling_scale", 0)), float(raw.get("seq_overhead_us", 0)) / 1e6,
                        bool(raw.get("server_has_profiles", True)), float(raw.get("cold_shape_ms", 0)) / 1e3)
         except (TypeError, ValueError, AttributeError) as e:
-            raise ValueError(f"{path}: not host overheads ({e})") from None
+            raise UserError(f"{path}: not host overheads ({e})") from None
 
     def save(self, path: Path, note: str = "") -> None:
         path.write_text((f"# {note}\n" if note else "") + f"step_overhead_ms: {1e3 * self.step_s:.3f}\n"
@@ -211,7 +212,7 @@ class HostOverheads:
         steps = [r.tpot - cost.decode_step_time(r.model, 1, r.input_len + r.output_len // 2) for r in alone]
         firsts = [r.ttft - cost.prefill_time(r.model, r.input_len) - paid[id(r)] for r in alone]
         if not steps:
-            raise ValueError("no finished request served alone to calibrate from")
+            raise UserError("no finished request served alone to calibrate from")
         step = max(0.0, statistics.median(steps))
         # seq_s stays 0: one sequence per step here
         return cls(step, max(0.0, statistics.median(firsts) - step), cold_shape_s=cold_shape_s)
@@ -274,7 +275,7 @@ class ProfileSet:
             return cls({}, {})
         folder = Path(folder).expanduser()
         if not folder.is_dir():
-            raise ValueError(f"profile folder not found: {folder}")
+            raise UserError(f"profile folder not found: {folder}")
         measured = load_profiles(folder)
         shapes = {}
         for source, p in measured.items():

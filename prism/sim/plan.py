@@ -25,8 +25,9 @@ from prism.bench.report import SLOTargets, summarize
 from prism.bench.trace import TraceRequest
 from prism.cluster.systems import system_spec
 from prism.config import ConfigError, parse_size
-from prism.sim.costs import ProfileSet
+from prism.errors import UserError
 from prism.sim.cluster import EarlyStop
+from prism.sim.costs import ProfileSet
 from prism.sim.run import config_for, simulate
 from prism.sim.shapes import model_shape
 from prism.sim.sweep import default_jobs, parallel_map
@@ -145,7 +146,7 @@ def plan(raw: dict, trace: list[TraceRequest], systems: list[str], slos: dict[st
     classes = model_classes(raw, group_weight_fraction)
     too_big = [c for c in classes if c.gpus > max_gpus]
     if too_big:
-        raise ValueError(f"{', '.join(too_big[0].models)} need(s) a group of {too_big[0].gpus} GPUs, "
+        raise UserError(f"{', '.join(too_big[0].models)} need(s) a group of {too_big[0].gpus} GPUs, "
                          f"more than --max-gpus {max_gpus}")
     cases = [(s, c) for s in systems for c in classes]
 

@@ -11,13 +11,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from prism.bench.records import DEFAULT_REQUEST_TIMEOUT_S, RequestRecord, save_records
 from prism.bench.report import SLOTargets, records_duration, write_report
 from prism.bench.trace import TraceRequest
-from prism.config import ConfigError
 from prism.cluster.config import ClusterConfig, parse_config, read_yaml
 from prism.cluster.systems import system_config
+from prism.config import ConfigError
 from prism.sim.cluster import EarlyStop, SimCluster
 from prism.sim.costs import ProfileSet
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Callable
 
+from prism.errors import UserError, one_line
 from prism.sched.view import SLO
-from prism.types import RequestError, SamplingParams
+from prism.types import SamplingParams
 from prism.worker import messages as msg
 from prism.worker.device_core import DeviceCore
 
 
 def carry_out(worker: DeviceCore, m, send: Callable[[object], None]) -> None:
     """Apply `m` (any ToWorker message but Shutdown); answers go through `send`. Bad input
-    raises RequestError / ValueError for the caller to answer."""
+    raises a UserError for the caller to answer."""
     if isinstance(m, msg.AddRequest):
         params = SamplingParams(
             temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, seed=m.seed,
@@ -38,17 +39,14 @@ def carry_out(worker: DeviceCore, m, send: Callable[[object], None]) -> None:
 
 
 def handle(worker: DeviceCore, m, send: Callable[[object], None]) -> bool:
-    """Carry out one message; False means shut down. Bad input is answered (Rejected), never
-    fatal."""
+    """Carry out one message; False means shut down. A user's error is answered (Rejected) and
+    the worker goes on; anything else is a bug and propagates (the worker says Failed)."""
     if isinstance(m, msg.Shutdown):
         return False
     try:
         carry_out(worker, m, send)
-    except (RequestError, ValueError) as e:
+    except UserError as e:
         send(msg.Rejected(getattr(m, "req_id", ""), one_line(e)))
     return True
 
 
-def one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

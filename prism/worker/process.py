@@ -21,16 +21,17 @@ import msgspec
 import zmq
 
 from prism import env
+from prism.errors import UserError, one_line
 from prism.worker import messages as msg
-from prism.worker.commands import handle, one_line
+from prism.worker.commands import handle
 from prism.worker.device_core import WorkerConfig
 
 _ENCODER = msgspec.msgpack.Encoder()
 SLOW_STEP_S = 0.5  # longer steps are logged: no healthy step takes this long
 
 
-class WorkerStartError(RuntimeError):
-    pass
+class WorkerStartError(UserError, RuntimeError):
+    """A worker could not start: its models or memory as configured (the message says which)."""
 
 
 class WorkerProcess:
