@@ -8,6 +8,9 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -31,6 +34,22 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in SIZE_UNITS:
         raise ConfigError(f"not a size: {text!r} (try 4GiB or 512MiB)")
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
+
+
+def _size(value) -> int:
+    return value if isinstance(value, int) else parse_size(str(value))
+
+
+# Field types with their constraints: the runtime dataclasses below are also the YAML schema
+# (prism/cluster/config.py validates them through pydantic; plain construction stays unchecked
+# by pydantic, __post_init__ keeps the checks code relies on).
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]  # bytes, or "4GiB", "512MiB" in YAML
+Kernels = Literal["auto", "triton", "reference"]
+DType = Annotated[str, Field(pattern=r"^(auto|float32|bfloat16|float16)$")]
 
 
 @dataclass(frozen=True)
@@ -177,12 +196,13 @@ def _parse_rope_scaling(raw: dict, source: str) -> RopeScaling | None:
 class EngineConfig:
     """How one model's engine batches work."""
 
-    block_size: int = 16  # tokens per KV block
-    max_num_seqs: int = 64  # running requests at once
-    max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
-    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
-    kernels: str = "auto"  # auto (Triton on CUDA), triton or reference (plain PyTorch)
-    cuda_graph_max_batch: int = 256  # decode batches up to this run as CUDA graphs; 0: never
+    block_size: PosInt = 16  # tokens per KV block
+    max_num_seqs: PosInt = 64  # running requests at once
+    max_num_batched_tokens: PosInt = 2048  # per-step token budget (chunked prefill)
+    # defaults to the model's max_position_embeddings
+    max_model_len: Annotated[int, Field(ge=2)] | None = None
+    kernels: Kernels = "auto"  # auto (Triton on CUDA), triton or reference (plain PyTorch)
+    cuda_graph_max_batch: NonNegInt = 256  # decode batches up to this run as CUDA graphs; 0: never
 
     def __post_init__(self):
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -197,10 +217,11 @@ class EngineConfig:
 class DeviceConfig:
     """One device and its physical page budget."""
 
-    device: str = "cpu"  # "cpu" or "cuda:N"
-    memory_bytes: int = 4 << 30  # the page budget shared by all arenas of this device
-    page_size: int = 2 << 20  # 2 MiB: the CUDA VMM granularity; the CPU backend accepts smaller
-    num_spare_pages: int = 4  # kept mapped-ready to hide create/map latency
+    # "cpu" or "cuda:N"; cpu:N: separate host budgets
+    device: Annotated[str, Field(pattern=r"^(cpu(:\d+)?|cuda:\d+)$")] = "cpu"
+    memory_bytes: Size = 4 << 30  # the page budget shared by all arenas of this device
+    page_size: Size = 2 << 20  # 2 MiB: the CUDA VMM granularity; the CPU backend accepts smaller
+    num_spare_pages: NonNegInt = 4  # kept mapped-ready to hide create/map latency
 
     @property
     def num_pages(self) -> int:
@@ -215,11 +236,12 @@ class DeviceConfig:
 class ModelSpec:
     """A model as an operator names it: where its weights come from and its latency targets."""
 
-    name: str  # the id clients use
-    source: str  # catalog name, HF folder, .gguf file or config.json (see catalog.resolve_model)
-    ttft_slo_s: float = 2.0
-    tpot_slo_s: float = 0.2
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")]  # the id clients use
+    # catalog name, HF folder, .gguf file or config.json (see catalog.resolve_model)
+    source: Annotated[str, Field(min_length=1)]
+    ttft_slo_s: PosFloat = 2.0  # YAML: ttft_slo_ms
+    tpot_slo_s: PosFloat = 0.2  # YAML: tpot_slo_ms
+    dtype: DType = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
