@@ -4,12 +4,16 @@ Facts discovered at run time (pages free, measured rates) live in state objects,
 """
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Literal
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin, get_type_hints
 
+import annotated_types as at
 from pydantic import BeforeValidator, Field
 
 SUPPORTED_ARCHITECTURES = (
@@ -49,7 +53,47 @@ PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]  # bytes, or "4GiB", "512MiB" in YAML
 Kernels = Literal["auto", "triton", "reference"]
-DType = Annotated[str, Field(pattern=r"^(auto|float32|bfloat16|float16)$")]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+_BOUNDS = ((at.Gt, "gt", operator.gt, ">"), (at.Ge, "ge", operator.ge, ">="),
+           (at.Lt, "lt", operator.lt, "<"), (at.Le, "le", operator.le, "<="))
+
+
+def _field_rule(tp):
+    """(None allowed, Literal values or None, [(op, bound, symbol)]) of a field's annotation."""
+    args = get_args(tp)
+    none_ok = get_origin(tp) in (Union, UnionType) and type(None) in args
+    if none_ok:
+        tp = next(a for a in args if a is not type(None))
+    bounds = []
+    if get_origin(tp) is Annotated:
+        for meta in tp.__metadata__:
+            for c in getattr(meta, "metadata", [meta]):
+                bounds += [(op, getattr(c, attr), sym) for kind, attr, op, sym in _BOUNDS if isinstance(c, kind)]
+        tp = get_args(tp)[0]
+    return none_ok, (get_args(tp) if get_origin(tp) is Literal else None), bounds
+
+
+@functools.cache
+def _field_rules(cls) -> tuple:
+    hints = get_type_hints(cls, include_extras=True)
+    return tuple((f.name, *_field_rule(hints[f.name])) for f in fields(cls))
+
+
+def check_fields(obj) -> None:
+    """ConfigError unless a config dataclass's values keep the bounds and choices its field
+    types declare: the rules its YAML is validated by (pydantic), applied to code that builds
+    one directly. Patterns and sizes are left to the YAML side."""
+    for name, none_ok, choices, bounds in _field_rules(type(obj)):
+        value = getattr(obj, name)
+        if value is None and none_ok:
+            continue
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be one of {', '.join(map(str, choices))}, not {value!r}")
+        for op, bound, sym in bounds:
+            if not op(value, bound):
+                raise ConfigError(f"{type(obj).__name__}.{name} must be {sym} {bound}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -205,12 +249,7 @@ class EngineConfig:
     cuda_graph_max_batch: NonNegInt = 256  # decode batches up to this run as CUDA graphs; 0: never
 
     def __post_init__(self):
-        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ConfigError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.kernels not in ("auto", "triton", "reference"):
-            raise ConfigError(f"kernels must be auto, triton or reference, not {self.kernels!r}")
-        if self.cuda_graph_max_batch < 0:
-            raise ConfigError("cuda_graph_max_batch must be >= 0")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -245,7 +284,7 @@ class ModelSpec:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
-        if self.ttft_slo_s <= 0 or self.tpot_slo_s <= 0:
-            raise ConfigError(f"model {self.name}: SLOs must be positive")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"model {self.name}: unknown dtype {self.dtype!r}")
+        try:
+            check_fields(self)
+        except ConfigError as e:
+            raise ConfigError(f"model {self.name}: {e}") from None

@@ -23,9 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prism.config import NonNegFloat, NonNegInt, PosFloat, PosInt
+from prism.config import NonNegFloat, NonNegInt, PosFloat, PosInt, check_fields
 from prism.sched.moore_hodgson import Job, moore_hodgson
-from prism.sched.residency import IDLE_EVICT, IDLE_EVICT_MODES, IDLE_EVICT_S, IdleEvict, plan_residency
+from prism.sched.residency import IDLE_EVICT, IDLE_EVICT_S, IdleEvict, plan_residency
 from prism.sched.swap import plan_swap
 from prism.sched.view import CostModel, DeviceView, RequestView, StepDecision
 
@@ -35,7 +35,7 @@ POLICIES = ("prism", "fcfs")
 @dataclass(frozen=True)
 class LocalSchedulerConfig:
     # "prism" (SLO-aware) or "fcfs" (baseline: arrival order everywhere)
-    policy: Literal["prism", "fcfs"] = "prism"
+    policy: Literal[POLICIES] = "prism"
     idle_evict_s: NonNegFloat = IDLE_EVICT_S  # a resident model with no requests this long may be evicted...
     # ...when: "pressure" (the device's work wants its pages: see residency.py) or "always"
     idle_evict: IdleEvict = IDLE_EVICT
@@ -57,18 +57,7 @@ class LocalSchedulerConfig:
     late_contender_ttft_multiple: PosFloat = 3.0
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown local scheduling policy {self.policy!r}; use one of {POLICIES}")
-        if self.idle_evict not in IDLE_EVICT_MODES:
-            raise ValueError(f"unknown idle_evict mode {self.idle_evict!r}; use one of {IDLE_EVICT_MODES}")
-        if self.idle_evict_s < 0 or self.swap_idle_s < 0 or self.kv_headroom_pages < 0:
-            raise ValueError(f"scheduler knobs must be >= 0: {self}")
-        if self.max_resident is not None and self.max_resident < 1:
-            raise ValueError(f"max_resident must be >= 1 or None: {self}")
-        if self.admission_window < 1:
-            raise ValueError(f"admission_window must be >= 1: {self}")
-        if not self.late_contender_ttft_multiple > 0:
-            raise ValueError(f"late_contender_ttft_multiple must be > 0: {self}")
+        check_fields(self)  # the bounds and choices of the field types above
 
 
 # ---- keys: every sort is total, so decisions never depend on input order -------------------

@@ -59,10 +59,10 @@ from typing import Annotated
 
 from pydantic import Field
 
-from prism.config import NonNegFloat, NonNegInt, PosFloat
+from prism.config import NonNegFloat, NonNegInt, PosFloat, check_fields
 
 from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
-from prism.sched.residency import IDLE_EVICT, IDLE_EVICT_MODES, IDLE_EVICT_S, IdleEvict
+from prism.sched.residency import IDLE_EVICT, IDLE_EVICT_S, IdleEvict
 
 EVICT_REASONS = ("idle", "make-room", "migration")
 
@@ -74,7 +74,7 @@ class GlobalSchedulerConfig:
     # ...is evicted by periodic(): "always", or "pressure": never there; only when memory is
     # wanted (on_request's make-room here, KV demand and activations on the device).
     idle_evict: IdleEvict = IDLE_EVICT
-    placement_period_s: PosFloat = 10.0  # periodic() does its work at most this often
+    placement_period_s: NonNegFloat = 10.0  # periodic() does its work at most this often
     # Migrate only if it lowers max(KVPR(src), KVPR(dst)) by more than this fraction.
     migration_threshold: NonNegFloat = 0.2
     migration_cooldown_s: NonNegFloat = 60.0  # per model, after a migration
@@ -83,16 +83,7 @@ class GlobalSchedulerConfig:
     kv_headroom_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
 
     def __post_init__(self) -> None:
-        if not self.rate_window_s > 0:
-            raise ValueError(f"rate_window_s must be > 0: {self}")
-        knobs = (self.idle_evict_s, self.placement_period_s, self.migration_threshold,
-                 self.migration_cooldown_s, self.max_migrations_per_period)
-        if any(k < 0 for k in knobs):
-            raise ValueError(f"global scheduler knobs must be >= 0: {self}")
-        if self.idle_evict not in IDLE_EVICT_MODES:
-            raise ValueError(f"unknown idle_evict mode {self.idle_evict!r}; use one of {IDLE_EVICT_MODES}")
-        if not 0 <= self.kv_headroom_fraction < 1:
-            raise ValueError(f"kv_headroom_fraction must be in [0, 1): {self}")
+        check_fields(self)  # the bounds and choices of the field types above
 
 
 # ---- decisions -----------------------------------------------------------------------------
