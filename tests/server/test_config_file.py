@@ -102,3 +102,22 @@ def test_new_knobs_and_unknown_keys_refused(change, message):
     with pytest.raises(ConfigError) as e:
         parse_config(raw, source="x.yaml")
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_configs_built_in_code_keep_the_same_rules():
+    from prism.config import EngineConfig, ModelSpec
+    from prism.sched.local import LocalSchedulerConfig
+    from prism.sched.placement import GlobalSchedulerConfig
+
+    for build, message in [
+        (lambda: EngineConfig(block_size=0), "EngineConfig.block_size must be >= 1, not 0"),
+        (lambda: EngineConfig(kernels="cuda"), "EngineConfig.kernels must be one of auto, triton, reference"),
+        (lambda: EngineConfig(max_model_len=1), "EngineConfig.max_model_len must be >= 2"),
+        (lambda: ModelSpec("m", "s", ttft_slo_s=0), "model m: ModelSpec.ttft_slo_s must be > 0"),
+        (lambda: LocalSchedulerConfig(max_resident=0), "LocalSchedulerConfig.max_resident must be >= 1"),
+        (lambda: GlobalSchedulerConfig(kv_headroom_fraction=1.0), "GlobalSchedulerConfig.kv_headroom_fraction must be < 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            build()
+    assert EngineConfig(max_model_len=None).max_model_len is None  # None allowed where the type says so
+    assert GlobalSchedulerConfig(migration_threshold=float("inf"), placement_period_s=0.0).placement_period_s == 0.0
