@@ -221,7 +221,7 @@ def markdown(report: dict) -> str:
               f"{report['host']['request_latency_ms']:.1f} ms per request, "
               f"{report['host'].get('cold_shape_ms', 0):.1f} ms for a fresh server's first eager step of a shape class; "
               f"scheduling time charged x"
-              f"{report['host']['scheduling_scale']:g}; the servers "
+              f"{report['host']['scheduling_scale']:g}; the servers " +
               ('planned with these profiles' if report['host']['server_has_profiles']
                else 'had no profiles to plan with') + ".", ""]
     return "\n".join(lines)

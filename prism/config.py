@@ -4,10 +4,17 @@ Facts discovered at run time (pages free, measured rates) live in state objects,
 """
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin, get_type_hints
+
+import annotated_types as at
+from pydantic import BeforeValidator, Field
 
 from prism.errors import UserError
 
@@ -33,6 +40,62 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in SIZE_UNITS:
         raise ConfigError(f"not a size: {text!r} (try 4GiB or 512MiB)")
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
+
+
+def _size(value) -> int:
+    return value if isinstance(value, int) else parse_size(str(value))
+
+
+# Field types with their constraints: the runtime dataclasses below are also the YAML schema
+# (prism/cluster/config.py validates them through pydantic; plain construction stays unchecked
+# by pydantic, __post_init__ keeps the checks code relies on).
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]  # bytes, or "4GiB", "512MiB" in YAML
+Kernels = Literal["auto", "triton", "reference"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+_BOUNDS = ((at.Gt, "gt", operator.gt, ">"), (at.Ge, "ge", operator.ge, ">="),
+           (at.Lt, "lt", operator.lt, "<"), (at.Le, "le", operator.le, "<="))
+
+
+def _field_rule(tp):
+    """(None allowed, Literal values or None, [(op, bound, symbol)]) of a field's annotation."""
+    args = get_args(tp)
+    none_ok = get_origin(tp) in (Union, UnionType) and type(None) in args
+    if none_ok:
+        tp = next(a for a in args if a is not type(None))
+    bounds = []
+    if get_origin(tp) is Annotated:
+        for meta in tp.__metadata__:
+            for c in getattr(meta, "metadata", [meta]):
+                bounds += [(op, getattr(c, attr), sym) for kind, attr, op, sym in _BOUNDS if isinstance(c, kind)]
+        tp = get_args(tp)[0]
+    return none_ok, (get_args(tp) if get_origin(tp) is Literal else None), bounds
+
+
+@functools.cache
+def _field_rules(cls) -> tuple:
+    hints = get_type_hints(cls, include_extras=True)
+    return tuple((f.name, *_field_rule(hints[f.name])) for f in fields(cls))
+
+
+def check_fields(obj) -> None:
+    """ConfigError unless a config dataclass's values keep the bounds and choices its field
+    types declare: the rules its YAML is validated by (pydantic), applied to code that builds
+    one directly. Patterns and sizes are left to the YAML side."""
+    for name, none_ok, choices, bounds in _field_rules(type(obj)):
+        value = getattr(obj, name)
+        if value is None and none_ok:
+            continue
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be one of {', '.join(map(str, choices))}, not {value!r}")
+        for op, bound, sym in bounds:
+            if not op(value, bound):
+                raise ConfigError(f"{type(obj).__name__}.{name} must be {sym} {bound}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -179,30 +242,27 @@ def _parse_rope_scaling(raw: dict, source: str) -> RopeScaling | None:
 class EngineConfig:
     """How one model's engine batches work."""
 
-    block_size: int = 16  # tokens per KV block
-    max_num_seqs: int = 64  # running requests at once
-    max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
-    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
-    kernels: str = "auto"  # auto (Triton on CUDA), triton or reference (plain PyTorch)
-    cuda_graph_max_batch: int = 256  # decode batches up to this run as CUDA graphs; 0: never
+    block_size: PosInt = 16  # tokens per KV block
+    max_num_seqs: PosInt = 64  # running requests at once
+    max_num_batched_tokens: PosInt = 2048  # per-step token budget (chunked prefill)
+    # defaults to the model's max_position_embeddings
+    max_model_len: Annotated[int, Field(ge=2)] | None = None
+    kernels: Kernels = "auto"  # auto (Triton on CUDA), triton or reference (plain PyTorch)
+    cuda_graph_max_batch: NonNegInt = 256  # decode batches up to this run as CUDA graphs; 0: never
 
     def __post_init__(self):
-        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ConfigError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.kernels not in ("auto", "triton", "reference"):
-            raise ConfigError(f"kernels must be auto, triton or reference, not {self.kernels!r}")
-        if self.cuda_graph_max_batch < 0:
-            raise ConfigError("cuda_graph_max_batch must be >= 0")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class DeviceConfig:
     """One device and its physical page budget."""
 
-    device: str = "cpu"  # "cpu" or "cuda:N"
-    memory_bytes: int = 4 << 30  # the page budget shared by all arenas of this device
-    page_size: int = 2 << 20  # 2 MiB: the CUDA VMM granularity; the CPU backend accepts smaller
-    num_spare_pages: int = 4  # kept mapped-ready to hide create/map latency
+    # "cpu" or "cuda:N"; cpu:N: separate host budgets
+    device: Annotated[str, Field(pattern=r"^(cpu(:\d+)?|cuda:\d+)$")] = "cpu"
+    memory_bytes: Size = 4 << 30  # the page budget shared by all arenas of this device
+    page_size: Size = 2 << 20  # 2 MiB: the CUDA VMM granularity; the CPU backend accepts smaller
+    num_spare_pages: NonNegInt = 4  # kept mapped-ready to hide create/map latency
 
     @property
     def num_pages(self) -> int:
@@ -217,15 +277,16 @@ class DeviceConfig:
 class ModelSpec:
     """A model as an operator names it: where its weights come from and its latency targets."""
 
-    name: str  # the id clients use
-    source: str  # catalog name, HF folder, .gguf file or config.json (see catalog.resolve_model)
-    ttft_slo_s: float = 2.0
-    tpot_slo_s: float = 0.2
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")]  # the id clients use
+    # catalog name, HF folder, .gguf file or config.json (see catalog.resolve_model)
+    source: Annotated[str, Field(min_length=1)]
+    ttft_slo_s: PosFloat = 2.0  # YAML: ttft_slo_ms
+    tpot_slo_s: PosFloat = 0.2  # YAML: tpot_slo_ms
+    dtype: DType = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
-        if self.ttft_slo_s <= 0 or self.tpot_slo_s <= 0:
-            raise ConfigError(f"model {self.name}: SLOs must be positive")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"model {self.name}: unknown dtype {self.dtype!r}")
+        try:
+            check_fields(self)
+        except ConfigError as e:
+            raise ConfigError(f"model {self.name}: {e}") from None

@@ -7,88 +7,92 @@ of the system uses. Errors name the file and the bad key, e.g.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from prism.bench.report import SLOTargets
 from prism.cluster.systems import SYSTEM_NAMES, SystemSpec, system_spec
-from prism.config import ConfigError, DeviceConfig, EngineConfig, ModelSpec, parse_size
+from prism.config import ConfigError, DeviceConfig, EngineConfig, ModelSpec, PosFloat
 from prism.sched.local import LocalSchedulerConfig
 from prism.sched.placement import GlobalSchedulerConfig
 
 _STRICT = ConfigDict(extra="forbid")
 
 
-def _size(value) -> int:
-    return value if isinstance(value, int) else parse_size(str(value))
-
-
-class DeviceEntry(BaseModel):
-    model_config = _STRICT
-    device: str = Field(pattern=r"^(cpu(:\d+)?|cuda:\d+)$")  # cpu:N: separate host budgets
-    memory: int | str  # page budget: bytes, or "4GiB", "512MiB"
-    page_size: int | str = 2 << 20  # the CUDA VMM granularity
-    # GPUs this device stands for: > 1 is a tensor-parallel group (memory is the group's).
-    # Only the simulator models groups; the server refuses them.
-    gpus: int = Field(1, ge=1)
-
-    @field_validator("memory", "page_size")
-    @classmethod
-    def _bytes(cls, value) -> int:
-        return _size(value)
-
-
-class ModelEntry(BaseModel):
-    model_config = _STRICT
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")
-    source: str = Field(min_length=1)
-    dtype: str = Field("auto", pattern=r"^(auto|float32|bfloat16|float16)$")
-    ttft_slo_ms: float = Field(2000.0, gt=0)
-    tpot_slo_ms: float = Field(200.0, gt=0)
-    device: str | None = None  # pin to one device
-    max_model_len: int | None = Field(None, ge=2)
-    block_size: int = Field(16, ge=1)
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    rate: float = Field(1.0, gt=0)  # expected relative request rate: popularity for placement, static KV shares
-
-
-class SchedulerEntry(BaseModel):
-    model_config = _STRICT
+@dataclass(frozen=True)
+class ClusterConfig:
+    devices: tuple[DeviceConfig, ...]
+    models: tuple[ModelSpec, ...]
+    pinned: dict  # model name -> device (only pinned models)
+    local: LocalSchedulerConfig
+    global_: GlobalSchedulerConfig
     # The serving system as a whole (docs/policies.md): prism, or one of the baselines it is
-    # measured against, all run by this same server.
-    system: str = Field("prism", pattern="^(" + "|".join(SYSTEM_NAMES) + ")$")
-    policy: str = Field("prism", pattern=r"^(prism|fcfs)$")  # local order (prism system only)
-    idle_evict_s: float = Field(45.0, ge=0)
-    # When a model idle for idle_evict_s goes: "pressure" (only when its memory is wanted) or
-    # "always" (prism system; the swap baseline always evicts idle models)
-    idle_evict: str = Field("pressure", pattern="^(pressure|always)$")
-    swap_idle_s: float = Field(2.0, ge=0)
-    # A late request contends like on-time work after waiting this many TTFT SLOs (prism policy)
-    late_contender_ttft_multiple: float = Field(3.0, gt=0)
-    rate_window_s: float = Field(60.0, gt=0)
-    placement_period_s: float = Field(10.0, gt=0)
-    migration_threshold: float = Field(0.2, ge=0)
-    migration_cooldown_s: float = Field(60.0, ge=0)
-
-
-class ServerEntry(BaseModel):
-    model_config = _STRICT
+    # measured against, all run by this same server. YAML: scheduler.system
+    system: Annotated[str, Field(pattern="^(" + "|".join(SYSTEM_NAMES) + ")$")] = "prism"
+    rates: dict = field(default_factory=dict)  # model name -> expected relative rate
+    gpus: dict = field(default_factory=dict)  # device -> GPUs it stands for (groups: simulator only)
+    # YAML: the server section
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
     api_key: str | None = None
     metrics_log: str | None = None  # JSON-lines file per worker (suffixed with the device)
+
+    @property
+    def system_spec(self) -> SystemSpec:
+        return system_spec(self.system)
+
+
+# ---- the YAML schema: made of the runtime dataclasses' fields (types, constraints, defaults
+# declared there, once), plus the few keys that exist only in YAML -----------------------------
+def _fields_of(cls, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> dict:
+    hints = get_type_hints(cls, include_extras=True)
+    return {f.name: (hints[f.name], f.default if f.default is not MISSING else ...)
+            for f in fields(cls) if f.name not in skip and (not only or f.name in only)}
+
+
+def _in_ms(cls, name: str):  # a field in seconds, in YAML in milliseconds
+    typ, default = _fields_of(cls, only=(name,))[name]
+    return typ, default * 1e3
+
+
+_MODEL_ONLY = ("ttft_slo_s", "tpot_slo_s", "engine")
+_model = _fields_of(ModelSpec, skip=_MODEL_ONLY)
+_device = _fields_of(DeviceConfig, skip=("memory_bytes",))
+_local, _global = _fields_of(LocalSchedulerConfig), _fields_of(GlobalSchedulerConfig)
+assert all(_local[k] == _global[k] for k in _local.keys() & _global.keys()), "shared knobs differ"
+
+DeviceEntry = create_model(
+    "DeviceEntry", __config__=_STRICT, **_device,
+    memory=(_fields_of(DeviceConfig, only=("memory_bytes",))["memory_bytes"][0], ...),  # required
+    # GPUs this device stands for: > 1 is a tensor-parallel group (memory is the group's).
+    # Only the simulator models groups; the server refuses them.
+    gpus=(int, Field(1, ge=1)),
+)
+ModelEntry = create_model(
+    "ModelEntry", __config__=_STRICT, **_model,
+    ttft_slo_ms=_in_ms(ModelSpec, "ttft_slo_s"), tpot_slo_ms=_in_ms(ModelSpec, "tpot_slo_s"),
+    device=(str | None, None),  # pin to one device
+    **_fields_of(EngineConfig),  # the engine's knobs sit in the model's entry
+    rate=(PosFloat, 1.0),  # expected relative request rate: popularity for placement, static KV shares
+)
+SchedulerEntry = create_model(
+    "SchedulerEntry", __config__=_STRICT, **_fields_of(ClusterConfig, only=("system",)), **(_local | _global),
+)
+ServerEntry = create_model(
+    "ServerEntry", __config__=_STRICT, **_fields_of(ClusterConfig, only=("host", "port", "api_key", "metrics_log")),
+)
 
 
 class ConfigFile(BaseModel):
     model_config = _STRICT
-    devices: list[DeviceEntry] = Field(min_length=1)
-    models: list[ModelEntry] = Field(min_length=1)
-    scheduler: SchedulerEntry = SchedulerEntry()
-    server: ServerEntry = ServerEntry()
+    devices: list[DeviceEntry] = Field(min_length=1)  # type: ignore[valid-type]
+    models: list[ModelEntry] = Field(min_length=1)  # type: ignore[valid-type]
+    scheduler: SchedulerEntry = SchedulerEntry()  # type: ignore[valid-type]
+    server: ServerEntry = ServerEntry()  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -108,24 +112,9 @@ class ConfigFile(BaseModel):
         return self
 
 
-@dataclass(frozen=True)
-class ClusterConfig:
-    devices: tuple[DeviceConfig, ...]
-    models: tuple[ModelSpec, ...]
-    pinned: dict  # model name -> device (only pinned models)
-    local: LocalSchedulerConfig
-    global_: GlobalSchedulerConfig
-    system: str = "prism"
-    rates: dict = field(default_factory=dict)  # model name -> expected relative rate
-    gpus: dict = field(default_factory=dict)  # device -> GPUs it stands for (groups: simulator only)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    metrics_log: str | None = None
-
-    @property
-    def system_spec(self) -> SystemSpec:
-        return system_spec(self.system)
+def _build(cls, entry: BaseModel, **given):
+    """A runtime dataclass from an entry: every field the entry has, plus those given."""
+    return cls(**{f.name: getattr(entry, f.name) for f in fields(cls) if f.name in type(entry).model_fields} | given)
 
 
 def read_yaml(path: str | Path):
@@ -155,13 +144,10 @@ def parse_config(raw, source: str = "config") -> ClusterConfig:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise ConfigError(f"{source}: {where}: {err['msg']}") from None
-    devices = tuple(DeviceConfig(d.device, d.memory, d.page_size) for d in f.devices)
+    devices = tuple(_build(DeviceConfig, d, memory_bytes=d.memory) for d in f.devices)
     models = tuple(
-        ModelSpec(
-            m.name, m.source, ttft_slo_s=m.ttft_slo_ms / 1e3, tpot_slo_s=m.tpot_slo_ms / 1e3,
-            dtype=m.dtype,
-            engine=EngineConfig(m.block_size, m.max_num_seqs, m.max_num_batched_tokens, m.max_model_len),
-        )
+        _build(ModelSpec, m, ttft_slo_s=m.ttft_slo_ms / 1e3, tpot_slo_s=m.tpot_slo_ms / 1e3,
+               engine=_build(EngineConfig, m))
         for m in f.models
     )
     s = f.scheduler

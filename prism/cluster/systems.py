@@ -7,7 +7,7 @@ gets a device of its own. Code elsewhere asks the spec, never compares system na
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Protocol
 
@@ -27,7 +27,8 @@ class System(str, Enum):
 
 
 class SchedulerKnobs(Protocol):
-    """The scheduler section of a config, as the systems read it."""
+    """The scheduler section of a config, as the systems read it: `system` and every field of
+    LocalSchedulerConfig and GlobalSchedulerConfig (idle_evict_s and idle_evict are shared)."""
 
     system: str
     policy: str
@@ -39,6 +40,16 @@ class SchedulerKnobs(Protocol):
     placement_period_s: float
     migration_threshold: float
     migration_cooldown_s: float
+    kv_headroom_pages: int
+    max_resident: int | None
+    admission_window: int
+    max_migrations_per_period: int
+    kv_headroom_fraction: float
+
+
+def knobs_of(cls, s: SchedulerKnobs, **fixed) -> dict:
+    """The section's values of every field of `cls`, with the system's fixed values over them."""
+    return {f.name: getattr(s, f.name) for f in fields(cls)} | fixed
 
 
 @dataclass(frozen=True)
@@ -54,22 +65,20 @@ class SystemSpec:
         """The local and global scheduler settings this system runs with: prism shares memory
         elastically, arbitrates by SLO, evicts idle models and migrates; the baselines switch
         those off one by one."""
+        # kv_headroom_pages, admission_window and the global tuning knobs reach every system;
+        # the rest of the local config is what a baseline is.
+        tuning = {k: getattr(s, k) for k in ("kv_headroom_pages", "admission_window")}
         if self.system is System.PRISM:
-            local = LocalSchedulerConfig(policy=s.policy, idle_evict_s=s.idle_evict_s, idle_evict=s.idle_evict,
-                                         swap_idle_s=s.swap_idle_s,
-                                         late_contender_ttft_multiple=s.late_contender_ttft_multiple)
-            migrate, idle, when = s.migration_threshold, s.idle_evict_s, s.idle_evict
+            local = LocalSchedulerConfig(**knobs_of(LocalSchedulerConfig, s))
+            fixed = {}
         elif self.system is System.SWAP:
-            local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1)
-            migrate, idle, when = NEVER, s.idle_evict_s, "always"
+            local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1,
+                                         **tuning)
+            fixed = dict(migration_threshold=NEVER, idle_evict="always")
         else:  # placed once, pinned even when idle, arrival order
-            local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=NEVER, swap_idle_s=NEVER)
-            migrate, idle, when = NEVER, NEVER, "always"
-        global_ = GlobalSchedulerConfig(
-            rate_window_s=s.rate_window_s, idle_evict_s=idle, idle_evict=when,
-            placement_period_s=s.placement_period_s, migration_threshold=migrate,
-            migration_cooldown_s=s.migration_cooldown_s,
-        )
+            local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=NEVER, swap_idle_s=NEVER, **tuning)
+            fixed = dict(migration_threshold=NEVER, idle_evict_s=NEVER, idle_evict="always")
+        global_ = GlobalSchedulerConfig(**knobs_of(GlobalSchedulerConfig, s, **fixed))
         return local, global_
 
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
+from prism.config import NonNegFloat, NonNegInt, PosFloat, PosInt, check_fields
 from prism.sched.moore_hodgson import Job, moore_hodgson
-from prism.sched.residency import IDLE_EVICT_MODES, plan_residency
+from prism.sched.residency import IDLE_EVICT, IDLE_EVICT_S, IdleEvict, plan_residency
 from prism.sched.swap import plan_swap
 from prism.sched.view import CostModel, DeviceView, RequestView, StepDecision
 
@@ -32,40 +34,30 @@ POLICIES = ("prism", "fcfs")
 
 @dataclass(frozen=True)
 class LocalSchedulerConfig:
-    policy: str = "prism"  # "prism" (SLO-aware) or "fcfs" (baseline: arrival order everywhere)
-    idle_evict_s: float = 45.0  # a resident model with no requests this long may be evicted...
+    # "prism" (SLO-aware) or "fcfs" (baseline: arrival order everywhere)
+    policy: Literal[POLICIES] = "prism"
+    idle_evict_s: NonNegFloat = IDLE_EVICT_S  # a resident model with no requests this long may be evicted...
     # ...when: "pressure" (the device's work wants its pages: see residency.py) or "always"
-    idle_evict: str = "pressure"
-    swap_idle_s: float = 2.0  # under activation pressure, models idle this long (no requests) may go
-    kv_headroom_pages: int = 0  # pages to keep free beyond a model's weights when activating it
+    idle_evict: IdleEvict = IDLE_EVICT
+    swap_idle_s: NonNegFloat = 2.0  # under activation pressure, models idle this long (no requests) may go
+    kv_headroom_pages: NonNegInt = 0  # pages to keep free beyond a model's weights when activating it
     # Time-sharing only (the `swap` baseline): at most this many resident models, served in
     # arrival groups (see swap.py). None: space sharing, as many as memory holds.
-    max_resident: int | None = None
+    max_resident: PosInt | None = None
     # Moore-Hodgson weighs only this many waiting requests, those due first; the rest queue by
     # deadline behind them. It bounds the policy's cost per step (it grows with the queue and
     # competes with 8-10 ms GPU steps) and loses nothing while it exceeds what one step can
     # admit (max_num_seqs).
-    admission_window: int = 256
+    admission_window: PosInt = 256
     # Starvation bound: a waiting request that missed its Moore-Hodgson slot gets the leftover
     # slack only, which a device whose other models decode without pause never has. Once it
     # has waited this many times its TTFT SLO it becomes a contender like on-time work (its
     # model competes by slack, and a request that late has the least), so no request waits
     # forever behind other models' decodes. inf: no bound (late work only steals slack).
-    late_contender_ttft_multiple: float = 3.0
+    late_contender_ttft_multiple: PosFloat = 3.0
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown local scheduling policy {self.policy!r}; use one of {POLICIES}")
-        if self.idle_evict not in IDLE_EVICT_MODES:
-            raise ValueError(f"unknown idle_evict mode {self.idle_evict!r}; use one of {IDLE_EVICT_MODES}")
-        if self.idle_evict_s < 0 or self.swap_idle_s < 0 or self.kv_headroom_pages < 0:
-            raise ValueError(f"scheduler knobs must be >= 0: {self}")
-        if self.max_resident is not None and self.max_resident < 1:
-            raise ValueError(f"max_resident must be >= 1 or None: {self}")
-        if self.admission_window < 1:
-            raise ValueError(f"admission_window must be >= 1: {self}")
-        if not self.late_contender_ttft_multiple > 0:
-            raise ValueError(f"late_contender_ttft_multiple must be > 0: {self}")
+        check_fields(self)  # the bounds and choices of the field types above
 
 
 # ---- keys: every sort is total, so decisions never depend on input order -------------------

@@ -55,37 +55,35 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from typing import Annotated
+
+from pydantic import Field
+
+from prism.config import NonNegFloat, NonNegInt, PosFloat, check_fields
+
 from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
-from prism.sched.residency import IDLE_EVICT_MODES
+from prism.sched.residency import IDLE_EVICT, IDLE_EVICT_S, IdleEvict
 
 EVICT_REASONS = ("idle", "make-room", "migration")
 
 
 @dataclass(frozen=True)
 class GlobalSchedulerConfig:
-    rate_window_s: float = 60.0  # the window of the token rates the server feeds the view
-    idle_evict_s: float = 45.0  # a model with no pending requests and no request this long...
+    rate_window_s: PosFloat = 60.0  # the window of the token rates the server feeds the view
+    idle_evict_s: NonNegFloat = IDLE_EVICT_S  # a model with no pending requests and no request this long...
     # ...is evicted by periodic(): "always", or "pressure": never there; only when memory is
     # wanted (on_request's make-room here, KV demand and activations on the device).
-    idle_evict: str = "pressure"
-    placement_period_s: float = 10.0  # periodic() does its work at most this often
+    idle_evict: IdleEvict = IDLE_EVICT
+    placement_period_s: NonNegFloat = 10.0  # periodic() does its work at most this often
     # Migrate only if it lowers max(KVPR(src), KVPR(dst)) by more than this fraction.
-    migration_threshold: float = 0.2
-    migration_cooldown_s: float = 60.0  # per model, after a migration
-    max_migrations_per_period: int = 1
-    kv_headroom_fraction: float = 0.05  # of a device's memory, kept free for KV when weights "fit"
+    migration_threshold: NonNegFloat = 0.2
+    migration_cooldown_s: NonNegFloat = 60.0  # per model, after a migration
+    max_migrations_per_period: NonNegInt = 1
+    # of a device's memory, kept free for KV when weights "fit"
+    kv_headroom_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
 
     def __post_init__(self) -> None:
-        if not self.rate_window_s > 0:
-            raise ValueError(f"rate_window_s must be > 0: {self}")
-        knobs = (self.idle_evict_s, self.placement_period_s, self.migration_threshold,
-                 self.migration_cooldown_s, self.max_migrations_per_period)
-        if any(k < 0 for k in knobs):
-            raise ValueError(f"global scheduler knobs must be >= 0: {self}")
-        if self.idle_evict not in IDLE_EVICT_MODES:
-            raise ValueError(f"unknown idle_evict mode {self.idle_evict!r}; use one of {IDLE_EVICT_MODES}")
-        if not 0 <= self.kv_headroom_fraction < 1:
-            raise ValueError(f"kv_headroom_fraction must be in [0, 1): {self}")
+        check_fields(self)  # the bounds and choices of the field types above
 
 
 # ---- decisions -----------------------------------------------------------------------------

@@ -25,10 +25,15 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
+from typing import Literal
 
 from prism.sched.view import DeviceView, ModelView
 
 IDLE_EVICT_MODES = ("pressure", "always")
+IdleEvict = Literal[IDLE_EVICT_MODES]
+# Shared by the local and the global scheduler's config (one knob each in YAML: idle_evict_s, idle_evict)
+IDLE_EVICT_S = 45.0
+IDLE_EVICT = "pressure"
 
 
 def model_pages(m: ModelView) -> int:

@@ -52,3 +52,72 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("devices: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_every_runtime_knob_reachable():
+    raw = {
+        "devices": [{"device": "cpu", "memory": "1GiB", "page_size": "1MiB", "num_spare_pages": 2}],
+        "models": [{"name": "m", "source": "tiny-llama:random", "kernels": "reference", "cuda_graph_max_batch": 0,
+                    "max_model_len": 512}],
+        "scheduler": {"admission_window": 32, "kv_headroom_pages": 3, "max_resident": 2,
+                      "max_migrations_per_period": 2, "kv_headroom_fraction": 0.1},
+    }
+    c = parse_config(raw)
+    assert c.devices[0].page_size == 1 << 20 and c.devices[0].num_spare_pages == 2
+    e = c.models[0].engine
+    assert (e.kernels, e.cuda_graph_max_batch, e.max_model_len, e.block_size) == ("reference", 0, 512, 16)
+    assert (c.local.admission_window, c.local.kv_headroom_pages, c.local.max_resident) == (32, 3, 2)
+    assert c.global_.max_migrations_per_period == 2 and c.global_.kv_headroom_fraction == 0.1
+    # tuning knobs reach the baselines too; what makes a baseline stays fixed
+    swap = parse_config({**raw, "scheduler": {**raw["scheduler"], "system": "swap"}})
+    assert swap.local.admission_window == 32 and swap.local.max_resident == 1 and swap.local.policy == "fcfs"
+    assert swap.global_.kv_headroom_fraction == 0.1 and swap.global_.idle_evict == "always"
+
+
+def test_defaults_come_from_the_runtime_types():
+    from prism.config import DeviceConfig, EngineConfig
+    from prism.sched.local import LocalSchedulerConfig
+    from prism.sched.placement import GlobalSchedulerConfig
+
+    c = parse_config(BASE)
+    assert c.models[0].engine == EngineConfig() and c.local == LocalSchedulerConfig()
+    assert c.global_ == GlobalSchedulerConfig()
+    assert c.devices[0] == DeviceConfig(device="cpu", memory_bytes=1 << 30)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(scheduler={"admission_windw": 8}), "x.yaml: scheduler.admission_windw: Extra inputs are not permitted"),
+    (lambda c: c.update(server={"hots": "0.0.0.0"}), "x.yaml: server.hots: Extra inputs are not permitted"),
+    (lambda c: c["models"][0].update(kernels="cuda"), "x.yaml: models.0.kernels: Input should be 'auto', 'triton' or"),
+    (lambda c: c["models"][0].update(cuda_graph_max_batch=-1), "x.yaml: models.0.cuda_graph_max_batch: Input should be"),
+    (lambda c: c["devices"][0].update(num_spare_pages=-1), "x.yaml: devices.0.num_spare_pages: Input should be"),
+    (lambda c: c.update(scheduler={"kv_headroom_fraction": 1}), "x.yaml: scheduler.kv_headroom_fraction: Input should be less"),
+    (lambda c: c["devices"][0].pop("memory"), "x.yaml: devices.0.memory: Field required"),
+])
+def test_new_knobs_and_unknown_keys_refused(change, message):
+    import copy
+
+    raw = copy.deepcopy(BASE)
+    change(raw)
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, source="x.yaml")
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_configs_built_in_code_keep_the_same_rules():
+    from prism.config import EngineConfig, ModelSpec
+    from prism.sched.local import LocalSchedulerConfig
+    from prism.sched.placement import GlobalSchedulerConfig
+
+    for build, message in [
+        (lambda: EngineConfig(block_size=0), "EngineConfig.block_size must be >= 1, not 0"),
+        (lambda: EngineConfig(kernels="cuda"), "EngineConfig.kernels must be one of auto, triton, reference"),
+        (lambda: EngineConfig(max_model_len=1), "EngineConfig.max_model_len must be >= 2"),
+        (lambda: ModelSpec("m", "s", ttft_slo_s=0), "model m: ModelSpec.ttft_slo_s must be > 0"),
+        (lambda: LocalSchedulerConfig(max_resident=0), "LocalSchedulerConfig.max_resident must be >= 1"),
+        (lambda: GlobalSchedulerConfig(kv_headroom_fraction=1.0), "GlobalSchedulerConfig.kv_headroom_fraction must be < 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            build()
+    assert EngineConfig(max_model_len=None).max_model_len is None  # None allowed where the type says so
+    assert GlobalSchedulerConfig(migration_threshold=float("inf"), placement_period_s=0.0).placement_period_s == 0.0
