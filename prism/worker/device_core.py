@@ -147,7 +147,6 @@ class DeviceCore(ABC):
     @abstractmethod
     def _new_engine(self, spec: ModelSpec) -> DeviceEngine: ...
 
-
     # ---- models ----------------------------------------------------------------------------
     def _register_all(self) -> None:
         try:
