@@ -35,7 +35,7 @@ from prism.cluster.config import ClusterConfig
 from prism.cluster.control import TICK_S, ClusterControl, device_models
 from prism.sim.costs import ProfileSet
 from prism.sim.device import SimDevice
-from prism.sim.engine import SAMPLED_TOKEN
+from prism.sim.executor import SAMPLED_TOKEN
 from prism.sim.shapes import model_shape
 from prism.worker import messages as msg
 from prism.worker.device_core import WorkerConfig

@@ -1,4 +1,5 @@
-"""A simulated device: the real device step flow (DeviceCore) over SimEngines.
+"""A simulated device: the real device step flow (DeviceCore) over simulated engines (the
+real engine core over a simulated executor: prism.sim.engine).
 
 Like a worker process it drains its inbox (the same message handler, prism.worker.commands),
 then runs one step; unlike one, its clock is its own ManualClock, which an activation's copy
@@ -11,15 +12,17 @@ import math
 import time
 
 from prism.config import ModelSpec
+from prism.engine.core import EngineCore
 from prism.memory.page_pool import PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.cost import ModelProfile, ProfileCostModel
 from prism.sched.view import CostModel
 from prism.sim.costs import ColdShapes, HostOverheads, card_defaults
-from prism.sim.engine import CountingBackend, SimEngine, victim_chooser
+from prism.sim.engine import sim_engine
+from prism.sim.executor import CountingBackend
 from prism.sim.shapes import ModelShape
 from prism.worker.commands import handle
-from prism.worker.device_core import DeviceCore, ModelSizes, StepOutput, WorkerConfig
+from prism.worker.device_core import DeviceCore, StepOutput, WorkerConfig
 
 
 class SimDevice(DeviceCore):
@@ -47,14 +50,9 @@ class SimDevice(DeviceCore):
     def _weight_bytes(self, spec: ModelSpec) -> int:
         return self.shapes[spec.name].weight_bytes
 
-    def _new_engine(self, spec: ModelSpec) -> SimEngine:
-        return SimEngine(spec, self.shapes[spec.name], self.pool, self.clock, self.truth,
-                         victim_chooser(self._choose_victim, spec.name), self.host, self.cold)
-
-    def _sizes_of(self, engine: SimEngine) -> ModelSizes:
-        shape = engine.shape
-        return ModelSizes(shape.weight_bytes, engine.weights.num_pages, shape.kv_bytes_per_token,
-                          shape.config.vocab_size)
+    def _new_engine(self, spec: ModelSpec) -> EngineCore:
+        return sim_engine(spec, self.shapes[spec.name], self.pool, self.clock, self.truth,
+                          self._victim_chooser(spec.name), self.host, self.cold)
 
     # ---- one wake-up ---------------------------------------------------------------------------
     def run(self, now: float, inbox: list, send) -> tuple[StepOutput, float | None]:

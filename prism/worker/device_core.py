@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from prism.config import DeviceConfig, ModelSpec
-from prism.engine.output_processor import OutputProcessor, TokenEvent
-from prism.engine.scheduler import Scheduler
+from prism.engine.executor import ModelSizes
+from prism.engine.output_processor import TokenEvent
+from prism.engine.scheduler import VictimChooser
 from prism.engine.sequence import Sequence, StepPlan
 from prism.memory.page_pool import Owner, PagePool
 from prism.sched.calibration import CalibratedCost
@@ -48,13 +49,15 @@ class StepOutput:
 
 
 class DeviceEngine(Protocol):
-    """What the device needs of one model's engine (LLMEngine, or the simulator's SimEngine)."""
+    """What the device needs of one model's engine: an EngineCore (prism.engine.core), over
+    the device executor (LLMEngine) or the simulator's."""
 
-    scheduler: Scheduler
-    outputs: OutputProcessor  # `req_id in outputs`: the engine holds that request
-    last_plan: StepPlan | None
+    last_plan: StepPlan | None  # the last step's plan (its cost terms calibrate the estimates)
     last_step_num_tokens: int
     max_model_len: int
+
+    @property
+    def sizes(self) -> ModelSizes: ...
 
     @property
     def resident(self) -> bool: ...
@@ -64,6 +67,23 @@ class DeviceEngine(Protocol):
 
     @property
     def has_unfinished(self) -> bool: ...
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    @property
+    def num_preemptions(self) -> int: ...
+
+    def is_running(self, seq: Sequence) -> bool: ...
+
+    def has_request(self, req_id: str) -> bool: ...
+
+    def pause_admission(self, paused: bool) -> None: ...
+
+    def reorder_waiting(self, req_ids: list[str]) -> None: ...
 
     def add_request(self, prompt, params: SamplingParams, req_id: str | None = None,
                     arrival_time: float | None = None, slo: SLO | None = None, priority: int = 0) -> str: ...
@@ -83,18 +103,10 @@ class DeviceEngine(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class ModelSizes:
-    weight_bytes: int
-    weight_pages: int
-    kv_bytes_per_token: int
-    vocab_size: int
-
-
 class DeviceCore(ABC):
     """Many engines on one PagePool, driven by the local scheduler. Subclasses say how an
-    engine is built (`_new_engine`), how big a model's weights are before it is built
-    (`_weight_bytes`) and what its sizes are once built (`_sizes_of`)."""
+    engine is built (`_new_engine`, preempting through `_victim_chooser`) and how big a
+    model's weights are before it is built (`_weight_bytes`)."""
 
     def __init__(self, config: WorkerConfig, clock: Clock, pool: PagePool, cost: CostModel,
                  profiles: dict[str, ModelProfile] | None = None):
@@ -135,9 +147,6 @@ class DeviceCore(ABC):
     @abstractmethod
     def _new_engine(self, spec: ModelSpec) -> DeviceEngine: ...
 
-    @abstractmethod
-    def _sizes_of(self, engine: DeviceEngine) -> ModelSizes: ...
-
     # ---- models ----------------------------------------------------------------------------
     def _register_all(self) -> None:
         try:
@@ -154,7 +163,7 @@ class DeviceCore(ABC):
         engine = self._new_engine(spec)
         self.engines[spec.name] = engine
         self._order[spec.name] = len(self._order)
-        self._sizes[spec.name] = self._sizes_of(engine)
+        self._sizes[spec.name] = engine.sizes
         self.specs[spec.name] = spec
         self.last_used[spec.name] = self.clock.now()
         self._touch(spec.name)
@@ -174,9 +183,14 @@ class DeviceCore(ABC):
                 return
             self.evict(name)
 
+    def _victim_chooser(self, model_id: str) -> VictimChooser:
+        """Whom `model_id`'s engine preempts when its KV runs out mid-step: the local
+        scheduler's choice."""
+        return lambda candidates: self._choose_victim(model_id, candidates)
+
     def _choose_victim(self, model_id: str, candidates: list[Sequence]) -> Sequence:
         views = [_request_view(model_id, s, running=True) for s in candidates]
-        chosen = self.local.choose_victim(self.snapshot(), views)
+        chosen = self.local.choose_victim(self._model_snapshot(model_id), views)
         if chosen is None:
             return candidates[-1]
         return next(s for s in candidates if s.req_id == chosen.req_id)
@@ -246,7 +260,7 @@ class DeviceCore(ABC):
         engine = self._engine(model_id)
         spec = self.specs[model_id]
         slo = slo or SLO(spec.ttft_slo_s, spec.tpot_slo_s)
-        if req_id is not None and any(req_id in e.outputs for e in self.engines.values()):
+        if req_id is not None and any(e.has_request(req_id) for e in self.engines.values()):
             raise RequestError(f"request id {req_id!r} is already in use")
         req_id = engine.add_request(prompt, params, req_id=req_id, slo=slo, priority=priority)
         self.last_used[model_id] = self.clock.now()
@@ -255,7 +269,7 @@ class DeviceCore(ABC):
 
     def abort(self, req_id: str) -> bool:
         for model_id, engine in self.engines.items():
-            if req_id in engine.outputs:
+            if engine.has_request(req_id):
                 engine.abort(req_id)
                 self._request_views.pop(req_id, None)
                 self._touch(model_id)
@@ -273,7 +287,7 @@ class DeviceCore(ABC):
         self._touched.add(model_id)
 
     def _pause(self, model_id: str, paused: bool) -> None:
-        self.engines[model_id].scheduler.admission_paused = paused
+        self.engines[model_id].pause_admission(paused)
         (self._paused.add if paused else self._paused.discard)(model_id)
 
     def _refresh(self) -> None:
@@ -281,13 +295,15 @@ class DeviceCore(ABC):
         if not self._touched:
             return
         for m in self._touched:
-            e = self.engines[m]
-            sizes = self._sizes[m]
-            self._views[m] = ModelView(m, e.resident, self.last_used[m], sizes.weight_pages, e.num_kv_pages,
-                                       kv_pages_per_token=sizes.kv_bytes_per_token / self.pool.page_size)
-            (self._busy.add if e.has_unfinished else self._busy.discard)(m)
+            self._views[m] = self._model_view(m)
+            (self._busy.add if self.engines[m].has_unfinished else self._busy.discard)(m)
         self._touched.clear()
         self._model_views = tuple(sorted(self._views.values(), key=lambda v: self._order[v.model_id]))
+
+    def _model_view(self, model_id: str) -> ModelView:
+        e, sizes = self.engines[model_id], self._sizes[model_id]
+        return ModelView(model_id, e.resident, self.last_used[model_id], sizes.weight_pages, e.num_kv_pages,
+                         kv_pages_per_token=sizes.kv_bytes_per_token / self.pool.page_size)
 
     def _in_order(self, models) -> list[str]:
         return sorted(models, key=self._order.__getitem__)
@@ -305,7 +321,7 @@ class DeviceCore(ABC):
         for model_id in decision.activate:
             self.activate(model_id)
         for model_id, order in decision.admit_order.items():
-            self.engines[model_id].scheduler.reorder_waiting(list(order))
+            self.engines[model_id].reorder_waiting(list(order))
         finished: list[tuple[str, CompletionOutput]] = []
         num_tokens = 0
         run = decision.run_model
@@ -331,15 +347,14 @@ class DeviceCore(ABC):
 
     def _step_model(self, model_id: str) -> tuple[list[tuple[str, CompletionOutput]], int]:
         engine = self.engines[model_id]
-        before = engine.scheduler.num_preemptions
+        before = engine.num_preemptions
         start = self.clock.now()
-        self._touch(model_id)  # before: a victim choice mid-step takes a snapshot of it live
         finished = [(model_id, out) for out in engine.step()]
         self._touch(model_id)
         for _, out in finished:
             self._request_views.pop(out.req_id, None)
         self._with_events.add(model_id)
-        self.counters.preemptions[model_id] += engine.scheduler.num_preemptions - before
+        self.counters.preemptions[model_id] += engine.num_preemptions - before
         plan = engine.last_plan
         if plan is not None and not plan.is_empty:
             now = self.clock.now()
@@ -368,10 +383,21 @@ class DeviceCore(ABC):
         self._refresh()
         requests = []
         for m in self._in_order(self._busy):
-            e = self.engines[m]
-            running = {id(s) for s in e.scheduler.running}
-            requests += [self._request_view(m, seq, id(seq) in running) for seq in e.sequences()]
+            requests += self._request_views_of(m)
         return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, self._model_views, tuple(requests))
+
+    def _model_snapshot(self, model_id: str) -> DeviceView:
+        """The device as the victim choice sees it mid-step: `model_id`'s view and requests
+        only. The choice needs no more: a candidate's slack depends on its own model's
+        decoding batch and residency alone (sched/local.py: _Estimates, _slack_of), so this
+        chooses as a whole-device snapshot would, at a cost that does not grow with the
+        device's other models and their queues. Built fresh, as the engine is mid-step."""
+        return DeviceView(self.clock.now(), self.pool.budget_pages, self.pool.free_pages,
+                          (self._model_view(model_id),), tuple(self._request_views_of(model_id)))
+
+    def _request_views_of(self, model_id: str) -> list[RequestView]:
+        e = self.engines[model_id]
+        return [self._request_view(model_id, seq, e.is_running(seq)) for seq in e.sequences()]
 
     def _request_view(self, model_id: str, seq: Sequence, running: bool) -> RequestView:
         hit = self._request_views.get(seq.req_id)
@@ -403,8 +429,8 @@ class DeviceCore(ABC):
                     "resident": self._views[m].resident,
                     "weight_pages": pages.get((m, "weights"), 0),
                     "kv_pages": pages.get((m, "kv"), 0),
-                    "running": len(e.scheduler.running),
-                    "waiting": len(e.scheduler.waiting),
+                    "running": e.num_running,
+                    "waiting": e.num_waiting,
                     "activations": c.activations.get(m, 0),
                     "evictions": c.evictions.get(m, 0),
                     "preemptions": c.preemptions.get(m, 0),

@@ -19,7 +19,7 @@ from prism.memory import PagePool, make_backend
 from prism.sched.clock import Clock, MonotonicClock
 from prism.sched.cost import DefaultCosts, ProfileCostModel, load_profiles
 from prism.sched.view import CostModel
-from prism.worker.device_core import DeviceCore, ModelSizes, StepOutput, WorkerConfig
+from prism.worker.device_core import DeviceCore, StepOutput, WorkerConfig
 
 __all__ = ["DeviceWorker", "StepOutput", "WorkerConfig"]
 
@@ -52,12 +52,6 @@ class DeviceWorker(DeviceCore):
         return LLMEngine(
             resolve_model(spec.source), spec.engine, self.config.device, pool=self.pool,
             dtype=self._dtype(spec), model_id=spec.name, show_progress=self._show_progress,
-            clock=self.clock.now,
-            choose_victim=lambda cands, m=spec.name: self._choose_victim(m, cands),
+            clock=self.clock.now, choose_victim=self._victim_chooser(spec.name),
             keep_host_copy=True, detokenize=self.config.detokenize,
         )
-
-    def _sizes_of(self, engine: LLMEngine) -> ModelSizes:
-        return ModelSizes(engine.weights.num_bytes, engine.weights.num_pages,
-                          engine.config.kv_bytes_per_token(engine.dtype.itemsize),
-                          engine.config.vocab_size)

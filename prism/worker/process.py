@@ -144,8 +144,8 @@ def _open_step_log(worker):
 def _log_step(log, worker, out, started: float, took: float) -> None:
     engine = worker.engines[out.ran_model]
     plan = engine.last_plan
-    running = sum(len(e.scheduler.running) for e in worker.engines.values())
-    waiting = sum(len(e.scheduler.waiting) for e in worker.engines.values())
+    running = sum(e.num_running for e in worker.engines.values())
+    waiting = sum(e.num_waiting for e in worker.engines.values())
     log.write(json.dumps({"t": round(started, 6), "wall_s": round(took, 6), "model": out.ran_model,
                           "terms": list(plan.cost_terms()) if plan else None,
                           "seqs": len(plan.chunks) if plan else 0,

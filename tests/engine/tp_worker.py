@@ -62,7 +62,7 @@ def run_case(engine: LLMEngine, case: dict) -> dict:
         engine.evict()
         engine.activate()
         out["after_activation"] = [o.token_ids for o in engine.generate(prompts, GREEDY)]
-    out["preemptions"] = engine.scheduler.num_preemptions
+    out["preemptions"] = engine.num_preemptions
     out["weight_bytes"] = engine.weights.num_bytes
     return out
 

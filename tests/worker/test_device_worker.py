@@ -122,14 +122,14 @@ def test_eviction_with_running_requests(mode):
         for p in ps[3:]:
             worker.add_request("m0", p, greedy(20))
         engine = worker.engines["m0"]
-        assert len(engine.scheduler.running) == 3
+        assert engine.num_running == 3
         worker.evict("m0", mode=mode)
         if mode == "preempt":
-            assert not engine.resident and not engine.scheduler.running
+            assert not engine.resident and not engine.num_running
             assert worker.counters.preemptions["m0"] == 3
             assert worker.memory_report()["models"]["m0"]["weight_pages"] == 0
         else:  # every request it holds, waiting ones too, finishes before the eviction
-            assert engine.resident and not engine.scheduler.admission_paused
+            assert engine.resident and not engine.admission_paused
             while worker.counters.evictions["m0"] == 0:
                 done += worker.step().finished
             assert len(done) == 6 and worker.counters.preemptions["m0"] == 0

@@ -1,0 +1,65 @@
+"""What an engine core needs of the thing that holds a model's memory and runs its forward pass.
+
+vLLM v1's EngineCore/Executor split: the core (core.py) owns one model's requests, batching
+and KV block accounting; an executor owns the memory and the compute. Two executors exist:
+the device executor (device_executor.py: weight and KV arenas on a GPU or CPU, the model
+runner, CUDA graphs, tensor parallelism) and the simulator's (prism/sim/executor.py: page
+counts, a cost model and a manual clock). Torch-free, like the core.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from prism.config import EngineConfig, ModelConfig
+from prism.engine.block_manager import PageMapper
+from prism.engine.memory_plan import KVGeometry
+from prism.engine.sequence import Sequence, StepPlan
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """A model's sizes as its device sees them (a tensor-parallel rank: its shard's)."""
+
+    weight_bytes: int
+    weight_pages: int
+    kv_bytes_per_token: int
+    vocab_size: int
+
+
+class Executor(Protocol):
+    model_id: str
+    config: ModelConfig  # the model this executor runs (a tensor-parallel rank: its sharded view)
+    sizes: ModelSizes
+    kv_geometry: KVGeometry
+    kv_mapper: PageMapper  # maps and unmaps KV pages for the core's BlockManager
+    budget_pages: int  # the page budget that sizes KV and request limits
+
+    @property
+    def weights_mapped(self) -> bool: ...
+
+    @property
+    def num_kv_pages(self) -> int:
+        """Physical pages the model's KV holds now."""
+
+    def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[tuple[Sequence, int]]:
+        """Run one step: (sequence, sampled token) for each chunk that samples, in plan order.
+        `while_running` is called once, while the step runs (host work that overlaps it)."""
+
+    def forget(self, seq: Sequence) -> None:
+        """A request ended: drop any per-request state (e.g. its random generator)."""
+
+    def unmap_weights(self) -> None:
+        """Give the weight pages back, keeping what activate() needs to bring them back."""
+
+    def activate(self) -> None:
+        """Map the weights again (same addresses) and copy them in; raises if no room."""
+
+    def close(self) -> None:
+        """Give every page back (KV and weights)."""
+
+
+def context_limit(engine: EngineConfig, config: ModelConfig) -> int:
+    """Most tokens (prompt plus output) one sequence may hold."""
+    limit = engine.max_model_len or config.max_position_embeddings
+    return min(limit, config.max_position_embeddings)

@@ -1,0 +1,157 @@
+"""The simulated executor: one model's memory as page counts, its forward pass as time.
+
+What the engine core (prism.engine.core) asks of an executor, without a GPU: weights and KV
+are pool pages (a counting backend hands out chunk handles, no memory), a step takes the time
+the cost model gives it (plus host overheads and a fresh server's cold shapes), by which the
+device's ManualClock moves, and every sampled token is SAMPLED_TOKEN. The core around it is
+the real engine's, so batching, KV mapping (map-ahead and trim included) and preemption are
+the real ones.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable
+
+from prism.config import ModelSpec
+from prism.engine.executor import ModelSizes
+from prism.engine.memory_plan import kv_geometry, mappable_kv_pages, num_pages_for
+from prism.engine.sequence import Sequence, StepPlan
+from prism.memory.backend import PhysicalChunk
+from prism.memory.page_pool import Owner, PagePool
+from prism.sched.clock import ManualClock
+from prism.sched.view import CostModel
+from prism.sim.costs import ColdShapes, HostOverheads, step_seconds
+from prism.sim.shapes import ModelShape
+
+SAMPLED_TOKEN = 0  # what a simulated step "samples"; its engines have no EOS (see sim/engine.py)
+
+
+class CountingBackend:
+    """A memory backend that only hands out chunk handles: the PagePool keeps the books."""
+
+    def __init__(self, page_size: int):
+        self.page_size = page_size
+        self._ids = itertools.count(1)
+
+    def create(self, num_pages: int) -> PhysicalChunk:
+        return PhysicalChunk(next(self._ids), num_pages)
+
+    def release(self, chunk: PhysicalChunk) -> None:
+        pass
+
+
+class SimWeights:
+    """A model's weight pages: mapped (resident) or not."""
+
+    def __init__(self, pool: PagePool, owner: Owner, num_bytes: int):
+        self.pool, self.owner, self.num_bytes = pool, owner, num_bytes
+        self.num_pages = num_pages_for(num_bytes, pool.page_size)
+        self._chunk: PhysicalChunk | None = None
+
+    @property
+    def mapped(self) -> bool:
+        return self._chunk is not None
+
+    def map(self) -> bool:
+        if self._chunk is None:
+            self._chunk = self.pool.allocate(self.owner, self.num_pages)
+        return self._chunk is not None
+
+    def unmap(self) -> None:
+        if self._chunk is not None:
+            self.pool.free(self.owner, self._chunk)
+            self._chunk = None
+
+
+class CountingKV:
+    """The BlockManager's PageMapper over pool pages: a KV page is `pages_per_kv_page`
+    physical pages (K and V of every layer), taken and given back as one."""
+
+    def __init__(self, pool: PagePool, owner: Owner, pages_per_kv_page: int):
+        self.pool, self.owner, self.pages_per_kv_page = pool, owner, pages_per_kv_page
+        self._chunks: dict[int, PhysicalChunk] = {}
+
+    @property
+    def num_mapped_pages(self) -> int:
+        return len(self._chunks)
+
+    def num_mappable_pages(self) -> int:
+        return mappable_kv_pages(self.pool, self.owner, self.pages_per_kv_page)
+
+    def map_page(self, page: int) -> bool:
+        if not self.pool.can_allocate(self.owner, self.pages_per_kv_page):
+            return False
+        chunk = self.pool.allocate(self.owner, self.pages_per_kv_page)
+        if chunk is None:
+            return False
+        self._chunks[page] = chunk
+        return True
+
+    def unmap_page(self, page: int) -> None:
+        self.pool.free(self.owner, self._chunks.pop(page))
+
+    def close(self) -> None:
+        for page in list(self._chunks):
+            self.unmap_page(page)
+
+
+class SimExecutor:
+    """The Executor (prism.engine.executor) of a simulated device. `cost` is what a step takes
+    on this device (the simulation's truth); `host` the host time per step beyond the forward
+    pass; `cold` the device's first-use costs, shared by its engines."""
+
+    def __init__(self, spec: ModelSpec, shape: ModelShape, pool: PagePool, clock: ManualClock,
+                 cost: CostModel, host: HostOverheads = HostOverheads(), cold: ColdShapes | None = None):
+        self.model_id = spec.name
+        self.shape = shape
+        self.config = shape.config
+        self.pool = pool
+        self.clock = clock
+        self.cost = cost
+        self.host = host
+        self.cold = cold or ColdShapes(host.cold_shape_s)
+        self.budget_pages = pool.budget_pages
+        self.weights = SimWeights(pool, Owner(spec.name, "weights"), shape.weight_bytes)
+        if not self.weights.map():
+            raise RuntimeError(
+                f"{spec.name}: weights need {self.weights.num_pages} pages "
+                f"({shape.weight_bytes / 2**30:.2f} GiB) but the device has "
+                f"{pool.free_pages} free of {pool.budget_pages}")
+        self.kv_geometry = kv_geometry(shape.config, shape.itemsize, spec.engine.block_size,
+                                       pool.page_size, pool.budget_pages)
+        self.kv = CountingKV(pool, Owner(spec.name, "kv"), self.kv_geometry.pages_per_kv_page)
+        self.kv_mapper = self.kv
+        self.sizes = ModelSizes(shape.weight_bytes, self.weights.num_pages, shape.kv_bytes_per_token,
+                                shape.config.vocab_size)
+
+    @property
+    def weights_mapped(self) -> bool:
+        return self.weights.mapped
+
+    @property
+    def num_kv_pages(self) -> int:
+        return self.kv.num_mapped_pages * self.kv.pages_per_kv_page
+
+    def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[tuple[Sequence, int]]:
+        """The step's time passes on the device's clock; every sampling chunk gets SAMPLED_TOKEN."""
+        terms = plan.cost_terms()
+        self.clock.advance(self.host.step_time(len(plan.chunks)) + step_seconds(self.cost, self.model_id, *terms)
+                           + self.cold.charge(self.shape.kernel_key, terms))
+        while_running()
+        return [(chunk.seq, SAMPLED_TOKEN) for chunk in plan.chunks if chunk.samples]
+
+    def forget(self, seq: Sequence) -> None:
+        pass  # no per-request state
+
+    def unmap_weights(self) -> None:
+        self.weights.unmap()
+
+    def activate(self) -> None:
+        """Map the weights and copy them in: the device is busy for the copy."""
+        if not self.weights.map():
+            raise RuntimeError(f"{self.model_id}: no room for its weights")
+        self.clock.advance(self.cost.activation_time(self.model_id))
+
+    def close(self) -> None:
+        self.kv.close()
+        self.weights.unmap()
