@@ -9,6 +9,7 @@ import json
 import operator
 import re
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin, get_type_hints
@@ -74,6 +75,8 @@ def _field_rule(tp):
             for c in getattr(meta, "metadata", [meta]):
                 bounds += [(op, getattr(c, attr), sym) for kind, attr, op, sym in _BOUNDS if isinstance(c, kind)]
         tp = get_args(tp)[0]
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return none_ok, tuple(tp), bounds
     return none_ok, (get_args(tp) if get_origin(tp) is Literal else None), bounds
 
 
@@ -92,7 +95,10 @@ def check_fields(obj) -> None:
         if value is None and none_ok:
             continue
         if choices is not None and value not in choices:
-            raise ConfigError(f"{type(obj).__name__}.{name} must be one of {', '.join(map(str, choices))}, not {value!r}")
+            shown = ", ".join(str(getattr(c, "value", c)) for c in choices)
+            raise ConfigError(f"{type(obj).__name__}.{name} must be one of {shown}, not {value!r}")
+        if choices and isinstance(choices[0], Enum) and not isinstance(value, Enum):
+            object.__setattr__(obj, name, type(choices[0])(value))  # "fcfs" -> LocalPolicy.FCFS
         for op, bound, sym in bounds:
             if not op(value, bound):
                 raise ConfigError(f"{type(obj).__name__}.{name} must be {sym} {bound}, not {value!r}")

@@ -43,3 +43,38 @@ def test_cli_bug_is_a_crash_report(capsys):
     assert run_parsed(_raise(KeyError("oops"))) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError" in err and "internal error" in err
+
+
+def _imports(path, module: str, package: str) -> set[str]:
+    """The prism modules `module` imports, at any level of its code (lazy imports too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + [node.module] if node.module else base) if node.level else node.module
+            found.update(f"{target}.{a.name}" for a in node.names)
+            found.add(target)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m and m.startswith("prism")}
+
+
+def test_no_import_cycle():
+    import graphlib
+    from pathlib import Path
+
+    import prism
+
+    root = Path(prism.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = {m for m in _imports(path, name, package) if m in modules and m != name}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle

@@ -40,15 +40,13 @@ def plot_attainment_vs_rate(results: dict[str, list[tuple[float, float]]], path:
 
 
 def _metric_values(records: list[RequestRecord], metric: str) -> list[float]:
-    from prism.bench.report import e2e_latency
-
     ok = [r for r in records if r.ok]
     if metric == "ttft":
         vals = [r.ttft for r in ok]
     elif metric == "tpot":
         vals = [r.tpot * 1e3 if r.tpot is not None else None for r in ok]
     else:
-        vals = [e2e_latency(r) for r in ok]
+        vals = [r.e2e for r in ok]
     return [v for v in vals if v is not None]
 
 

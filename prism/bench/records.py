@@ -42,6 +42,11 @@ class RequestRecord:
         return (self.token_s[-1] - self.token_s[0]) / (n - 1)
 
     @property
+    def e2e(self) -> float | None:
+        """Send to finish, for finished requests."""
+        return self.finish_s - self.send_s if self.ok and self.finish_s is not None and self.send_s is not None else None
+
+    @property
     def ok(self) -> bool:
         return self.error is None and self.finish_reason is not None
 

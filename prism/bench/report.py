@@ -57,9 +57,6 @@ def uniform_slos(models, ttft_s: float, tpot_s: float) -> dict[str, SLOTargets]:
 
 
 # ---- metrics --------------------------------------------------------------------------------
-def e2e_latency(r: RequestRecord) -> float | None:
-    """Send to finish, for finished requests."""
-    return r.finish_s - r.send_s if r.ok and r.finish_s is not None and r.send_s is not None else None
 
 
 def _pct(values: list[float]) -> dict:
@@ -81,7 +78,7 @@ def _latencies(records: list[RequestRecord]) -> dict:
     return {
         "ttft_s": _pct([r.ttft for r in ok if r.ttft is not None]),
         "tpot_s": _pct([r.tpot for r in ok if r.tpot is not None]),
-        "e2e_s": _pct([x for x in map(e2e_latency, ok) if x is not None]),
+        "e2e_s": _pct([x for x in (r.e2e for r in ok) if x is not None]),
     }
 
 

@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Protocol
 
 from prism.config import ConfigError
-from prism.sched.local import LocalSchedulerConfig
+from prism.sched.local import LocalPolicy, LocalSchedulerConfig
 from prism.sched.placement import GlobalSchedulerConfig
 
 NEVER = float("inf")
@@ -72,11 +72,11 @@ class SystemSpec:
             local = LocalSchedulerConfig(**knobs_of(LocalSchedulerConfig, s))
             fixed = {}
         elif self.system is System.SWAP:
-            local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1,
+            local = LocalSchedulerConfig(policy=LocalPolicy.FCFS, idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1,
                                          **tuning)
             fixed = dict(migration_threshold=NEVER, idle_evict="always")
         else:  # placed once, pinned even when idle, arrival order
-            local = LocalSchedulerConfig(policy="fcfs", idle_evict_s=NEVER, swap_idle_s=NEVER, **tuning)
+            local = LocalSchedulerConfig(policy=LocalPolicy.FCFS, idle_evict_s=NEVER, swap_idle_s=NEVER, **tuning)
             fixed = dict(migration_threshold=NEVER, idle_evict_s=NEVER, idle_evict="always")
         global_ = GlobalSchedulerConfig(**knobs_of(GlobalSchedulerConfig, s, **fixed))
         return local, global_

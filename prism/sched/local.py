@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from enum import Enum
 
 from prism.config import NonNegFloat, NonNegInt, PosFloat, PosInt, check_fields
 from prism.sched.moore_hodgson import Job, moore_hodgson
@@ -29,13 +29,18 @@ from prism.sched.residency import IDLE_EVICT, IDLE_EVICT_S, IdleEvict, plan_resi
 from prism.sched.swap import plan_swap
 from prism.sched.view import CostModel, DeviceView, RequestView, StepDecision
 
-POLICIES = ("prism", "fcfs")
+
+class LocalPolicy(str, Enum):
+    PRISM = "prism"  # SLO-aware: Moore-Hodgson admission, least slack runs, most slack preempted
+    FCFS = "fcfs"  # the baselines': arrival order everywhere
+
+
+POLICIES = tuple(p.value for p in LocalPolicy)
 
 
 @dataclass(frozen=True)
 class LocalSchedulerConfig:
-    # "prism" (SLO-aware) or "fcfs" (baseline: arrival order everywhere)
-    policy: Literal[POLICIES] = "prism"
+    policy: LocalPolicy = LocalPolicy.PRISM
     idle_evict_s: NonNegFloat = IDLE_EVICT_S  # a resident model with no requests this long may be evicted...
     # ...when: "pressure" (the device's work wants its pages: see residency.py) or "always"
     idle_evict: IdleEvict = IDLE_EVICT
@@ -143,7 +148,7 @@ class LocalScheduler:
                 swap_idle_s=self.config.swap_idle_s,
                 kv_headroom_pages=self.config.kv_headroom_pages,
             )
-        if self.config.policy == "prism":
+        if self.config.policy is LocalPolicy.PRISM:
             run_model = self._pick_model_prism(view, est, admission)
         else:
             run_model = self._pick_model_fcfs(view, est)
@@ -168,7 +173,7 @@ class LocalScheduler:
         """Whom to preempt (and recompute later) under memory pressure."""
         if not candidates:
             return None
-        if self.config.policy == "fcfs":
+        if self.config.policy is LocalPolicy.FCFS:
             return max(candidates, key=lambda r: (r.arrival, r.req_id))  # newest goes
         est = _Estimates.of(view, self.cost)
         # Most slack can best afford a recompute; ties: lower priority, then newest arrival.
@@ -204,7 +209,7 @@ class LocalScheduler:
     # ---- admission ----------------------------------------------------------------------
     def _admission(self, view: DeviceView, est: _Estimates) -> _Admission:
         waiting = [r for r in view.requests if not r.running]
-        if self.config.policy == "fcfs":
+        if self.config.policy is LocalPolicy.FCFS:
             return _Admission(tuple(sorted(waiting, key=_arrival_key)), frozenset())
         waiting.sort(key=_edd_key)
         window, beyond = waiting[: self.config.admission_window], waiting[self.config.admission_window:]
@@ -350,6 +355,7 @@ def _per_model(order: Iterable[RequestView]) -> dict[str, tuple[str, ...]]:
 
 __all__ = [
     "POLICIES",
+    "LocalPolicy",
     "LocalScheduler",
     "LocalSchedulerConfig",
     "next_deadline",
