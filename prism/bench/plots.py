@@ -4,14 +4,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
+from prism.bench.records import RequestRecord
+from prism.errors import UserError
+
+try:  # an extra: reports, sweeps and simulations plot with it
+    import matplotlib
+except ImportError:
+    raise UserError("plots need matplotlib, which is not installed: pip install 'prism[reports]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from prism.bench.records import RequestRecord  # noqa: E402
-from prism.errors import UserError
 
 GIB = 1 << 30
 _METRICS = {"ttft": ("TTFT", "s"), "tpot": ("TPOT", "ms"), "e2e": ("end-to-end latency", "s")}

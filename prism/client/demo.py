@@ -3,12 +3,14 @@ a short scripted session (several models, streaming, an eviction and a reactivat
 timings), then stop it (unless --keep-serving)."""
 from __future__ import annotations
 
+import importlib.util
 import time
 import urllib.request
 from pathlib import Path
 
 from prism import env
 from prism.client.server_process import admin_state, free_port, start_server, stop_server, wait_healthy
+from prism.errors import UserError
 
 # Package data, so that `prism demo` works from an installed package too (examples/ links to it).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "cpu-demo.yaml"
@@ -100,6 +102,8 @@ def _metrics_summary(base: str) -> list[str]:
 
 
 def demo(config: str | None = None, keep_serving: bool = False, port: int | None = None) -> int:
+    if importlib.util.find_spec("openai") is None:  # an extra: say so before starting anything
+        raise UserError("prism demo drives the server with the openai package: pip install 'prism[demo]'")
     config = config or str(DEFAULT_CONFIG)
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
