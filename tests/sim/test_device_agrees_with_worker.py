@@ -22,24 +22,13 @@ from prism.sim.shapes import model_shape
 from prism.types import SamplingParams
 from prism.worker.device_worker import DeviceWorker, WorkerConfig
 
+from linear_cost import LinearCost
+
 PAGE = 64 << 10
 ENGINE = EngineConfig(block_size=8, max_num_batched_tokens=96, max_num_seqs=8)
 SOURCES = ("tiny-llama:random", "tiny-qwen2:random", "tiny-qwen3:random")
 IDLE_TICK_S = 0.05
 KV_PAGES = 2  # KV pages (512 tokens each) beyond two models' weights
-
-
-class LinearCost:
-    """A device where time grows with tokens and context: every term of a step matters."""
-
-    def prefill_time(self, model_id, num_tokens):
-        return 0.004 + 0.0005 * num_tokens
-
-    def decode_step_time(self, model_id, batch_size, num_context_tokens):
-        return 0.003 + 0.0004 * batch_size + 0.00001 * num_context_tokens
-
-    def activation_time(self, model_id):
-        return 0.05
 
 
 def weight_pages(source: str) -> int:

@@ -14,19 +14,10 @@ from prism.sim.shapes import model_shape
 from prism.types import SamplingParams
 from prism.worker.device_core import WorkerConfig
 
+from linear_cost import LinearCost
+
 PAGE = 64 << 10
 SOURCES = ("tiny-llama:random", "tiny-qwen2:random", "tiny-qwen3:random")
-
-
-class LinearCost:
-    def prefill_time(self, model_id, num_tokens):
-        return 0.004 + 0.0005 * num_tokens
-
-    def decode_step_time(self, model_id, batch_size, num_context_tokens):
-        return 0.003 + 0.0004 * batch_size + 0.00001 * num_context_tokens
-
-    def activation_time(self, model_id):
-        return 0.05
 
 
 def device(policy: str) -> SimDevice:
