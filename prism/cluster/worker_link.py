@@ -19,7 +19,7 @@ class WorkerLink:
         self.device_id = device_id
         self.process = WorkerProcess(config)  # blocks until the worker is ready (or raises)
         self.ready: msg.Ready = self.process.ready
-        self.report: dict | None = None  # the latest memory report
+        self.report: msg.DeviceMemory | None = None  # the latest memory report
         self.alive = True
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None

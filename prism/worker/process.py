@@ -153,6 +153,18 @@ def _log_step(log, worker, out, started: float, took: float) -> None:
                           "activations": sum(worker.counters.activations.values())}) + "\n")
 
 
+def _decode(decoder, raw: bytes, send):
+    """The message in `raw`, or None when it does not decode: SamplingParams validate as they
+    decode, so a bad value is bad input, answered (Rejected) like any other, not a crash."""
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as e:
+        fields = msgspec.msgpack.decode(raw)
+        req_id = fields.get("req_id", "") if isinstance(fields, dict) else ""
+        send(msg.Rejected(req_id if isinstance(req_id, str) else "", one_line(e)))
+        return None
+
+
 def _serve(worker, inbox, send, idle_tick_s: float) -> None:
     decoder = msgspec.msgpack.Decoder(msg.ToWorker)
     step_log = _open_step_log(worker)
@@ -163,7 +175,8 @@ def _serve(worker, inbox, send, idle_tick_s: float) -> None:
         busy = worker.has_unfinished or bool(worker.draining)
         timeout_ms = 0 if busy else int(idle_tick_s * 1000)
         while inbox.poll(timeout_ms):
-            if not handle(worker, decoder.decode(inbox.recv()), send):
+            m = _decode(decoder, inbox.recv(), send)
+            if m is not None and not handle(worker, m, send):
                 return
             timeout_ms = 0
         started = time.perf_counter()
