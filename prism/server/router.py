@@ -192,8 +192,8 @@ class Router:
         if isinstance(m, msg.Tokens):
             for t in m.tokens:
                 stream = self._streams.get(t.req_id)
-                if stream is not None and not stream.done and t.token_id >= 0:
-                    self._on_token(stream, t.token_id, t.time)
+                if stream is not None and not stream.done:
+                    self._on_token(stream, t.token_id)
         elif isinstance(m, msg.Finished):
             stream = self._streams.get(m.req_id)
             if stream is not None and not stream.done:
@@ -210,7 +210,7 @@ class Router:
             for stream in [s for s in self._streams.values() if s.device == device]:
                 self._fail(stream, ServerBusy(f"the worker for {device} stopped: {m.message}"))
 
-    def _on_token(self, stream: _Stream, token_id: int, _worker_time: float) -> None:
+    def _on_token(self, stream: _Stream, token_id: int) -> None:
         now = time.monotonic()
         stream.first_token_time = stream.first_token_time or now
         stream.last_token_time = now

@@ -67,11 +67,10 @@ class Failed(msgspec.Struct, tag="failed", frozen=True):
 
 
 class Token(msgspec.Struct, frozen=True, array_like=True):
+    """A sampled token. Ids only: the frontend detokenizes, and times tokens as they reach it."""
+
     req_id: str
-    token_id: int  # -1: no new token (text flushed at the end, or an abort)
-    text: str
-    time: float
-    finish_reason: str | None = None
+    token_id: int
 
 
 class Tokens(msgspec.Struct, tag="tokens", frozen=True):
@@ -79,13 +78,10 @@ class Tokens(msgspec.Struct, tag="tokens", frozen=True):
 
 
 class Finished(msgspec.Struct, tag="finished", frozen=True):
+    """A request is done; its tokens came as Token messages before this one."""
+
     req_id: str
-    model: str
-    token_ids: list[int]
-    text: str
     finish_reason: str
-    num_prompt_tokens: int
-    metrics: dict
 
 
 class Rejected(msgspec.Struct, tag="rejected", frozen=True):
