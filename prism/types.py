@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+import msgspec
+
 from prism.errors import UserError
 
 
@@ -12,8 +14,9 @@ class RequestError(UserError):
     """Bad input a user sent: the message is safe to show them as is."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
+class SamplingParams(msgspec.Struct, frozen=True):
+    """A msgspec Struct (not a dataclass) so it crosses to a worker process as it is."""
+
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: off
@@ -36,11 +39,11 @@ class SamplingParams:
         if self.seed is not None and not isinstance(self.seed, int):
             raise RequestError(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
+            msgspec.structs.force_setattr(self, "stop", (self.stop,))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop strings must be non-empty strings")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        msgspec.structs.force_setattr(self, "stop", tuple(self.stop))
+        msgspec.structs.force_setattr(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:

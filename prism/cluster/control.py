@@ -41,7 +41,7 @@ class DeviceLink(Protocol):
 
     device_id: str
     ready: msg.Ready
-    report: dict | None
+    report: msg.DeviceMemory | None
 
     def send(self, message) -> None: ...
 
@@ -249,8 +249,8 @@ class ClusterControl:
                     if i.resident:
                         out.setdefault(i.name, []).append(device)
                 continue
-            for model, st in link.report["models"].items():
-                if st["resident"]:
+            for model, st in link.report.models.items():
+                if st.resident:
                     out.setdefault(model, []).append(device)
         return out
 

@@ -4,7 +4,6 @@ to offer `send`, `close`, `ready` and deliver messages to `on_message` the same 
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Callable
 
 from prism.worker import messages as msg
@@ -12,6 +11,9 @@ from prism.worker.device_core import WorkerConfig
 from prism.worker.process import WorkerProcess
 
 OnMessage = Callable[[str, object], None]
+# A worker that dies says nothing: the receiving task checks the process this often while the
+# socket is quiet (a message wakes it at once either way).
+LIVENESS_CHECK_S = 0.5
 
 
 class WorkerLink:
@@ -19,33 +21,31 @@ class WorkerLink:
         self.device_id = device_id
         self.process = WorkerProcess(config)  # blocks until the worker is ready (or raises)
         self.ready: msg.Ready = self.process.ready
-        self.report: dict | None = None  # the latest memory report
+        self.report: msg.DeviceMemory | None = None  # the latest memory report
         self.alive = True
-        self._closing = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._receiver: asyncio.Task | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop, on_message: OnMessage) -> None:
-        """Start delivering this worker's messages to on_message, on the loop's thread."""
+        """Start delivering this worker's messages to on_message: a task on `loop`, which
+        must be the running one (the socket is read with zmq.asyncio on it)."""
+        self._receiver = loop.create_task(self._receive(on_message), name=f"link-{self.device_id}")
 
-        def pump():
-            while not self._closing.is_set():
-                m = self.process.recv(timeout_s=0.1)
-                if m is None:
-                    continue
-                loop.call_soon_threadsafe(on_message, self.device_id, m)
-                if isinstance(m, msg.Failed):  # the process is gone
-                    return
-
-        self._thread = threading.Thread(target=pump, name=f"link-{self.device_id}", daemon=True)
-        self._thread.start()
+    async def _receive(self, on_message: OnMessage) -> None:
+        while True:
+            m = await self.process.recv_async(timeout_s=LIVENESS_CHECK_S)
+            if m is None:
+                continue
+            on_message(self.device_id, m)
+            if isinstance(m, msg.Failed):  # the process is gone
+                return
 
     def send(self, message) -> None:
         if self.alive:
             self.process.send(message)
 
     def close(self) -> None:
-        self._closing.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None and not receiver.done() and not receiver.get_loop().is_closed():
+            receiver.cancel()
         self.alive = False
         self.process.close()

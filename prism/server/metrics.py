@@ -9,11 +9,13 @@ from typing import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from prism.worker.messages import DeviceMemory
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class ServerMetrics:
-    def __init__(self, reports: Callable[[], dict[str, dict]], queue_depth: Callable[[], dict[str, int]]):
+    def __init__(self, reports: Callable[[], dict[str, DeviceMemory]], queue_depth: Callable[[], dict[str, int]]):
         self.registry = CollectorRegistry()
         self.ttft = Histogram("prism_ttft_seconds", "Time to first token", ["model"],
                               buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -68,7 +70,7 @@ class _Collector:
         yield from _device_families(m._reports())
 
 
-def _device_families(reports: dict[str, dict]):
+def _device_families(reports: dict[str, DeviceMemory]):
     pages = GaugeMetricFamily("prism_pages", "Pages held per model", labels=["device", "model", "kind"])
     free = GaugeMetricFamily("prism_free_pages", "Free pages per device", labels=["device"])
     page_bytes = GaugeMetricFamily("prism_page_bytes", "Page size per device", labels=["device"])
@@ -77,12 +79,12 @@ def _device_families(reports: dict[str, dict]):
     counters = {name: CounterMetricFamily(f"prism_{name}", f"Model {name} per device", labels=["device", "model"])
                 for name in ("activations", "evictions", "preemptions")}
     for device, rep in reports.items():
-        free.add_metric([device], rep["free_pages"])
-        page_bytes.add_metric([device], rep["page_size"])
-        for model, st in rep["models"].items():
-            pages.add_metric([device, model, "weights"], st["weight_pages"])
-            pages.add_metric([device, model, "kv"], st["kv_pages"])
-            resident.add_metric([device, model], 1 if st["resident"] else 0)
+        free.add_metric([device], rep.free_pages)
+        page_bytes.add_metric([device], rep.page_size)
+        for model, st in rep.models.items():
+            pages.add_metric([device, model, "weights"], st.weight_pages)
+            pages.add_metric([device, model, "kv"], st.kv_pages)
+            resident.add_metric([device, model], 1 if st.resident else 0)
             for name, fam in counters.items():
-                fam.add_metric([device, model], st[name])
+                fam.add_metric([device, model], getattr(st, name))
     yield from (pages, free, page_bytes, resident, *counters.values())

@@ -13,6 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import msgspec
+
 from prism.cluster.config import ClusterConfig
 from prism.cluster.control import TICK_S, ClusterControl, device_models
 from prism.cluster.worker_link import WorkerLink
@@ -173,10 +175,9 @@ class Router:
         )
         self._streams[request.req_id] = stream
         self.control.record_arrival(request.model, now, len(request.prompt_token_ids), p.max_tokens)
+        # Stop strings stay here: the frontend detokenizes and applies them (the worker sees ids).
         self.links[device].send(msg.AddRequest(
-            request.req_id, request.model, list(request.prompt_token_ids), temperature=p.temperature,
-            top_p=p.top_p, top_k=p.top_k, seed=p.seed, max_tokens=p.max_tokens,
-            stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+            request.req_id, request.model, list(request.prompt_token_ids), msgspec.structs.replace(p, stop=()),
             ttft_slo_s=request.ttft_slo_s, tpot_slo_s=request.tpot_slo_s, priority=request.priority,
         ))
         return stream
@@ -191,8 +192,8 @@ class Router:
         if isinstance(m, msg.Tokens):
             for t in m.tokens:
                 stream = self._streams.get(t.req_id)
-                if stream is not None and not stream.done and t.token_id >= 0:
-                    self._on_token(stream, t.token_id, t.time)
+                if stream is not None and not stream.done:
+                    self._on_token(stream, t.token_id)
         elif isinstance(m, msg.Finished):
             stream = self._streams.get(m.req_id)
             if stream is not None and not stream.done:
@@ -209,7 +210,7 @@ class Router:
             for stream in [s for s in self._streams.values() if s.device == device]:
                 self._fail(stream, ServerBusy(f"the worker for {device} stopped: {m.message}"))
 
-    def _on_token(self, stream: _Stream, token_id: int, _worker_time: float) -> None:
+    def _on_token(self, stream: _Stream, token_id: int) -> None:
         now = time.monotonic()
         stream.first_token_time = stream.first_token_time or now
         stream.last_token_time = now
@@ -267,7 +268,7 @@ class Router:
     def _residency(self) -> dict[str, list[str]]:
         return self.control.residency()
 
-    def _reports(self) -> dict[str, dict]:
+    def _reports(self) -> dict[str, msg.DeviceMemory]:
         return {d: link.report for d, link in self.links.items() if link.report is not None}
 
     def _queue_depth(self) -> dict[str, int]:
@@ -279,7 +280,7 @@ class Router:
     def admin_view(self) -> dict:
         now = time.monotonic()
         return {
-            "devices": self._reports(),
+            "devices": {d: msgspec.to_builtins(r) for d, r in self._reports().items()},
             "placement": self._residency(),
             "token_rates": {m: self.control.rates.rate(m, now) for m in self.specs},
             "in_flight": self._queue_depth(),

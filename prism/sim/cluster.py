@@ -29,6 +29,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+import msgspec
+
 from prism.bench.records import DEFAULT_REQUEST_TIMEOUT_S, RequestRecord
 from prism.bench.trace import TraceRequest
 from prism.cluster.config import ClusterConfig
@@ -37,6 +39,7 @@ from prism.sim.costs import ProfileSet
 from prism.sim.device import SimDevice
 from prism.sim.executor import SAMPLED_TOKEN
 from prism.sim.shapes import model_shape
+from prism.types import SamplingParams
 from prism.worker import messages as msg
 from prism.worker.device_core import WorkerConfig
 
@@ -50,7 +53,7 @@ class SimLink:
 
     device_id: str
     ready: msg.Ready
-    report: dict | None
+    report: msg.DeviceMemory | None
     cluster: "SimCluster"
 
     def send(self, message) -> None:
@@ -131,7 +134,7 @@ class SimCluster:
     def _reply(self, device_id: str, m) -> None:
         if isinstance(m, msg.MemoryReport):
             self.links[device_id].report = m.report
-            self.memory_samples.append({"kind": "device", **m.report})
+            self.memory_samples.append({"kind": "device", **msgspec.to_builtins(m.report)})
         elif isinstance(m, msg.Rejected):
             self._fail(m.req_id, f"BadRequestError: {m.message}")
 
@@ -232,8 +235,8 @@ class SimCluster:
         self._push(self.now + self.request_timeout_s, _TIMEOUT, req_id)
         if self.early_stop is not None and r.model in self.early_stop.ttft_slo_s:
             self._push(self.now + self.early_stop.ttft_slo_s[r.model], _TTFT_DUE, req_id)
-        add = msg.AddRequest(req_id, r.model, [SAMPLED_TOKEN] * r.input_len, temperature=0.0,
-                             max_tokens=r.output_len, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+        add = msg.AddRequest(req_id, r.model, [SAMPLED_TOKEN] * r.input_len, params)
         if self.request_latency_s > 0:  # the HTTP and IPC hops, taken as one delay on the way in
             self._push(self.now + self.request_latency_s, _DELIVER, (device, add))
         else:

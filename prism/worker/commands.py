@@ -6,7 +6,6 @@ from typing import Callable
 
 from prism.errors import UserError, one_line
 from prism.sched.view import SLO
-from prism.types import SamplingParams
 from prism.worker import messages as msg
 from prism.worker.device_core import DeviceCore
 
@@ -15,16 +14,11 @@ def carry_out(worker: DeviceCore, m, send: Callable[[object], None]) -> None:
     """Apply `m` (any ToWorker message but Shutdown); answers go through `send`. Bad input
     raises a UserError for the caller to answer."""
     if isinstance(m, msg.AddRequest):
-        params = SamplingParams(
-            temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, seed=m.seed,
-            max_tokens=m.max_tokens, stop=tuple(m.stop), stop_token_ids=tuple(m.stop_token_ids),
-            ignore_eos=m.ignore_eos,
-        )
         spec = worker.specs.get(m.model)
         slo = None
         if spec is not None and (m.ttft_slo_s or m.tpot_slo_s):
             slo = SLO(m.ttft_slo_s or spec.ttft_slo_s, m.tpot_slo_s or spec.tpot_slo_s)
-        worker.add_request(m.model, m.prompt_token_ids, params, req_id=m.req_id, slo=slo,
+        worker.add_request(m.model, m.prompt_token_ids, m.params, req_id=m.req_id, slo=slo,
                            priority=m.priority)
     elif isinstance(m, msg.Abort):
         worker.abort(m.req_id)

@@ -414,30 +414,30 @@ class DeviceCore(ABC):
             return
         self.metrics.record_sample(self.memory_report(now))
 
-    def memory_report(self, now: float | None = None) -> dict:
+    def memory_report(self, now: float | None = None) -> msg.DeviceMemory:
         self._refresh()
         pages = {(o.model_id, o.kind): n for o, n in self.pool.pages_by_owner().items()}
         c = self.counters
-        return {
-            "time": self.clock.now() if now is None else now,
-            "device": self.config.device.device,
-            "page_size": self.pool.page_size,
-            "budget_pages": self.pool.budget_pages,
-            "free_pages": self.pool.free_pages,
-            "models": {
-                m: {
-                    "resident": self._views[m].resident,
-                    "weight_pages": pages.get((m, "weights"), 0),
-                    "kv_pages": pages.get((m, "kv"), 0),
-                    "running": e.num_running,
-                    "waiting": e.num_waiting,
-                    "activations": c.activations.get(m, 0),
-                    "evictions": c.evictions.get(m, 0),
-                    "preemptions": c.preemptions.get(m, 0),
-                }
+        return msg.DeviceMemory(
+            time=self.clock.now() if now is None else now,
+            device=self.config.device.device,
+            page_size=self.pool.page_size,
+            budget_pages=self.pool.budget_pages,
+            free_pages=self.pool.free_pages,
+            models={
+                m: msg.ModelMemory(
+                    resident=self._views[m].resident,
+                    weight_pages=pages.get((m, "weights"), 0),
+                    kv_pages=pages.get((m, "kv"), 0),
+                    running=e.num_running,
+                    waiting=e.num_waiting,
+                    activations=c.activations.get(m, 0),
+                    evictions=c.evictions.get(m, 0),
+                    preemptions=c.preemptions.get(m, 0),
+                )
                 for m, e in self.engines.items()
             },
-        }
+        )
 
     def close(self) -> None:
         for engine in self.engines.values():

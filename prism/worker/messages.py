@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import msgspec
 
+from prism.types import SamplingParams
+
 
 # ---- to the worker -------------------------------------------------------------------------
 class AddRequest(msgspec.Struct, tag="add", frozen=True):
     req_id: str
     model: str
     prompt_token_ids: list[int]
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int | None = None
-    max_tokens: int = 16
-    stop: list[str] = []
-    stop_token_ids: list[int] = []
-    ignore_eos: bool = False
+    params: SamplingParams = SamplingParams()  # validated again when decoded
     ttft_slo_s: float | None = None  # None: the model's default
     tpot_slo_s: float | None = None
     priority: int = 0
@@ -72,11 +67,10 @@ class Failed(msgspec.Struct, tag="failed", frozen=True):
 
 
 class Token(msgspec.Struct, frozen=True, array_like=True):
+    """A sampled token. Ids only: the frontend detokenizes, and times tokens as they reach it."""
+
     req_id: str
-    token_id: int  # -1: no new token (text flushed at the end, or an abort)
-    text: str
-    time: float
-    finish_reason: str | None = None
+    token_id: int
 
 
 class Tokens(msgspec.Struct, tag="tokens", frozen=True):
@@ -84,13 +78,10 @@ class Tokens(msgspec.Struct, tag="tokens", frozen=True):
 
 
 class Finished(msgspec.Struct, tag="finished", frozen=True):
+    """A request is done; its tokens came as Token messages before this one."""
+
     req_id: str
-    model: str
-    token_ids: list[int]
-    text: str
     finish_reason: str
-    num_prompt_tokens: int
-    metrics: dict
 
 
 class Rejected(msgspec.Struct, tag="rejected", frozen=True):
@@ -98,8 +89,33 @@ class Rejected(msgspec.Struct, tag="rejected", frozen=True):
     message: str  # why the request cannot be served (bad input): safe to show the user
 
 
+class ModelMemory(msgspec.Struct, frozen=True):
+    """One model on one device: its pages, its queues, and its counters so far."""
+
+    resident: bool
+    weight_pages: int
+    kv_pages: int
+    running: int
+    waiting: int
+    activations: int
+    evictions: int
+    preemptions: int
+
+
+class DeviceMemory(msgspec.Struct, frozen=True):
+    """A device's memory as of `time` (its clock). Field order is the JSON order of the
+    memory logs (msgspec.to_builtins keeps it), which prism.bench.plots reads."""
+
+    time: float
+    device: str
+    page_size: int
+    budget_pages: int
+    free_pages: int
+    models: dict[str, ModelMemory]
+
+
 class MemoryReport(msgspec.Struct, tag="memory", frozen=True):
-    report: dict
+    report: DeviceMemory
 
 
 FromWorker = Ready | Failed | Tokens | Finished | Rejected | MemoryReport

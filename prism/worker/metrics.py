@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import msgspec
+
+from prism.worker.messages import DeviceMemory
+
 
 @dataclass
 class DeviceCounters:
@@ -41,9 +45,9 @@ class MetricsLog:
     def due(self, now: float) -> bool:
         return now - self._last_sample_time >= self.sample_interval_s
 
-    def record_sample(self, sample: dict) -> None:
-        self._last_sample_time = sample["time"]
-        line = {"kind": "device", **sample}
+    def record_sample(self, sample: DeviceMemory) -> None:
+        self._last_sample_time = sample.time
+        line = {"kind": "device", **msgspec.to_builtins(sample)}
         self.samples.append(line)
         self._write(line)
 

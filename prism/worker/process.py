@@ -19,6 +19,7 @@ import traceback
 
 import msgspec
 import zmq
+import zmq.asyncio
 
 from prism import env
 from prism.errors import UserError, one_line
@@ -47,6 +48,7 @@ class WorkerProcess:
         self._to_worker.bind(addr_in)
         self._from_worker.bind(addr_out)
         self._decoder = msgspec.msgpack.Decoder(msg.FromWorker)
+        self._from_worker_async: zmq.asyncio.Socket | None = None  # made on the loop that reads
         # spawn, not fork: a forked child cannot use CUDA that the parent touched.
         ctx = mp.get_context("spawn")
         self.process = ctx.Process(
@@ -74,10 +76,16 @@ class WorkerProcess:
             return None
         return self._decoder.decode(self._from_worker.recv())
 
-    @property
-    def fd(self) -> int:
-        """A file descriptor that is readable when a message waits (for event loops)."""
-        return self._from_worker.getsockopt(zmq.FD)
+    async def recv_async(self, timeout_s: float):
+        """As `recv`, awaited on an asyncio loop (zmq.asyncio: no thread, no busy polling):
+        the next message, None after timeout_s, or Failed once the process is gone."""
+        if self._from_worker_async is None:  # a view of the same socket, not a second one
+            self._from_worker_async = zmq.asyncio.Socket.from_socket(self._from_worker)
+        if not await self._from_worker_async.poll(int(timeout_s * 1000)):
+            if not self.process.is_alive():
+                return msg.Failed(f"worker process exited with code {self.process.exitcode}")
+            return None
+        return self._decoder.decode(await self._from_worker_async.recv())
 
     def close(self, timeout_s: float = 10.0) -> None:
         if self._closed:
@@ -154,6 +162,18 @@ def _log_step(log, worker, out, started: float, took: float) -> None:
                           "activations": sum(worker.counters.activations.values())}) + "\n")
 
 
+def _decode(decoder, raw: bytes, send):
+    """The message in `raw`, or None when it does not decode: SamplingParams validate as they
+    decode, so a bad value is bad input, answered (Rejected) like any other, not a crash."""
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as e:
+        fields = msgspec.msgpack.decode(raw)
+        req_id = fields.get("req_id", "") if isinstance(fields, dict) else ""
+        send(msg.Rejected(req_id if isinstance(req_id, str) else "", one_line(e)))
+        return None
+
+
 def _serve(worker, inbox, send, idle_tick_s: float) -> None:
     decoder = msgspec.msgpack.Decoder(msg.ToWorker)
     step_log = _open_step_log(worker)
@@ -164,7 +184,8 @@ def _serve(worker, inbox, send, idle_tick_s: float) -> None:
         busy = worker.has_unfinished or bool(worker.draining)
         timeout_ms = 0 if busy else int(idle_tick_s * 1000)
         while inbox.poll(timeout_ms):
-            if not handle(worker, decoder.decode(inbox.recv()), send):
+            m = _decode(decoder, inbox.recv(), send)
+            if m is not None and not handle(worker, m, send):
                 return
             timeout_ms = 0
         started = time.perf_counter()
@@ -177,10 +198,9 @@ def _serve(worker, inbox, send, idle_tick_s: float) -> None:
                   f"(ran {out.ran_model or '-'}, {out.num_tokens} tokens; "
                   f"activations so far {sum(worker.counters.activations.values())}, "
                   f"evictions {sum(worker.counters.evictions.values())})", file=sys.stderr, flush=True)
-        if out.events:
-            send(msg.Tokens([msg.Token(e.req_id, e.token_id, e.text, e.time,
-                                       e.finish_reason.value if e.finish_reason else None)
-                             for e in out.events]))
-        for model, done in out.finished:
-            send(msg.Finished(done.req_id, model, done.token_ids, done.text,
-                              done.finish_reason.value, len(done.prompt_token_ids), done.metrics))
+        # Events without a token (a text flush, an abort) say nothing the frontend needs.
+        tokens = [msg.Token(e.req_id, e.token_id) for e in out.events if e.token_id >= 0]
+        if tokens:
+            send(msg.Tokens(tokens))
+        for _, done in out.finished:
+            send(msg.Finished(done.req_id, done.finish_reason.value))

@@ -76,7 +76,7 @@ def test_idle_model_is_evicted_and_reactivated_with_identical_output():
         clock.advance(50)
         worker.step()
         assert not worker.engines["m0"].resident and worker.counters.evictions["m0"] == 1
-        assert worker.memory_report()["models"]["m0"]["weight_pages"] == 0
+        assert worker.memory_report().models["m0"].weight_pages == 0
         worker.add_request("m0", prompt, greedy(12))
         after = worker.run_until_idle()[0][1]
         assert worker.counters.activations["m0"] == 1
@@ -127,7 +127,7 @@ def test_eviction_with_running_requests(mode):
         if mode == "preempt":
             assert not engine.resident and not engine.num_running
             assert worker.counters.preemptions["m0"] == 3
-            assert worker.memory_report()["models"]["m0"]["weight_pages"] == 0
+            assert worker.memory_report().models["m0"].weight_pages == 0
         else:  # every request it holds, waiting ones too, finishes before the eviction
             assert engine.resident and not engine.admission_paused
             while worker.counters.evictions["m0"] == 0:
