@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from prism import env
+from prism.config import ConfigError
 from prism.engine.attention import AttentionMetadata, paged_attention_reference, write_kv
 
 
@@ -122,4 +123,4 @@ def make_ops(device: torch.device, kind: str | None = None) -> ReferenceOps:
         return ReferenceOps()
     if kind == "triton":
         return TritonOps()
-    raise ValueError(f"unknown kernel set {kind!r}; use reference, triton or auto")
+    raise ConfigError(f"unknown kernel set {kind!r} (PRISM_KERNELS or kernels:); use reference, triton or auto")
