@@ -13,6 +13,7 @@ PROFILE_DIR = "PRISM_PROFILE_DIR"  # where `prism profile` writes and workers re
 KERNELS = "PRISM_KERNELS"  # auto | triton | reference: overrides an engine's "auto" kernels
 STEP_LOG = "PRISM_STEP_LOG"  # a folder: each worker writes one JSON line per step there
 TRACES_DIR = "PRISM_TRACES_DIR"  # the public traces (azure_llm_2023/, alibaba_gentd26/)
+TOKENIZER_CACHE = "PRISM_TOKENIZER_CACHE"  # where GGUF tokenizers exported as HF folders are kept
 TRITON_INTERPRET = "TRITON_INTERPRET"  # Triton's own: kernels run on CPU tensors (tests)
 # NVLink multicast (NVLS) left on can take a host's GPUs out of service; set in every
 # tensor-parallel rank before its process group starts.
@@ -32,6 +33,13 @@ def profile_dir() -> Path:
     if _get(PROFILE_DIR):
         return Path(os.environ[PROFILE_DIR]).expanduser()
     return Path(_get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "prism" / "profiles"
+
+
+def tokenizer_cache_dir() -> Path:
+    """$PRISM_TOKENIZER_CACHE, else $XDG_CACHE_HOME/prism/tokenizers (~/.cache/prism/tokenizers)."""
+    if _get(TOKENIZER_CACHE):
+        return Path(os.environ[TOKENIZER_CACHE]).expanduser()
+    return Path(_get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "prism" / "tokenizers"
 
 
 def kernels() -> str | None:
