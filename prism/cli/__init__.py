@@ -1,4 +1,4 @@
-"""`prism` command line (generate, profile, serve, demo, bench, simulate, plan): the roof,
+"""`prism` command line (generate, profile, serve, demo, bench, simulate, plan, tokenizer): the roof,
 which nothing else imports. Errors a user can cause end in one line on stderr and exit code 2."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from prism.cli.profile import add_profile_parser
 from prism.cli.replay import add_replay_parsers
 from prism.cli.serve import add_demo_parser, add_generate_parser, add_serve_parser
 from prism.cli.simulate import add_plan_parser, add_simulate_parser
+from prism.cli.tokenizer import add_tokenizer_parser
 from prism.cli.trace import add_trace_parser
 from prism.errors import UserError, one_line
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_parsers(bench_sub)
     add_simulate_parser(sub)
     add_plan_parser(sub)
+    add_tokenizer_parser(sub)
     return parser
 
 
