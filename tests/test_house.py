@@ -22,6 +22,16 @@ def test_the_frontend_and_cluster_layer_import_no_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_the_frontend_loads_a_tokenizer_without_torch():
+    # The router loads a tokenizer per model; a GGUF's is exported by a child process.
+    code = ("import sys; import prism.server.router; from prism.engine.catalog import resolve_model; "
+            "from prism.engine.tokenizer import load_tokenizer; "
+            "load_tokenizer(resolve_model('smollm2-135m').tokenizer_path); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def test_user_errors_share_one_root():
     for cls in (ConfigError, RequestError):
         assert issubclass(cls, UserError) and issubclass(cls, PrismError)

@@ -21,9 +21,13 @@ from typing import Any
 
 from prism import env
 from prism.engine.catalog import TOKENIZER_FILES
-from prism.engine.tokenizer_export import ERROR_MARK, PRISM_FILE
 from prism.errors import UserError
 from prism.types import RequestError
+
+# An exported folder's extra file (see prism.engine.tokenizer_export), and the stderr line
+# prefix of the exporting child's one-line error.
+PRISM_FILE = "prism_tokenizer.json"
+ERROR_MARK = "prism-tokenizer-export-error: "
 
 # GGUF metadata keys that name ids which end a generation (llama.cpp's conventions).
 _GGUF_EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")

@@ -16,14 +16,12 @@ import json
 import os
 import sys
 
-PRISM_FILE = "prism_tokenizer.json"
+from prism.engine.tokenizer import ERROR_MARK, PRISM_FILE, _folder_eos_ids, _gguf_eos_ids
 
 
 def export_tokenizer(source: str, out_dir: str) -> None:
     """Write source's tokenizer into out_dir (created if missing). Raises what transformers raises."""
-    from transformers import AutoTokenizer
-
-    from prism.engine.tokenizer import _folder_eos_ids, _gguf_eos_ids
+    from transformers import AutoTokenizer  # here only: it imports torch
 
     source = os.path.abspath(source)
     if os.path.isfile(source) and source.endswith(".gguf"):
@@ -54,9 +52,6 @@ def _write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
-
-
-ERROR_MARK = "prism-tokenizer-export-error: "  # the line the parent turns into a one-line error
 
 
 def main(argv: list[str]) -> int:
