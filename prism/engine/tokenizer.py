@@ -232,9 +232,10 @@ def _check_messages(messages: Any) -> None:
 def load_tokenizer(path: str) -> Tokenizer:
     """Load (once per path) the tokenizer of an HF folder or a .gguf file, without transformers.
 
-    A folder with tokenizer.json is read directly. Anything else (a GGUF, a folder with only
-    tokenizer.model) is first exported to an HF folder by a child process, cached by the
-    source's path, size and mtime: transformers would import torch into this process.
+    A folder Prism exported (prism tokenizer) is read directly. Anything else (a GGUF, any
+    checkpoint folder) is first exported by a child process, cached by the source's path,
+    size and mtime: transformers would import torch into this process, and only its own
+    loading applies what some tokenizer classes change at load time (e.g. Llama's BOS).
     """
     return _load_cached(os.path.abspath(os.fspath(path)))
 
@@ -244,7 +245,7 @@ def _load_cached(path: str) -> Tokenizer:
     if not os.path.exists(path):
         raise TokenizerLoadError(f"cannot load tokenizer from {path}: no such file or directory")
     try:
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, PRISM_FILE)):
             return Tokenizer.from_folder(path)
         return Tokenizer.from_folder(_exported(path))
     except TokenizerLoadError:
