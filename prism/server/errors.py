@@ -40,13 +40,29 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        headers = dict(headers or {})
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
+
+    @property
+    def outcome(self) -> tuple[str, str]:
+        """How /metrics counts a request that ended with this error: (outcome, reason)."""
+        if self.status >= 500 and self.code != "server_busy":
+            return "failed", self.code or "internal_error"
+        reason = {"context_length_exceeded": "too_long", "model_not_found": "unknown_model",
+                  "server_busy": "busy", "request_too_large": "too_large"}.get(self.code or "")
+        return "rejected", reason or ("unauthorized" if self.status == 401 else "bad_request")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, INVALID_REQUEST, param, code)
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
+                    INVALID_REQUEST, None, "request_too_large")
 
 
 def unknown_model(model: str) -> APIError:
@@ -118,7 +134,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         type_ = NOT_FOUND if exc.status_code == 404 else INVALID_REQUEST
-        return APIError(exc.status_code, str(exc.detail), type_).response()
+        return APIError(exc.status_code, str(exc.detail), type_).response(exc.headers)  # 405: Allow
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):

@@ -173,13 +173,18 @@ class Router:
             IncrementalDetokenizer(tok, p.skip_special_tokens) if tok is not None else None,
             StopStringMatcher(p.stop) if p.stop and tok is not None else None, now,
         )
-        self._streams[request.req_id] = stream
-        self.control.record_arrival(request.model, now, len(request.prompt_token_ids), p.max_tokens)
+        link = self.links[device]
+        if not link.alive:  # send() would drop the message: the request would wait forever
+            raise ServerBusy(f"the worker for {device} is not running")
         # Stop strings stay here: the frontend detokenizes and applies them (the worker sees ids).
-        self.links[device].send(msg.AddRequest(
+        # The stream is registered only once its message is on its way: a message that cannot be
+        # encoded or sent leaves nothing in flight.
+        link.send(msg.AddRequest(
             request.req_id, request.model, list(request.prompt_token_ids), msgspec.structs.replace(p, stop=()),
             ttft_slo_s=request.ttft_slo_s, tpot_slo_s=request.tpot_slo_s, priority=request.priority,
         ))
+        self._streams[request.req_id] = stream
+        self.control.record_arrival(request.model, now, len(request.prompt_token_ids), p.max_tokens)
         return stream
 
     def _check_model(self, model: str) -> None:
