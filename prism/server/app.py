@@ -23,6 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from prism.cluster.config import DEFAULT_MAX_BODY_SIZE
 from prism.server import protocol as P
 from prism.server.backend import GenerationChunk, GenerationRequest, ServingBackend
 from prism.server.errors import (APIError, bad_request, install_handlers, to_api_error, too_large, unknown_model,
@@ -36,7 +37,7 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
-MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body larger than this is refused (413)
+MAX_BODY_BYTES = DEFAULT_MAX_BODY_SIZE  # a request body larger than this is refused (413); YAML: server.max_body_size
 MAX_JSON_DEPTH = 64  # JSON nested deeper than this is refused (400)
 
 
