@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prism.server.backend import ServerBusy, UnknownModel
+from prism.server.backend import ServerBusy, UnknownModel, WorkerFailed
 from prism.types import RequestError
 
 logger = logging.getLogger("prism.server")
@@ -80,6 +80,9 @@ def to_api_error(exc: BaseException, model: str | None = None) -> APIError:
         if model is not None and message.strip("'\"` ") in ("", model):  # a bare name: say more
             return unknown_model(model)
         return APIError(404, message or "The model does not exist.", INVALID_REQUEST, "model", "model_not_found")
+    if isinstance(exc, WorkerFailed):
+        return APIError(503, str(exc) or "The worker serving this request stopped; retry later.", SERVER_ERROR,
+                        None, "worker_failed")
     if isinstance(exc, ServerBusy):
         return APIError(503, str(exc) or "The server is busy; retry later.", SERVER_ERROR, None, "server_busy")
     if isinstance(exc, ValidationError):

@@ -22,7 +22,7 @@ from prism.config import ConfigError, ModelSpec
 from prism.engine.catalog import resolve_model
 from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
-from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel
+from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel, WorkerFailed
 from prism.server.metrics import ServerMetrics
 from prism.types import RequestError
 from prism.worker import messages as msg
@@ -175,7 +175,7 @@ class Router:
         )
         link = self.links[device]
         if not link.alive:  # send() would drop the message: the request would wait forever
-            raise ServerBusy(f"the worker for {device} is not running")
+            raise WorkerFailed(f"the worker for {device} is not running")
         # Stop strings stay here: the frontend detokenizes and applies them (the worker sees ids).
         # The stream is registered only once its message is on its way: a message that cannot be
         # encoded or sent leaves nothing in flight.
@@ -213,7 +213,7 @@ class Router:
             log.error("worker %s failed: %s", device, m.message)
             self.links[device].alive = False
             for stream in [s for s in self._streams.values() if s.device == device]:
-                self._fail(stream, ServerBusy(f"the worker for {device} stopped: {m.message}"))
+                self._fail(stream, WorkerFailed(f"the worker for {device} stopped: {m.message}"))
 
     def _on_token(self, stream: _Stream, token_id: int) -> None:
         now = time.monotonic()

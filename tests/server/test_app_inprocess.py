@@ -16,7 +16,7 @@ from conftest import smollm2_gguf
 from prism.engine.detokenizer import IncrementalDetokenizer
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
 from prism.server.app import create_app
-from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel
+from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel, WorkerFailed
 from prism.types import RequestError
 
 MAX_MODEL_LEN = 64
@@ -630,6 +630,14 @@ def test_requests_counted_by_outcome(backend, client, http):
     with pytest.raises(openai.InternalServerError):
         client.completions.create(model="echo", prompt="hi")
     backend.fail_before_first = None
+    backend.fail_after, backend.fail_after_n = WorkerFailed("the worker for cpu stopped"), 1
+    with pytest.raises(openai.APIError, match="worker"):  # mid-stream
+        list(client.completions.create(model="echo", prompt=PROMPT, stream=True))
+    backend.fail_after = None
+    backend.fail_before_first = WorkerFailed("the worker for cpu is not running")
+    with pytest.raises(openai.InternalServerError, match="worker"):
+        client.completions.create(model="echo", prompt="hi")
+    backend.fail_before_first = None
     backend.stall_after = 0
     with httpx.Client(base_url=http.base_url, timeout=0.5) as short:
         with pytest.raises(httpx.ReadTimeout):
@@ -639,7 +647,8 @@ def test_requests_counted_by_outcome(backend, client, http):
         ("echo", "finished", "length"): 1, ("echo", "finished", "stop"): 1,
         ("", "rejected", "bad_request"): 1, ("", "rejected", "unknown_model"): 1,  # no model label: not known
         ("echo", "rejected", "too_long"): 1, ("echo", "rejected", "busy"): 1,
-        ("echo", "failed", "internal_error"): 1, ("echo", "aborted", "client_gone"): 1,
+        ("echo", "failed", "internal_error"): 1, ("echo", "failed", "worker_failed"): 2,
+        ("echo", "aborted", "client_gone"): 1,
     }
     deadline = time.monotonic() + 5
     while True:

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
-from prism.server.backend import GenerationRequest, ServerBusy
+from prism.server.backend import GenerationRequest, WorkerFailed
 from prism.server.router import Router
 from prism.types import SamplingParams
+from prism.worker import messages as msg
 
 
 def bare_router(alive: bool = True):
@@ -43,6 +44,14 @@ def test_unencodable_request_leaves_nothing_in_flight():
 
 def test_dead_worker_is_busy_not_a_hang():
     router, arrivals, sent = bare_router(alive=False)
-    with pytest.raises(ServerBusy):
+    with pytest.raises(WorkerFailed):
         router._submit(request("r1"))
     assert router._streams == {} and arrivals == [] and sent == []
+
+
+def test_a_dying_worker_fails_its_requests():
+    router, _, _ = bare_router()
+    stream = router._submit(request("r1"))
+    router._on_message("cpu", msg.Failed("out of memory"))
+    error = stream.queue.get_nowait()
+    assert isinstance(error, WorkerFailed) and "out of memory" in str(error) and stream.done
