@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import anyio
+from starlette.requests import ClientDisconnect
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
@@ -26,8 +27,8 @@ from pydantic import BaseModel, ValidationError
 from prism.cluster.config import DEFAULT_MAX_BODY_SIZE
 from prism.server import protocol as P
 from prism.server.backend import GenerationChunk, GenerationRequest, ServingBackend
-from prism.server.errors import (APIError, bad_request, install_handlers, to_api_error, too_large, unknown_model,
-                                 validation_error)
+from prism.server.errors import (APIError, bad_request, client_gone, install_handlers, to_api_error, too_large,
+                                 unknown_model, validation_error)
 from prism.server.metrics import RequestOutcomes
 from prism.types import RequestError
 
@@ -157,11 +158,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise client_gone() from None
     return b"".join(chunks)
 
 
@@ -426,7 +430,7 @@ class _Frontend:
             outcome("aborted", "client_gone")
             return Response(status_code=499)
         events = _stream_events(stream_it, first, shapes, num_prompt_tokens, include_usage, closer, outcome)
-        return _SSEResponse(events, closer)
+        return _SSEResponse(events, closer, outcome)
 
 
 _GONE = object()  # what _unless_disconnected returns when the client went away
@@ -503,10 +507,11 @@ class _SSEResponse(StreamingResponse):
     """A text/event-stream response that notices a client leaving even while the backend is
     silent (any ASGI server), and always closes the body and the backend iterator."""
 
-    def __init__(self, events: AsyncIterator[bytes], closer: _Closer):
+    def __init__(self, events: AsyncIterator[bytes], closer: _Closer, outcome: Callable[[str, str], None]):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._closer = closer
+        self._outcome = outcome
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -522,6 +527,7 @@ class _SSEResponse(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
             await self._closer.close()
+            self._outcome("aborted", "client_gone")  # unless counted: gone before the events began
 
 
 class _Closer:

@@ -49,6 +49,8 @@ class APIError(Exception):
     @property
     def outcome(self) -> tuple[str, str]:
         """How /metrics counts a request that ended with this error: (outcome, reason)."""
+        if self.code == "client_gone":
+            return "aborted", "client_gone"
         if self.status >= 500 and self.code != "server_busy":
             return "failed", self.code or "internal_error"
         reason = {"context_length_exceeded": "too_long", "model_not_found": "unknown_model",
@@ -63,6 +65,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def too_large(limit: int) -> APIError:
     return APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
                     INVALID_REQUEST, None, "request_too_large")
+
+
+def client_gone() -> APIError:
+    """The client went away before its request was read (nobody reads the answer)."""
+    return APIError(499, "The client closed the request.", INVALID_REQUEST, None, "client_gone")
 
 
 def unknown_model(model: str) -> APIError:

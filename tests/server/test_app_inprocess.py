@@ -659,3 +659,20 @@ def test_requests_counted_by_outcome(backend, client, http):
         time.sleep(0.05)
     assert got == expected
     assert "prism_requests_total 7" in http.get("/metrics").text  # the backend's metrics are still there
+
+
+def test_client_gone_while_sending_the_body_is_aborted_not_failed(server, http):
+    import socket
+
+    before = outcome_counts(http)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\": ")
+        time.sleep(0.2)
+    key = ("", "aborted", "client_gone")
+    deadline = time.monotonic() + 5
+    while outcome_counts(http).get(key, 0) - before.get(key, 0) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = outcome_counts(http)
+    assert after.get(key, 0) - before.get(key, 0) == 1
+    assert not any(k[1] == "failed" and after[k] != before.get(k, 0) for k in after)
