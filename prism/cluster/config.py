@@ -16,11 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from prism.bench.report import SLOTargets
 from prism.cluster.systems import SYSTEM_NAMES, SystemSpec, system_spec
-from prism.config import ConfigError, DeviceConfig, EngineConfig, ModelSpec, PosFloat
+from prism.config import ConfigError, DeviceConfig, EngineConfig, ModelSpec, PosFloat, Size
 from prism.sched.local import LocalSchedulerConfig
 from prism.sched.placement import GlobalSchedulerConfig
 
 _STRICT = ConfigDict(extra="forbid")
+
+
+DEFAULT_MAX_BODY_SIZE = 4 << 20  # bytes of one HTTP request body
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     api_key: str | None = None
+    max_body_size: Size = DEFAULT_MAX_BODY_SIZE  # a larger request body is refused (413)
     metrics_log: str | None = None  # JSON-lines file per worker (suffixed with the device)
 
     @property
@@ -83,7 +87,8 @@ SchedulerEntry = create_model(
     "SchedulerEntry", __config__=_STRICT, **_fields_of(ClusterConfig, only=("system",)), **(_local | _global),
 )
 ServerEntry = create_model(
-    "ServerEntry", __config__=_STRICT, **_fields_of(ClusterConfig, only=("host", "port", "api_key", "metrics_log")),
+    "ServerEntry", __config__=_STRICT,
+    **_fields_of(ClusterConfig, only=("host", "port", "api_key", "max_body_size", "metrics_log")),
 )
 
 
@@ -162,5 +167,5 @@ def parse_config(raw, source: str = "config") -> ClusterConfig:
         system=s.system, rates={m.name: m.rate for m in f.models},
         gpus={d.device: d.gpus for d in f.devices},
         host=f.server.host, port=f.server.port, api_key=f.server.api_key,
-        metrics_log=f.server.metrics_log,
+        metrics_log=f.server.metrics_log, max_body_size=f.server.max_body_size,
     )

@@ -11,18 +11,25 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import anyio
+from starlette.requests import ClientDisconnect
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from prism.cluster.config import DEFAULT_MAX_BODY_SIZE
 from prism.server import protocol as P
 from prism.server.backend import GenerationChunk, GenerationRequest, ServingBackend
-from prism.server.errors import APIError, bad_request, install_handlers, to_api_error, validation_error
+from prism.server.errors import (APIError, bad_request, client_gone, install_handlers, to_api_error, too_large,
+                                 unknown_model, validation_error)
+from prism.server.metrics import RequestOutcomes
 from prism.types import RequestError
 
 logger = logging.getLogger("prism.server")
@@ -31,12 +38,18 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 
-def create_app(backend: ServingBackend, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `backend`. With `api_key`, /v1/* and /admin/* need
-    `Authorization: Bearer <api_key>`; /health and /metrics stay open."""
-    app = FastAPI(title="Prism", summary="OpenAI-compatible multi-model LLM server")
+MAX_BODY_BYTES = DEFAULT_MAX_BODY_SIZE  # a request body larger than this is refused (413); YAML: server.max_body_size
+MAX_JSON_DEPTH = 64  # JSON nested deeper than this is refused (400)
+
+
+def create_app(backend: ServingBackend, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app serving `backend`. With `api_key`, /v1/*, /admin/* and the API docs
+    (/docs, /redoc, /openapi.json) need `Authorization: Bearer <api_key>`; /health and /metrics
+    stay open."""
+    app = FastAPI(title="Prism", summary="OpenAI-compatible multi-model LLM server",
+                  docs_url=None, redoc_url=None, openapi_url=None)  # served below, behind the key
     install_handlers(app)
-    frontend = _Frontend(backend)
+    frontend = _Frontend(backend, max_body_bytes)
 
     @app.get("/health")
     async def health():
@@ -53,7 +66,7 @@ def create_app(backend: ServingBackend, api_key: str | None = None) -> FastAPI:
             body, content_type = backend.metrics_text()
         except Exception as e:
             return to_api_error(e).response()
-        return Response(content=body, media_type=content_type)
+        return Response(content=body.rstrip(b"\n") + b"\n" + frontend.outcomes.exposition(), media_type=content_type)
 
     protected = APIRouter(dependencies=[Depends(_bearer_check(api_key))] if api_key else [])
 
@@ -64,13 +77,34 @@ def create_app(backend: ServingBackend, api_key: str | None = None) -> FastAPI:
         except Exception as e:
             return to_api_error(e).response()
 
-    @protected.post("/v1/completions")
+    @protected.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):
+        try:
+            listed = P.model_list(backend.model_cards())["data"]
+        except Exception as e:
+            return to_api_error(e).response()
+        card = next((m for m in listed if m["id"] == model_id), None)
+        return JSONResponse(card) if card is not None else unknown_model(model_id).response()
+
+    @protected.post("/v1/completions", openapi_extra=_json_body(P.CompletionRequest))
     async def completions(request: Request):
         return await frontend.completions(request)
 
-    @protected.post("/v1/chat/completions")
+    @protected.post("/v1/chat/completions", openapi_extra=_json_body(P.ChatCompletionRequest))
     async def chat_completions(request: Request):
         return await frontend.chat_completions(request)
+
+    @protected.get("/openapi.json", include_in_schema=False)
+    async def openapi():
+        return JSONResponse(_openapi_schema(app))
+
+    @protected.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Prism - Swagger UI")
+
+    @protected.get("/redoc", include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title="Prism - ReDoc")
 
     @protected.get("/admin/state")
     async def admin_state():
@@ -82,6 +116,28 @@ def create_app(backend: ServingBackend, api_key: str | None = None) -> FastAPI:
     app.include_router(protected)
     app.state.backend = backend
     return app
+
+
+_REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def _json_body(model_cls: type[BaseModel]) -> dict:
+    """An OpenAPI requestBody for a route that reads its body by hand (see parse_body)."""
+    schema = model_cls.model_json_schema(ref_template=_REF_TEMPLATE)
+    schema.pop("$defs", None)  # added to components by _openapi_schema
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi_schema(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model_cls in (P.CompletionRequest, P.ChatCompletionRequest):
+            full = model_cls.model_json_schema(ref_template=_REF_TEMPLATE)
+            components.update(full.pop("$defs", {}))
+            components[model_cls.__name__] = full
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _bearer_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
@@ -96,19 +152,68 @@ def _bearer_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
     return check
 
 
-async def parse_body(request: Request, model_cls: type[M]) -> M:
-    """The JSON body validated as `model_cls`; APIError(400) naming the bad field otherwise."""
-    raw = await request.body()
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; APIError(413) when its Content-Length or what arrives exceeds `limit`."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise client_gone() from None
+    return b"".join(chunks)
+
+
+async def parse_body(request: Request, model_cls: type[M], limit: int = MAX_BODY_BYTES) -> M:
+    """The JSON body validated as `model_cls`; APIError(400) naming the bad field otherwise
+    (413 when too large)."""
+    raw = await read_body(request, limit)
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"could not parse the request body as JSON: {e}") from None
+    except RecursionError:
+        raise _too_deep() from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError; an integer of 4,300+ digits
+        raise bad_request(f"could not parse the request body as JSON: {_short(str(e))}") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
+    check_json_value(data)
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
         raise validation_error(e.errors()) from None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_json_value(value, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """APIError(400) for JSON nested deeper than `max_depth` or holding a string that is not
+    valid Unicode (a lone surrogate escape such as "\\ud800"); walked without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii() and _SURROGATE.search(v):
+                raise bad_request("the request body holds a string that is not valid Unicode "
+                                  "(a lone surrogate such as \\ud800)")
+        elif isinstance(v, (dict, list)):
+            if depth > max_depth:
+                raise _too_deep(max_depth)
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            stack.extend((x, depth + 1) for x in items)
+
+
+def _too_deep(max_depth: int = MAX_JSON_DEPTH) -> APIError:
+    return bad_request(f"the request body's JSON is nested deeper than {max_depth} levels")
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_token_ids(ids: list[int], vocab_size: int) -> None:
@@ -206,9 +311,23 @@ _DONE = b"data: [DONE]\n\n"
 
 
 # ---- the frontend --------------------------------------------------------------------------
+class _Outcome:
+    """Counts one request's outcome once (the first call wins)."""
+
+    def __init__(self, outcomes: RequestOutcomes, model: str):
+        self._outcomes, self.model, self.counted = outcomes, model, False
+
+    def __call__(self, outcome: str, reason: str) -> None:
+        if not self.counted:
+            self.counted = True
+            self._outcomes.record(self.model, outcome, reason)
+
+
 class _Frontend:
-    def __init__(self, backend: ServingBackend):
+    def __init__(self, backend: ServingBackend, max_body_bytes: int = MAX_BODY_BYTES):
         self.backend = backend
+        self.max_body_bytes = max_body_bytes
+        self.outcomes = RequestOutcomes()
         # Tokenizing a long prompt takes milliseconds: do it off the event loop, on one thread
         # (HF tokenizers are not safe to call from several threads at once).
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-tokenize")
@@ -219,7 +338,7 @@ class _Frontend:
     async def completions(self, request: Request) -> Response:
         model = None
         try:
-            body = await parse_body(request, P.CompletionRequest)
+            body = await parse_body(request, P.CompletionRequest, self.max_body_bytes)
             model = body.model
             if isinstance(body.prompt, str):
                 prompt_ids = await self._in_tokenize_thread(self.backend.tokenizer(model).encode, body.prompt)
@@ -233,12 +352,12 @@ class _Frontend:
             shapes = _Completions(req.req_id, model)
             return await self._respond(request, req, shapes, bool(body.stream), body.include_usage)
         except Exception as e:
-            return to_api_error(e, model).response()
+            return self._error(e, model)
 
     async def chat_completions(self, request: Request) -> Response:
         model = None
         try:
-            body = await parse_body(request, P.ChatCompletionRequest)
+            body = await parse_body(request, P.ChatCompletionRequest, self.max_body_bytes)
             model = body.model
             tokenizer = self.backend.tokenizer(model)
             prompt_ids = await self._in_tokenize_thread(tokenizer.apply_chat_template, body.template_messages())
@@ -249,7 +368,21 @@ class _Frontend:
             shapes = _ChatCompletions(req.req_id, model)
             return await self._respond(request, req, shapes, bool(body.stream), body.include_usage)
         except Exception as e:
-            return to_api_error(e, model).response()
+            return self._error(e, model)
+
+    def _error(self, exc: Exception, model: str | None) -> Response:
+        err = to_api_error(exc, model)
+        self._outcome(model)(*err.outcome)
+        return err.response()
+
+    def _outcome(self, model: str | None) -> _Outcome:
+        """A request's outcome counter, labelled with its model when the server has it (a
+        client's made-up name must not become a label)."""
+        try:
+            known = model is not None and any(c.name == model for c in self.backend.model_cards())
+        except Exception:
+            known = False
+        return _Outcome(self.outcomes, model if known else "")
 
     def _maybe_tokenizer(self, model: str):
         """The model's tokenizer, or None when it has none (token-id prompts still work)."""
@@ -276,11 +409,16 @@ class _Frontend:
         stream_it = self.backend.generate(req)
         closer = _Closer(stream_it)
         num_prompt_tokens = len(req.prompt_token_ids)
+        outcome = _Outcome(self.outcomes, req.model)
         try:
             if not stream:
                 out = await _unless_disconnected(request.receive, lambda: _collect(stream_it, num_prompt_tokens))
                 await closer.close()
-                return Response(status_code=499) if out is _GONE else JSONResponse(shapes.full(out))
+                if out is _GONE:
+                    outcome("aborted", "client_gone")
+                    return Response(status_code=499)
+                outcome("finished", out.finish_reason or "none")
+                return JSONResponse(shapes.full(out))
             # Wait for the first chunk before answering, so that an early error is a plain JSON
             # error response (400/404/503) rather than a broken stream.
             first = await _unless_disconnected(request.receive, lambda: anext(stream_it, None))
@@ -289,9 +427,10 @@ class _Frontend:
             raise
         if first is _GONE:
             await closer.close()
+            outcome("aborted", "client_gone")
             return Response(status_code=499)
-        events = _stream_events(stream_it, first, shapes, num_prompt_tokens, include_usage, closer)
-        return _SSEResponse(events, closer)
+        events = _stream_events(stream_it, first, shapes, num_prompt_tokens, include_usage, closer, outcome)
+        return _SSEResponse(events, closer, outcome)
 
 
 _GONE = object()  # what _unless_disconnected returns when the client went away
@@ -330,7 +469,8 @@ async def _collect(it: AsyncIterator[GenerationChunk], num_prompt_tokens: int) -
 
 
 async def _stream_events(it: AsyncIterator[GenerationChunk], first: GenerationChunk | None, shapes: _Completions,
-                         num_prompt_tokens: int, include_usage: bool, closer: _Closer) -> AsyncIterator[bytes]:
+                         num_prompt_tokens: int, include_usage: bool, closer: _Closer,
+                         outcome: Callable[[str, str], None]) -> AsyncIterator[bytes]:
     """SSE bytes of one streamed response; an error after the first byte becomes a final
     `data: {"error": ...}` event (and no [DONE])."""
     out = _Output(num_prompt_tokens)
@@ -350,12 +490,16 @@ async def _stream_events(it: AsyncIterator[GenerationChunk], first: GenerationCh
                 break
             chunk = await anext(it, None)
         await closer.close()
+        outcome("finished", out.finish_reason or "none")
         if include_usage:
             yield _sse(P.usage_chunk(shapes.req_id, shapes.created, shapes.model, shapes.object_, out.usage()))
         yield _DONE
     except Exception as e:
-        yield _sse(to_api_error(e, shapes.model).body())
+        err = to_api_error(e, shapes.model)
+        outcome(*err.outcome)
+        yield _sse(err.body())
     finally:
+        outcome("aborted", "client_gone")  # unless counted above: the client went away
         await closer.close()
 
 
@@ -363,10 +507,11 @@ class _SSEResponse(StreamingResponse):
     """A text/event-stream response that notices a client leaving even while the backend is
     silent (any ASGI server), and always closes the body and the backend iterator."""
 
-    def __init__(self, events: AsyncIterator[bytes], closer: _Closer):
+    def __init__(self, events: AsyncIterator[bytes], closer: _Closer, outcome: Callable[[str, str], None]):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._closer = closer
+        self._outcome = outcome
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -382,6 +527,7 @@ class _SSEResponse(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
             await self._closer.close()
+            self._outcome("aborted", "client_gone")  # unless counted: gone before the events began
 
 
 class _Closer:

@@ -21,6 +21,10 @@ class ServerBusy(PrismError, RuntimeError):
     """The server cannot take the request now (HTTP 503): shutting down or no worker."""
 
 
+class WorkerFailed(ServerBusy):
+    """The worker serving the request died or is not running (HTTP 503; counted as failed)."""
+
+
 @dataclass(frozen=True)
 class ModelCard:
     name: str

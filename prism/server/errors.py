@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prism.server.backend import ServerBusy, UnknownModel
+from prism.server.backend import ServerBusy, UnknownModel, WorkerFailed
 from prism.types import RequestError
 
 logger = logging.getLogger("prism.server")
@@ -40,13 +40,36 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        headers = dict(headers or {})
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
+
+    @property
+    def outcome(self) -> tuple[str, str]:
+        """How /metrics counts a request that ended with this error: (outcome, reason)."""
+        if self.code == "client_gone":
+            return "aborted", "client_gone"
+        if self.status >= 500 and self.code != "server_busy":
+            return "failed", self.code or "internal_error"
+        reason = {"context_length_exceeded": "too_long", "model_not_found": "unknown_model",
+                  "server_busy": "busy", "request_too_large": "too_large"}.get(self.code or "")
+        return "rejected", reason or ("unauthorized" if self.status == 401 else "bad_request")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, INVALID_REQUEST, param, code)
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
+                    INVALID_REQUEST, None, "request_too_large")
+
+
+def client_gone() -> APIError:
+    """The client went away before its request was read (nobody reads the answer)."""
+    return APIError(499, "The client closed the request.", INVALID_REQUEST, None, "client_gone")
 
 
 def unknown_model(model: str) -> APIError:
@@ -64,6 +87,9 @@ def to_api_error(exc: BaseException, model: str | None = None) -> APIError:
         if model is not None and message.strip("'\"` ") in ("", model):  # a bare name: say more
             return unknown_model(model)
         return APIError(404, message or "The model does not exist.", INVALID_REQUEST, "model", "model_not_found")
+    if isinstance(exc, WorkerFailed):
+        return APIError(503, str(exc) or "The worker serving this request stopped; retry later.", SERVER_ERROR,
+                        None, "worker_failed")
     if isinstance(exc, ServerBusy):
         return APIError(503, str(exc) or "The server is busy; retry later.", SERVER_ERROR, None, "server_busy")
     if isinstance(exc, ValidationError):
@@ -118,7 +144,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         type_ = NOT_FOUND if exc.status_code == 404 else INVALID_REQUEST
-        return APIError(exc.status_code, str(exc.detail), type_).response()
+        return APIError(exc.status_code, str(exc.detail), type_).response(exc.headers)  # 405: Allow
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from prism.worker.messages import DeviceMemory
@@ -88,3 +89,20 @@ def _device_families(reports: dict[str, DeviceMemory]):
             for name, fam in counters.items():
                 fam.add_metric([device, model], getattr(st, name))
     yield from (pages, free, page_bytes, resident, *counters.values())
+
+
+class RequestOutcomes:
+    """How HTTP requests for completions ended, counted by the frontend (any backend):
+    finished (reason: the finish reason), aborted (the client went away), failed (the server's
+    fault) and rejected (reason: bad_request, unknown_model, too_long, too_large, busy, ...)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.counter = PromCounter("prism_requests_outcome", "Completion requests by how they ended",
+                                   ["model", "outcome", "reason"], registry=self.registry)
+
+    def record(self, model: str, outcome: str, reason: str) -> None:
+        self.counter.labels(model, outcome, reason).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

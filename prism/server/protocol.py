@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -18,6 +18,12 @@ from prism.server.backend import GenerationRequest
 from prism.types import SamplingParams
 
 MAX_STOP_STRINGS = 4
+# Integer ranges the engine and the worker messages can carry (msgspec encodes at most 64 bits):
+# a client's 2**70 is a 400 naming the field, never a 500.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+MAX_TOKEN_ID = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
 def _unsupported(what: str) -> PydanticCustomError:
@@ -53,10 +59,10 @@ class _SamplingFields(BaseModel):
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=-1)  # extension: -1 or 0 off
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # extension: -1 or 0 off
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: Any = None  # str | list[str] | None: checked by _check_stop
-    stop_token_ids: list[int] | None = None  # extension
+    stop_token_ids: list[TokenId] | None = None  # extension
     ignore_eos: bool | None = False  # extension
     skip_special_tokens: bool | None = True  # extension
     stream: bool | None = False
@@ -68,7 +74,7 @@ class _SamplingFields(BaseModel):
     # Prism extensions: per-request SLOs (None: the model's default) and priority.
     ttft_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     tpot_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
-    priority: int | None = 0
+    priority: int | None = Field(0, ge=INT32_MIN, le=INT32_MAX)
 
     @field_validator("stop")
     @classmethod
@@ -119,7 +125,7 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: Any  # str | list[int] | [str] | [list[int]]: checked by _check_prompt
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
     echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -146,6 +152,10 @@ def normalize_prompt(v: Any) -> str | list[int]:
     if isinstance(v, str):
         return v
     if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        bad = next((t for t in v if not 0 <= t <= MAX_TOKEN_ID), None)
+        if bad is not None:
+            raise PydanticCustomError("token_id_range", "token id {bad} is outside 0..{top}",
+                                      {"bad": _short_int(bad), "top": MAX_TOKEN_ID})
         return list(v)
     if isinstance(v, list) and len(v) > 1 and all(isinstance(p, (str, list)) for p in v):
         raise PydanticCustomError(
@@ -154,6 +164,11 @@ def normalize_prompt(v: Any) -> str | list[int]:
     if isinstance(v, list) and not v:
         raise PydanticCustomError("empty_prompt", "prompt must not be empty")
     raise PydanticCustomError("prompt_type", "prompt must be a string or a list of integer token ids")
+
+
+def _short_int(n: int) -> str:
+    text = str(n)
+    return text if len(text) <= 24 else text[:10] + "..." + text[-4:]
 
 
 class ChatMessage(BaseModel):
@@ -180,8 +195,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list | None = None

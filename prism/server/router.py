@@ -22,7 +22,7 @@ from prism.config import ConfigError, ModelSpec
 from prism.engine.catalog import resolve_model
 from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
-from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel
+from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel, WorkerFailed
 from prism.server.metrics import ServerMetrics
 from prism.types import RequestError
 from prism.worker import messages as msg
@@ -173,13 +173,18 @@ class Router:
             IncrementalDetokenizer(tok, p.skip_special_tokens) if tok is not None else None,
             StopStringMatcher(p.stop) if p.stop and tok is not None else None, now,
         )
-        self._streams[request.req_id] = stream
-        self.control.record_arrival(request.model, now, len(request.prompt_token_ids), p.max_tokens)
+        link = self.links[device]
+        if not link.alive:  # send() would drop the message: the request would wait forever
+            raise WorkerFailed(f"the worker for {device} is not running")
         # Stop strings stay here: the frontend detokenizes and applies them (the worker sees ids).
-        self.links[device].send(msg.AddRequest(
+        # The stream is registered only once its message is on its way: a message that cannot be
+        # encoded or sent leaves nothing in flight.
+        link.send(msg.AddRequest(
             request.req_id, request.model, list(request.prompt_token_ids), msgspec.structs.replace(p, stop=()),
             ttft_slo_s=request.ttft_slo_s, tpot_slo_s=request.tpot_slo_s, priority=request.priority,
         ))
+        self._streams[request.req_id] = stream
+        self.control.record_arrival(request.model, now, len(request.prompt_token_ids), p.max_tokens)
         return stream
 
     def _check_model(self, model: str) -> None:
@@ -208,7 +213,7 @@ class Router:
             log.error("worker %s failed: %s", device, m.message)
             self.links[device].alive = False
             for stream in [s for s in self._streams.values() if s.device == device]:
-                self._fail(stream, ServerBusy(f"the worker for {device} stopped: {m.message}"))
+                self._fail(stream, WorkerFailed(f"the worker for {device} stopped: {m.message}"))
 
     def _on_token(self, stream: _Stream, token_id: int) -> None:
         now = time.monotonic()

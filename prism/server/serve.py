@@ -37,7 +37,7 @@ def serve(config_path: str, host: str | None = None, port: int | None = None,
     print(f"prism: starting {len(config.devices)} worker(s) for {len(config.models)} model(s)...",
           file=sys.stderr, flush=True)
     router = Router(config)
-    app = create_app(router, api_key=api_key)
+    app = create_app(router, api_key=api_key, max_body_bytes=config.max_body_size)
 
     async def main() -> None:
         await router.start()

@@ -16,7 +16,7 @@ from conftest import smollm2_gguf
 from prism.engine.detokenizer import IncrementalDetokenizer
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
 from prism.server.app import create_app
-from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel
+from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel, WorkerFailed
 from prism.types import RequestError
 
 MAX_MODEL_LEN = 64
@@ -484,3 +484,195 @@ def test_disconnect_before_first_chunk(backend, server, stream):
             http.post("/v1/completions", json={"model": "echo", "prompt": "hi", "stream": stream})
     req_id = backend.requests[-1].req_id
     assert backend.wait_closed(req_id)
+
+
+# ---- the edge: nothing a client sends is a 500 ---------------------------------------------
+@pytest.mark.parametrize("field, value, param", [
+    ("seed", 2**70, "seed"), ("seed", -(2**70), "seed"), ("seed", 2**63, "seed"),
+    ("stop_token_ids", [2**70], "stop_token_ids[0]"), ("stop_token_ids", [-1], "stop_token_ids[0]"),
+    ("priority", 2**70, "priority"), ("priority", -(2**40), "priority"), ("top_k", 2**70, "top_k"),
+    ("max_tokens", 2**70, "max_tokens"), ("prompt", [5, 2**70], "prompt"),
+])
+def test_integers_beyond_their_range_are_400(backend, http, field, value, param):
+    resp = http.post("/v1/completions", json={"model": "echo", "prompt": "hi", field: value})
+    assert_openai_error(resp, 400, param=param)
+    assert not backend.requests  # refused before reaching the backend
+
+
+def test_integers_at_their_limits_pass(backend, client):
+    client.completions.create(model="echo", prompt="hi", max_tokens=1, seed=2**63 - 1,
+                              extra_body={"priority": -(2**31), "stop_token_ids": [2**31 - 1]})
+    assert backend.requests[-1].params.seed == 2**63 - 1 and backend.requests[-1].priority == -(2**31)
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        client.completions.create(model="echo", prompt="hi", seed=2**70)
+
+
+def test_deep_json_is_400(http):
+    for depth in (65, 5000, 100_000):
+        body = '{"model": "echo", "prompt": "hi", "x": ' + "[" * depth + "]" * depth + "}"
+        err = assert_openai_error(http.post("/v1/completions", content=body), 400)
+        assert "nested" in err["message"]
+    body = '{"model": "echo", "prompt": "hi", "x": ' + '{"a":' * 5000 + "1" + "}" * 5000 + "}"
+    assert_openai_error(http.post("/v1/chat/completions", content=body), 400)
+    ok = '{"model": "echo", "prompt": "hi", "max_tokens": 1, "x": ' + "[" * 60 + "]" * 60 + "}"
+    assert http.post("/v1/completions", content=ok).status_code == 200
+    huge_int = '{"model": "echo", "prompt": "hi", "seed": ' + "9" * 5000 + "}"
+    assert_openai_error(http.post("/v1/completions", content=huge_int), 400)
+
+
+def test_lone_surrogate_is_400(backend, http):
+    chat = '{"model": "echo", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    err = assert_openai_error(http.post("/v1/chat/completions", content=chat), 400)
+    assert "Unicode" in err["message"]
+    assert_openai_error(http.post("/v1/completions", content='{"model": "echo", "prompt": "\\udfff"}'), 400)
+    assert not backend.requests
+    paired = '{"model": "echo", "prompt": "\\ud83d\\ude00", "max_tokens": 1}'  # a valid pair: fine
+    assert http.post("/v1/completions", content=paired).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def small_body_server(backend):
+    s = Server(create_app(backend, max_body_bytes=2048))
+    yield s
+    s.stop()
+
+
+def test_body_size_limit_is_413(backend, small_body_server):
+    with httpx.Client(base_url=small_body_server.url, timeout=20) as http:
+        big = {"model": "echo", "prompt": "x" * 4000}
+        err = assert_openai_error(http.post("/v1/completions", json=big), 413)
+        assert err["code"] == "request_too_large" and "2048" in err["message"]
+
+        def chunks():  # no Content-Length: caught while reading
+            yield b'{"model": "echo", "prompt": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}'
+        resp = http.post("/v1/completions", content=chunks())
+        assert "content-length" not in resp.request.headers
+        assert_openai_error(resp, 413)
+        assert not backend.requests
+        assert http.post("/v1/completions", json={"model": "echo", "prompt": "hi", "max_tokens": 1}).status_code == 200
+
+
+def test_method_not_allowed_has_allow_header(http):
+    resp = http.get("/v1/chat/completions")
+    assert_openai_error(resp, 405)
+    assert resp.headers["allow"] == "POST"
+    assert "GET" in http.delete("/v1/models").headers["allow"]
+
+
+def test_openapi_documents_request_bodies(http):
+    schema = http.get("/openapi.json").json()
+    for path, model_name in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert "model" in body["properties"] and "model" in body["required"]
+        assert model_name in schema["components"]["schemas"]
+    assert "prompt" in schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"]["properties"]
+    refs = set()
+
+    def walk(v):
+        if isinstance(v, dict):
+            if isinstance(v.get("$ref"), str):
+                refs.add(v["$ref"])
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+    walk(schema)
+    for ref in refs:  # every reference resolves
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schema["components"]["schemas"]
+    assert http.get("/docs").status_code == 200 and http.get("/redoc").status_code == 200
+
+
+def test_docs_behind_the_api_key(keyed_server):
+    with httpx.Client(base_url=keyed_server.url) as http:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert_openai_error(http.get(path), 401)
+            assert http.get(path, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+
+
+def test_retrieve_model(client, http):
+    model = client.models.retrieve("echo")
+    assert model.id == "echo" and model.object == "model" and model.owned_by == "prism"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    err = assert_openai_error(http.get("/v1/models/nope"), 404, param="model")
+    assert err["code"] == "model_not_found"
+
+
+def outcome_counts(http) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for s in family.samples:
+            if s.name == "prism_requests_outcome_total":
+                out[(s.labels["model"], s.labels["outcome"], s.labels["reason"])] = s.value
+    return out
+
+
+def test_requests_counted_by_outcome(backend, client, http):
+    before = outcome_counts(http)
+    client.completions.create(model="echo", prompt="hi there", max_tokens=1)  # finished: length
+    list(client.completions.create(model="echo", prompt="hi", stream=True))  # finished: stop
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="echo", prompt="hi", temperature=9)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="made-up", prompt="hi")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="echo", prompt="word " * 100)
+    backend.fail_before_first = ServerBusy("busy")
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model="echo", prompt="hi")
+    backend.fail_before_first = RuntimeError("boom")
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model="echo", prompt="hi")
+    backend.fail_before_first = None
+    backend.fail_after, backend.fail_after_n = WorkerFailed("the worker for cpu stopped"), 1
+    with pytest.raises(openai.APIError, match="worker"):  # mid-stream
+        list(client.completions.create(model="echo", prompt=PROMPT, stream=True))
+    backend.fail_after = None
+    backend.fail_before_first = WorkerFailed("the worker for cpu is not running")
+    with pytest.raises(openai.InternalServerError, match="worker"):
+        client.completions.create(model="echo", prompt="hi")
+    backend.fail_before_first = None
+    backend.stall_after = 0
+    with httpx.Client(base_url=http.base_url, timeout=0.5) as short:
+        with pytest.raises(httpx.ReadTimeout):
+            short.post("/v1/completions", json={"model": "echo", "prompt": "hi"})
+    assert backend.wait_closed(backend.requests[-1].req_id)
+    expected = {
+        ("echo", "finished", "length"): 1, ("echo", "finished", "stop"): 1,
+        ("", "rejected", "bad_request"): 1, ("", "rejected", "unknown_model"): 1,  # no model label: not known
+        ("echo", "rejected", "too_long"): 1, ("echo", "rejected", "busy"): 1,
+        ("echo", "failed", "internal_error"): 1, ("echo", "failed", "worker_failed"): 2,
+        ("echo", "aborted", "client_gone"): 1,
+    }
+    deadline = time.monotonic() + 5
+    while True:
+        after = outcome_counts(http)
+        got = {k: after.get(k, 0) - before.get(k, 0) for k in expected}
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert got == expected
+    assert "prism_requests_total 7" in http.get("/metrics").text  # the backend's metrics are still there
+
+
+def test_client_gone_while_sending_the_body_is_aborted_not_failed(server, http):
+    import socket
+
+    before = outcome_counts(http)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\": ")
+        time.sleep(0.2)
+    key = ("", "aborted", "client_gone")
+    deadline = time.monotonic() + 5
+    while outcome_counts(http).get(key, 0) - before.get(key, 0) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = outcome_counts(http)
+    assert after.get(key, 0) - before.get(key, 0) == 1
+    assert not any(k[1] == "failed" and after[k] != before.get(k, 0) for k in after)

@@ -68,6 +68,7 @@ def test_every_runtime_knob_reachable():
     assert (e.kernels, e.cuda_graph_max_batch, e.max_model_len, e.block_size) == ("reference", 0, 512, 16)
     assert (c.local.admission_window, c.local.kv_headroom_pages, c.local.max_resident) == (32, 3, 2)
     assert c.global_.max_migrations_per_period == 2 and c.global_.kv_headroom_fraction == 0.1
+    assert c.max_body_size == 4 << 20 and parse_config({**raw, "server": {"max_body_size": "1MiB"}}).max_body_size == 1 << 20
     # tuning knobs reach the baselines too; what makes a baseline stays fixed
     swap = parse_config({**raw, "scheduler": {**raw["scheduler"], "system": "swap"}})
     assert swap.local.admission_window == 32 and swap.local.max_resident == 1 and swap.local.policy == "fcfs"
@@ -93,6 +94,7 @@ def test_defaults_come_from_the_runtime_types():
     (lambda c: c["devices"][0].update(num_spare_pages=-1), "x.yaml: devices.0.num_spare_pages: Input should be"),
     (lambda c: c.update(scheduler={"kv_headroom_fraction": 1}), "x.yaml: scheduler.kv_headroom_fraction: Input should be less"),
     (lambda c: c["devices"][0].pop("memory"), "x.yaml: devices.0.memory: Field required"),
+    (lambda c: c.update(server={"max_body_size": 0}), "x.yaml: server.max_body_size: Input should be greater"),
 ])
 def test_new_knobs_and_unknown_keys_refused(change, message):
     import copy

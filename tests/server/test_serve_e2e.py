@@ -84,6 +84,20 @@ def test_errors_are_openai_shaped(server):
     assert client.completions.create(model="tiny", prompt=[5], max_tokens=2).usage.completion_tokens == 2
 
 
+def test_what_a_client_sends_is_never_a_500_nor_a_leak(server):
+    _, base, client = server
+    for extra in ({"seed": 2**70}, {"stop_token_ids": [2**70]}, {"priority": 2**70}):
+        with pytest.raises(openai.BadRequestError, match=next(iter(extra))):
+            client.completions.create(model="tiny", prompt=[5], max_tokens=2, extra_body=extra)
+    deep = '{"model": "tiny", "prompt": [5], "x": ' + "[" * 5000 + "]" * 5000 + "}"
+    assert httpx.post(f"{base}/v1/completions", content=deep).status_code == 400
+    lone = '{"model": "smollm2", "messages": [{"role": "user", "content": "\\ud800"}]}'
+    assert httpx.post(f"{base}/v1/chat/completions", content=lone).status_code == 400
+    assert set(httpx.get(f"{base}/admin/state").json()["in_flight"].values()) == {0}
+    assert {v for (name, _), v in metric_values(base).items() if name == "prism_queue_depth"} == {0}
+    assert client.models.retrieve("tiny").id == "tiny"
+
+
 def test_concurrent_requests_across_models(server):
     _, _, client = server
 
