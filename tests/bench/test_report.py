@@ -160,7 +160,8 @@ def test_write_report_files(tmp_path):
     assert data["throughput_over_time"]["finished_requests"] == [4, 1]
     assert data["memory"]["peak_used_gib"] == pytest.approx(150 * (256 << 10) / 2**30)
     md = (out / "summary.md").read_text()
-    assert md.startswith("# hand") and "| overall | 7 | 5 |" in md and "Goodput" in md
+    assert md.startswith("# hand") and "| overall | 7 | 5 |" in md and "goodput" in md
+    assert "SLO attainment (requests meeting both TTFT and TPOT) 43%" in md  # the headline: 3 of 7
     for name in ("ttft_cdf.png", "tpot_cdf.png", "e2e_cdf.png", "throughput.png", "memory.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in md
