@@ -34,12 +34,14 @@ class RequestRecord:
 
     @property
     def tpot(self) -> float | None:
-        """Mean time per token after the first. Streamed chunks can carry no text for some
-        tokens (held-back bytes, skipped specials), so the count comes from usage."""
+        """Time per output token after the first, as commonly defined (vLLM's benchmarks,
+        DistServe): (finish - first token) / (output tokens - 1); none for one-token outputs
+        or unfinished requests. Streamed chunks can carry no text for some tokens (held-back
+        bytes, skipped specials), so the count comes from usage."""
         n = self.num_output_tokens or len(self.token_s)
-        if len(self.token_s) < 2 or n < 2:
+        if not self.token_s or self.finish_s is None or n < 2:
             return None
-        return (self.token_s[-1] - self.token_s[0]) / (n - 1)
+        return (self.finish_s - self.token_s[0]) / (n - 1)
 
     @property
     def e2e(self) -> float | None:

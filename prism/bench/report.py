@@ -230,7 +230,8 @@ def _markdown(report: dict) -> str:
              f"{o.get('finished', 0)} finished, {o.get('errors', 0)} errors.",
              "SLOs: " + ", ".join(f"{m} TTFT {s['ttft_s'] * 1e3:.0f} ms / TPOT {s['tpot_s'] * 1e3:.0f} ms"
                                   for m, s in report["slos"].items()) + ".",
-             f"Goodput (both SLOs met) {_f(o.get('goodput_rps'))} req/s; throughput "
+             f"SLO attainment (requests meeting both TTFT and TPOT) {_pc(o.get('slo_attainment'))}; "
+             f"goodput {_f(o.get('goodput_rps'))} req/s; throughput "
              f"{_f(o.get('throughput_rps'))} req/s, {_f(o.get('output_tokens_per_s'), digits=1)} output tokens/s.",
              "Failed and unfinished requests count as misses.", "",
              markdown_table(report["summary"]), ""]

@@ -75,8 +75,9 @@ class SystemSpec:
             local = LocalSchedulerConfig(policy=LocalPolicy.FCFS, idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1,
                                          **tuning)
             fixed = dict(migration_threshold=NEVER, idle_evict="always")
-        else:  # placed once, pinned even when idle, arrival order
-            local = LocalSchedulerConfig(policy=LocalPolicy.FCFS, idle_evict_s=NEVER, swap_idle_s=NEVER, **tuning)
+        else:  # placed once, pinned even when idle; arrival order per model, models take turns per step
+            local = LocalSchedulerConfig(policy=LocalPolicy.ROUND_ROBIN, idle_evict_s=NEVER, swap_idle_s=NEVER,
+                                         **tuning)
             fixed = dict(migration_threshold=NEVER, idle_evict_s=NEVER, idle_evict="always")
         global_ = GlobalSchedulerConfig(**knobs_of(GlobalSchedulerConfig, s, **fixed))
         return local, global_

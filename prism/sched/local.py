@@ -14,7 +14,12 @@ Policy "prism":
   in EDD order; late work fills the gaps it fits in, and contends like the rest once it has
   waited `late_contender_ttft_multiple` x its TTFT SLO (see `_pick_model_prism`).
 - Preemption victim: the request with most slack.
-Policy "fcfs" (baseline): arrival order everywhere; same residency rules.
+Policy "fcfs" (baseline): arrival order everywhere; same residency rules. The device runs the
+model of its oldest unfinished request (decoding ones included): models take turns by arrival
+groups, as time sharing (`swap`) does.
+Policy "rr" (baseline): each model's queue in arrival order, and the device's resident models
+with work take turns step by step (the one whose last step is oldest runs), as engines that
+share a GPU by time slices do (`static`, `muxserve`): no model waits for another's whole decode.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from prism.sched.view import CostModel, DeviceView, RequestView, StepDecision
 
 class LocalPolicy(str, Enum):
     PRISM = "prism"  # SLO-aware: Moore-Hodgson admission, least slack runs, most slack preempted
-    FCFS = "fcfs"  # the baselines': arrival order everywhere
+    FCFS = "fcfs"  # arrival order everywhere; the model of the oldest request runs (swap)
+    ROUND_ROBIN = "rr"  # arrival order per model; models with work take turns per step (static, muxserve)
 
 
 POLICIES = tuple(p.value for p in LocalPolicy)
@@ -150,6 +156,8 @@ class LocalScheduler:
             )
         if self.config.policy is LocalPolicy.PRISM:
             run_model = self._pick_model_prism(view, est, admission)
+        elif self.config.policy is LocalPolicy.ROUND_ROBIN:
+            run_model = self._pick_model_round_robin(view, est)
         else:
             run_model = self._pick_model_fcfs(view, est)
         return StepDecision(
@@ -173,7 +181,7 @@ class LocalScheduler:
         """Whom to preempt (and recompute later) under memory pressure."""
         if not candidates:
             return None
-        if self.config.policy is LocalPolicy.FCFS:
+        if self.config.policy is not LocalPolicy.PRISM:
             return max(candidates, key=lambda r: (r.arrival, r.req_id))  # newest goes
         est = _Estimates.of(view, self.cost)
         # Most slack can best afford a recompute; ties: lower priority, then newest arrival.
@@ -209,7 +217,7 @@ class LocalScheduler:
     # ---- admission ----------------------------------------------------------------------
     def _admission(self, view: DeviceView, est: _Estimates) -> _Admission:
         waiting = [r for r in view.requests if not r.running]
-        if self.config.policy is LocalPolicy.FCFS:
+        if self.config.policy is not LocalPolicy.PRISM:
             return _Admission(tuple(sorted(waiting, key=_arrival_key)), frozenset())
         waiting.sort(key=_edd_key)
         window, beyond = waiting[: self.config.admission_window], waiting[self.config.admission_window:]
@@ -339,6 +347,20 @@ class LocalScheduler:
         if not runnable:
             return None
         return min(runnable, key=_arrival_key).model_id
+
+    def _pick_model_round_robin(self, view: DeviceView, est: _Estimates) -> str | None:
+        """Among the resident models with work, the one whose last step is oldest (never ran:
+        first); ties: the model with the earliest-arrived request, then by name. Each model
+        with work thus gets one step in turn, whatever the others decode."""
+        first_arrival: dict[str, tuple] = {}
+        for r in view.requests:
+            if r.model_id in est.resident:
+                key = _arrival_key(r)
+                first_arrival[r.model_id] = min(key, first_arrival.get(r.model_id, key))
+        if not first_arrival:
+            return None
+        last_step = {m.model_id: m.last_step for m in view.models}
+        return min(first_arrival, key=lambda m: (last_step[m], first_arrival[m], m))
 
 
 def _group_by_model(requests: Iterable[RequestView]) -> dict[str, list[RequestView]]:

@@ -50,6 +50,7 @@ class ModelView:
     kv_pages: int  # pages its KV holds now
     activating: bool = False
     kv_pages_per_token: float = 0.0  # pages one token's KV takes (all layers); 0: unknown
+    last_step: float = float("-inf")  # when it last ran a step (-inf: never); round-robin turns
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from prism.bench.plots import plt, save_figure
 
 
 def plot_plan(result: dict, path: str | Path) -> None:
-    """Left: min(TTFT, TPOT) attainment against GPUs, one line per policy (and group size
+    """Left: SLO attainment (requests meeting both TTFT and TPOT) against GPUs, one line per policy (and group size
     when there are several); right: the fewest GPUs that meet the target, per policy."""
     target, cap = result["target"], result["max_gpus"]
     classes = [c["gpus"] for c in result["classes"]]
@@ -17,10 +17,10 @@ def plot_plan(result: dict, path: str | Path) -> None:
     styles = ("-", "--", ":", "-.")
     for s in policies:
         for k, g in enumerate(classes):
-            pts = sorted((p["gpus"], min(p["ttft_attainment"], p["tpot_attainment"]) if p["runs"] else 0.0,
+            pts = sorted((p["gpus"], p["slo_attainment"] if p["runs"] else 0.0,
                           p.get("stopped_early", False))
                          for p in result["points"] if p["system"] == s and p["class_gpus"] == g
-                         and (not p["runs"] or p["ttft_attainment"] is not None))  # no traffic: no point
+                         and (not p["runs"] or p["slo_attainment"] is not None))  # no traffic: no point
             if pts:
                 label = s if len(classes) == 1 else f"{s} (groups of {g})"
                 left.plot([x for x, _, _ in pts], [100 * y for _, y, _ in pts], color=colors[s],
@@ -33,7 +33,7 @@ def plot_plan(result: dict, path: str | Path) -> None:
     if any(p.get("stopped_early") for p in result["points"]):
         left.plot([], [], marker="o", color="gray", markerfacecolor="white", linestyle="none",
                   label="stopped early (lower bound)")
-    left.set(xlabel="GPUs", ylabel="min(TTFT, TPOT) attainment (%)", ylim=(0, 102),
+    left.set(xlabel="GPUs", ylabel="SLO attainment, both met (%)", ylim=(0, 102),
              title="SLO attainment vs cluster size (simulated)")
     left.grid(alpha=0.3)
     left.legend(fontsize=7)

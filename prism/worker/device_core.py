@@ -124,6 +124,7 @@ class DeviceCore(ABC):
         self.engines: dict[str, DeviceEngine] = {}
         self.specs: dict[str, ModelSpec] = {}
         self.last_used: dict[str, float] = {}
+        self.last_step: dict[str, float] = {}  # when each model last ran a step (absent: never)
         self.draining: set[str] = set()
         self._sizes: dict[str, ModelSizes] = {}
         # Bookkeeping that keeps a step's cost independent of how many idle models the device
@@ -303,7 +304,8 @@ class DeviceCore(ABC):
     def _model_view(self, model_id: str) -> ModelView:
         e, sizes = self.engines[model_id], self._sizes[model_id]
         return ModelView(model_id, e.resident, self.last_used[model_id], sizes.weight_pages, e.num_kv_pages,
-                         kv_pages_per_token=sizes.kv_bytes_per_token / self.pool.page_size)
+                         kv_pages_per_token=sizes.kv_bytes_per_token / self.pool.page_size,
+                         last_step=self.last_step.get(model_id, float("-inf")))
 
     def _in_order(self, models) -> list[str]:
         return sorted(models, key=self._order.__getitem__)
@@ -358,7 +360,7 @@ class DeviceCore(ABC):
         plan = engine.last_plan
         if plan is not None and not plan.is_empty:
             now = self.clock.now()
-            self.last_used[model_id] = now
+            self.last_used[model_id] = self.last_step[model_id] = now
             predicted = self.cost.step_time(model_id, *plan.cost_terms())
             self.cost.observe(model_id, predicted, now - start)
         return finished, engine.last_step_num_tokens

@@ -70,7 +70,8 @@ def test_latency_percentiles_by_hand():
 def test_percentiles_of_ten_known_values():
     ttfts = [0.1 * k for k in range(1, 11)]  # 0.1 .. 1.0, shuffled below
     order = [3, 7, 0, 9, 5, 1, 8, 2, 6, 4]
-    records = [rec(i, "a", 0.0, [ttfts[k], ttfts[k] + 0.01 * (k + 1)], finish=1.0) for i, k in enumerate(order)]
+    records = [rec(i, "a", 0.0, [ttfts[k], ttfts[k] + 0.01 * (k + 1)], finish=ttfts[k] + 0.01 * (k + 1))
+               for i, k in enumerate(order)]
     s = summarize(records, SLOS, duration_s=10.0)["a"]
     assert s["ttft_s"]["p50"] == pytest.approx(0.55)  # linear interpolation, by hand
     assert s["ttft_s"]["p90"] == pytest.approx(0.91)
@@ -159,7 +160,8 @@ def test_write_report_files(tmp_path):
     assert data["throughput_over_time"]["finished_requests"] == [4, 1]
     assert data["memory"]["peak_used_gib"] == pytest.approx(150 * (256 << 10) / 2**30)
     md = (out / "summary.md").read_text()
-    assert md.startswith("# hand") and "| overall | 7 | 5 |" in md and "Goodput" in md
+    assert md.startswith("# hand") and "| overall | 7 | 5 |" in md and "goodput" in md
+    assert "SLO attainment (requests meeting both TTFT and TPOT) 43%" in md  # the headline: 3 of 7
     for name in ("ttft_cdf.png", "tpot_cdf.png", "e2e_cdf.png", "throughput.png", "memory.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in md
@@ -197,3 +199,20 @@ def test_cli_report_errors_are_one_line(tmp_path, capsys):
         assert main(["bench", "report", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("prism: error: ") and "\n" not in err, err
+
+
+def test_tpot_is_finish_minus_first_token_over_output_tokens_minus_one():
+    # 5 output tokens, 3 of them streamed with text; the request finishes at 3.0
+    r = rec(0, "a", 0.0, [1.0, 1.5, 2.0], finish=3.0, n=5)
+    assert r.tpot == pytest.approx((3.0 - 1.0) / 4)
+    assert rec(1, "a", 0.0, [1.0], finish=1.0).tpot is None  # one output token: no TPOT
+    assert rec(2, "a", 0.0, [1.0, 1.5], finish=None, reason=None).tpot is None  # unfinished
+
+
+def test_slo_attainment_counts_requests_meeting_both_slos():
+    records = [rec(0, "a", 0.0, [2.0, 2.1], finish=2.1),  # TTFT miss, TPOT met
+               rec(1, "a", 0.0, [0.5, 1.5], finish=1.5),  # TTFT met, TPOT miss
+               rec(2, "a", 0.0, [0.5, 0.6], finish=0.6)]  # both met
+    s = summarize(records, SLOS, duration_s=1.0)["a"]
+    assert s["ttft_attainment"] == pytest.approx(2 / 3) and s["tpot_attainment"] == pytest.approx(2 / 3)
+    assert s["slo_attainment"] == pytest.approx(1 / 3)

@@ -37,9 +37,10 @@ def decoding(req_id, model_id, arrival, *, last, tpot=0.1, prompt=100):
                out=1, running=True, first=last, last=last)
 
 
-def model(model_id, *, resident=True, last_used=0.0, weight=10, kv=0, activating=False, kv_per_token=0.0):
+def model(model_id, *, resident=True, last_used=0.0, weight=10, kv=0, activating=False, kv_per_token=0.0,
+          last_step=float("-inf")):
     return ModelView(model_id=model_id, resident=resident, last_used=last_used, weight_pages=weight,
-                     kv_pages=kv, activating=activating, kv_pages_per_token=kv_per_token)
+                     kv_pages=kv, activating=activating, kv_pages_per_token=kv_per_token, last_step=last_step)
 
 
 def view(now, models, requests, *, free=100, budget=1000):
@@ -185,6 +186,31 @@ def test_fcfs_runs_the_model_of_the_earliest_request_running_or_waiting():
     newer_waiting = req("new", "A", 2.0, 0.01)
     v = view(10.0, AB, [newer_waiting, old_running])
     assert sched("fcfs").decide(v).run_model == "B"
+
+
+def test_round_robin_gives_each_model_with_work_a_step_in_turn():
+    old_running = decoding("old", "B", 1.0, last=9.0, tpot=10.0)
+    newer_waiting = req("new", "A", 2.0, 0.01)
+    # A never ran: its turn comes first, though B holds the oldest request
+    v = view(10.0, [model("A"), model("B", last_step=9.9)], [newer_waiting, old_running])
+    assert sched("rr").decide(v).run_model == "A"
+    # then B's, whose last step is now the older one
+    v = view(10.1, [model("A", last_step=10.05), model("B", last_step=9.9)], [newer_waiting, old_running])
+    assert sched("rr").decide(v).run_model == "B"
+    # a model without work gets no turn; one that is not resident neither
+    v = view(10.2, [model("A", last_step=10.05), model("B", last_step=9.0), model("C", resident=False)],
+             [newer_waiting, req("c", "C", 0.0, 0.01)])
+    assert sched("rr").decide(v).run_model == "A"
+    # never ran on either side: the earliest-arrived request's model
+    v = view(10.0, AB, [newer_waiting, old_running])
+    assert sched("rr").decide(v).run_model == "B"
+
+
+def test_round_robin_admits_each_models_queue_in_arrival_order():
+    late_tight = req("tight", "A", 2.0, 0.01)
+    early_loose = req("loose", "A", 1.0, 50.0)
+    d = sched("rr").decide(view(10.0, AB, [late_tight, early_loose]))
+    assert d.admit_order["A"] == ("loose", "tight")
 
 
 def test_all_late_still_runs_the_most_late():
@@ -360,7 +386,7 @@ def random_view(rng: random.Random) -> DeviceView:
     return view(100.0, models, requests, free=rng.randint(0, 60))
 
 
-@pytest.mark.parametrize("policy", ["prism", "fcfs"])
+@pytest.mark.parametrize("policy", ["prism", "fcfs", "rr"])
 def test_decisions_are_consistent_on_random_views(policy):
     rng = random.Random(7)
     s = sched(policy, swap_idle_s=2.0, idle_evict_s=45.0)

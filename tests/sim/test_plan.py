@@ -32,6 +32,14 @@ def test_search_finds_the_first_size_that_meets_the_target(threshold):
     assert [p.devices for p in points] == sorted(asked)
 
 
+def test_a_point_meets_the_target_on_requests_meeting_both_slos():
+    # 95% meet TTFT and 95% meet TPOT, but not the same 95%: only 90% meet both
+    assert not Point("prism", 1, 1, 1, 0.95, 0.95, 0.90, runs=True).meets(0.95)
+    assert Point("prism", 1, 1, 1, 0.95, 0.95, 0.95, runs=True).meets(0.95)
+    assert Point("prism", 1, 1, 1, None, None, None, runs=True).meets(0.99)  # no traffic
+    assert not Point("prism", 1, 1, 1, None, None, None, runs=False).meets(0.0)
+
+
 def test_search_reports_none_when_even_the_largest_cluster_misses():
     found, points = fewest_devices("prism", ModelClass(1, ("a",)), 5, 0.99, lambda n: point(n, False))
     assert found is None and max(p.devices for p in points) == 5

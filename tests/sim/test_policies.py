@@ -114,3 +114,34 @@ def test_the_simulation_is_deterministic():
     a = simulate(config_for(RAW, "prism"), trace(), ROOFLINE).records
     b = simulate(config_for(copy.deepcopy(RAW), "prism"), trace(), ROOFLINE).records
     assert [(r.token_s, r.finish_s) for r in a] == [(r.token_s, r.finish_s) for r in b]
+
+
+# ---- no head-of-line blocking across models (docs/policies.md) -----------------------------
+# One GPU holds an 8B and a 1B model. A 1,000-token decode of the 8B starts at 0; a 10-token
+# request to the 1B comes 0.5 s later. Engines that share a GPU by time slices (static,
+# muxserve) serve it within a few of its steps; time sharing (swap) serves the 8B's group first.
+PAIR = {
+    "devices": [{"device": "cuda:0", "memory": "80GiB"}],
+    "models": [{"name": "big", "source": "llama-3.1-8b:random", "rate": 1},
+               {"name": "small", "source": "llama-3.2-1b:random", "rate": 1}],
+}
+PAIR_TRACE = [TraceRequest(0.0, "big", 128, 1000), TraceRequest(0.5, "small", 64, 10)]
+
+
+def pair_run(system):
+    records = {r.model: r for r in simulate(config_for(PAIR, system), PAIR_TRACE, ROOFLINE).records}
+    big, small = records["big"], records["small"]
+    return small.token_s[0] - small.send_s, big.finish_s - big.token_s[0], big.finish_s
+
+
+def test_static_and_muxserve_serve_a_small_request_while_a_big_model_decodes():
+    for system in ("static", "muxserve"):
+        small_ttft, big_decode_s, _ = pair_run(system)
+        assert big_decode_s > 5.0, system  # ~6 ms per 8B step x 1,000 tokens
+        assert small_ttft < 0.05, (system, small_ttft)  # a few steps (one 1B prefill, one 8B decode)
+        assert small_ttft < big_decode_s / 100, system
+
+
+def test_swap_serves_the_small_request_after_the_big_models_group():
+    small_ttft, _, big_finish = pair_run("swap")
+    assert 0.5 + small_ttft > big_finish  # the 8B's group ran to the end first
