@@ -72,3 +72,58 @@ def test_the_deadline_aborts_the_request_on_its_worker():
                 pass
     asyncio.run(run())
     assert isinstance(sent[0], msg.AddRequest) and sent[-1] == msg.Abort("r1") and router._streams == {}
+
+
+class FakeLink:
+    def __init__(self):
+        self.alive, self.closed, self.attached = True, False, False
+
+    def close(self):
+        self.closed = True
+
+    def attach(self, loop, on_message):
+        self.attached = True
+
+    def send(self, m):
+        pass
+
+
+def supervise(new_link) -> Router:
+    """Run the router's restart of "cpu" (its worker just died) to the end."""
+    router, _ = bare_router(lambda model, now: "cpu")
+    router.restarts = RestartBudget(max_restarts=3, window_s=100, first_delay_s=0.001)
+    up = []
+    router.control.mark_up = up.append
+    router.control.up = up
+    router.links["cpu"] = dead = FakeLink()
+    router._new_link = new_link
+    router._restart_tasks = set()
+
+    async def run():
+        router._loop = asyncio.get_running_loop()
+        router._supervise("cpu")
+        assert router._worker_states()["cpu"] == "restarting"
+        await asyncio.gather(*router._restart_tasks)
+    asyncio.run(run())
+    assert dead.closed and router._restarting == {}
+    return router
+
+
+def test_a_dead_worker_is_restarted_once_it_starts():
+    tries = []
+
+    def new_link(device):
+        tries.append(device)
+        if len(tries) < 3:
+            raise RuntimeError("no memory yet")
+        return FakeLink()
+    router = supervise(new_link)
+    assert len(tries) == 3 and router.links["cpu"].attached and router.control.up == ["cpu"]
+    assert router._worker_states() == {"cpu": "up"} and router.failed == set()
+
+
+def test_a_worker_that_never_starts_is_failed_for_good():
+    def new_link(device):
+        raise RuntimeError("broken")
+    router = supervise(new_link)
+    assert router.failed == {"cpu"} and router.control.up == [] and router._worker_states() == {"cpu": "failed"}
