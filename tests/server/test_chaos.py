@@ -86,3 +86,49 @@ def test_kill_9_worker_is_restarted(server):
     assert state["workers"]["cpu"]["state"] == "up" and state["workers"]["cpu"]["restarts"] == 1
     new_worker = worker_of(proc)
     assert new_worker.pid != worker.pid
+
+
+TWO_DEVICES = """
+devices:
+  - device: cpu:0
+    memory: 512MiB
+    page_size: 256KiB
+  - device: cpu:1
+    memory: 512MiB
+    page_size: 256KiB
+models:
+  - name: tiny
+    source: tiny-llama:random
+    max_model_len: 256
+"""
+
+
+def test_another_device_serves_while_one_restarts(tmp_path):
+    """One of two workers dies: the model stays served (by the other device, activated there
+    if it was resident on the dead one), health stays 200, "degraded" while the dead one
+    restarts, then both are up again."""
+    with running_server(tmp_path, TWO_DEVICES) as (proc, base):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        client.completions.create(model="tiny", prompt="hello", max_tokens=2)
+        workers = [p for p in psutil.Process(proc.pid).children()
+                   if "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        victim = workers[0]
+        kill_t = time.monotonic()
+        victim.kill()
+        statuses, down = set(), set()
+        while time.monotonic() - kill_t < 1.5:  # past the 0.5 s liveness check
+            r = httpx.get(f"{base}/health")
+            statuses.add((r.status_code, r.json()["status"]))
+            down |= {d for d, st in r.json()["workers"].items() if st != "up"}
+            time.sleep(0.05)
+        assert (200, "degraded") in statuses and all(code == 200 for code, _ in statuses), statuses
+        out = client.completions.create(model="tiny", prompt="hello", max_tokens=4)
+        served_s = time.monotonic() - kill_t
+        assert out.choices[0].text is not None
+        while time.monotonic() - kill_t < 30 and httpx.get(f"{base}/health").json()["status"] != "ok":
+            time.sleep(0.1)
+        health = httpx.get(f"{base}/health").json()
+        assert health == {"status": "ok", "workers": {"cpu:0": "up", "cpu:1": "up"}}, health
+        print(f"\nchaos (2 devices, {down} killed): a request after 1.5 s of health polling succeeded at {served_s:.2f} s; "
+              f"all up after {time.monotonic() - kill_t:.2f} s")
