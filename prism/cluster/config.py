@@ -44,6 +44,9 @@ class ClusterConfig:
     api_key: str | None = None
     max_body_size: Size = DEFAULT_MAX_BODY_SIZE  # a larger request body is refused (413)
     metrics_log: str | None = None  # JSON-lines file per worker (suffixed with the device)
+    # A request not finished this long after it arrived is aborted on its worker and answered
+    # with a 504 (an error event in a stream): no client waits without bound.
+    request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
 
     @property
     def system_spec(self) -> SystemSpec:
@@ -88,7 +91,8 @@ SchedulerEntry = create_model(
 )
 ServerEntry = create_model(
     "ServerEntry", __config__=_STRICT,
-    **_fields_of(ClusterConfig, only=("host", "port", "api_key", "max_body_size", "metrics_log")),
+    **_fields_of(ClusterConfig, only=("host", "port", "api_key", "max_body_size", "metrics_log",
+                                             "request_timeout_s")),
 )
 
 
@@ -168,4 +172,5 @@ def parse_config(raw, source: str = "config") -> ClusterConfig:
         gpus={d.device: d.gpus for d in f.devices},
         host=f.server.host, port=f.server.port, api_key=f.server.api_key,
         metrics_log=f.server.metrics_log, max_body_size=f.server.max_body_size,
+        request_timeout_s=f.server.request_timeout_s,
     )

@@ -35,6 +35,14 @@ class _Migration:
     since: float
 
 
+class DeviceDown(RuntimeError):
+    """Every device that hosts the model is down (restarting or failed for good)."""
+
+    def __init__(self, model: str, devices: list[str]):
+        super().__init__(f"every device hosting {model!r} is down ({', '.join(devices) or 'none'})")
+        self.devices = devices
+
+
 class DeviceLink(Protocol):
     """One device as the frontend sees it: what it said when it started, its latest memory
     report, and a way to send it messages (prism.worker.messages)."""
@@ -67,6 +75,24 @@ class ClusterControl:
         self.migrations = migrations if migrations is not None else Counter()
         self._infos: tuple[int, dict[str, ModelInfo]] | None = None
         self._by_device: tuple[tuple, dict[str, tuple[str, ...]]] | None = None
+        # Devices whose worker died (restarting or failed for good): nothing is routed there,
+        # the global scheduler does not see them, and their last report no longer counts.
+        self.down: set[str] = set()
+
+    # ---- devices going down and up ----------------------------------------------------------
+    def mark_down(self, device: str) -> None:
+        """Forget what was on its way to or from `device`: its worker is gone."""
+        self.down.add(device)
+        self._pending_activation = {m: p for m, p in self._pending_activation.items() if p[0] != device}
+        self._migrating = {m: mv for m, mv in self._migrating.items() if device not in (mv.from_device, mv.to_device)}
+        self._leaving = {m: d for m, d in self._leaving.items() if d != device}
+        self._by_device = None
+
+    def mark_up(self, device: str) -> None:
+        """`device` has a fresh worker (its link's Ready and reports are new)."""
+        self.down.discard(device)
+        self._by_device = None
+        self.links[device].send(msg.ReportMemory())
 
     # ---- start -------------------------------------------------------------------------------
     def start(self, now: float) -> dict[str, str]:
@@ -121,13 +147,16 @@ class ClusterControl:
                    for info in link.ready.models if info.name == model)
 
     def route(self, model: str, now: float) -> str:
-        """The device a new request of `model` goes to (activating the model if needed)."""
+        """The device a new request of `model` goes to (activating the model if needed).
+        Raises DeviceDown when every device that hosts it is down."""
+        if not self.hosting_up(model):
+            raise DeviceDown(model, self._hosting(model))
         view = self.cluster_view(now)
         device = self.global_sched.route(view, model)
         if device is not None:
             return device
         pending = self._pending_activation.get(model)
-        if pending is not None and now - pending[1] < ACTIVATION_GRACE_S:
+        if pending is not None and now - pending[1] < ACTIVATION_GRACE_S and pending[0] not in self.down:
             return pending[0]
         actions = self.global_sched.on_request(view, model)
         self.carry_out(actions, now)
@@ -136,13 +165,21 @@ class ClusterControl:
                 return a.device_id
         # No device can make room now: queue it where it may run; that worker's local
         # scheduler activates it as soon as memory allows.
-        return self.config.pinned.get(model) or min(self._hosting(model), key=lambda d: self._kvpr(view, d))
+        return min(self.hosting_up(model), key=lambda d: self._kvpr(view, d))
 
     def record_arrival(self, model: str, now: float, num_prompt_tokens: int, max_tokens: int) -> None:
         self.rates.record_arrival(model, now, num_prompt_tokens, max_tokens)
 
     def _hosting(self, model: str) -> list[str]:
         return [d for d, link in self.links.items() if any(i.name == model for i in link.ready.models)]
+
+    def hosting(self, model: str) -> list[str]:
+        """The devices whose worker loaded `model` when it started (up or down)."""
+        return self._hosting(model)
+
+    def hosting_up(self, model: str) -> list[str]:
+        """The devices that may serve `model` now (it is pinned to one of them, if pinned)."""
+        return [d for d in self._hosting(model) if d not in self.down]
 
     def _kvpr(self, view: ClusterView, device_id: str) -> float:
         return kvpr(next(d for d in view.devices if d.device_id == device_id), view)
@@ -199,7 +236,7 @@ class ClusterControl:
             DeviceState(d, self.memory_bytes(d), resident.get(d, ()),
                         tuple(m for m, (dev, _) in self._pending_activation.items() if dev == d),
                         tuple(m for m, dev in self._leaving.items() if dev == d))
-            for d in self.links
+            for d in self.links if d not in self.down
         )
         return ClusterView(
             now=now, models=self._model_infos(), devices=devices,
@@ -244,6 +281,8 @@ class ClusterControl:
         """model -> devices where it is resident, as of each device's latest report."""
         out: dict[str, list[str]] = {}
         for device, link in self.links.items():
+            if device in self.down:
+                continue
             if link.report is None:
                 for i in link.ready.models:
                     if i.resident:
@@ -255,4 +294,4 @@ class ClusterControl:
         return out
 
 
-__all__ = ["ACTIVATION_GRACE_S", "TICK_S", "ClusterControl", "DeviceLink", "device_models"]
+__all__ = ["ACTIVATION_GRACE_S", "TICK_S", "ClusterControl", "DeviceDown", "DeviceLink", "device_models"]

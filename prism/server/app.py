@@ -53,12 +53,17 @@ def create_app(backend: ServingBackend, api_key: str | None = None, max_body_byt
 
     @app.get("/health")
     async def health():
+        # 200 while every model can be served (status "degraded" when a device is down but
+        # others serve its models), 503 while some model cannot: a load balancer then sends
+        # its traffic elsewhere. The details say which device is restarting or failed.
         try:
             ok = bool(backend.healthy())
+            details = getattr(backend, "health_details", dict)()
         except Exception:
             logger.exception("backend.healthy() failed")
-            ok = False
-        return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
+            ok, details = False, {}
+        status = details.pop("status", None) or ("ok" if ok else "unhealthy")
+        return JSONResponse({"status": status, **details}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():

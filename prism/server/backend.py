@@ -18,11 +18,20 @@ class UnknownModel(UserError, LookupError):
 
 
 class ServerBusy(PrismError, RuntimeError):
-    """The server cannot take the request now (HTTP 503): shutting down or no worker."""
+    """The server cannot take the request now (HTTP 503): shutting down or no worker.
+    `retry_after_s`: when a retry may succeed (a Retry-After header), if known."""
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class WorkerFailed(ServerBusy):
     """The worker serving the request died or is not running (HTTP 503; counted as failed)."""
+
+
+class RequestTimedOut(PrismError, TimeoutError):
+    """The request ran past the server's deadline (server.request_timeout_s; HTTP 504)."""
 
 
 @dataclass(frozen=True)
@@ -74,4 +83,8 @@ class ServingBackend(Protocol):
     def admin_view(self) -> dict:
         """Placement and memory per device, as JSON, for GET /admin/state."""
 
-    def healthy(self) -> bool: ...
+    def healthy(self) -> bool:
+        """False: some model cannot be served now (GET /health answers 503)."""
+
+    def health_details(self) -> dict:
+        """Extra JSON for GET /health (e.g. each device's worker state); may be empty."""

@@ -6,6 +6,7 @@ makes FastAPI answer every path (bad JSON, validation, unknown routes, crashes) 
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prism.server.backend import ServerBusy, UnknownModel, WorkerFailed
+from prism.server.backend import RequestTimedOut, ServerBusy, UnknownModel, WorkerFailed
 from prism.types import RequestError
 
 logger = logging.getLogger("prism.server")
@@ -29,8 +30,9 @@ class APIError(Exception):
     """A failure to report to the client as is."""
 
     def __init__(self, status: int, message: str, type: str = INVALID_REQUEST,
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers or {}
         self.status = status
         self.message = message
         self.type = type
@@ -41,7 +43,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        headers = dict(headers or {})
+        headers = {**self.headers, **(headers or {})}
         if self.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
         return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
@@ -87,11 +89,15 @@ def to_api_error(exc: BaseException, model: str | None = None) -> APIError:
         if model is not None and message.strip("'\"` ") in ("", model):  # a bare name: say more
             return unknown_model(model)
         return APIError(404, message or "The model does not exist.", INVALID_REQUEST, "model", "model_not_found")
-    if isinstance(exc, WorkerFailed):
-        return APIError(503, str(exc) or "The worker serving this request stopped; retry later.", SERVER_ERROR,
-                        None, "worker_failed")
     if isinstance(exc, ServerBusy):
-        return APIError(503, str(exc) or "The server is busy; retry later.", SERVER_ERROR, None, "server_busy")
+        retry = {} if exc.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        if isinstance(exc, WorkerFailed):
+            return APIError(503, str(exc) or "The worker serving this request stopped; retry later.", SERVER_ERROR,
+                            None, "worker_failed", retry)
+        return APIError(503, str(exc) or "The server is busy; retry later.", SERVER_ERROR, None, "server_busy", retry)
+    if isinstance(exc, RequestTimedOut):
+        return APIError(504, str(exc) or "The request took longer than this server allows.", SERVER_ERROR,
+                        None, "request_timeout")
     if isinstance(exc, ValidationError):
         return validation_error(exc.errors())
     logger.error("unexpected error while serving a request", exc_info=exc)

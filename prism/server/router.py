@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 import msgspec
 
 from prism.cluster.config import ClusterConfig
-from prism.cluster.control import TICK_S, ClusterControl, device_models
+from prism.cluster.control import TICK_S, ClusterControl, DeviceDown, device_models
+from prism.cluster.supervision import MAX_RESTART_WAIT_S, RestartBudget
 from prism.cluster.worker_link import WorkerLink
 from prism.config import ConfigError, ModelSpec
 from prism.engine.catalog import resolve_model
 from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
-from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel, WorkerFailed
+from prism.server.backend import (GenerationChunk, GenerationRequest, ModelCard, RequestTimedOut, ServerBusy,
+                                  UnknownModel, WorkerFailed)
 from prism.server.metrics import ServerMetrics
 from prism.types import RequestError
 from prism.worker import messages as msg
@@ -64,6 +66,15 @@ class Router:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task | None = None
         self._closed = False
+        # Supervision: each device's WorkerConfig (to start it again), how long it took to
+        # start (what a request waiting for a restart expects), restarts in progress (an
+        # event set once the device is back or given up) and devices failed for good.
+        self._worker_configs: dict[str, WorkerConfig] = {}
+        self._start_s: dict[str, float] = {}
+        self._restarting: dict[str, asyncio.Event] = {}
+        self._restart_tasks: set[asyncio.Task] = set()
+        self.failed: set[str] = set()
+        self.restarts = RestartBudget()
         self.tokenizers = self._load_tokenizers()  # first: a bad model name fails fast
         self._start_workers()
 
@@ -72,7 +83,8 @@ class Router:
         def start(device):
             wc = WorkerConfig(device, device_models(self.config, device.device), self.config.local, detokenize=False,
                               metrics_path=_device_log(self.config.metrics_log, device.device))
-            return WorkerLink(device.device, wc)
+            self._worker_configs[device.device] = wc
+            return self._new_link(device.device)
 
         with ThreadPoolExecutor(len(self.config.devices)) as pool:
             futures = [pool.submit(start, d) for d in self.config.devices]
@@ -86,6 +98,13 @@ class Router:
         if errors:
             self.close()
             raise errors[0]
+
+    def _new_link(self, device: str) -> WorkerLink:
+        """Start `device`'s worker; blocks until it is ready (run it off the event loop)."""
+        began = time.monotonic()
+        link = WorkerLink(device, self._worker_configs[device])
+        self._start_s[device] = time.monotonic() - began
+        return link
 
     def _load_tokenizers(self) -> dict[str, Tokenizer | None]:
         out = {}
@@ -109,6 +128,8 @@ class Router:
         self._closed = True
         if self._tick_task is not None:
             self._tick_task.cancel()
+        for task in list(self._restart_tasks):  # a worker started meanwhile is closed by its task
+            task.cancel()
         for stream in self._streams.values():
             self._fail(stream, ServerBusy("the server is shutting down"))
         for link in self.links.values():
@@ -132,16 +153,39 @@ class Router:
         return self.control.max_model_len(model)
 
     def healthy(self) -> bool:
-        return not self._closed and all(link.alive for link in self.links.values())
+        """Every model has a device up to serve it (a device down is fine if others serve its models)."""
+        return not self._closed and all(self.control.hosting_up(m) for m in self.specs)
+
+    def health_details(self) -> dict:
+        workers = self._worker_states()
+        degraded = not self._closed and any(state != "up" for state in workers.values())
+        return {"status": "degraded", "workers": workers} if degraded and self.healthy() else {"workers": workers}
+
+    def _worker_states(self) -> dict[str, str]:
+        def state(device):
+            if device in self.failed:
+                return "failed"
+            if device in self._restarting or not self.links[device].alive:
+                return "restarting"
+            return "up"
+        return {d: state(d) for d in self.links}
 
     def metrics_text(self) -> tuple[bytes, str]:
         return self.metrics.exposition()
 
     async def generate(self, request: GenerationRequest):
+        # Every request has a deadline (server.request_timeout_s), the wait for a restarting
+        # device included: past it, the worker aborts it and the client gets a 504.
+        deadline = time.monotonic() + self.config.request_timeout_s
+        await self._wait_for_device(request.model, deadline)
         stream = self._submit(request)
         try:
             while True:
-                item = await stream.queue.get()
+                try:
+                    item = await asyncio.wait_for(stream.queue.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise RequestTimedOut(f"the request did not finish within the server's limit of "
+                                          f"{self.config.request_timeout_s:g} s (server.request_timeout_s)") from None
                 if isinstance(item, Exception):
                     raise item
                 yield item
@@ -165,7 +209,14 @@ class Router:
         if request.req_id in self._streams:
             raise RequestError(f"request id {request.req_id!r} is already in use")
         now = time.monotonic()
-        device = self.control.route(request.model, now)
+        try:
+            device = self.control.route(request.model, now)
+        except DeviceDown as e:
+            restarting = [d for d in e.devices if d in self._restarting]
+            if not restarting:
+                raise WorkerFailed(f"every worker serving {request.model!r} failed for good: {', '.join(e.devices)}") from None
+            raise WorkerFailed(f"the worker serving {request.model!r} is restarting; retry later",
+                               retry_after_s=self._expected_restart_s(restarting)) from None
         tok = self.tokenizers[request.model]
         p = request.params
         stream = _Stream(
@@ -212,8 +263,72 @@ class Router:
         elif isinstance(m, msg.Failed):
             log.error("worker %s failed: %s", device, m.message)
             self.links[device].alive = False
+            self.control.mark_down(device)
             for stream in [s for s in self._streams.values() if s.device == device]:
                 self._fail(stream, WorkerFailed(f"the worker for {device} stopped: {m.message}"))
+            self._supervise(device)
+
+    # ---- supervision: a dead worker is started again ---------------------------------------
+    def _supervise(self, device: str) -> None:
+        if self._closed or device in self._restarting or self._loop is None:
+            return
+        self._restarting[device] = asyncio.Event()
+        task = self._loop.create_task(self._restart(device), name=f"restart-{device}")
+        self._restart_tasks.add(task)
+        task.add_done_callback(self._restart_tasks.discard)
+
+    async def _restart(self, device: str) -> None:
+        """Start `device`'s worker again, with backoff, until it is up or the budget is spent
+        (then it is failed for good; other devices keep serving the models they host)."""
+        loop = asyncio.get_running_loop()
+        try:
+            old = self.links[device]
+            await loop.run_in_executor(None, old.close)  # reap the dead process (joins it)
+            while not self._closed:
+                delay = self.restarts.next_delay(device, time.monotonic())
+                if delay is None:
+                    log.error("worker %s failed %d times within %.0f s: given up", device,
+                              self.restarts.max_restarts, self.restarts.window_s)
+                    self.failed.add(device)
+                    return
+                await asyncio.sleep(delay)
+                try:  # WorkerProcess blocks until Ready: not on the event loop
+                    link = await loop.run_in_executor(None, self._new_link, device)
+                except Exception as e:
+                    log.error("restarting worker %s failed: %s", device, e)
+                    continue
+                if self._closed:
+                    link.close()
+                    return
+                self.links[device] = link  # the dict ClusterControl shares: fresh Ready, no report yet
+                link.attach(loop, self._on_message)
+                self.control.mark_up(device)
+                log.info("worker %s restarted (attempt %d)", device, self.restarts.attempts(device))
+                return
+        finally:
+            self._restarting.pop(device).set()
+
+    def _expected_restart_s(self, devices: list[str]) -> float:
+        """A bounded guess of when a restarting device is back: backoff plus its start time."""
+        guess = min(self.restarts.first_delay_s * 2 ** max(0, self.restarts.attempts(d) - 1) + self._start_s.get(d, 5.0)
+                    for d in devices)
+        return min(MAX_RESTART_WAIT_S, guess * 1.5 + 1.0)
+
+    async def _wait_for_device(self, model: str, deadline: float) -> None:
+        """A request whose model only restarting devices host waits for one of them (bounded:
+        the restart's expected time and the request's deadline); then it is routed as usual."""
+        if model not in self.specs or self.control.hosting_up(model):
+            return
+        restarting = [d for d in self.control.hosting(model) if d in self._restarting]
+        if not restarting:
+            return
+        wait_s = min(self._expected_restart_s(restarting), deadline - time.monotonic())
+        waiters = [asyncio.ensure_future(self._restarting[d].wait()) for d in restarting]
+        try:
+            await asyncio.wait(waiters, timeout=max(0.0, wait_s), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
 
     def _on_token(self, stream: _Stream, token_id: int) -> None:
         now = time.monotonic()
@@ -285,7 +400,8 @@ class Router:
     def admin_view(self) -> dict:
         now = time.monotonic()
         return {
-            "devices": {d: msgspec.to_builtins(r) for d, r in self._reports().items()},
+            "devices": {d: msgspec.to_builtins(r) for d, r in self._reports().items() if d not in self.control.down},
+            "workers": {d: {"state": s, "restarts": self.restarts.attempts(d)} for d, s in self._worker_states().items()},
             "placement": self._residency(),
             "token_rates": {m: self.control.rates.rate(m, now) for m in self.specs},
             "in_flight": self._queue_depth(),

@@ -43,6 +43,7 @@ class WorkerProcess:
         self._dir = tempfile.mkdtemp(prefix="prism-worker-")
         self._ctx = zmq.Context()
         self._to_worker = self._ctx.socket(zmq.PUSH)
+        self._to_worker.setsockopt(zmq.SNDHWM, 0)  # no limit: see send
         self._from_worker = self._ctx.socket(zmq.PULL)
         addr_in, addr_out = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
         self._to_worker.bind(addr_in)
@@ -64,8 +65,15 @@ class WorkerProcess:
             reason = first.message if isinstance(first, msg.Failed) else "no answer in time"
             raise WorkerStartError(f"worker for {config.device.device} did not start: {reason}")
 
-    def send(self, message) -> None:
-        self._to_worker.send(_ENCODER.encode(message))
+    def send(self, message) -> bool:
+        """Send without blocking; False when no worker is connected (it died: a blocking PUSH
+        would then wait for ever, the caller's event loop with it). The high-water mark is
+        off, so a slow but live worker never loses a message."""
+        try:
+            self._to_worker.send(_ENCODER.encode(message), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
 
     def recv(self, timeout_s: float | None = None):
         """The next message from the worker, or None after timeout_s (None: wait forever)."""

@@ -21,9 +21,10 @@ def bare_router(alive: bool = True):
     router.specs = {"m": None}
     router.tokenizers = {"m": None}
     router._streams = {}
+    router._closed, router._loop, router._restarting = False, None, {}  # no loop: no restart
     arrivals, sent = [], []
     router.control = SimpleNamespace(max_model_len=lambda model: 100, route=lambda model, now: "cpu",
-                                     record_arrival=lambda *a: arrivals.append(a))
+                                     record_arrival=lambda *a: arrivals.append(a), mark_down=lambda d: None)
     router.links = {"cpu": SimpleNamespace(alive=alive, send=lambda m: sent.append(msgspec.msgpack.encode(m)))}
     return router, arrivals, sent
 

@@ -1,0 +1,129 @@
+"""Supervision's pieces without processes: the restart budget, the errors a client sees while
+a device is down or a request runs out of time, and the deadline aborting on the worker."""
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from prism.cluster.control import DeviceDown
+from prism.cluster.supervision import RestartBudget
+from prism.server.backend import GenerationRequest, RequestTimedOut, WorkerFailed
+from prism.server.errors import to_api_error
+from prism.server.router import Router
+from prism.types import SamplingParams
+from prism.worker import messages as msg
+
+
+def test_restart_budget_backs_off_then_gives_up_then_forgets():
+    budget = RestartBudget(max_restarts=5, window_s=100, first_delay_s=0.5)
+    assert [budget.next_delay("cpu", t) for t in range(6)] == [0.5, 1, 2, 4, 8, None]
+    assert budget.next_delay("other", 5) == 0.5  # per device
+    assert budget.next_delay("cpu", 150) == 0.5  # the window has passed
+
+
+def test_down_and_timeout_errors_are_openai_shaped():
+    err = to_api_error(WorkerFailed("restarting", retry_after_s=2.2))
+    assert err.status == 503 and err.code == "worker_failed" and err.response().headers["Retry-After"] == "3"
+    assert "Retry-After" not in to_api_error(WorkerFailed("gone")).response().headers
+    err = to_api_error(RequestTimedOut("too slow"))
+    assert err.status == 504 and err.code == "request_timeout" and err.body()["error"]["type"] == "server_error"
+    assert err.outcome == ("failed", "request_timeout")
+
+
+def bare_router(route, timeout_s: float = 600.0):
+    router = Router.__new__(Router)
+    router._closed, router._loop, router._restarting, router.failed = False, None, {}, set()
+    router.specs, router.tokenizers, router._streams = {"m": None}, {"m": None}, {}
+    router._start_s, router.restarts = {}, RestartBudget()
+    router.config = SimpleNamespace(request_timeout_s=timeout_s)
+    sent = []
+    router.control = SimpleNamespace(max_model_len=lambda model: 100, route=route, record_arrival=lambda *a: None,
+                                     hosting_up=lambda model: ["cpu"], hosting=lambda model: ["cpu"])
+    router.links = {"cpu": SimpleNamespace(alive=True, send=sent.append)}
+    return router, sent
+
+
+def request(req_id: str = "r1") -> GenerationRequest:
+    return GenerationRequest(req_id, "m", [1, 2, 3], SamplingParams(max_tokens=4))
+
+
+def test_a_restarting_device_answers_503_with_retry_after():
+    def route(model, now):
+        raise DeviceDown(model, ["cpu"])
+    router, _ = bare_router(route)
+    router._restarting["cpu"] = asyncio.Event()
+    with pytest.raises(WorkerFailed) as e:
+        router._submit(request())
+    assert "restarting" in str(e.value) and 0 < e.value.retry_after_s <= 30
+    del router._restarting["cpu"]  # given up: no Retry-After
+    with pytest.raises(WorkerFailed) as e:
+        router._submit(request())
+    assert "for good" in str(e.value) and e.value.retry_after_s is None
+
+
+def test_the_deadline_aborts_the_request_on_its_worker():
+    router, sent = bare_router(lambda model, now: "cpu", timeout_s=0.05)
+
+    async def run():
+        with pytest.raises(RequestTimedOut):
+            async for _ in router.generate(request()):
+                pass
+    asyncio.run(run())
+    assert isinstance(sent[0], msg.AddRequest) and sent[-1] == msg.Abort("r1") and router._streams == {}
+
+
+class FakeLink:
+    def __init__(self):
+        self.alive, self.closed, self.attached = True, False, False
+
+    def close(self):
+        self.closed = True
+
+    def attach(self, loop, on_message):
+        self.attached = True
+
+    def send(self, m):
+        pass
+
+
+def supervise(new_link) -> Router:
+    """Run the router's restart of "cpu" (its worker just died) to the end."""
+    router, _ = bare_router(lambda model, now: "cpu")
+    router.restarts = RestartBudget(max_restarts=3, window_s=100, first_delay_s=0.001)
+    up = []
+    router.control.mark_up = up.append
+    router.control.up = up
+    router.links["cpu"] = dead = FakeLink()
+    router._new_link = new_link
+    router._restart_tasks = set()
+
+    async def run():
+        router._loop = asyncio.get_running_loop()
+        router._supervise("cpu")
+        assert router._worker_states()["cpu"] == "restarting"
+        await asyncio.gather(*router._restart_tasks)
+    asyncio.run(run())
+    assert dead.closed and router._restarting == {}
+    return router
+
+
+def test_a_dead_worker_is_restarted_once_it_starts():
+    tries = []
+
+    def new_link(device):
+        tries.append(device)
+        if len(tries) < 3:
+            raise RuntimeError("no memory yet")
+        return FakeLink()
+    router = supervise(new_link)
+    assert len(tries) == 3 and router.links["cpu"].attached and router.control.up == ["cpu"]
+    assert router._worker_states() == {"cpu": "up"} and router.failed == set()
+
+
+def test_a_worker_that_never_starts_is_failed_for_good():
+    def new_link(device):
+        raise RuntimeError("broken")
+    router = supervise(new_link)
+    assert router.failed == {"cpu"} and router.control.up == [] and router._worker_states() == {"cpu": "failed"}
