@@ -43,7 +43,8 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
 
 
-def _size(value) -> int:
+def size_bytes(value) -> int:
+    """A size in bytes from an int or a string such as "4GiB"."""
     return value if isinstance(value, int) else parse_size(str(value))
 
 
@@ -54,7 +55,7 @@ PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
-Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]  # bytes, or "4GiB", "512MiB" in YAML
+Size = Annotated[int, BeforeValidator(size_bytes), Field(gt=0)]  # bytes, or "4GiB", "512MiB" in YAML
 Kernels = Literal["auto", "triton", "reference"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 

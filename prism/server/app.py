@@ -9,37 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
-import anyio
-from starlette.requests import ClientDisconnect
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
-from prism.cluster.config import DEFAULT_MAX_BODY_SIZE
 from prism.server import protocol as P
-from prism.server.backend import GenerationChunk, GenerationRequest, ServingBackend
-from prism.server.errors import (APIError, bad_request, client_gone, install_handlers, to_api_error, too_large,
-                                 unknown_model, validation_error)
+from prism.server.backend import GenerationRequest, ServingBackend
+from prism.server.body import MAX_BODY_BYTES, check_token_ids, parse_body
+from prism.server.errors import APIError, bad_request, install_handlers, to_api_error, unknown_model
 from prism.server.metrics import RequestOutcomes
+from prism.server.streaming import (GONE, ChatCompletionShapes, Closer, CompletionShapes, Outcome, SSEResponse, collect,
+                                    stream_events, unless_disconnected)
 from prism.types import RequestError
 
 logger = logging.getLogger("prism.server")
 
 T = TypeVar("T")
-M = TypeVar("M", bound=BaseModel)
-
-
-MAX_BODY_BYTES = DEFAULT_MAX_BODY_SIZE  # a request body larger than this is refused (413); YAML: server.max_body_size
-MAX_JSON_DEPTH = 64  # JSON nested deeper than this is refused (400)
 
 
 def create_app(backend: ServingBackend, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -157,177 +148,7 @@ def _bearer_check(api_key: str) -> Callable[[Request], Awaitable[None]]:
     return check
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body; APIError(413) when its Content-Length or what arrives exceeds `limit`."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise client_gone() from None
-    return b"".join(chunks)
-
-
-async def parse_body(request: Request, model_cls: type[M], limit: int = MAX_BODY_BYTES) -> M:
-    """The JSON body validated as `model_cls`; APIError(400) naming the bad field otherwise
-    (413 when too large)."""
-    raw = await read_body(request, limit)
-    try:
-        data = json.loads(raw)
-    except RecursionError:
-        raise _too_deep() from None
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError; an integer of 4,300+ digits
-        raise bad_request(f"could not parse the request body as JSON: {_short(str(e))}") from None
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
-    check_json_value(data)
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e.errors()) from None
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def check_json_value(value, max_depth: int = MAX_JSON_DEPTH) -> None:
-    """APIError(400) for JSON nested deeper than `max_depth` or holding a string that is not
-    valid Unicode (a lone surrogate escape such as "\\ud800"); walked without recursion."""
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, str):
-            if not v.isascii() and _SURROGATE.search(v):
-                raise bad_request("the request body holds a string that is not valid Unicode "
-                                  "(a lone surrogate such as \\ud800)")
-        elif isinstance(v, (dict, list)):
-            if depth > max_depth:
-                raise _too_deep(max_depth)
-            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
-            stack.extend((x, depth + 1) for x in items)
-
-
-def _too_deep(max_depth: int = MAX_JSON_DEPTH) -> APIError:
-    return bad_request(f"the request body's JSON is nested deeper than {max_depth} levels")
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_token_ids(ids: list[int], vocab_size: int) -> None:
-    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise bad_request(f"token id {bad} in the prompt is outside the model's vocabulary (0..{vocab_size - 1})",
-                          "prompt")
-
-
-def client_finish_reason(reason: str | None, req_id: str) -> str:
-    """The backend's finish reason as a client sees it: "stop" / "length"; an abort (or an
-    output that ended without a reason) is reported as "stop" and logged."""
-    if reason in ("stop", "length"):
-        return reason
-    logger.warning("request %s ended with finish reason %r; reporting 'stop'", req_id, reason)
-    return "stop"
-
-
-# ---- one request's output ------------------------------------------------------------------
-@dataclass
-class _Output:
-    """What the backend has produced so far for one request."""
-
-    num_prompt_tokens: int
-    pieces: list[str] = field(default_factory=list)
-    num_output_tokens: int = 0
-    finish_reason: str | None = None
-
-    def add(self, chunk: GenerationChunk) -> None:
-        self.pieces.append(chunk.text)
-        # The backend's running count when it gives one, else the ids seen so far.
-        self.num_output_tokens = chunk.num_output_tokens or self.num_output_tokens + len(chunk.token_ids)
-        if chunk.num_prompt_tokens:
-            self.num_prompt_tokens = chunk.num_prompt_tokens
-        if chunk.finish_reason is not None:
-            self.finish_reason = chunk.finish_reason
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-    def usage(self) -> dict:
-        return P.usage(self.num_prompt_tokens, self.num_output_tokens)
-
-
-class _Completions:
-    """Response shapes of POST /v1/completions."""
-
-    object_ = "text_completion"
-
-    def __init__(self, req_id: str, model: str):
-        self.req_id, self.model, self.created = req_id, model, P.now()
-
-    def full(self, out: _Output) -> dict:
-        finish = client_finish_reason(out.finish_reason, self.req_id)
-        return P.completion_body(self.req_id, self.created, self.model, out.text, finish, out.usage())
-
-    def first_events(self) -> list[dict]:
-        return []
-
-    def chunk_events(self, chunk: GenerationChunk, finish: str | None) -> list[dict]:
-        """Events for one backend chunk; `finish` (the client's reason) is set on the last.
-        A generated token whose text is still held back (part of a character, a possible stop
-        string) is still sent, with empty text: clients then see every token's timing."""
-        if not chunk.text and not chunk.token_ids and finish is None:
-            return []
-        return [P.completion_body(self.req_id, self.created, self.model, chunk.text, finish, chunk=True)]
-
-
-class _ChatCompletions(_Completions):
-    """Response shapes of POST /v1/chat/completions."""
-
-    object_ = "chat.completion.chunk"
-
-    def full(self, out: _Output) -> dict:
-        finish = client_finish_reason(out.finish_reason, self.req_id)
-        return P.chat_body(self.req_id, self.created, self.model, out.text, finish, out.usage())
-
-    def first_events(self) -> list[dict]:
-        return [P.chat_chunk(self.req_id, self.created, self.model, {"role": "assistant", "content": ""})]
-
-    def chunk_events(self, chunk: GenerationChunk, finish: str | None) -> list[dict]:
-        has_delta = chunk.text or chunk.token_ids  # empty deltas too: see _Completions
-        events = [P.chat_chunk(self.req_id, self.created, self.model, {"content": chunk.text})] if has_delta else []
-        if finish is not None:
-            events.append(P.chat_chunk(self.req_id, self.created, self.model, {}, finish))
-        return events
-
-
-def _sse(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-_DONE = b"data: [DONE]\n\n"
-
-
 # ---- the frontend --------------------------------------------------------------------------
-class _Outcome:
-    """Counts one request's outcome once (the first call wins)."""
-
-    def __init__(self, outcomes: RequestOutcomes, model: str):
-        self._outcomes, self.model, self.counted = outcomes, model, False
-
-    def __call__(self, outcome: str, reason: str) -> None:
-        if not self.counted:
-            self.counted = True
-            self._outcomes.record(self.model, outcome, reason)
-
-
 class _Frontend:
     def __init__(self, backend: ServingBackend, max_body_bytes: int = MAX_BODY_BYTES):
         self.backend = backend
@@ -351,10 +172,10 @@ class _Frontend:
                 prompt_ids = body.prompt
                 tokenizer = self._maybe_tokenizer(model)
                 if tokenizer is not None:
-                    _check_token_ids(prompt_ids, tokenizer.vocab_size)
+                    check_token_ids(prompt_ids, tokenizer.vocab_size)
             room = self._room_for_output(model, prompt_ids, "prompt")
             req = body.generation_request(P.completion_id(), prompt_ids, min(body.max_tokens or 16, room))
-            shapes = _Completions(req.req_id, model)
+            shapes = CompletionShapes(req.req_id, model)
             return await self._respond(request, req, shapes, bool(body.stream), body.include_usage)
         except Exception as e:
             return self._error(e, model)
@@ -370,7 +191,7 @@ class _Frontend:
             requested = body.requested_max_tokens()
             max_tokens = room if requested is None else min(requested, room)
             req = body.generation_request(P.chat_completion_id(), prompt_ids, max_tokens)
-            shapes = _ChatCompletions(req.req_id, model)
+            shapes = ChatCompletionShapes(req.req_id, model)
             return await self._respond(request, req, shapes, bool(body.stream), body.include_usage)
         except Exception as e:
             return self._error(e, model)
@@ -380,14 +201,14 @@ class _Frontend:
         self._outcome(model)(*err.outcome)
         return err.response()
 
-    def _outcome(self, model: str | None) -> _Outcome:
+    def _outcome(self, model: str | None) -> Outcome:
         """A request's outcome counter, labelled with its model when the server has it (a
         client's made-up name must not become a label)."""
         try:
             known = model is not None and any(c.name == model for c in self.backend.model_cards())
         except Exception:
             known = False
-        return _Outcome(self.outcomes, model if known else "")
+        return Outcome(self.outcomes, model if known else "")
 
     def _maybe_tokenizer(self, model: str):
         """The model's tokenizer, or None when it has none (token-id prompts still work)."""
@@ -409,148 +230,30 @@ class _Frontend:
             )
         return max_len - len(prompt_ids)
 
-    async def _respond(self, request: Request, req: GenerationRequest, shapes: _Completions,
+    async def _respond(self, request: Request, req: GenerationRequest, shapes: CompletionShapes,
                        stream: bool, include_usage: bool) -> Response:
         stream_it = self.backend.generate(req)
-        closer = _Closer(stream_it)
+        closer = Closer(stream_it)
         num_prompt_tokens = len(req.prompt_token_ids)
-        outcome = _Outcome(self.outcomes, req.model)
+        outcome = Outcome(self.outcomes, req.model)
         try:
             if not stream:
-                out = await _unless_disconnected(request.receive, lambda: _collect(stream_it, num_prompt_tokens))
+                out = await unless_disconnected(request.receive, lambda: collect(stream_it, num_prompt_tokens))
                 await closer.close()
-                if out is _GONE:
+                if out is GONE:
                     outcome("aborted", "client_gone")
                     return Response(status_code=499)
                 outcome("finished", out.finish_reason or "none")
                 return JSONResponse(shapes.full(out))
             # Wait for the first chunk before answering, so that an early error is a plain JSON
             # error response (400/404/503) rather than a broken stream.
-            first = await _unless_disconnected(request.receive, lambda: anext(stream_it, None))
+            first = await unless_disconnected(request.receive, lambda: anext(stream_it, None))
         except BaseException:
             await closer.close()
             raise
-        if first is _GONE:
+        if first is GONE:
             await closer.close()
             outcome("aborted", "client_gone")
             return Response(status_code=499)
-        events = _stream_events(stream_it, first, shapes, num_prompt_tokens, include_usage, closer, outcome)
-        return _SSEResponse(events, closer, outcome)
-
-
-_GONE = object()  # what _unless_disconnected returns when the client went away
-
-
-async def _cancel_when_disconnected(receive: Callable[[], Awaitable[dict]], scope: anyio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
-
-
-async def _unless_disconnected(receive: Callable[[], Awaitable[dict]], fn: Callable[[], Awaitable[T]]) -> T | object:
-    """await fn() in this task, cancelled if the client disconnects meanwhile (then: _GONE)."""
-    result: T | object = _GONE
-    error: Exception | None = None
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_when_disconnected, receive, scope)
-            try:
-                result = await fn()
-            except Exception as e:  # re-raised outside the task group, unwrapped
-                error = e
-            tg.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    return result
-
-
-async def _collect(it: AsyncIterator[GenerationChunk], num_prompt_tokens: int) -> _Output:
-    out = _Output(num_prompt_tokens)
-    async for chunk in it:
-        out.add(chunk)
-        if chunk.finish_reason is not None:
-            break
-    return out
-
-
-async def _stream_events(it: AsyncIterator[GenerationChunk], first: GenerationChunk | None, shapes: _Completions,
-                         num_prompt_tokens: int, include_usage: bool, closer: _Closer,
-                         outcome: Callable[[str, str], None]) -> AsyncIterator[bytes]:
-    """SSE bytes of one streamed response; an error after the first byte becomes a final
-    `data: {"error": ...}` event (and no [DONE])."""
-    out = _Output(num_prompt_tokens)
-    try:
-        for event in shapes.first_events():
-            yield _sse(event)
-        chunk = first
-        while True:
-            ended = chunk is None  # the backend stopped without a finish reason
-            chunk = chunk or GenerationChunk(text="")
-            out.add(chunk)
-            final = ended or chunk.finish_reason is not None
-            finish = client_finish_reason(chunk.finish_reason, shapes.req_id) if final else None
-            for event in shapes.chunk_events(chunk, finish):
-                yield _sse(event)
-            if final:
-                break
-            chunk = await anext(it, None)
-        await closer.close()
-        outcome("finished", out.finish_reason or "none")
-        if include_usage:
-            yield _sse(P.usage_chunk(shapes.req_id, shapes.created, shapes.model, shapes.object_, out.usage()))
-        yield _DONE
-    except Exception as e:
-        err = to_api_error(e, shapes.model)
-        outcome(*err.outcome)
-        yield _sse(err.body())
-    finally:
-        outcome("aborted", "client_gone")  # unless counted above: the client went away
-        await closer.close()
-
-
-class _SSEResponse(StreamingResponse):
-    """A text/event-stream response that notices a client leaving even while the backend is
-    silent (any ASGI server), and always closes the body and the backend iterator."""
-
-    def __init__(self, events: AsyncIterator[bytes], closer: _Closer, outcome: Callable[[str, str], None]):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._closer = closer
-        self._outcome = outcome
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            with anyio.CancelScope() as gone:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_cancel_when_disconnected, receive, gone)
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # the client went away (servers of ASGI spec 2.4 raise it)
-                        pass
-                    tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
-            await self._closer.close()
-            self._outcome("aborted", "client_gone")  # unless counted: gone before the events began
-
-
-class _Closer:
-    """Closes a backend iterator once, shielded from cancellation (closing is the abort)."""
-
-    def __init__(self, it: AsyncIterator):
-        self._it = it
-        self._closed = False
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        aclose = getattr(self._it, "aclose", None)
-        if aclose is None:
-            return
-        with anyio.CancelScope(shield=True):
-            try:
-                await aclose()
-            except Exception:
-                logger.exception("closing a backend stream failed")
+        events = stream_events(stream_it, first, shapes, num_prompt_tokens, include_usage, closer, outcome)
+        return SSEResponse(events, closer, outcome)

@@ -130,11 +130,11 @@ def validation_error(errors: list[dict]) -> APIError:
     if param is None:
         return bad_request(msg)
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {_short(repr(got))})"
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {shorten(repr(got))})"
     return bad_request(f"invalid value for '{param}': {msg}{shown}", param)
 
 
-def _short(text: str, limit: int = 80) -> str:
+def shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from prism.bench.report import SLOTargets, summarize
 from prism.bench.trace import TraceRequest
 from prism.cluster.systems import system_spec
-from prism.config import ConfigError, parse_size
+from prism.config import ConfigError, size_bytes
 from prism.errors import UserError
 from prism.sim.cluster import EarlyStop
 from prism.sim.costs import ProfileSet
@@ -79,14 +79,10 @@ def cluster_raw(raw: dict, cls: ModelClass, num_devices: int) -> dict:
     """The config of `num_devices` devices of the class's group size, serving its models."""
     template = dict(raw["devices"][0])
     kind = "cpu" if str(template["device"]).startswith("cpu") else "cuda"
-    memory = _bytes(template["memory"]) * cls.gpus
+    memory = size_bytes(template["memory"]) * cls.gpus
     devices = [dict(template, device=f"{kind}:{i}", memory=memory, gpus=cls.gpus) for i in range(num_devices)]
     models = [{k: v for k, v in m.items() if k != "device"} for m in raw["models"] if m["name"] in cls.models]
     return {**raw, "devices": devices, "models": models}
-
-
-def _bytes(size) -> int:
-    return size if isinstance(size, int) else parse_size(str(size))
 
 
 def evaluate(raw: dict, system: str, cls: ModelClass, num_devices: int, trace: list[TraceRequest],

@@ -11,18 +11,14 @@ import pytest
 
 from conftest import running_server
 
-CONFIG = """
-devices:
-  - device: cpu
-    memory: 512MiB
-    page_size: 256KiB
-models:
-  - name: tiny
-    source: tiny-llama:random
-    max_model_len: 256
-server:
-  request_timeout_s: 30
-"""
+def config(devices: list[str], server: str = "") -> str:
+    """A config serving the tiny random model on these CPU devices."""
+    listed = "".join(f"  - device: {d}\n    memory: 512MiB\n    page_size: 256KiB\n" for d in devices)
+    return ("devices:\n" + listed + "models:\n  - name: tiny\n    source: tiny-llama:random\n"
+            "    max_model_len: 256\n" + server)
+
+
+CONFIG = config(["cpu"], "server:\n  request_timeout_s: 30\n")
 BOUND_S = 20.0  # every client hears back within this after the kill
 
 
@@ -88,19 +84,7 @@ def test_kill_9_worker_is_restarted(server):
     assert new_worker.pid != worker.pid
 
 
-TWO_DEVICES = """
-devices:
-  - device: cpu:0
-    memory: 512MiB
-    page_size: 256KiB
-  - device: cpu:1
-    memory: 512MiB
-    page_size: 256KiB
-models:
-  - name: tiny
-    source: tiny-llama:random
-    max_model_len: 256
-"""
+TWO_DEVICES = config(["cpu:0", "cpu:1"])
 
 
 def test_another_device_serves_while_one_restarts(tmp_path):
