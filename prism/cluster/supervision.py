@@ -31,7 +31,11 @@ class RestartBudget:
             return None
         recent.append(now)
         self._attempts[device] = recent
-        return self.first_delay_s * 2 ** (len(recent) - 1)
+        return self.delay(device)
+
+    def delay(self, device: str) -> float:
+        """The backoff of `device`'s latest attempt (the first one's before any)."""
+        return self.first_delay_s * 2 ** max(0, self.attempts(device) - 1)
 
     def attempts(self, device: str) -> int:
         return len(self._attempts.get(device, []))

@@ -310,8 +310,7 @@ class Router:
 
     def _expected_restart_s(self, devices: list[str]) -> float:
         """A bounded guess of when a restarting device is back: backoff plus its start time."""
-        guess = min(self.restarts.first_delay_s * 2 ** max(0, self.restarts.attempts(d) - 1) + self._start_s.get(d, 5.0)
-                    for d in devices)
+        guess = min(self.restarts.delay(d) + self._start_s.get(d, 5.0) for d in devices)
         return min(MAX_RESTART_WAIT_S, guess * 1.5 + 1.0)
 
     async def _wait_for_device(self, model: str, deadline: float) -> None:
