@@ -270,6 +270,14 @@ class DeviceConfig:
     memory_bytes: Size = 4 << 30  # the page budget shared by all arenas of this device
     page_size: Size = 2 << 20  # 2 MiB: the CUDA VMM granularity; the CPU backend accepts smaller
     num_spare_pages: NonNegInt = 4  # kept mapped-ready to hide create/map latency
+    # The machine it is on ("": this host, single-host mode). Device names repeat across
+    # machines (every node has a cuda:0), so a device on a named node is "node/device".
+    node: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]*$")] = ""
+
+    @property
+    def device_id(self) -> str:
+        """The name the cluster knows it by: unique across nodes."""
+        return f"{self.node}/{self.device}" if self.node else self.device
 
     @property
     def num_pages(self) -> int:
@@ -278,6 +286,16 @@ class DeviceConfig:
     @property
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One machine of a cluster: its name and the host memory it gives to weight copies."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]*$")]
+    # Host copies of evicted models' weights (for a fast reactivation) within this budget;
+    # None: no limit beyond the machine's own memory.
+    host_memory_bytes: Size | None = None
 
 
 @dataclass(frozen=True)

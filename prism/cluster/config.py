@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from prism.bench.report import SLOTargets
 from prism.cluster.systems import SYSTEM_NAMES, SystemSpec, system_spec
-from prism.config import ConfigError, DeviceConfig, EngineConfig, ModelSpec, PosFloat, Size
+from prism.config import ConfigError, DeviceConfig, EngineConfig, ModelSpec, NodeConfig, PosFloat, Size
 from prism.sched.local import LocalSchedulerConfig
 from prism.sched.placement import GlobalSchedulerConfig
 
@@ -38,6 +38,9 @@ class ClusterConfig:
     system: Annotated[str, Field(pattern="^(" + "|".join(SYSTEM_NAMES) + ")$")] = "prism"
     rates: dict = field(default_factory=dict)  # model name -> expected relative rate
     gpus: dict = field(default_factory=dict)  # device -> GPUs it stands for (groups: simulator only)
+    # Every node a device is on (those listed under `nodes:` and those only named by a device);
+    # single-host mode: one node named "".
+    nodes: tuple[NodeConfig, ...] = (NodeConfig(""),)
     # YAML: the server section
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -51,6 +54,9 @@ class ClusterConfig:
     @property
     def system_spec(self) -> SystemSpec:
         return system_spec(self.system)
+
+    def device(self, device_id: str) -> DeviceConfig:
+        return next(d for d in self.devices if d.device_id == device_id)
 
 
 # ---- the YAML schema: made of the runtime dataclasses' fields (types, constraints, defaults
@@ -69,6 +75,7 @@ def _in_ms(cls, name: str):  # a field in seconds, in YAML in milliseconds
 _MODEL_ONLY = ("ttft_slo_s", "tpot_slo_s", "engine")
 _model = _fields_of(ModelSpec, skip=_MODEL_ONLY)
 _device = _fields_of(DeviceConfig, skip=("memory_bytes",))
+_node = _fields_of(NodeConfig, skip=("host_memory_bytes",))
 _local, _global = _fields_of(LocalSchedulerConfig), _fields_of(GlobalSchedulerConfig)
 assert all(_local[k] == _global[k] for k in _local.keys() & _global.keys()), "shared knobs differ"
 
@@ -78,6 +85,10 @@ DeviceEntry = create_model(
     # GPUs this device stands for: > 1 is a tensor-parallel group (memory is the group's).
     # Only the simulator models groups; the server refuses them.
     gpus=(int, Field(1, ge=1)),
+)
+NodeEntry = create_model(
+    "NodeEntry", __config__=_STRICT, **_node,
+    host_memory=_fields_of(NodeConfig, only=("host_memory_bytes",))["host_memory_bytes"],
 )
 ModelEntry = create_model(
     "ModelEntry", __config__=_STRICT, **_model,
@@ -99,15 +110,22 @@ ServerEntry = create_model(
 class ConfigFile(BaseModel):
     model_config = _STRICT
     devices: list[DeviceEntry] = Field(min_length=1)  # type: ignore[valid-type]
+    nodes: list[NodeEntry] = []  # type: ignore[valid-type]
     models: list[ModelEntry] = Field(min_length=1)  # type: ignore[valid-type]
     scheduler: SchedulerEntry = SchedulerEntry()  # type: ignore[valid-type]
     server: ServerEntry = ServerEntry()  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        names = [d.device for d in self.devices]
+        names = [f"{d.node}/{d.device}" if d.node else d.device for d in self.devices]
         if len(set(names)) != len(names):
             raise ValueError(f"devices: {names} lists a device twice")
+        node_names = [n.name for n in self.nodes]
+        if len(set(node_names)) != len(node_names):
+            raise ValueError(f"nodes: {node_names} lists a node twice")
+        for i, d in enumerate(self.devices):
+            if node_names and d.node not in node_names:
+                raise ValueError(f"devices.{i}.node: {d.node!r} is not among the nodes {node_names}")
         model_names = [m.name for m in self.models]
         dupes = sorted({n for n in model_names if model_names.count(n) > 1})
         if dupes:
@@ -154,6 +172,8 @@ def parse_config(raw, source: str = "config") -> ClusterConfig:
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise ConfigError(f"{source}: {where}: {err['msg']}") from None
     devices = tuple(_build(DeviceConfig, d, memory_bytes=d.memory) for d in f.devices)
+    listed = {n.name: _build(NodeConfig, n, host_memory_bytes=n.host_memory) for n in f.nodes}
+    nodes = tuple(listed.get(name, NodeConfig(name)) for name in dict.fromkeys([*listed, *(d.node for d in devices)]))
     models = tuple(
         _build(ModelSpec, m, ttft_slo_s=m.ttft_slo_ms / 1e3, tpot_slo_s=m.tpot_slo_ms / 1e3,
                engine=_build(EngineConfig, m))
@@ -163,13 +183,13 @@ def parse_config(raw, source: str = "config") -> ClusterConfig:
     pinned = {m.name: m.device for m in f.models if m.device}
     spec = system_spec(s.system)
     if spec.device_per_model:  # one device per model, in order, unless pinned otherwise
-        free = [d.device for d in f.devices if d.device not in pinned.values()]
+        free = [d.device_id for d in devices if d.device_id not in pinned.values()]
         pinned.update({m.name: free.pop(0) for m in f.models if m.name not in pinned})
     local, global_ = spec.scheduler_configs(s)
     return ClusterConfig(
         devices=devices, models=models, pinned=pinned, local=local, global_=global_,
         system=s.system, rates={m.name: m.rate for m in f.models},
-        gpus={d.device: d.gpus for d in f.devices},
+        gpus={dev.device_id: d.gpus for dev, d in zip(devices, f.devices)}, nodes=nodes,
         host=f.server.host, port=f.server.port, api_key=f.server.api_key,
         metrics_log=f.server.metrics_log, max_body_size=f.server.max_body_size,
         request_timeout_s=f.server.request_timeout_s,

@@ -64,7 +64,7 @@ class ClusterControl:
                  in_flight: Callable[[], dict[str, int]], migrations: Counter | None = None):
         self.config = config
         self.specs = {m.name: m for m in config.models}
-        self._devices = {d.device: d for d in config.devices}
+        self._devices = {d.device_id: d for d in config.devices}
         self.links = links  # device_id -> link (the owner may fill it after construction)
         self.global_sched = GlobalScheduler(config.global_)
         self.rates = TokenRateTracker(config.global_.rate_window_s)

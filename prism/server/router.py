@@ -81,10 +81,10 @@ class Router:
     # ---- start and stop --------------------------------------------------------------------
     def _start_workers(self) -> None:
         def start(device):
-            wc = WorkerConfig(device, device_models(self.config, device.device), self.config.local, detokenize=False,
-                              metrics_path=_device_log(self.config.metrics_log, device.device))
-            self._worker_configs[device.device] = wc
-            return self._new_link(device.device)
+            wc = WorkerConfig(device, device_models(self.config, device.device_id), self.config.local, detokenize=False,
+                              metrics_path=_device_log(self.config.metrics_log, device.device_id))
+            self._worker_configs[device.device_id] = wc
+            return self._new_link(device.device_id)
 
         with ThreadPoolExecutor(len(self.config.devices)) as pool:
             futures = [pool.submit(start, d) for d in self.config.devices]
@@ -411,6 +411,6 @@ def _device_log(path: str | None, device: str) -> str | None:
     if path is None:
         return None
     stem, dot, ext = path.rpartition(".")
-    slug = device.replace(":", "")
+    slug = device.replace(":", "").replace("/", "-")
     return f"{stem}-{slug}.{ext}" if dot else f"{path}-{slug}"
 

@@ -91,7 +91,7 @@ class SimCluster:
         self.now = 0.0
         self.t0 = 0.0  # when the trace starts (after the initial placement settled)
         self.cost_sources: dict[tuple[str, str], str] = {}  # (device, model) -> measured/scaled/roofline
-        self.devices = {d.device: _DeviceState(self._make_device(d, profiles), []) for d in config.devices}
+        self.devices = {d.device_id: _DeviceState(self._make_device(d, profiles), []) for d in config.devices}
         self.links = {
             d: SimLink(d, msg.Ready(d, [s.device.model_info(m) for m in s.device.engines]), None, self)
             for d, s in self.devices.items()
@@ -107,11 +107,11 @@ class SimCluster:
 
     # ---- building ------------------------------------------------------------------------------
     def _make_device(self, dev, profiles: ProfileSet) -> SimDevice:
-        specs = device_models(self.config, dev.device)
-        gpus = self.config.gpus.get(dev.device, 1)
+        specs = device_models(self.config, dev.device_id)
+        gpus = self.config.gpus.get(dev.device_id, 1)
         shapes = {s.name: model_shape(s, dev.device) for s in specs}
         truth, how = profiles.cost_model(shapes, dev.device, gpus)
-        self.cost_sources.update({(dev.device, m): h for m, h in how.items()})
+        self.cost_sources.update({(dev.device_id, m): h for m, h in how.items()})
         # A real worker plans with the profiles measured for its models; a TP group has no
         # real worker, so it plans with the group's own profiles.
         if gpus == 1:

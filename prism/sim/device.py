@@ -43,7 +43,7 @@ class SimDevice(DeviceCore):
         self.truth = truth
         self.host = host
         self.cold = ColdShapes(host.cold_shape_s)  # kernels are loaded once per device process
-        self.device_id = dev.device
+        self.device_id = dev.device_id
         self._register_all()
 
     # ---- DeviceCore ----------------------------------------------------------------------------

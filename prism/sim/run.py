@@ -61,7 +61,7 @@ def simulate(config: ClusterConfig, trace: list[TraceRequest], profiles: Profile
     records = cluster.run(trace)
     sources = {m: how for (_, m), how in sorted(cluster.cost_sources.items())}
     return SimResult(config.system, records, time.perf_counter() - start, cluster.num_events,
-                     len(config.devices), sum(config.gpus.get(d.device, 1) for d in config.devices),
+                     len(config.devices), sum(config.gpus.get(d.device_id, 1) for d in config.devices),
                      sources, cluster.memory_samples, cluster.stopped_at)
 
 

@@ -422,7 +422,7 @@ class DeviceCore(ABC):
         c = self.counters
         return msg.DeviceMemory(
             time=self.clock.now() if now is None else now,
-            device=self.config.device.device,
+            device=self.config.device.device_id,
             page_size=self.pool.page_size,
             budget_pages=self.pool.budget_pages,
             free_pages=self.pool.free_pages,

@@ -54,7 +54,7 @@ class WorkerProcess:
         ctx = mp.get_context("spawn")
         self.process = ctx.Process(
             target=worker_main, args=(config, addr_in, addr_out, idle_tick_s), daemon=True,
-            name=f"prism-worker-{config.device.device}",
+            name=f"prism-worker-{config.device.device_id}",
         )
         self.process.start()
         first = self.recv(timeout_s=start_timeout_s)
@@ -63,7 +63,7 @@ class WorkerProcess:
         else:
             self.close()
             reason = first.message if isinstance(first, msg.Failed) else "no answer in time"
-            raise WorkerStartError(f"worker for {config.device.device} did not start: {reason}")
+            raise WorkerStartError(f"worker for {config.device.device_id} did not start: {reason}")
 
     def send(self, message) -> bool:
         """Send without blocking; False when no worker is connected (it died: a blocking PUSH
@@ -132,7 +132,7 @@ def worker_main(config: WorkerConfig, addr_in: str, addr_out: str, idle_tick_s: 
         ctx.term()
         return
     try:
-        send(msg.Ready(config.device.device, [worker.model_info(m) for m in worker.engines]))
+        send(msg.Ready(config.device.device_id, [worker.model_info(m) for m in worker.engines]))
         _serve(worker, inbox, send, idle_tick_s)
     except Exception:
         traceback.print_exc()
@@ -152,7 +152,7 @@ def _open_step_log(worker):
     if not folder:
         return None
     os.makedirs(folder, exist_ok=True)
-    name = worker.config.device.device.replace(":", "")
+    name = worker.config.device.device_id.replace(":", "").replace("/", "-")
     path = os.path.join(folder, f"steps-{name}-{os.getpid()}.jsonl")
     return open(path, "w", buffering=1)  # line by line: what was logged survives a killed worker
 
@@ -202,7 +202,7 @@ def _serve(worker, inbox, send, idle_tick_s: float) -> None:
         if step_log is not None and out.ran_model is not None:
             _log_step(step_log, worker, out, started, took)
         if took > SLOW_STEP_S:  # a whole-device pause: say what the step did (server log)
-            print(f"prism worker {worker.config.device.device}: slow step {took:.2f} s "
+            print(f"prism worker {worker.config.device.device_id}: slow step {took:.2f} s "
                   f"(ran {out.ran_model or '-'}, {out.num_tokens} tokens; "
                   f"activations so far {sum(worker.counters.activations.values())}, "
                   f"evictions {sum(worker.counters.evictions.values())})", file=sys.stderr, flush=True)

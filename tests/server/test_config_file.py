@@ -123,3 +123,28 @@ def test_configs_built_in_code_keep_the_same_rules():
             build()
     assert EngineConfig(max_model_len=None).max_model_len is None  # None allowed where the type says so
     assert GlobalSchedulerConfig(migration_threshold=float("inf"), placement_period_s=0.0).placement_period_s == 0.0
+
+
+def test_nodes_name_devices_across_machines():
+    two_nodes = {
+        "nodes": [{"name": "a", "host_memory": "8GiB"}, {"name": "b"}],
+        "devices": [{"device": "cpu", "memory": "1GiB", "node": "a"}, {"device": "cpu", "memory": "1GiB", "node": "b"}],
+        "models": [{"name": "m", "source": "tiny-llama:random", "device": "b/cpu"}],
+    }
+    c = parse_config(two_nodes)
+    assert [d.device_id for d in c.devices] == ["a/cpu", "b/cpu"]
+    assert [(n.name, n.host_memory_bytes) for n in c.nodes] == [("a", 8 << 30), ("b", None)]
+    assert c.pinned == {"m": "b/cpu"} and c.device("b/cpu").node == "b"
+    single = parse_config(BASE)
+    assert [n.name for n in single.nodes] == [""] and single.devices[0].device_id == "cpu"
+
+
+@pytest.mark.parametrize("nodes, devices, where", [
+    ([{"name": "a"}], [{"device": "cpu", "memory": "1GiB", "node": "z"}], "devices.0.node"),
+    ([{"name": "a"}, {"name": "a"}], [{"device": "cpu", "memory": "1GiB", "node": "a"}], "lists a node twice"),
+    ([], [{"device": "cpu", "memory": "1GiB", "node": "a"}, {"device": "cpu", "memory": "1GiB", "node": "a"}], "twice"),
+    ([{"name": "a", "host_memory": "lots"}], [{"device": "cpu", "memory": "1GiB", "node": "a"}], "nodes.0.host_memory"),
+])
+def test_node_errors(nodes, devices, where):
+    with pytest.raises(ConfigError, match=where):
+        parse_config({**BASE, "nodes": nodes, "devices": devices})
