@@ -92,7 +92,7 @@ def create_app(backend: ServingBackend, api_key: str | None = None, max_body_byt
 
     @protected.get("/openapi.json", include_in_schema=False)
     async def openapi():
-        return JSONResponse(_openapi_schema(app))
+        return JSONResponse(_openapi_schema(app, [m["id"] for m in P.model_list(backend.model_cards())["data"]]))
 
     @protected.get("/docs", include_in_schema=False)
     async def docs():
@@ -118,13 +118,15 @@ _REF_TEMPLATE = "#/components/schemas/{model}"
 
 
 def _json_body(model_cls: type[BaseModel]) -> dict:
-    """An OpenAPI requestBody for a route that reads its body by hand (see parse_body)."""
-    schema = model_cls.model_json_schema(ref_template=_REF_TEMPLATE)
-    schema.pop("$defs", None)  # added to components by _openapi_schema
+    """An OpenAPI requestBody for a route that reads its body by hand (see parse_body); the
+    schema itself is added to the components by _openapi_schema."""
+    schema = {"$ref": _REF_TEMPLATE.format(model=model_cls.__name__)}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def _openapi_schema(app: FastAPI) -> dict:
+def _openapi_schema(app: FastAPI, served: list[str]) -> dict:
+    """The OpenAPI document, its `model` fields naming the served models: a schema-driven client
+    or fuzzer then reaches past the 404 of an unknown model."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -132,6 +134,9 @@ def _openapi_schema(app: FastAPI) -> dict:
             full = model_cls.model_json_schema(ref_template=_REF_TEMPLATE)
             components.update(full.pop("$defs", {}))
             components[model_cls.__name__] = full
+            full["properties"]["model"]["enum"] = served
+        for param in schema["paths"]["/v1/models/{model_id}"]["get"]["parameters"]:
+            param["schema"]["enum"] = served
         app.openapi_schema = schema
     return app.openapi_schema
 
