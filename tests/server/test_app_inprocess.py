@@ -565,11 +565,12 @@ def test_method_not_allowed_has_allow_header(http):
 def test_openapi_documents_request_bodies(http):
     schema = http.get("/openapi.json").json()
     for path, model_name in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
-        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{model_name}"
+        body = schema["components"]["schemas"][model_name]
         assert "model" in body["properties"] and "model" in body["required"]
-        assert model_name in schema["components"]["schemas"]
-    assert "prompt" in schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"][
-        "schema"]["properties"]
+        assert body["properties"]["model"]["enum"] == [m["id"] for m in http.get("/v1/models").json()["data"]]
+    assert "prompt" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
     refs = set()
 
     def walk(v):
