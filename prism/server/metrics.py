@@ -16,7 +16,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class ServerMetrics:
-    def __init__(self, reports: Callable[[], dict[str, DeviceMemory]], queue_depth: Callable[[], dict[str, int]]):
+    def __init__(self, reports: Callable[[], dict[str, DeviceMemory]], queue_depth: Callable[[], dict[str, int]],
+                 worker_states: Callable[[], dict[str, str]] = dict):
         self.registry = CollectorRegistry()
         self.ttft = Histogram("prism_ttft_seconds", "Time to first token", ["model"],
                               buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -26,6 +27,9 @@ class ServerMetrics:
         self.slo_met: Counter = Counter()  # (model, "ttft"|"tpot")
         self.slo_total: Counter = Counter()
         self.migrations: Counter = Counter()  # model
+        self.worker_deaths: Counter = Counter()  # device
+        self.worker_restarts: Counter = Counter()  # (device, "ok" | "failed"): attempts that ended so
+        self._worker_states = worker_states  # device -> up | restarting | failed
         self._reports = reports
         self._queue_depth = queue_depth
         self.registry.register(_Collector(self))
@@ -67,7 +71,18 @@ class _Collector:
         migr = CounterMetricFamily("prism_migrations", "Model migrations", labels=["model"])
         for model, n in m.migrations.items():
             migr.add_metric([model], n)
-        yield from (done, attain, depth, migr)
+        deaths = CounterMetricFamily("prism_worker_deaths", "Device workers that died", labels=["device"])
+        for device, n in m.worker_deaths.items():
+            deaths.add_metric([device], n)
+        restarts = CounterMetricFamily("prism_worker_restarts", "Attempts to start a dead device worker again",
+                                       labels=["device", "result"])
+        for (device, result), n in m.worker_restarts.items():
+            restarts.add_metric([device, result], n)
+        up = GaugeMetricFamily("prism_worker_up", "1 while the device's worker serves, 0 while it restarts or failed",
+                               labels=["device", "state"])
+        for device, state in m._worker_states().items():
+            up.add_metric([device, state], 1.0 if state == "up" else 0.0)
+        yield from (done, attain, depth, migr, deaths, restarts, up)
         yield from _device_families(m._reports())
 
 

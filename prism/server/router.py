@@ -60,7 +60,7 @@ class Router:
         self.links: dict[str, WorkerLink] = {}
         self.created = int(time.time())
         self._streams: dict[str, _Stream] = {}
-        self.metrics = ServerMetrics(self._reports, self._queue_depth)
+        self.metrics = ServerMetrics(self._reports, self._queue_depth, self._worker_states)
         # Routing, placement and global ticks: shared with the simulator (prism.sim).
         self.control = ClusterControl(config, self.links, self._queue_depth, self.metrics.migrations)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -273,6 +273,7 @@ class Router:
         if self._closed or device in self._restarting or self._loop is None:
             return
         self._restarting[device] = asyncio.Event()
+        self.metrics.worker_deaths[device] += 1
         task = self._loop.create_task(self._restart(device), name=f"restart-{device}")
         self._restart_tasks.add(task)
         task.add_done_callback(self._restart_tasks.discard)
@@ -296,6 +297,7 @@ class Router:
                     link = await loop.run_in_executor(None, self._new_link, device)
                 except Exception as e:
                     log.error("restarting worker %s failed: %s", device, e)
+                    self.metrics.worker_restarts[(device, "failed")] += 1
                     continue
                 if self._closed:
                     link.close()
@@ -303,6 +305,7 @@ class Router:
                 self.links[device] = link  # the dict ClusterControl shares: fresh Ready, no report yet
                 link.attach(loop, self._on_message)
                 self.control.mark_up(device)
+                self.metrics.worker_restarts[(device, "ok")] += 1
                 log.info("worker %s restarted (attempt %d)", device, self.restarts.attempts(device))
                 return
         finally:

@@ -8,6 +8,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import running_server
 
@@ -82,6 +83,15 @@ def test_kill_9_worker_is_restarted(server):
     assert state["workers"]["cpu"]["state"] == "up" and state["workers"]["cpu"]["restarts"] == 1
     new_worker = worker_of(proc)
     assert new_worker.pid != worker.pid
+    metrics = metric_samples(httpx.get(f"{base}/metrics").text)
+    assert metrics[("prism_worker_deaths_total", (("device", "cpu"),))] == 1
+    assert metrics[("prism_worker_restarts_total", (("device", "cpu"), ("result", "ok")))] == 1
+    assert metrics[("prism_worker_up", (("device", "cpu"), ("state", "up")))] == 1
+
+
+def metric_samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 TWO_DEVICES = config(["cpu:0", "cpu:1"])

@@ -11,6 +11,7 @@ from prism.cluster.control import DeviceDown
 from prism.cluster.supervision import RestartBudget
 from prism.server.backend import GenerationRequest, RequestTimedOut, WorkerFailed
 from prism.server.errors import to_api_error
+from prism.server.metrics import ServerMetrics
 from prism.server.router import Router
 from prism.types import SamplingParams
 from prism.worker import messages as msg
@@ -38,6 +39,7 @@ def bare_router(route, timeout_s: float = 600.0):
     router.specs, router.tokenizers, router._streams = {"m": None}, {"m": None}, {}
     router._start_s, router.restarts = {}, RestartBudget()
     router.config = SimpleNamespace(request_timeout_s=timeout_s)
+    router.metrics = ServerMetrics(dict, dict, router._worker_states)
     sent = []
     router.control = SimpleNamespace(max_model_len=lambda model: 100, route=route, record_arrival=lambda *a: None,
                                      hosting_up=lambda model: ["cpu"], hosting=lambda model: ["cpu"])
@@ -120,6 +122,8 @@ def test_a_dead_worker_is_restarted_once_it_starts():
     router = supervise(new_link)
     assert len(tries) == 3 and router.links["cpu"].attached and router.control.up == ["cpu"]
     assert router._worker_states() == {"cpu": "up"} and router.failed == set()
+    assert router.metrics.worker_deaths == {"cpu": 1}
+    assert router.metrics.worker_restarts == {("cpu", "failed"): 2, ("cpu", "ok"): 1}
 
 
 def test_a_worker_that_never_starts_is_failed_for_good():
@@ -127,3 +131,5 @@ def test_a_worker_that_never_starts_is_failed_for_good():
         raise RuntimeError("broken")
     router = supervise(new_link)
     assert router.failed == {"cpu"} and router.control.up == [] and router._worker_states() == {"cpu": "failed"}
+    assert router.metrics.worker_restarts == {("cpu", "failed"): 3}
+    assert b'prism_worker_up{device="cpu",state="failed"} 0.0' in router.metrics.exposition()[0]
