@@ -23,7 +23,9 @@ from prism.worker import messages as msg
 
 log = logging.getLogger("prism.control")
 TICK_S = 0.5  # how often the frontend asks for memory reports and runs the global scheduler
-ACTIVATION_GRACE_S = 30.0  # an activation not reported done after this long is forgotten
+# An activation the device could not carry out yet (no room) is re-decided after this long;
+# one carried out is known at once (the device's Activated message).
+ACTIVATION_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,13 @@ class ClusterControl:
         self._pending_activation: dict[str, tuple[str, float]] = {}  # model -> (device, since)
         self._migrating: dict[str, _Migration] = {}  # model -> move whose target is not ready yet
         self._leaving: dict[str, str] = {}  # model -> migration source draining it
+        self._queue_of: dict[str, str] = {}  # model -> device its latest request went to
         self.migrations = migrations if migrations is not None else Counter()
         self._infos: tuple[int, dict[str, ModelInfo]] | None = None
-        self._by_device: tuple[tuple, dict[str, tuple[str, ...]]] | None = None
+        # device -> models resident there: from each device's Ready, then its Activated and
+        # Evicted messages, as they happen (reports are for memory, not residency).
+        self._resident: dict[str, set[str]] = {}
+        self._by_device: dict[str, tuple[str, ...]] | None = None
         # Devices whose worker died (restarting or failed for good): nothing is routed there,
         # the global scheduler does not see them, and their last report no longer counts.
         self.down: set[str] = set()
@@ -91,6 +97,7 @@ class ClusterControl:
     def mark_up(self, device: str) -> None:
         """`device` has a fresh worker (its link's Ready and reports are new)."""
         self.down.discard(device)
+        self._resident.pop(device, None)  # what its new worker holds: its Ready, then its notices
         self._by_device = None
         self.links[device].send(msg.ReportMemory())
 
@@ -151,10 +158,17 @@ class ClusterControl:
         Raises DeviceDown when every device that hosts it is down."""
         if not self.hosting_up(model):
             raise DeviceDown(model, self._hosting(model))
+        device = self._choose_device(model, now)
+        self._queue_of[model] = device
+        return device
+
+    def _choose_device(self, model: str, now: float) -> str:
         view = self.cluster_view(now)
         device = self.global_sched.route(view, model)
         if device is not None:
             return device
+        if self.config.system_spec.keeps_groups:
+            return self._join_queue(model)
         pending = self._pending_activation.get(model)
         if pending is not None and now - pending[1] < ACTIVATION_GRACE_S and pending[0] not in self.down:
             return pending[0]
@@ -166,6 +180,22 @@ class ClusterControl:
         # No device can make room now: queue it where it may run; that worker's local
         # scheduler activates it as soon as memory allows.
         return min(self.hosting_up(model), key=lambda d: self._kvpr(view, d))
+
+    def _join_queue(self, model: str) -> str:
+        """QLM-style request groups (a system whose devices swap models in themselves): a
+        request for a model resident nowhere joins the device queue where that model's requests
+        in flight already wait, so the group is served in one turn there; a new group joins the
+        queue with the fewest requests in flight. The device's own policy swaps the model in
+        when the group's turn comes; the frontend orders no activation."""
+        in_flight = self._in_flight()
+        up = self.hosting_up(model)
+        home = self._queue_of.get(model)
+        if home in up and in_flight.get(model):
+            return home
+        load = Counter()
+        for m, d in self._queue_of.items():
+            load[d] += in_flight.get(m, 0)
+        return min(up, key=lambda d: (load[d], d))
 
     def record_arrival(self, model: str, now: float, num_prompt_tokens: int, max_tokens: int) -> None:
         self.rates.record_arrival(model, now, num_prompt_tokens, max_tokens)
@@ -257,18 +287,29 @@ class ClusterControl:
             self._infos = (len(self.links), infos)
         return self._infos[1]
 
+    def on_residency(self, device_id: str, notice: msg.Activated | msg.Evicted) -> None:
+        """A device says a model came or went (whoever decided it)."""
+        resident = self._resident_on(device_id)
+        if isinstance(notice, msg.Activated):
+            resident.add(notice.model)
+            pending = self._pending_activation.get(notice.model)
+            if pending is not None and pending[0] == device_id:
+                del self._pending_activation[notice.model]
+        else:
+            resident.discard(notice.model)
+        self._by_device = None
+
+    def _resident_on(self, device_id: str) -> set[str]:
+        if device_id not in self._resident:  # as the device said when it started
+            self._resident[device_id] = {i.name for i in self.links[device_id].ready.models if i.resident}
+        return self._resident[device_id]
+
     def _resident_by_device(self) -> dict[str, tuple[str, ...]]:
-        """device -> models resident there, as of the latest reports (recomputed only when a
-        report changed: the cache holds the report objects it was computed from)."""
-        reports = tuple(link.report for link in self.links.values())
-        cached = self._by_device
-        if cached is None or len(cached[0]) != len(reports) or any(a is not b for a, b in zip(cached[0], reports)):
-            by_device: dict[str, list[str]] = {}
-            for model, devices in self.residency().items():
-                for d in devices:
-                    by_device.setdefault(d, []).append(model)
-            cached = self._by_device = (reports, {d: tuple(ms) for d, ms in by_device.items()})
-        return cached[1]
+        """device -> models resident there, in the order the device listed its models."""
+        if self._by_device is None or self._by_device.keys() != self.links.keys() - self.down:
+            self._by_device = {d: tuple(i.name for i in link.ready.models if i.name in self._resident_on(d))
+                               for d, link in self.links.items() if d not in self.down}
+        return self._by_device
 
     def memory_bytes(self, device_id: str) -> int:
         dev = self._device(device_id)
@@ -278,19 +319,11 @@ class ClusterControl:
         return self._devices[device_id]
 
     def residency(self) -> dict[str, list[str]]:
-        """model -> devices where it is resident, as of each device's latest report."""
+        """model -> devices where it is resident, as the devices said."""
         out: dict[str, list[str]] = {}
-        for device, link in self.links.items():
-            if device in self.down:
-                continue
-            if link.report is None:
-                for i in link.ready.models:
-                    if i.resident:
-                        out.setdefault(i.name, []).append(device)
-                continue
-            for model, st in link.report.models.items():
-                if st.resident:
-                    out.setdefault(model, []).append(device)
+        for device, models in self._resident_by_device().items():
+            for model in models:
+                out.setdefault(model, []).append(device)
         return out
 
 

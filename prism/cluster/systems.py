@@ -60,6 +60,10 @@ class SystemSpec:
     keeps_all_resident: bool  # every model stays resident where it was placed (refused if none fits)
     static_kv_shares: bool  # each model's KV capped at a share of its device (S-Partition)
     device_per_model: bool  # one device per model (no sharing at all)
+    # A request for a model resident nowhere joins a device queue (QLM-style request groups:
+    # the one its model's requests in flight wait on, else the least loaded) and that device's
+    # own policy swaps the model in; the frontend orders no activation (ClusterControl._join_queue).
+    keeps_groups: bool = False
 
     def scheduler_configs(self, s: SchedulerKnobs) -> tuple[LocalSchedulerConfig, GlobalSchedulerConfig]:
         """The local and global scheduler settings this system runs with: prism shares memory
@@ -91,7 +95,8 @@ SYSTEMS: dict[System, SystemSpec] = {s.system: s for s in (
     SystemSpec(System.MUXSERVE, "models pinned by popularity, one elastic KV pool per device",
                places_at_start=True, keeps_all_resident=True, static_kv_shares=False, device_per_model=False),
     SystemSpec(System.SWAP, "time sharing: one resident model per device, served in arrival groups",
-               places_at_start=True, keeps_all_resident=False, static_kv_shares=False, device_per_model=False),
+               places_at_start=True, keeps_all_resident=False, static_kv_shares=False, device_per_model=False,
+               keeps_groups=True),
     SystemSpec(System.DEDICATED, "one device per model",
                places_at_start=True, keeps_all_resident=True, static_kv_shares=False, device_per_model=True),
 )}

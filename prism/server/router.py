@@ -258,6 +258,8 @@ class Router:
             stream = self._streams.get(m.req_id)
             if stream is not None:
                 self._fail(stream, RequestError(m.message))
+        elif isinstance(m, (msg.Activated, msg.Evicted)):
+            self.control.on_residency(device, m)
         elif isinstance(m, msg.MemoryReport):
             self.links[device].report = m.report
         elif isinstance(m, msg.Failed):

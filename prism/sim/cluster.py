@@ -135,6 +135,8 @@ class SimCluster:
         if isinstance(m, msg.MemoryReport):
             self.links[device_id].report = m.report
             self.memory_samples.append({"kind": "device", **msgspec.to_builtins(m.report)})
+        elif isinstance(m, (msg.Activated, msg.Evicted)):
+            self.control.on_residency(device_id, m)
         elif isinstance(m, msg.Rejected):
             self._fail(m.req_id, f"BadRequestError: {m.message}")
 

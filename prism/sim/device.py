@@ -67,6 +67,8 @@ class SimDevice(DeviceCore):
         before = self._residency_marks()
         wall = time.perf_counter()
         out = self.step()
+        for notice in self.take_notices():  # activations and evictions, as a worker sends them
+            send(notice)
         if self.host.scheduling_scale and out.num_tokens:
             self.clock.advance(self.host.scheduling_scale * (time.perf_counter() - wall))
         if out.num_tokens or self.clock.now() > start or self._residency_marks() != before:

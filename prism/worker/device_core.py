@@ -121,6 +121,9 @@ class DeviceCore(ABC):
         self.local = LocalScheduler(config.scheduler, self.cost)
         self.metrics = MetricsLog(config.metrics_path, config.sample_interval_s, config.metrics_keep_last)
         self.counters = DeviceCounters()
+        # Activated / Evicted, as they happen (frontend-ordered or the local scheduler's own),
+        # for the cluster layer: what it knows of residency comes from these.
+        self._notices: list[msg.Activated | msg.Evicted] = []
         self.engines: dict[str, DeviceEngine] = {}
         self.specs: dict[str, ModelSpec] = {}
         self.last_used: dict[str, float] = {}
@@ -156,6 +159,7 @@ class DeviceCore(ABC):
         except BaseException:
             self.close()
             raise
+        self._notices.clear()  # what loading moved aside is in the start-up message (Ready)
 
     def _register(self, spec: ModelSpec) -> None:
         if spec.name in self.engines:
@@ -225,6 +229,7 @@ class DeviceCore(ABC):
         self._touch(model_id)
         self.counters.preemptions[model_id] += len(preempted)
         self.counters.evictions[model_id] += 1
+        self._notices.append(msg.Evicted(model_id, len(preempted)))
         self.draining.discard(model_id)
         self._pause(model_id, False)
 
@@ -243,7 +248,13 @@ class DeviceCore(ABC):
         self._touch(model_id)
         self.counters.activations[model_id] += 1
         self.counters.activation_seconds[model_id] += self.clock.now() - start
+        self._notices.append(msg.Activated(model_id))
         return True
+
+    def take_notices(self) -> list[msg.Activated | msg.Evicted]:
+        """The residency changes since the last call, in order (for the frontend)."""
+        notices, self._notices = self._notices, []
+        return notices
 
     def _engine(self, model_id: str) -> DeviceEngine:
         try:

@@ -84,6 +84,19 @@ class Finished(msgspec.Struct, tag="finished", frozen=True):
     finish_reason: str
 
 
+class Activated(msgspec.Struct, tag="activated", frozen=True):
+    """A model's weights are on the device again (sent when it happens, whoever decided it)."""
+
+    model: str
+
+
+class Evicted(msgspec.Struct, tag="evicted", frozen=True):
+    """A model's weights and KV left the device; its running requests wait to be recomputed."""
+
+    model: str
+    num_preempted: int
+
+
 class Rejected(msgspec.Struct, tag="rejected", frozen=True):
     req_id: str
     message: str  # why the request cannot be served (bad input): safe to show the user
@@ -118,4 +131,4 @@ class MemoryReport(msgspec.Struct, tag="memory", frozen=True):
     report: DeviceMemory
 
 
-FromWorker = Ready | Failed | Tokens | Finished | Rejected | MemoryReport
+FromWorker = Ready | Failed | Tokens | Finished | Activated | Evicted | Rejected | MemoryReport

@@ -199,6 +199,8 @@ def _serve(worker, inbox, send, idle_tick_s: float) -> None:
         started = time.perf_counter()
         out = worker.step()
         took = time.perf_counter() - started
+        for notice in worker.take_notices():  # activations and evictions, ordered or local
+            send(notice)
         if step_log is not None and out.ran_model is not None:
             _log_step(step_log, worker, out, started, took)
         if took > SLOW_STEP_S:  # a whole-device pause: say what the step did (server log)

@@ -1,7 +1,9 @@
 """Each serving system's defining behaviour, as the simulator shows it (H100 nominal rates)."""
 import copy
+import dataclasses
 
 from prism.bench.trace import TraceRequest, poisson_trace
+from prism.cluster.systems import SYSTEMS, System
 from prism.memory.page_pool import Owner
 from prism.sim.cluster import SimCluster
 from prism.sim.costs import ProfileSet
@@ -145,3 +147,22 @@ def test_static_and_muxserve_serve_a_small_request_while_a_big_model_decodes():
 def test_swap_serves_the_small_request_after_the_big_models_group():
     small_ttft, _, big_finish = pair_run("swap")
     assert 0.5 + small_ttft > big_finish  # the 8B's group ran to the end first
+
+
+def test_swap_keeps_each_models_requests_in_one_device_queue(monkeypatch):
+    """QLM-style groups: a request for a model resident nowhere joins the queue where its
+    model's requests in flight wait, and that device swaps the model in once for the group.
+    Placing each such request anew instead (as prism places activations) swaps more often
+    and makes requests wait longer."""
+    busy = poisson_trace({"m0": 3.0, "m1": 2.0, "m2": 2.0, "m3": 1.0}, 20.0, (64, 512), (8, 128), seed=3)
+    outcome = {}
+    for keeps_groups in (True, False):
+        spec = dataclasses.replace(SYSTEMS[System.SWAP], keeps_groups=keeps_groups)
+        monkeypatch.setitem(SYSTEMS, System.SWAP, spec)
+        cluster = SimCluster(config_for(RAW, "swap"), ROOFLINE)
+        records = cluster.run(busy)
+        assert all(r.ok for r in records)
+        swaps = sum(sum(d.device.counters.activations.values()) for d in cluster.devices.values())
+        ttfts = sorted(r.ttft for r in records)
+        outcome[keeps_groups] = swaps, ttfts[int(0.9 * len(ttfts))]
+    assert outcome[True][0] < outcome[False][0] and outcome[True][1] < outcome[False][1], outcome
