@@ -70,22 +70,24 @@ def _apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
                      history: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     """vLLM's penalties: repetition over prompt and output tokens (a seen token's logit is
     divided by the penalty if positive, multiplied if not), then frequency (per occurrence)
-    and presence (once) over the output tokens. Rows without penalties get neutral values."""
+    and presence (once) over the output tokens. Only the rows with a penalty are computed
+    (their [rows, V] counts are the cost) and written back."""
+    rows = [i for i, p in enumerate(params) if p.uses_penalties]
     dev, vocab = logits.device, logits.shape[1]
-    presence = torch.tensor([p.presence_penalty for p in params], device=dev).unsqueeze(1)
-    frequency = torch.tensor([p.frequency_penalty for p in params], device=dev).unsqueeze(1)
-    repetition = torch.tensor([p.repetition_penalty for p in params], device=dev).unsqueeze(1)
-    # Histories of rows without a penalty (or without a repetition penalty, for the prompt)
-    # are left out: they would only cost the copy.
-    outputs = [h[1] if p.uses_penalties else [] for p, h in zip(params, history)]
-    prompts = [h[0] if p.repetition_penalty != 1.0 else [] for p, h in zip(params, history)]
-    output_counts = _token_counts(outputs, vocab, dev)
-    logits = logits.float()
-    if any(p.repetition_penalty != 1.0 for p in params):
+    chosen = [params[i] for i in rows]
+    presence = torch.tensor([p.presence_penalty for p in chosen], device=dev).unsqueeze(1)
+    frequency = torch.tensor([p.frequency_penalty for p in chosen], device=dev).unsqueeze(1)
+    repetition = torch.tensor([p.repetition_penalty for p in chosen], device=dev).unsqueeze(1)
+    index = torch.tensor(rows, device=dev)
+    sub = logits.index_select(0, index).float()
+    output_counts = _token_counts([history[i][1] for i in rows], vocab, dev)
+    if any(p.repetition_penalty != 1.0 for p in chosen):
+        # Prompts of rows without a repetition penalty are left out: they would only cost the copy.
+        prompts = [history[i][0] if params[i].repetition_penalty != 1.0 else [] for i in rows]
         seen = (output_counts > 0) | (_token_counts(prompts, vocab, dev) > 0)
-        penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
-        logits = torch.where(seen, penalised, logits)
-    return logits - frequency * output_counts - presence * (output_counts > 0).float()
+        sub = torch.where(seen, torch.where(sub > 0, sub / repetition, sub * repetition), sub)
+    sub = sub - frequency * output_counts - presence * (output_counts > 0).float()
+    return logits.float().index_copy(0, index, sub)
 
 
 def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
