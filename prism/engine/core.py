@@ -18,7 +18,7 @@ from prism.engine.executor import Executor, ModelSizes, context_limit
 from prism.engine.memory_plan import check_prompt_fits, max_kv_blocks
 from prism.engine.output_processor import OutputProcessor, TokenEvent
 from prism.engine.scheduler import Scheduler, VictimChooser
-from prism.engine.sequence import Sequence, StepPlan
+from prism.engine.sequence import SampledToken, Sequence, StepPlan
 from prism.sched.view import SLO
 from prism.types import CompletionOutput, FinishReason, RequestError, SamplingParams, SeqStatus
 
@@ -71,6 +71,7 @@ class EngineCore:
         """Validate a request and build its sequence, without queueing it."""
         token_ids = self._prompt_ids(prompt)
         self._check_fits(len(token_ids))
+        params.check_vocabulary(self.sizes.vocab_size)
         req_id = req_id or f"{self.model_id}-{next(self._req_counter)}"
         if req_id in self._requests:
             raise RequestError(f"request id {req_id!r} is already in use")
@@ -173,10 +174,10 @@ class EngineCore:
         self.blocks.trim()
         return finished
 
-    def _process_tokens(self, sampled: list[tuple[Sequence, int]], now: float) -> list[CompletionOutput]:
+    def _process_tokens(self, sampled: list[SampledToken], now: float) -> list[CompletionOutput]:
         finished = []
-        for seq, token in sampled:
-            event = self.outputs.on_token(seq, token, now)
+        for seq, token, logprobs in sampled:
+            event = self.outputs.on_token(seq, token, now, logprobs)
             self._events.append(event)
             if event.finish_reason is not None:
                 finished.append(self._finish(seq, event.finish_reason, now))

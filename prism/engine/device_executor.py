@@ -24,7 +24,7 @@ from prism.engine.model_runner import ModelRunner
 from prism.engine.model_weights import ModelWeights
 from prism.engine.ops import make_ops
 from prism.engine.parallel import TPGroup, TPPageMapper
-from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
+from prism.engine.sequence import SampledToken, ScheduledChunk, Sequence, StepPlan
 from prism.engine.tp_shard import TPShard
 from prism.engine.weights import iter_source_weights
 from prism.errors import UserError
@@ -171,7 +171,7 @@ class DeviceExecutor:
     def num_kv_pages(self) -> int:
         return self.kv.num_mapped_pages * self.kv.pages_per_kv_page if self.kv else 0
 
-    def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[tuple[Sequence, int]]:
+    def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[SampledToken]:
         return self.runner.execute(plan, while_running)
 
     def forget(self, seq: Sequence) -> None:

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 from prism.config import EngineConfig, ModelConfig
 from prism.engine.block_manager import PageMapper
 from prism.engine.memory_plan import KVGeometry
-from prism.engine.sequence import Sequence, StepPlan
+from prism.engine.sequence import SampledToken, Sequence, StepPlan
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ class Executor(Protocol):
     def num_kv_pages(self) -> int:
         """Physical pages the model's KV holds now."""
 
-    def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[tuple[Sequence, int]]:
-        """Run one step: (sequence, sampled token) for each chunk that samples, in plan order.
+    def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[SampledToken]:
+        """Run one step: (sequence, sampled token, logprobs) for each chunk that samples, in plan order.
         `while_running` is called once, while the step runs (host work that overlaps it)."""
 
     def forget(self, seq: Sequence) -> None:

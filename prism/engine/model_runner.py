@@ -15,8 +15,8 @@ from prism.engine.attention import AttentionMetadata
 from prism.engine.cuda_graph import DecodeGraphs, HostDecodeBatch
 from prism.engine.kv_cache import PagedKVCache
 from prism.engine.llama import LlamaModel
-from prism.engine.sampler import make_generator, sample
-from prism.engine.sequence import Sequence, StepPlan
+from prism.engine.sampler import compute_logprobs, make_generator, sample
+from prism.engine.sequence import SampledToken, Sequence, StepPlan
 
 VECTORIZE_ABOVE = 16  # chunks longer than this compute their slots with numpy
 
@@ -142,8 +142,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, while_gpu_runs: Callable[[], None] | None = None
-                ) -> list[tuple[Sequence, int]]:
-        """Run one step; returns (sequence, sampled token) for each sequence that samples.
+                ) -> list[SampledToken]:
+        """Run one step; returns (sequence, sampled token, its logprobs if asked) for each
+        sequence that samples.
         `while_gpu_runs` is called once the step is queued on the device and before waiting
         for its tokens: host work placed there overlaps the GPU's."""
         hb = self.host_batch(plan)
@@ -155,13 +156,17 @@ class ModelRunner:
         logits = self.model.logits(hidden)
         params = [s.params for s in hb.sampled_seqs]
         gens = [self._generator(s) for s in hb.sampled_seqs]
-        tokens = sample(logits, params, gens)
+        history = [(s.prompt_token_ids, s.output_token_ids) for s in hb.sampled_seqs]
+        tokens = sample(logits, params, gens, history)
         tp = self.model.tp
         if tp is not None and not all(p.greedy for p in params):
             tokens = tp.broadcast(tokens)
+        logprobs = compute_logprobs(logits, params, tokens)  # after the broadcast: of the tokens kept
         if while_gpu_runs is not None:
             while_gpu_runs()
-        return list(zip(hb.sampled_seqs, tokens.tolist()))
+        token_list = tokens.tolist()
+        lps = logprobs.to_host(len(token_list)) if logprobs is not None else [None] * len(token_list)
+        return [SampledToken(s, t, lp) for s, t, lp in zip(hb.sampled_seqs, token_list, lps)]
 
     @torch.inference_mode()
     def logits_for(self, plan: StepPlan) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from prism.engine.sequence import Sequence
 from prism.engine.tokenizer import Tokenizer
-from prism.types import CompletionOutput, FinishReason
+from prism.types import CompletionOutput, FinishReason, TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class TokenEvent:
     text: str  # newly printable text ("" while a character or a possible stop string is pending)
     time: float
     finish_reason: FinishReason | None = None
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass
@@ -32,6 +33,7 @@ class _Record:
     text: str = ""
     hit_stop_string: bool = False
     token_times: list[float] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None  # when the request asked for them
 
 
 class OutputProcessor:
@@ -55,17 +57,20 @@ class OutputProcessor:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens)
             stops = StopStringMatcher(seq.params.stop) if seq.params.stop else None
-        self._records[seq.req_id] = _Record(seq, detok, stops)
+        logprobs = [] if seq.params.logprobs is not None else None
+        self._records[seq.req_id] = _Record(seq, detok, stops, logprobs=logprobs)
 
-    def on_token(self, seq: Sequence, token: int, now: float) -> TokenEvent:
+    def on_token(self, seq: Sequence, token: int, now: float, logprobs: TokenLogprobs | None = None) -> TokenEvent:
         """Append a sampled token; the event says whether the request is now finished."""
         rec = self._records[seq.req_id]
         seq.output_token_ids.append(token)
+        if rec.logprobs is not None and logprobs is not None:
+            rec.logprobs.append(logprobs)
         seq.first_token_time = seq.first_token_time or now
         seq.last_token_time = now
         rec.token_times.append(now)
         reason, text = self._check(rec, token)
-        return TokenEvent(seq.req_id, token, text, now, reason)
+        return TokenEvent(seq.req_id, token, text, now, reason, logprobs)
 
     def _check(self, rec: _Record, token: int) -> tuple[FinishReason | None, str]:
         seq, params = rec.seq, rec.seq.params
@@ -101,6 +106,7 @@ class OutputProcessor:
             finish_reason=reason,
             num_preemptions=seq.num_preemptions,
             metrics=request_metrics(seq, rec.token_times, now),
+            logprobs=rec.logprobs,
         )
 
 

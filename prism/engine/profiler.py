@@ -167,7 +167,7 @@ def _time_mixed(session: _Session, prefill: int, batch: int, context: int, repea
             plan = StepPlan(chunks + (ScheduledChunk(new, 0, prefill),))
             seconds, sampled = _timed_execute(engine, plan)
             engine.scheduler.commit(StepPlan(chunks))
-            for seq, token in sampled:
+            for seq, token, _ in sampled:
                 if seq is not new:
                     seq.output_token_ids.append(token)
             times.append(seconds)
@@ -189,7 +189,7 @@ def timed_decode_steps(engine: LLMEngine, seqs: list[Sequence], num_steps: int) 
         plan = decode_plan(seqs)
         seconds, sampled = _timed_execute(engine, plan)
         engine.scheduler.commit(plan)
-        for seq, token in sampled:
+        for seq, token, _ in sampled:
             seq.output_token_ids.append(token)
         times.append(seconds)
     return times
@@ -200,7 +200,7 @@ def prefill_all(engine: LLMEngine, seqs: list[Sequence], context: int) -> None:
     per_step = max(1, engine.scheduler.config.max_num_batched_tokens // context)
     for i in range(0, len(seqs), per_step):
         plan = StepPlan(tuple(ScheduledChunk(s, 0, context) for s in seqs[i : i + per_step]))
-        for seq, token in engine.runner.execute(plan):
+        for seq, token, _ in engine.runner.execute(plan):
             seq.output_token_ids.append(token)
         engine.scheduler.commit(plan)
 

@@ -5,9 +5,10 @@ Torch-free on purpose: the schedulers (and later the simulator) read and move th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from prism.sched.view import SLO
-from prism.types import FinishReason, SamplingParams, SeqStatus
+from prism.types import FinishReason, SamplingParams, SeqStatus, TokenLogprobs
 
 
 @dataclass(eq=False)  # identity semantics: a sequence is a live object, two are never "equal"
@@ -62,6 +63,14 @@ class Sequence:
     @property
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+
+class SampledToken(NamedTuple):
+    """What a step sampled for one sequence (an executor's result, one per sampling chunk)."""
+
+    seq: Sequence
+    token_id: int
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True)

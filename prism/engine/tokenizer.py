@@ -90,14 +90,14 @@ class Tokenizer:
         # Added tokens count too (e.g. chat markers), as len() of a transformers tokenizer.
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise RequestError(f"prompt must be a string, got {type(text).__name__}")
         # Same as transformers' tokenizer(text).input_ids: the post-processor adds BOS if the
         # checkpoint asks for it.
-        return self.backend.encode(text).ids
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         _check_messages(messages)
         if not self.chat_template:
             raise RequestError("this model's tokenizer has no chat template; send a plain prompt instead")
@@ -108,7 +108,8 @@ class Tokenizer:
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
             text = _compile(self.chat_template).render(
-                **self.special_tokens, messages=chat, tools=None, documents=None, add_generation_prompt=True
+                **self.special_tokens, messages=chat, tools=None, documents=None,
+                add_generation_prompt=add_generation_prompt,
             )
         except TemplateError as e:  # e.g. the template's raise_exception("roles must alternate")
             raise RequestError(f"chat template rejected the messages: {e}") from None

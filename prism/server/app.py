@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP frontend: validate, tokenize, hand to the backend, stream back.
 
-It talks to the serving system only through `ServingBackend`. One request = one
-`backend.generate(GenerationRequest)` async iterator, consumed by exactly one task; closing it
-early (client gone, error) is how a request is aborted, and it is always closed, shielded from
-cancellation, before the HTTP exchange ends.
+It talks to the serving system only through `ServingBackend`. One choice = one
+`backend.generate(GenerationRequest)` async iterator; a response's choices (n per prompt) are
+read as one stream (`MergedStreams`) by exactly one task; closing it early (client gone,
+error) is how the requests are aborted, and it is always closed, shielded from cancellation,
+before the HTTP exchange ends.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from pydantic import BaseModel
 from prism.server import protocol as P
 from prism.server.backend import GenerationRequest, ServingBackend
 from prism.server.body import MAX_BODY_BYTES, check_token_ids, parse_body
+from prism.server.choices import MergedStreams, Output
 from prism.server.errors import APIError, bad_request, install_handlers, to_api_error, unknown_model
+from prism.server.logprobs import TokenTexts
 from prism.server.metrics import RequestOutcomes
 from prism.server.streaming import (GONE, ChatCompletionShapes, Closer, CompletionShapes, Outcome, SSEResponse, collect,
                                     stream_events, unless_disconnected)
@@ -90,6 +93,14 @@ def create_app(backend: ServingBackend, api_key: str | None = None, max_body_byt
     async def chat_completions(request: Request):
         return await frontend.chat_completions(request)
 
+    @protected.post("/tokenize", openapi_extra=_json_body(P.TokenizeRequest))
+    async def tokenize(request: Request):
+        return await frontend.tokenize(request)
+
+    @protected.post("/detokenize", openapi_extra=_json_body(P.DetokenizeRequest))
+    async def detokenize(request: Request):
+        return await frontend.detokenize(request)
+
     @protected.get("/openapi.json", include_in_schema=False)
     async def openapi():
         return JSONResponse(_openapi_schema(app, [m["id"] for m in P.model_list(backend.model_cards())["data"]]))
@@ -130,7 +141,7 @@ def _openapi_schema(app: FastAPI, served: list[str]) -> dict:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model_cls in (P.CompletionRequest, P.ChatCompletionRequest):
+        for model_cls in (P.CompletionRequest, P.ChatCompletionRequest, P.TokenizeRequest, P.DetokenizeRequest):
             full = model_cls.model_json_schema(ref_template=_REF_TEMPLATE)
             components.update(full.pop("$defs", {}))
             components[model_cls.__name__] = full
@@ -171,17 +182,33 @@ class _Frontend:
         try:
             body = await parse_body(request, P.CompletionRequest, self.max_body_bytes)
             model = body.model
-            if isinstance(body.prompt, str):
-                prompt_ids = await self._in_tokenize_thread(self.backend.tokenizer(model).encode, body.prompt)
-            else:  # token ids pass through, checked against the vocabulary where there is one
-                prompt_ids = body.prompt
-                tokenizer = self._maybe_tokenizer(model)
-                if tokenizer is not None:
-                    check_token_ids(prompt_ids, tokenizer.vocab_size)
-            room = self._room_for_output(model, prompt_ids, "prompt")
-            req = body.generation_request(P.completion_id(), prompt_ids, min(body.max_tokens or 16, room))
-            shapes = CompletionShapes(req.req_id, model)
-            return await self._respond(request, req, shapes, bool(body.stream), body.include_usage)
+            prompts = body.prompts
+            if len(prompts) * body.num_choices > P.MAX_CHOICES:
+                raise bad_request(f"{len(prompts)} prompts x n={body.num_choices} is more than "
+                                  f"{P.MAX_CHOICES} choices in one request", "n")
+            tokenizer = self._maybe_tokenizer(model)
+            if tokenizer is None and any(isinstance(p, str) for p in prompts):
+                self.backend.tokenizer(model)  # raises: the model has no tokenizer
+            self._check_logit_bias(body, tokenizer)
+            if tokenizer is not None:  # token ids pass through, checked against the vocabulary
+                for p in prompts:
+                    if not isinstance(p, str):
+                        check_token_ids(p, tokenizer.vocab_size)
+            prompt_ids = await self._in_tokenize_thread(
+                lambda: [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts])
+            echo = None
+            if body.echo:
+                if tokenizer is None:
+                    raise bad_request(f"echo needs the model's tokenizer; {model!r} has none", "echo")
+                skip = body.skip_special_tokens is not False
+                echo = [p if isinstance(p, str) else tokenizer.decode(p, skip) for p in prompts]
+            req_id = P.completion_id()
+            reqs = self._choices(body, req_id, prompt_ids, body.max_tokens or 16, "prompt")
+            texts = TokenTexts(tokenizer) if body.logprobs is not None else None
+            echo = [e for e in echo for _ in range(body.num_choices)] if echo else None
+            shapes = CompletionShapes(req_id, model, len(reqs), texts, echo)
+            num_prompt_tokens = sum(len(ids) for ids in prompt_ids)
+            return await self._respond(request, reqs, shapes, bool(body.stream), body.include_usage, num_prompt_tokens)
         except Exception as e:
             return self._error(e, model)
 
@@ -191,15 +218,65 @@ class _Frontend:
             body = await parse_body(request, P.ChatCompletionRequest, self.max_body_bytes)
             model = body.model
             tokenizer = self.backend.tokenizer(model)
+            self._check_logit_bias(body, tokenizer)
             prompt_ids = await self._in_tokenize_thread(tokenizer.apply_chat_template, body.template_messages())
-            room = self._room_for_output(model, prompt_ids, "messages")
-            requested = body.requested_max_tokens()
-            max_tokens = room if requested is None else min(requested, room)
-            req = body.generation_request(P.chat_completion_id(), prompt_ids, max_tokens)
-            shapes = ChatCompletionShapes(req.req_id, model)
-            return await self._respond(request, req, shapes, bool(body.stream), body.include_usage)
+            req_id = P.chat_completion_id()
+            reqs = self._choices(body, req_id, [prompt_ids], body.requested_max_tokens(), "messages")
+            texts = TokenTexts(tokenizer) if body.logprobs else None
+            shapes = ChatCompletionShapes(req_id, model, len(reqs), texts)
+            return await self._respond(request, reqs, shapes, bool(body.stream), body.include_usage, len(prompt_ids))
         except Exception as e:
             return self._error(e, model)
+
+    def _choices(self, body: P._SamplingFields, req_id: str, prompts: list[list[int]], max_tokens: int | None,
+                 param: str) -> list[GenerationRequest]:
+        """One engine request per choice: n per prompt, in choice-index order (prompt i's
+        choice j is choice i * n + j, as vLLM numbers them)."""
+        n = body.num_choices
+        reqs = []
+        for ids in prompts:
+            room = self._room_for_output(body.model, ids, param)
+            limit = room if max_tokens is None else min(max_tokens, room)
+            for j in range(n):
+                # The first choice keeps the response's id: a single choice is as before.
+                choice_id = req_id if not reqs else f"{req_id}-{len(reqs)}"
+                reqs.append(body.generation_request(choice_id, ids, limit, choice=j))
+        return reqs
+
+    def _check_logit_bias(self, body: P._SamplingFields, tokenizer) -> None:
+        if body.logit_bias and tokenizer is not None:
+            check_token_ids(body.logit_bias_ids(), tokenizer.vocab_size, "logit_bias")
+
+    async def tokenize(self, request: Request) -> Response:
+        """POST /tokenize: {count, max_model_len, tokens} (vLLM's answer)."""
+        model = None
+        try:
+            body = await parse_body(request, P.TokenizeRequest, self.max_body_bytes)
+            model = body.model
+            tokenizer = self.backend.tokenizer(body.model)
+            if body.messages is not None:
+                ids = await self._in_tokenize_thread(tokenizer.apply_chat_template, body.template_messages(),
+                                                     body.add_generation_prompt)
+            elif body.prompt is not None:
+                ids = await self._in_tokenize_thread(tokenizer.encode, body.prompt, body.add_special_tokens)
+            else:
+                raise bad_request("send a prompt (a string) or messages to tokenize", "prompt")
+            return JSONResponse({"count": len(ids), "max_model_len": self.backend.max_model_len(body.model),
+                                 "tokens": ids})
+        except Exception as e:
+            return to_api_error(e, model).response()
+
+    async def detokenize(self, request: Request) -> Response:
+        """POST /detokenize: {prompt} (vLLM's answer)."""
+        model = None
+        try:
+            body = await parse_body(request, P.DetokenizeRequest, self.max_body_bytes)
+            model = body.model
+            tokenizer = self.backend.tokenizer(body.model)
+            check_token_ids(body.tokens, tokenizer.vocab_size, "tokens")
+            return JSONResponse({"prompt": await self._in_tokenize_thread(tokenizer.decode, body.tokens)})
+        except Exception as e:
+            return to_api_error(e, model).response()
 
     def _error(self, exc: Exception, model: str | None) -> Response:
         err = to_api_error(exc, model)
@@ -235,15 +312,15 @@ class _Frontend:
             )
         return max_len - len(prompt_ids)
 
-    async def _respond(self, request: Request, req: GenerationRequest, shapes: CompletionShapes,
-                       stream: bool, include_usage: bool) -> Response:
-        stream_it = self.backend.generate(req)
+    async def _respond(self, request: Request, reqs: list[GenerationRequest], shapes: CompletionShapes,
+                       stream: bool, include_usage: bool, num_prompt_tokens: int) -> Response:
+        stream_it = MergedStreams([self.backend.generate(req) for req in reqs])
         closer = Closer(stream_it)
-        num_prompt_tokens = len(req.prompt_token_ids)
-        outcome = Outcome(self.outcomes, req.model)
+        out = Output(num_prompt_tokens, len(reqs))
+        outcome = Outcome(self.outcomes, reqs[0].model)
         try:
             if not stream:
-                out = await unless_disconnected(request.receive, lambda: collect(stream_it, num_prompt_tokens))
+                out = await unless_disconnected(request.receive, lambda: collect(stream_it, out))
                 await closer.close()
                 if out is GONE:
                     outcome("aborted", "client_gone")
@@ -260,5 +337,5 @@ class _Frontend:
             await closer.close()
             outcome("aborted", "client_gone")
             return Response(status_code=499)
-        events = stream_events(stream_it, first, shapes, num_prompt_tokens, include_usage, closer, outcome)
+        events = stream_events(stream_it, first, shapes, out, include_usage, closer, outcome)
         return SSEResponse(events, closer, outcome)

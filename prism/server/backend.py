@@ -10,7 +10,7 @@ from typing import AsyncIterator, Protocol
 
 from prism.engine.tokenizer import Tokenizer
 from prism.errors import PrismError, UserError
-from prism.types import SamplingParams
+from prism.types import SamplingParams, TokenLogprobs
 
 
 class UnknownModel(UserError, LookupError):
@@ -62,6 +62,7 @@ class GenerationChunk:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # so far, including this chunk
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token id, when the request asked
 
 
 class ServingBackend(Protocol):

@@ -80,8 +80,9 @@ def _too_deep(max_depth: int = MAX_JSON_DEPTH) -> APIError:
     return bad_request(f"the request body's JSON is nested deeper than {max_depth} levels")
 
 
-def check_token_ids(ids: list[int], vocab_size: int) -> None:
+def check_token_ids(ids, vocab_size: int, param: str = "prompt") -> None:
+    """APIError(400) naming `param` when a token id lies outside the vocabulary."""
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise bad_request(f"token id {bad} in the prompt is outside the model's vocabulary (0..{vocab_size - 1})",
-                          "prompt")
+        raise bad_request(f"token id {bad} in '{param}' is outside the model's vocabulary (0..{vocab_size - 1})",
+                          param)

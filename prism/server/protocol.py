@@ -1,9 +1,14 @@
-"""OpenAI request bodies (completions, chat completions), response shapes, and the conversion
-of a validated request into the backend's `GenerationRequest`.
+"""OpenAI request bodies (completions, chat completions, tokenize), response shapes, and the
+conversion of a validated request into the backend's `GenerationRequest`s (one per choice).
 
 Requests are validated more strictly than SamplingParams (OpenAI's ranges); unknown fields are
 ignored, OpenAI fields whose meaning Prism does not implement are refused with a 400 rather
 than silently dropped.
+
+`n` > 1 is n engine requests sharing the prompt (as vLLM v1's ParentRequest fans a request
+out to n children): the engine, its scheduler and preemption stay one sequence per request,
+each choice gets its own SLO accounting, and a seeded request gives choice i the seed
+seed + i, so every choice is reproducible and no two are alike.
 """
 from __future__ import annotations
 
@@ -15,9 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from prism.server.backend import GenerationRequest
-from prism.types import SamplingParams
+from prism.types import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS, PENALTY_RANGE, SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_N = 16  # choices per prompt: each is a whole engine request (OpenAI allows 128, vLLM has no bound)
+MAX_CHOICES = 256  # prompts x n in one completions request
 # Integer ranges the engine and the worker messages can carry (msgspec encodes at most 64 bits):
 # a client's 2**70 is a 400 naming the field, never a 500.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -67,9 +74,12 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool | None = True  # extension
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(None, ge=-PENALTY_RANGE, le=PENALTY_RANGE, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-PENALTY_RANGE, le=PENALTY_RANGE, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, allow_inf_nan=False)  # extension (vLLM)
+    min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)  # extension (vLLM)
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias: _check_logit_bias
     user: str | None = None
     # Prism extensions: per-request SLOs (None: the model's default) and priority.
     ttft_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
@@ -88,35 +98,67 @@ class _SamplingFields(BaseModel):
             raise PydanticCustomError("empty_stop", "stop strings must be non-empty")
         return v
 
-    _check_n = _refuse_unless(_is_one, "n other than 1", "n")
-
-    _check_penalty = _refuse_unless(lambda v: not v, "a non-zero penalty", "presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, v):
+        if not v:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise PydanticCustomError("logit_bias_size", "at most {n} entries are allowed", {"n": MAX_LOGIT_BIAS})
+        for key, bias in v.items():
+            if not (key.isascii() and key.isdigit() and int(key) <= MAX_TOKEN_ID):
+                raise PydanticCustomError("logit_bias_key", "keys must be token ids (integers in 0..{top}), got {key}",
+                                          {"top": MAX_TOKEN_ID, "key": repr(key[:24])})
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:  # NaN fails both
+                raise PydanticCustomError("logit_bias_value", "biases must be in [-{r}, {r}], got {bias} for token {key}",
+                                          {"r": int(LOGIT_BIAS_RANGE), "bias": bias, "key": key})
+        return v
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """Raises RequestError (a 400) where SamplingParams rejects a value."""
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        return {int(k): float(b) for k, b in self.logit_bias.items()} if self.logit_bias else None
+
+    def engine_logprobs(self) -> int | None:
+        """The top-N the engine computes per token (None: no logprobs)."""
+        return None
+
+    def sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+        """Raises RequestError (a 400) where SamplingParams rejects a value. Choice i of a
+        seeded request gets seed + i (vLLM's rule), wrapped into the signed 64-bit range."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        seed = None if self.seed is None else (self.seed + choice - INT64_MIN) % 2**64 + INT64_MIN
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
-            seed=self.seed,
+            seed=seed,
             max_tokens=max_tokens,
             stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=bool(self.ignore_eos),
             skip_special_tokens=self.skip_special_tokens is not False,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=self.min_p or 0.0,
+            logit_bias=self.logit_bias_ids(),
+            logprobs=self.engine_logprobs(),
         )
 
-    def generation_request(self, req_id: str, prompt_token_ids: list[int], max_tokens: int) -> GenerationRequest:
+    def generation_request(self, req_id: str, prompt_token_ids: list[int], max_tokens: int,
+                           choice: int = 0) -> GenerationRequest:
         return GenerationRequest(
             req_id=req_id,
             model=self.model,
             prompt_token_ids=list(prompt_token_ids),
-            params=self.sampling_params(max_tokens),
+            params=self.sampling_params(max_tokens, choice),
             ttft_slo_s=None if self.ttft_slo_ms is None else self.ttft_slo_ms / 1000.0,
             tpot_slo_s=None if self.tpot_slo_ms is None else self.tpot_slo_ms / 1000.0,
             priority=self.priority or 0,
@@ -124,46 +166,66 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Any  # str | list[int] | [str] | [list[int]]: checked by _check_prompt
+    prompt: Any  # str | list[int] | list[str] | list[list[int]]: checked by _check_prompt
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
-    echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # OpenAI allows 0..5; vLLM's limit, 20
+    echo: bool | None = False  # after logprobs: its check reads it
     best_of: int | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, v):
-        return normalize_prompt(v)
+        return normalize_prompts(v)
 
-    _check_echo = _refuse_unless(lambda v: not v, "echo", "echo")
-
-    _check_logprobs = _refuse_unless(lambda v: v is None, "logprobs", "logprobs")
+    @field_validator("echo")
+    @classmethod
+    def _check_echo(cls, v, info):
+        # vLLM answers echo with logprobs with the prompt's logprobs: a scoring pass over the
+        # prompt that the engine does not run.
+        if v and info.data.get("logprobs") is not None:
+            raise _unsupported("echo together with logprobs (the prompt's logprobs)")
+        return v
 
     _check_best_of = _refuse_unless(_is_one, "best_of other than 1", "best_of")
 
     _check_suffix = _refuse_unless(lambda v: not v, "suffix", "suffix")
 
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
 
-def normalize_prompt(v: Any) -> str | list[int]:
-    """A completion prompt as one string or one list of token ids."""
-    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
-        v = v[0]  # a batch of exactly one
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        return self.prompt
+
+
+def normalize_prompts(v: Any) -> list[str | list[int]]:
+    """A completion prompt as a list of prompts, each one string or one list of token ids
+    (OpenAI: a string, a list of token ids, a list of strings or a list of token-id lists)."""
+    if isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(t, int) for t in v)):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(p, (str, list)) for p in v):
+        raise PydanticCustomError("prompt_type", "prompt must be a string, a list of integer token ids, "
+                                  "or a list of those")
+    if not v:
+        raise PydanticCustomError("empty_prompt", "prompt must not be empty")
+    if len(v) > MAX_CHOICES:
+        raise PydanticCustomError("too_many_prompts", "at most {n} prompts are allowed", {"n": MAX_CHOICES})
+    return [_one_prompt(p) for p in v]
+
+
+def _one_prompt(v: str | list) -> str | list[int]:
     if isinstance(v, str):
         return v
-    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-        bad = next((t for t in v if not 0 <= t <= MAX_TOKEN_ID), None)
-        if bad is not None:
-            raise PydanticCustomError("token_id_range", "token id {bad} is outside 0..{top}",
-                                      {"bad": _short_int(bad), "top": MAX_TOKEN_ID})
-        return list(v)
-    if isinstance(v, list) and len(v) > 1 and all(isinstance(p, (str, list)) for p in v):
-        raise PydanticCustomError(
-            "batch", "batches of prompts are not supported; send one prompt (a string or a list of token ids) per request"
-        )
-    if isinstance(v, list) and not v:
+    if not v:
         raise PydanticCustomError("empty_prompt", "prompt must not be empty")
-    raise PydanticCustomError("prompt_type", "prompt must be a string or a list of integer token ids")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        raise PydanticCustomError("prompt_type", "a token-id prompt must hold integers only")
+    bad = next((t for t in v if not 0 <= t <= MAX_TOKEN_ID), None)
+    if bad is not None:
+        raise PydanticCustomError("token_id_range", "token id {bad} is outside 0..{top}",
+                                  {"bad": _short_int(bad), "top": MAX_TOKEN_ID})
+    return list(v)
 
 
 def _short_int(n: int) -> str:
@@ -198,13 +260,19 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # OpenAI's and vLLM's limit: 20
     tools: list | None = None
     response_format: dict | None = None
 
-    _check_logprobs = _refuse_unless(lambda v: not v, "logprobs", "logprobs")
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise PydanticCustomError("top_logprobs", "top_logprobs needs logprobs set to true")
+        return v
 
-    _check_top_logprobs = _refuse_unless(lambda v: v is None, "top_logprobs", "top_logprobs")
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     _check_tools = _refuse_unless(lambda v: not v, "tool calling", "tools")
 
@@ -216,6 +284,35 @@ class ChatCompletionRequest(_SamplingFields):
 
     def template_messages(self) -> list[dict]:
         return [m.template_dict() for m in self.messages]
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, as vLLM's: a prompt, or chat messages rendered by the model's template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True  # messages only
+    add_special_tokens: bool = True  # prompt only (a chat template writes its own)
+
+    @field_validator("messages")
+    @classmethod
+    def _one_input(cls, v, info):
+        if v is not None and info.data.get("prompt") is not None:
+            raise PydanticCustomError("one_input", "send either prompt or messages, not both")
+        return v
+
+    def template_messages(self) -> list[dict]:
+        return [m.template_dict() for m in self.messages or ()]
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize, as vLLM's: token ids back to text."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    tokens: list[TokenId]
 
 
 # ---- ids and response bodies -------------------------------------------------------------
@@ -239,16 +336,14 @@ def usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
     }
 
 
-def completion_body(req_id: str, created: int, model: str, text: str, finish_reason: str | None,
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def completion_body(req_id: str, created: int, model: str, choices: list[dict],
                     usage_: dict | None = None, chunk: bool = False) -> dict:
     """A text_completion response, or (chunk=True) one streamed piece of it (no usage)."""
-    body = {
-        "id": req_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
-    }
+    body = {"id": req_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
     if not chunk:
         body["usage"] = usage_
     return body
@@ -259,29 +354,24 @@ def usage_chunk(req_id: str, created: int, model: str, object_: str, usage_: dic
     return {"id": req_id, "object": object_, "created": created, "model": model, "choices": [], "usage": usage_}
 
 
-def chat_body(req_id: str, created: int, model: str, text: str, finish_reason: str | None, usage_: dict) -> dict:
-    return {
-        "id": req_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish_reason,
-            "logprobs": None,
-        }],
-        "usage": usage_,
-    }
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+            "logprobs": logprobs}
 
 
-def chat_chunk(req_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+def chat_body(req_id: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
+    return {"id": req_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": usage_}
+
+
+def chat_chunk(req_id: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
+               index: int = 0, logprobs: dict | None = None) -> dict:
     return {
         "id": req_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}],
     }
 
 

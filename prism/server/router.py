@@ -26,7 +26,7 @@ from prism.engine.tokenizer import Tokenizer, load_tokenizer
 from prism.server.backend import (GenerationChunk, GenerationRequest, ModelCard, RequestTimedOut, ServerBusy,
                                   UnknownModel, WorkerFailed)
 from prism.server.metrics import ServerMetrics
-from prism.types import RequestError
+from prism.types import RequestError, TokenLogprobs
 from prism.worker import messages as msg
 from prism.worker.device_core import WorkerConfig
 
@@ -249,7 +249,7 @@ class Router:
             for t in m.tokens:
                 stream = self._streams.get(t.req_id)
                 if stream is not None and not stream.done:
-                    self._on_token(stream, t.token_id)
+                    self._on_token(stream, t.token_id, t.logprobs)
         elif isinstance(m, msg.Finished):
             stream = self._streams.get(m.req_id)
             if stream is not None and not stream.done:
@@ -334,7 +334,7 @@ class Router:
             for w in waiters:
                 w.cancel()
 
-    def _on_token(self, stream: _Stream, token_id: int) -> None:
+    def _on_token(self, stream: _Stream, token_id: int, logprobs: TokenLogprobs | None = None) -> None:
         now = time.monotonic()
         stream.first_token_time = stream.first_token_time or now
         stream.last_token_time = now
@@ -344,7 +344,7 @@ class Router:
             text = stream.detok.step(token_id)
             if stream.stops is not None:
                 text, hit = stream.stops.feed(text)
-        stream.queue.put_nowait(self._chunk(stream, text, [token_id]))
+        stream.queue.put_nowait(self._chunk(stream, text, [token_id], logprobs=[logprobs] if logprobs else []))
         if hit:  # a stop string: the worker does not know about it, so stop it there
             self.links[stream.device].send(msg.Abort(stream.request.req_id))
             self._finish(stream, "stop", flush=False)
@@ -364,8 +364,10 @@ class Router:
         stream.done = True
         stream.queue.put_nowait(error)
 
-    def _chunk(self, stream: _Stream, text: str, ids: list[int], reason: str | None = None) -> GenerationChunk:
-        return GenerationChunk(text, ids, reason, len(stream.request.prompt_token_ids), stream.num_output)
+    def _chunk(self, stream: _Stream, text: str, ids: list[int], reason: str | None = None,
+               logprobs: list[TokenLogprobs] | None = None) -> GenerationChunk:
+        return GenerationChunk(text, ids, reason, len(stream.request.prompt_token_ids), stream.num_output,
+                               logprobs or [])
 
     def _observe(self, stream: _Stream, reason: str) -> None:
         spec: ModelSpec = self.specs[stream.request.model]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import anyio
@@ -13,7 +12,9 @@ from fastapi.responses import StreamingResponse
 
 from prism.server import protocol as P
 from prism.server.backend import GenerationChunk
+from prism.server.choices import Output
 from prism.server.errors import to_api_error
+from prism.server.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs
 from prism.server.metrics import RequestOutcomes
 
 logger = logging.getLogger("prism.server")
@@ -30,55 +31,53 @@ def client_finish_reason(reason: str | None, req_id: str) -> str:
     return "stop"
 
 
-# ---- one request's output ------------------------------------------------------------------
-@dataclass
-class Output:
-    """What the backend has produced so far for one request."""
-
-    num_prompt_tokens: int
-    pieces: list[str] = field(default_factory=list)
-    num_output_tokens: int = 0
-    finish_reason: str | None = None
-
-    def add(self, chunk: GenerationChunk) -> None:
-        self.pieces.append(chunk.text)
-        # The backend's running count when it gives one, else the ids seen so far.
-        self.num_output_tokens = chunk.num_output_tokens or self.num_output_tokens + len(chunk.token_ids)
-        if chunk.num_prompt_tokens:
-            self.num_prompt_tokens = chunk.num_prompt_tokens
-        if chunk.finish_reason is not None:
-            self.finish_reason = chunk.finish_reason
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-    def usage(self) -> dict:
-        return P.usage(self.num_prompt_tokens, self.num_output_tokens)
-
-
+# ---- response shapes -----------------------------------------------------------------------
 class CompletionShapes:
-    """Response shapes of POST /v1/completions."""
+    """Response shapes of POST /v1/completions: every choice whole, or one chunk of one
+    choice. `echo`: each choice's prompt text, put before its text (the first chunk of a
+    stream); `texts`: token strings for logprobs (None: the request did not ask for them)."""
 
     object_ = "text_completion"
 
-    def __init__(self, req_id: str, model: str):
+    def __init__(self, req_id: str, model: str, num_choices: int = 1, texts: TokenTexts | None = None,
+                 echo: list[str] | None = None):
         self.req_id, self.model, self.created = req_id, model, P.now()
+        self.num_choices = num_choices
+        self.texts = texts
+        self._echo = list(echo) if echo else None
+        self._logprobs = [CompletionLogprobs(texts) for _ in range(num_choices)] if texts else None
+
+    def _prefix(self, index: int) -> str:
+        """The echoed prompt, once per choice."""
+        if self._echo is None:
+            return ""
+        prefix, self._echo[index] = self._echo[index], ""
+        return prefix
+
+    def _finish(self, reason: str | None) -> str:
+        return client_finish_reason(reason, self.req_id)
 
     def full(self, out: Output) -> dict:
-        finish = client_finish_reason(out.finish_reason, self.req_id)
-        return P.completion_body(self.req_id, self.created, self.model, out.text, finish, out.usage())
+        choices = [P.completion_choice(c.index, self._prefix(c.index) + c.text, self._finish(c.finish_reason),
+                                       self._logprobs_of(c.index, c.token_ids, c.logprobs)) for c in out.choices]
+        return P.completion_body(self.req_id, self.created, self.model, choices, out.usage())
+
+    def _logprobs_of(self, index: int, token_ids: list[int], logprobs: list) -> dict | None:
+        return self._logprobs[index].render(token_ids, logprobs) if self._logprobs else None
 
     def first_events(self) -> list[dict]:
         return []
 
-    def chunk_events(self, chunk: GenerationChunk, finish: str | None) -> list[dict]:
-        """Events for one backend chunk; `finish` (the client's reason) is set on the last.
-        A generated token whose text is still held back (part of a character, a possible stop
-        string) is still sent, with empty text: clients then see every token's timing."""
-        if not chunk.text and not chunk.token_ids and finish is None:
+    def chunk_events(self, index: int, chunk: GenerationChunk, finish: str | None) -> list[dict]:
+        """Events for one backend chunk of choice `index`; `finish` (the client's reason) is
+        set on its last. A generated token whose text is still held back (part of a
+        character, a possible stop string) is still sent, with empty text: clients then see
+        every token's timing."""
+        text = self._prefix(index) + chunk.text
+        if not text and not chunk.token_ids and finish is None:
             return []
-        return [P.completion_body(self.req_id, self.created, self.model, chunk.text, finish, chunk=True)]
+        choice = P.completion_choice(index, text, finish, self._logprobs_of(index, chunk.token_ids, chunk.logprobs))
+        return [P.completion_body(self.req_id, self.created, self.model, [choice], chunk=True)]
 
 
 class ChatCompletionShapes(CompletionShapes):
@@ -86,18 +85,26 @@ class ChatCompletionShapes(CompletionShapes):
 
     object_ = "chat.completion.chunk"
 
+    def _logprobs_of(self, index: int, token_ids: list[int], logprobs: list) -> dict | None:
+        return chat_logprobs(token_ids, logprobs, self.texts) if self.texts else None
+
     def full(self, out: Output) -> dict:
-        finish = client_finish_reason(out.finish_reason, self.req_id)
-        return P.chat_body(self.req_id, self.created, self.model, out.text, finish, out.usage())
+        choices = [P.chat_choice(c.index, c.text, self._finish(c.finish_reason),
+                                 self._logprobs_of(c.index, c.token_ids, c.logprobs)) for c in out.choices]
+        return P.chat_body(self.req_id, self.created, self.model, choices, out.usage())
 
     def first_events(self) -> list[dict]:
-        return [P.chat_chunk(self.req_id, self.created, self.model, {"role": "assistant", "content": ""})]
+        return [P.chat_chunk(self.req_id, self.created, self.model, {"role": "assistant", "content": ""}, index=i)
+                for i in range(self.num_choices)]
 
-    def chunk_events(self, chunk: GenerationChunk, finish: str | None) -> list[dict]:
-        has_delta = chunk.text or chunk.token_ids  # empty deltas too: see CompletionShapes
-        events = [P.chat_chunk(self.req_id, self.created, self.model, {"content": chunk.text})] if has_delta else []
+    def chunk_events(self, index: int, chunk: GenerationChunk, finish: str | None) -> list[dict]:
+        events = []
+        if chunk.text or chunk.token_ids:  # empty deltas too: see CompletionShapes
+            logprobs = self._logprobs_of(index, chunk.token_ids, chunk.logprobs) if chunk.token_ids else None
+            events.append(P.chat_chunk(self.req_id, self.created, self.model, {"content": chunk.text},
+                                       index=index, logprobs=logprobs))
         if finish is not None:
-            events.append(P.chat_chunk(self.req_id, self.created, self.model, {}, finish))
+            events.append(P.chat_chunk(self.req_id, self.created, self.model, {}, finish, index=index))
         return events
 
 
@@ -146,36 +153,39 @@ async def unless_disconnected(receive: Callable[[], Awaitable[dict]], fn: Callab
     return result
 
 
-async def collect(it: AsyncIterator[GenerationChunk], num_prompt_tokens: int) -> Output:
-    out = Output(num_prompt_tokens)
-    async for chunk in it:
-        out.add(chunk)
-        if chunk.finish_reason is not None:
+Item = tuple[int, GenerationChunk]  # (choice index, chunk): what MergedStreams yields
+
+
+async def collect(it: AsyncIterator[Item], out: Output) -> Output:
+    async for index, chunk in it:
+        out.add(index, chunk)
+        if out.all_done:
             break
     return out
 
 
-async def stream_events(it: AsyncIterator[GenerationChunk], first: GenerationChunk | None, shapes: CompletionShapes,
-                         num_prompt_tokens: int, include_usage: bool, closer: Closer,
+async def stream_events(it: AsyncIterator[Item], first: Item | None, shapes: CompletionShapes,
+                         out: Output, include_usage: bool, closer: Closer,
                          outcome: Callable[[str, str], None]) -> AsyncIterator[bytes]:
     """SSE bytes of one streamed response; an error after the first byte becomes a final
     `data: {"error": ...}` event (and no [DONE])."""
-    out = Output(num_prompt_tokens)
     try:
         for event in shapes.first_events():
             yield sse(event)
-        chunk = first
-        while True:
-            ended = chunk is None  # the backend stopped without a finish reason
-            chunk = chunk or GenerationChunk(text="")
-            out.add(chunk)
-            final = ended or chunk.finish_reason is not None
-            finish = client_finish_reason(chunk.finish_reason, shapes.req_id) if final else None
-            for event in shapes.chunk_events(chunk, finish):
+        item = first
+        while item is not None:
+            index, chunk = item
+            out.add(index, chunk)
+            finish = None if chunk.finish_reason is None else client_finish_reason(chunk.finish_reason, shapes.req_id)
+            for event in shapes.chunk_events(index, chunk, finish):
                 yield sse(event)
-            if final:
+            if out.all_done:
                 break
-            chunk = await anext(it, None)
+            item = await anext(it, None)
+        for choice in out.unfinished():  # the backend stopped without a finish reason
+            choice.done = True
+            for event in shapes.chunk_events(choice.index, GenerationChunk(""), client_finish_reason(None, shapes.req_id)):
+                yield sse(event)
         await closer.close()
         outcome("finished", out.finish_reason or "none")
         if include_usage:

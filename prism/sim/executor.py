@@ -15,7 +15,7 @@ from typing import Callable
 from prism.config import ModelSpec
 from prism.engine.executor import ModelSizes
 from prism.engine.memory_plan import kv_geometry, mappable_kv_pages, num_pages_for
-from prism.engine.sequence import Sequence, StepPlan
+from prism.engine.sequence import SampledToken, Sequence, StepPlan
 from prism.memory.backend import PhysicalChunk
 from prism.memory.page_pool import Owner, PagePool
 from prism.sched.clock import ManualClock
@@ -132,13 +132,13 @@ class SimExecutor:
     def num_kv_pages(self) -> int:
         return self.kv.num_mapped_pages * self.kv.pages_per_kv_page
 
-    def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[tuple[Sequence, int]]:
+    def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[SampledToken]:
         """The step's time passes on the device's clock; every sampling chunk gets SAMPLED_TOKEN."""
         terms = plan.cost_terms()
         self.clock.advance(self.host.step_time(len(plan.chunks)) + step_seconds(self.cost, self.model_id, *terms)
                            + self.cold.charge(self.shape.kernel_key, terms))
         while_running()
-        return [(chunk.seq, SAMPLED_TOKEN) for chunk in plan.chunks if chunk.samples]
+        return [SampledToken(chunk.seq, SAMPLED_TOKEN) for chunk in plan.chunks if chunk.samples]
 
     def forget(self, seq: Sequence) -> None:
         pass  # no per-request state

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from prism.types import SamplingParams
+from prism.types import SamplingParams, TokenLogprobs
 
 
 # ---- to the worker -------------------------------------------------------------------------
@@ -71,6 +71,7 @@ class Token(msgspec.Struct, frozen=True, array_like=True):
 
     req_id: str
     token_id: int
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 class Tokens(msgspec.Struct, tag="tokens", frozen=True):

@@ -209,7 +209,7 @@ def _serve(worker, inbox, send, idle_tick_s: float) -> None:
                   f"activations so far {sum(worker.counters.activations.values())}, "
                   f"evictions {sum(worker.counters.evictions.values())})", file=sys.stderr, flush=True)
         # Events without a token (a text flush, an abort) say nothing the frontend needs.
-        tokens = [msg.Token(e.req_id, e.token_id) for e in out.events if e.token_id >= 0]
+        tokens = [msg.Token(e.req_id, e.token_id, e.logprobs) for e in out.events if e.token_id >= 0]
         if tokens:
             send(msg.Tokens(tokens))
         for _, done in out.finished:

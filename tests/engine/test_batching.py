@@ -192,3 +192,48 @@ def test_kv_pages_are_mapped_while_the_step_runs_not_when_the_next_is_planned(fo
     finally:
         engine.close()
     assert first >= 1 and len(mapped_while_planning) == first
+
+
+def test_sampling_features_through_the_engine(tiny_checkpoint):
+    """Logprobs come out of the real engine, one per token, matching transformers' log-softmax
+    of the same weights; logit_bias and penalties steer greedy rows; batching changes nothing."""
+    folder, hf_model = tiny_checkpoint("LlamaForCausalLM", initializer_range=0.3)
+    prompts, _ = mixed_requests(6, seed=3, max_output=1)
+    params = [
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={7: 100.0}),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=3.0, logprobs=0),
+        SamplingParams(temperature=0.8, seed=4, max_tokens=6, ignore_eos=True, min_p=0.2, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+    ]
+    engine = engine_for(folder)
+    try:
+        together = engine.generate(prompts, params)
+        alone = [engine.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    finally:
+        engine.close()
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    first = together[0]
+    assert len(first.logprobs) == 6 and all(len(lp.top) == 3 for lp in first.logprobs)
+    for token, lp in zip(first.token_ids, first.logprobs):  # greedy: the chosen token tops the list
+        assert lp.top[0][0] == token and lp.top[0][1] == pytest.approx(lp.logprob)
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([prompts[0]])).logits[0, -1].double(), -1)
+    assert [t for t, _ in first.logprobs[0].top] == ref.topk(3).indices.tolist()
+    assert [v for _, v in first.logprobs[0].top] == pytest.approx(ref.topk(3).values.tolist(), abs=1e-4)
+    assert together[1].token_ids == [7] * 6
+    assert len(set(together[2].token_ids)) == 6  # penalised: no token twice
+    assert together[3].logprobs and all(lp.top == [] for lp in together[3].logprobs)
+    assert together[4].token_ids == alone[4].token_ids and len(together[4].logprobs) == 6
+    assert together[5].logprobs is None
+
+
+def test_logit_bias_outside_the_vocabulary_is_rejected(folder):
+    engine = engine_for(folder)
+    try:
+        with pytest.raises(RequestError, match="logit_bias"):
+            engine.add_request([5, 6], SamplingParams(logit_bias={320: 1.0}))
+    finally:
+        engine.close()

@@ -12,6 +12,7 @@ from prism.config import EngineConfig, ModelConfig
 from prism.engine.core import EngineCore
 from prism.engine.executor import ModelSizes
 from prism.engine.memory_plan import KVGeometry
+from prism.engine.sequence import SampledToken
 from prism.types import FinishReason, RequestError, SamplingParams
 
 VOCAB = 100
@@ -69,7 +70,7 @@ class FakeExecutor:
         self.kv_mapper.phase = "running"
         while_running()
         self.kv_mapper.phase = "planning"
-        return [(c.seq, self.tokens(c.seq)) for c in plan.chunks if c.samples]
+        return [SampledToken(c.seq, self.tokens(c.seq)) for c in plan.chunks if c.samples]
 
     def forget(self, seq):
         self.forgotten.append(seq.req_id)

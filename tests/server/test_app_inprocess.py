@@ -17,7 +17,7 @@ from prism.engine.detokenizer import IncrementalDetokenizer
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
 from prism.server.app import create_app
 from prism.server.backend import GenerationChunk, GenerationRequest, ModelCard, ServerBusy, UnknownModel, WorkerFailed
-from prism.types import RequestError
+from prism.types import RequestError, TokenLogprobs
 
 MAX_MODEL_LEN = 64
 API_KEY = "sk-prism-test"
@@ -28,6 +28,8 @@ API_KEY = "sk-prism-test"
 class EchoBackend:
     """A ServingBackend serving one model, "echo", that generates the prompt tokens back.
 
+    A request asking for logprobs gets made-up ones: the token's own is -0.25 x its position
+    and its top alternatives are the token itself and its successors, each 0.5 less likely.
     Knobs for the tests: `token_delay` (seconds per token), `stall_after` (tokens after which
     it waits forever), `fail_before_first` / `fail_after` (an exception, raised before the first
     chunk / after `fail_after_n` chunks), `is_healthy`.
@@ -91,7 +93,8 @@ class EchoBackend:
                 if self.abort_after is not None and i + 1 == self.abort_after:
                     last, finish = True, "abort"
                 finished = last  # like a real backend: a request is done once its last chunk is out
-                yield GenerationChunk(text, [token_id], finish, len(prompt), i + 1)
+                yield GenerationChunk(text, [token_id], finish, len(prompt), i + 1,
+                                      echo_logprobs(token_id, i, request.params.logprobs))
                 if last:
                     break
         finally:
@@ -113,6 +116,13 @@ class EchoBackend:
     def wait_closed(self, req_id: str, timeout: float = 5.0) -> bool:
         with self._closed_cond:
             return self._closed_cond.wait_for(lambda: req_id in self.closed_early, timeout)
+
+
+def echo_logprobs(token_id: int, position: int, num_top: int | None) -> list[TokenLogprobs]:
+    if num_top is None:
+        return []
+    own = -0.25 * position
+    return [TokenLogprobs(own, [(token_id + k, own - 0.5 * k) for k in range(num_top)])]
 
 
 class Server:
@@ -264,10 +274,8 @@ def test_token_id_prompts(backend, client, http):
     assert "vocabulary" in err["message"]
 
 
-def test_batched_prompts_refused(client, http):
-    with pytest.raises(openai.BadRequestError, match="batch"):
-        client.completions.create(model="echo", prompt=["one", "two"])
-    for prompt in ([[1, 2], [3, 4]], [], "", [1.5], None):
+def test_bad_prompts_refused(http):
+    for prompt in ([[1, 2], []], [], "", [1.5], None, ["ok", 5], [[1, 2.5]], [True, 2]):
         assert_openai_error(http.post("/v1/completions", json={"model": "echo", "prompt": prompt}), 400)
 
 
@@ -357,8 +365,10 @@ def test_unknown_model(client, http):
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0),
-    ("max_tokens", "many"), ("n", 2), ("logprobs", 1), ("echo", True), ("stop", ["a", "b", "c", "d", "e"]),
-    ("top_k", -5), ("ttft_slo_ms", -1), ("stream", "sometimes"),
+    ("max_tokens", "many"), ("n", 0), ("n", 17), ("logprobs", 21), ("logprobs", -1), ("stop", ["a", "b", "c", "d", "e"]),
+    ("top_k", -5), ("ttft_slo_ms", -1), ("stream", "sometimes"), ("presence_penalty", 2.5),
+    ("frequency_penalty", -3), ("repetition_penalty", 0), ("min_p", 1.5), ("logit_bias", {"x": 1}),
+    ("logit_bias", {"5": 100.5}), ("logit_bias", {str(i): 1 for i in range(301)}), ("best_of", 2), ("suffix", "x"),
 ])
 def test_bad_completion_fields(http, field, value):
     resp = http.post("/v1/completions", json={"model": "echo", "prompt": "hi", field: value})
@@ -379,8 +389,12 @@ def test_bad_chat_bodies(http):
     assert_openai_error(post({"model": "echo", "messages": MESSAGES, "stop": [1]}), 400, param="stop")
     assert_openai_error(post({"model": "echo", "messages": MESSAGES, "max_completion_tokens": 0}), 400,
                         param="max_completion_tokens")
-    assert_openai_error(post({"model": "echo", "messages": MESSAGES, "logprobs": True}), 400, param="logprobs")
-    assert_openai_error(post({"model": "echo", "messages": MESSAGES, "n": 3}), 400, param="n")
+    assert_openai_error(post({"model": "echo", "messages": MESSAGES, "top_logprobs": 2}), 400, param="top_logprobs")
+    assert_openai_error(post({"model": "echo", "messages": MESSAGES, "logprobs": True, "top_logprobs": 21}), 400,
+                        param="top_logprobs")
+    assert_openai_error(post({"model": "echo", "messages": MESSAGES, "n": 0}), 400, param="n")
+    assert_openai_error(post({"model": "echo", "messages": MESSAGES, "logit_bias": {"99999999": 1}}), 400,
+                        param="logit_bias")
 
 
 def test_malformed_json(http):
