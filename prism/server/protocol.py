@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 from prism.server.backend import GenerationRequest
@@ -68,7 +68,10 @@ class _SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # extension: -1 or 0 off
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    stop: Any = None  # str | list[str] | None: checked by _check_stop
+    # Checked by hand (_check_stop, _check_prompt) for OpenAI's error wording; the schema still
+    # says what is accepted, for clients and schema-driven fuzzers.
+    stop: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                                                   {"type": "null"}]})] = None
     stop_token_ids: list[TokenId] | None = None  # extension
     ignore_eos: bool | None = False  # extension
     skip_special_tokens: bool | None = True  # extension
@@ -166,7 +169,10 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Any  # str | list[int] | list[str] | list[list[int]]: checked by _check_prompt
+    prompt: Annotated[Any, WithJsonSchema({"anyOf": [  # checked by _check_prompt
+        {"type": "string"}, {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}}]})]
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # OpenAI allows 0..5; vLLM's limit, 20
     echo: bool | None = False  # after logprobs: its check reads it

@@ -19,7 +19,7 @@ devices:
 models:
   - name: tiny
     source: tiny-llama:random
-    max_model_len: 256
+    max_model_len: 64  # a body without max_tokens generates up to the context: keep it short
 server:
   api_key: {API_KEY}
   request_timeout_s: 30
