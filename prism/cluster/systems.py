@@ -37,6 +37,7 @@ class SchedulerKnobs(Protocol):
     swap_idle_s: float
     late_contender_ttft_multiple: float
     rate_window_s: float
+    placement_window_s: float
     placement_period_s: float
     migration_threshold: float
     migration_cooldown_s: float

@@ -70,6 +70,10 @@ EVICT_REASONS = ("idle", "make-room", "migration")
 @dataclass(frozen=True)
 class GlobalSchedulerConfig:
     rate_window_s: PosFloat = 60.0  # the window of the token rates the server feeds the view
+    # The simulator only: a placement made once at start (and static KV shares) goes by the
+    # request rates measured over this first stretch of the trace. (The server has no trace
+    # ahead of it: it goes by the config's `rate:`, else equal rates.)
+    placement_window_s: PosFloat = 60.0
     idle_evict_s: NonNegFloat = IDLE_EVICT_S  # a model with no pending requests and no request this long...
     # ...is evicted by periodic(): "always", or "pressure": never there; only when memory is
     # wanted (on_request's make-room here, KV demand and activations on the device).

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from prism.config import DeviceConfig, ModelSpec
 from prism.engine.executor import ModelSizes
+from prism.engine.memory_plan import KVGeometry
 from prism.engine.output_processor import TokenEvent
 from prism.engine.scheduler import VictimChooser
 from prism.engine.sequence import Sequence, StepPlan
@@ -58,6 +59,9 @@ class DeviceEngine(Protocol):
 
     @property
     def sizes(self) -> ModelSizes: ...
+
+    @property
+    def kv_geometry(self) -> KVGeometry: ...
 
     @property
     def resident(self) -> bool: ...
@@ -202,8 +206,9 @@ class DeviceCore(ABC):
     def model_info(self, model_id: str) -> msg.ModelInfo:
         """What the frontend (or the simulated cluster) learns of a model when the device starts."""
         e, s = self.engines[model_id], self._sizes[model_id]
+        g = e.kv_geometry
         return msg.ModelInfo(model_id, e.max_model_len, s.vocab_size, s.weight_bytes,
-                             s.kv_bytes_per_token, e.resident)
+                             s.kv_bytes_per_token, e.resident, g.pages_per_kv_page, g.tokens_per_page)
 
     def resident_models(self) -> list[str]:
         return [m for m, e in self.engines.items() if e.resident]
