@@ -24,6 +24,7 @@ from prism.sched.calibration import CalibratedCost
 from prism.sched.clock import Clock
 from prism.sched.cost import ModelProfile, ProfileCostModel
 from prism.sched.local import LocalScheduler, LocalSchedulerConfig
+from prism.sched.rates import TokenRateTracker
 from prism.sched.view import SLO, CostModel, DeviceView, ModelView, RequestView
 from prism.types import CompletionOutput, RequestError, SamplingParams
 from prism.worker import messages as msg
@@ -123,6 +124,9 @@ class DeviceCore(ABC):
         self.cost = CalibratedCost(self.profiles)
         self._profiles = profiles or {}  # by model source, measured by `prism profile`
         self.local = LocalScheduler(config.scheduler, self.cost)
+        # The requests reaching this device, per model (the same tracker the frontend keeps):
+        # MuxServe's quotas follow them.
+        self.arrivals = TokenRateTracker(config.scheduler.rate_window_s)
         self.metrics = MetricsLog(config.metrics_path, config.sample_interval_s, config.metrics_keep_last)
         self.counters = DeviceCounters()
         self.engines: dict[str, DeviceEngine] = {}
@@ -270,6 +274,7 @@ class DeviceCore(ABC):
             raise RequestError(f"request id {req_id!r} is already in use")
         req_id = engine.add_request(prompt, params, req_id=req_id, slo=slo, priority=priority)
         self.last_used[model_id] = self.clock.now()
+        self.arrivals.record(model_id, self.clock.now(), 0)
         self._touch(model_id)
         return req_id
 
@@ -391,7 +396,9 @@ class DeviceCore(ABC):
         requests = []
         for m in self._in_order(self._busy):
             requests += self._request_views_of(m)
-        return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, self._model_views, tuple(requests))
+        rates = self.arrivals.request_rates(now) if self.local.needs_request_rates else {}
+        return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, self._model_views, tuple(requests),
+                          rates)
 
     def _model_snapshot(self, model_id: str) -> DeviceView:
         """The device as the victim choice sees it mid-step: `model_id`'s view and requests
