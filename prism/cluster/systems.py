@@ -24,6 +24,7 @@ class System(str, Enum):
     MUXSERVE = "muxserve"
     SWAP = "swap"
     DEDICATED = "dedicated"
+    SERVERLESS = "serverless"
 
 
 class SchedulerKnobs(Protocol):
@@ -77,6 +78,13 @@ class SystemSpec:
         if self.system is System.PRISM:
             local = LocalSchedulerConfig(**knobs_of(LocalSchedulerConfig, s))
             fixed = {}
+        elif self.system is System.SERVERLESS:
+            # Loaded on demand where there is room; an idle model (nothing in flight) may be
+            # evicted the moment another needs its memory, least recently used first; no SLO
+            # arbitration (models take turns), no migration.
+            local = LocalSchedulerConfig(policy=LocalPolicy.ROUND_ROBIN, idle_evict_s=0.0, idle_evict="pressure",
+                                         swap_idle_s=0.0, **tuning)
+            fixed = dict(migration_threshold=NEVER, idle_evict_s=0.0, idle_evict="pressure")
         elif self.system is System.SWAP:
             local = LocalSchedulerConfig(policy=LocalPolicy.FCFS, idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1,
                                          **tuning)
@@ -100,6 +108,9 @@ SYSTEMS: dict[System, SystemSpec] = {s.system: s for s in (
                policy=LocalPolicy.ADBS, placement="muxserve"),
     SystemSpec(System.SWAP, "time sharing: one resident model per device, served in arrival groups",
                places_at_start=True, keeps_all_resident=False, static_kv_shares=False, device_per_model=False),
+    SystemSpec(System.SERVERLESS, "ServerlessLLM-style: loaded on demand where there is room, the least "
+               "recently used idle model evicted for it, models take turns",
+               places_at_start=False, keeps_all_resident=False, static_kv_shares=False, device_per_model=False),
     SystemSpec(System.DEDICATED, "one device per model",
                places_at_start=True, keeps_all_resident=True, static_kv_shares=False, device_per_model=True),
 )}

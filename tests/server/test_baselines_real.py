@@ -86,3 +86,20 @@ def test_a_static_share_too_small_for_max_model_len_is_refused_at_start(tmp_path
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("prism: error: scheduler.system static: b's KV share on cpu:0"), proc.stderr[-2000:]
     assert "cannot hold its max_model_len (2048 tokens)" in last
+
+
+def test_serverless_loads_each_model_on_demand_evicting_the_idle_one(tmp_path):
+    # 40 MiB hold one tiny Llama's weights (25 MB: its embedding and head) with room for KV,
+    # not two: each request loads its model, evicting the other once it is idle.
+    models = MODELS.replace("tiny-qwen2:random", "tiny-llama:random:7")
+    text = ONE_DEVICE.replace("64MiB", "40MiB") + models + "scheduler: {system: serverless}\n"
+    with running_server(tmp_path, text) as (_, base):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        for model in ("a", "b", "a"):
+            out = client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=4, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            assert out.usage.completion_tokens == 4
+            deadline = time.monotonic() + 10
+            while (placement := httpx.get(f"{base}/admin/state").json()["placement"]) != {model: ["cpu:0"]}:
+                assert time.monotonic() < deadline, placement  # reports lag a tick
+                time.sleep(0.2)

@@ -101,3 +101,22 @@ def test_muxserve_places_by_popularity_times_size_where_compute_is_least():
     target = cluster.control.start(0.0)
     assert target["a8"] != target["b8"]
     assert target["c1"] == target["d1"] == target["b8"]
+
+
+def test_serverless_loads_on_demand_and_evicts_the_least_recently_used_idle_model():
+    # Two 8B models on a GPU that holds one: each request loads its model, evicting the other
+    # once it is idle; static (every model resident) cannot start at all here.
+    models = [{"name": "x", "source": "llama-3.1-8b:random"}, {"name": "y", "source": "llama-3.1-8b:random"},
+              {"name": "z", "source": "llama-3.2-1b:random"}]
+    config = raw([{"device": "cuda:0", "memory": "24GiB"}], models)
+    trace = [TraceRequest(0.0, "x", 128, 16), TraceRequest(2.0, "z", 128, 16), TraceRequest(4.0, "y", 128, 16)]
+    cluster = SimCluster(config_for(config, "serverless"), ROOFLINE)
+    r = {rec.model: rec for rec in cluster.run(trace)}
+    assert all(rec.ok for rec in r.values())
+    engines = cluster.devices["cuda:0"].device.engines
+    # y needed x's memory: x (idle longest) went, z (used later) stayed
+    assert {m for m, e in engines.items() if e.resident} == {"y", "z"}
+    assert ttft(r["y"]) > 0.25 > ttft(r["z"])  # y paid for its 16 GB copy over the host link; z was there
+    from prism.config import ConfigError
+    with pytest.raises(ConfigError, match="fit"):
+        simulate(config_for(config, "static"), trace, ROOFLINE)
