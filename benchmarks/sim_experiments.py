@@ -48,7 +48,7 @@ ZOO_18 = [("llama-3.2-1b", 6), ("llama-3.2-3b", 6), ("qwen2.5-7b", 3), ("llama-3
 ZOO_58 = [("llama-3.2-1b", 24), ("llama-3.2-3b", 16), ("qwen2.5-7b", 5), ("llama-3.1-8b", 5),
           ("qwen2.5-14b", 4), ("qwen2.5-32b", 2), ("llama-3.1-70b", 2)]
 POLICIES = ["prism", "static", "muxserve", "swap"]
-E1_SYSTEMS = POLICIES + ["dedicated"]  # dedicated: one GPU per model (8), the reference
+E1_SYSTEMS = POLICIES + ["serverless", "dedicated"]  # dedicated: one GPU per model (8), the reference
 
 
 # ---- inputs -------------------------------------------------------------------------------------
