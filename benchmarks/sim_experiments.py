@@ -48,6 +48,7 @@ ZOO_18 = [("llama-3.2-1b", 6), ("llama-3.2-3b", 6), ("qwen2.5-7b", 3), ("llama-3
 ZOO_58 = [("llama-3.2-1b", 24), ("llama-3.2-3b", 16), ("qwen2.5-7b", 5), ("llama-3.1-8b", 5),
           ("qwen2.5-14b", 4), ("qwen2.5-32b", 2), ("llama-3.1-70b", 2)]
 POLICIES = ["prism", "static", "muxserve", "swap"]
+ALL_SYSTEMS = POLICIES + ["serverless", "dedicated"]  # dedicated: one GPU per model, the reference
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -189,26 +190,32 @@ def rel(path: Path) -> str:
 
 
 def run_e1(args) -> None:
-    out = RESULTS / f"sim-e1-8models-2gpus{args.suffix}"
+    out = RESULTS / f"sim-e1-8models-2gpus{args.suffix}{args.out_suffix}"
     trace, config = inputs(args, "e1")
     commands = []
-    runs = [(out, config, POLICIES)] + [(out / v, variant_config(config, v), ["prism"]) for v in VARIANTS]
+    variants = [] if args.no_variants else list(VARIANTS)
+    runs = [(out, config, ALL_SYSTEMS)] + [(out / v, variant_config(config, v), ["prism"]) for v in variants]
     for folder, cfg, policies in runs:
         cmd = ["simulate", "--config", rel(cfg), "--trace", rel(trace), "--policy", ",".join(policies),
                "--rate-scales", args.scales, *profiles_args(args), "--out", rel(folder)]
         prism_cli(cmd)
         commands.append(cmd)
-    summary = ["| policy | " + " | ".join(f"rate at {t:.0%} TTFT" for t in TARGETS) + " |",
-               "|---|" + "---:|" * len(TARGETS)]
-    for folder, name in [(out, None)] + [(out / v, v) for v in VARIANTS]:
+    # The headline: both SLOs met (TTFT and TPOT); TTFT alone beside it.
+    kinds = (("slo_attainment", "both SLOs"), ("ttft_attainment", "TTFT"))
+    summary = ["| policy | " + " | ".join(f"rate at {t:.0%} {label}" for _, label in kinds for t in TARGETS) + " |",
+               "|---|" + "---:|" * (len(TARGETS) * len(kinds))]
+    for folder, name in [(out, None)] + [(out / v, v) for v in variants]:
         points = json.loads((folder / "sweep.json").read_text())["points"]
         for system in dict.fromkeys(p["system"] for p in points):
-            mine = [(p["rate_rps"], p["ttft_attainment"]) for p in points if p["system"] == system]
-            cells = [_rate(sustained_rate(mine, t)) for t in TARGETS]
+            cells = []
+            for key, _ in kinds:
+                mine = [(p["rate_rps"], p[key]) for p in points if p["system"] == system]
+                cells += [_rate(sustained_rate(mine, t)) for t in TARGETS]
             summary.append(f"| {name or system} | " + " | ".join(cells) + " |")
     (out / "summary.md").write_text("\n".join(summary) + "\n")
-    note(out, commands[0], "and, for the prism variants:\n\n" + "".join(f"    prism {shlex.join(c)}\n" for c in commands[1:])
-         + "\n" + "\n".join(summary) + "\n")
+    variant_note = ("and, for the prism variants:\n\n" + "".join(f"    prism {shlex.join(c)}\n" for c in commands[1:])
+                    + "\n") if variants else ""
+    note(out, commands[0], variant_note + "\n".join(summary) + "\n")
 
 
 def _rate(value) -> str:
@@ -216,20 +223,21 @@ def _rate(value) -> str:
 
 
 def run_plan(args, tag: str, out_name: str, max_gpus: int) -> None:
-    out = RESULTS / f"{out_name}{args.suffix}"
+    out = RESULTS / f"{out_name}{args.suffix}{args.out_suffix}"
     trace, config = inputs(args, tag)
     lines, commands = [], []
     start = time.perf_counter()
+    variants = [] if args.no_variants else list(VARIANTS)
     for target in TARGETS:
         folder = out / f"target-{round(100 * target)}"
-        runs = [(folder, config, POLICIES)] + [(folder / v, variant_config(config, v), ["prism"]) for v in VARIANTS]
+        runs = [(folder, config, ALL_SYSTEMS)] + [(folder / v, variant_config(config, v), ["prism"]) for v in variants]
         for where, cfg, policies in runs:
             cmd = ["plan", "--config", rel(cfg), "--trace", rel(trace), "--policies", ",".join(policies),
                    "--max-gpus", str(max_gpus), "--target", str(target), "--no-early-stop", *profiles_args(args),
                    "--out", rel(where)]
             prism_cli(cmd)
             commands.append(cmd)
-        for where, name in [(folder, None)] + [(folder / v, v) for v in VARIANTS]:
+        for where, name in [(folder, None)] + [(folder / v, v) for v in variants]:
             result = json.loads((where / "plan.json").read_text())
             for system, entry in result["policies"].items():
                 by_class = ", ".join(f"{_gpus(n, max_gpus)} for the {_cls(c)}" for c, n in
@@ -307,6 +315,8 @@ def main(argv=None) -> int:
                    help="profile folder, or 'none' for the H100 roofline")
     p.add_argument("--suffix", default="", help="appended to the input and result names (one set per cost model)")
     p.add_argument("--scales", default="1,2,4,8", help="e1 rate scales")
+    p.add_argument("--out-suffix", default="", help="e1-e3: appended to the result folder's name (e.g. a date)")
+    p.add_argument("--no-variants", action="store_true", help="e1-e3: skip the prism variants")
     # Shares of the squeezed busiest day: e2 and e3 replay it whole; e1 sweeps from a quarter.
     p.add_argument("--rate-e1", type=float, default=0.25)
     p.add_argument("--rate-e2", type=float, default=1.0)

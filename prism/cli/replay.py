@@ -63,7 +63,7 @@ def add_replay_parsers(bench_subparsers) -> None:
     p.add_argument("--config", required=True, help="the prism serve config (its scheduler.system is overridden)")
     p.add_argument("--trace", required=True)
     p.add_argument("--systems", default="prism,static,muxserve,swap",
-                   help="comma-separated: prism, static, muxserve, swap, dedicated")
+                   help="comma-separated: prism, static, muxserve, swap, serverless, dedicated")
     p.add_argument("--scales", default="0.5,1,2,4", help="comma-separated rate scales of the trace")
     p.add_argument("--target", type=float, default=0.99, help="attainment to sustain (default 0.99)")
     p.add_argument("--out", required=True)

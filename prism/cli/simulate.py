@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_simulate_parser(sub) -> None:
     p = sub.add_parser("simulate", help="replay a trace on simulated devices with the server's own schedulers")
     p.add_argument("--policy", default="prism",
-                   help="serving system: prism, static, muxserve, swap, dedicated (comma-separated: a sweep)")
+                   help="serving system: prism, static, muxserve, swap, serverless, dedicated (comma-separated: a sweep)")
     p.add_argument("--rate-scales", default=None, metavar="F,...",
                    help="replay the trace at these rate scales (thinned or replicated, shape kept): a sweep")
     p.add_argument("--target", type=float, default=0.99, help="attainment a sweep reports the rate for (default 0.99)")

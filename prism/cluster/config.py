@@ -36,7 +36,9 @@ class ClusterConfig:
     # The serving system as a whole (docs/policies.md): prism, or one of the baselines it is
     # measured against, all run by this same server. YAML: scheduler.system
     system: Annotated[str, Field(pattern="^(" + "|".join(SYSTEM_NAMES) + ")$")] = "prism"
-    rates: dict = field(default_factory=dict)  # model name -> expected relative rate
+    # model name -> requests/s given in the config (`rate:`), only for models that set one: it
+    # overrides what is measured (ClusterControl.placement_rates)
+    rates: dict = field(default_factory=dict)
     gpus: dict = field(default_factory=dict)  # device -> GPUs it stands for (groups: simulator only)
     # Every node a device is on (those listed under `nodes:` and those only named by a device);
     # single-host mode: one node named "".
@@ -95,7 +97,9 @@ ModelEntry = create_model(
     ttft_slo_ms=_in_ms(ModelSpec, "ttft_slo_s"), tpot_slo_ms=_in_ms(ModelSpec, "tpot_slo_s"),
     device=(str | None, None),  # pin to one device
     **_fields_of(EngineConfig),  # the engine's knobs sit in the model's entry
-    rate=(PosFloat, 1.0),  # expected relative request rate: popularity for placement, static KV shares
+    # requests/s to place by (popularity for placement, static KV shares), overriding the rate
+    # measured; unset: measured (simulator) or equal for every model (server start)
+    rate=(PosFloat | None, None),
 )
 SchedulerEntry = create_model(
     "SchedulerEntry", __config__=_STRICT, **_fields_of(ClusterConfig, only=("system",)), **(_local | _global),
@@ -188,7 +192,7 @@ def parse_config(raw, source: str = "config") -> ClusterConfig:
     local, global_ = spec.scheduler_configs(s)
     return ClusterConfig(
         devices=devices, models=models, pinned=pinned, local=local, global_=global_,
-        system=s.system, rates={m.name: m.rate for m in f.models},
+        system=s.system, rates={m.name: m.rate for m in f.models if m.rate is not None},
         gpus={dev.device_id: d.gpus for dev, d in zip(devices, f.devices)}, nodes=nodes,
         host=f.server.host, port=f.server.port, api_key=f.server.api_key,
         metrics_log=f.server.metrics_log, max_body_size=f.server.max_body_size,

@@ -18,7 +18,7 @@ from prism.cluster.config import ClusterConfig
 from prism.config import ConfigError, ModelSpec
 from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
 from prism.sched.placement import Activate, Evict, GlobalScheduler, Migrate, kvpr
-from prism.sched.rates import TokenRateTracker
+from prism.sched.rates import TokenRateTracker, placement_rates
 from prism.worker import messages as msg
 
 log = logging.getLogger("prism.control")
@@ -70,6 +70,8 @@ class ClusterControl:
         self.links = links  # device_id -> link (the owner may fill it after construction)
         self.global_sched = GlobalScheduler(config.global_)
         self.rates = TokenRateTracker(config.global_.rate_window_s)
+        # Requests/s a placement made at start goes by (`start` sets them; see placement_rates)
+        self.placement_rates = placement_rates(self.specs, config.rates, None)
         self._in_flight = in_flight  # requests in flight per model (waiting or running)
         self._pending_activation: dict[str, tuple[str, float]] = {}  # model -> (device, since)
         self._migrating: dict[str, _Migration] = {}  # model -> move whose target is not ready yet
@@ -102,18 +104,28 @@ class ClusterControl:
         self.links[device].send(msg.ReportMemory())
 
     # ---- start -------------------------------------------------------------------------------
-    def start(self, now: float) -> dict[str, str]:
+    def start(self, now: float, measured_rates: dict[str, float] | None = None,
+              window_s: float | None = None, longest_request: int | None = None) -> dict[str, str]:
         """Lay the models out over the devices (when there is a choice to make or a baseline
         asks for it) and ask every device for a memory report. Returns the initial placement
-        (model -> device; empty when each device keeps what it loaded)."""
+        (model -> device; empty when each device keeps what it loaded).
+
+        The placement (and static KV shares) go by `placement_rates`: the config's `rate:`
+        where set, else `measured_rates` (requests/s over the first `window_s` seconds: the
+        simulator measures them over the trace's start), else equal rates (a server at start).
+        `longest_request`: the most tokens (prompt + output) any request will hold, if known
+        (the simulator's trace); a static partition must hold that or each model's
+        max_model_len, whichever is smaller, or the start is refused (ConfigError)."""
+        self.placement_rates = placement_rates(self.specs, self.config.rates, measured_rates, window_s)
+        self._infos = None
         target: dict[str, str] = {}
         if len(self.links) > 1 or self.config.system_spec.places_at_start:
-            target = self._initial_placement(now)
+            target = self._initial_placement(now, longest_request)
         for link in self.links.values():
             link.send(msg.ReportMemory())
         return target
 
-    def _initial_placement(self, now: float) -> dict[str, str]:
+    def _initial_placement(self, now: float, longest_request: int | None = None) -> dict[str, str]:
         """Each worker loaded every model it may host, keeping whatever fitted last; the global
         scheduler decides instead where each model starts (evictions go first per worker)."""
         view = self.cluster_view(now)
@@ -124,6 +136,7 @@ class ClusterControl:
             if missing:
                 raise ConfigError(f"scheduler.system {self.config.system} keeps every model resident, "
                                   f"but {', '.join(missing)} fit(s) on no device")
+        caps = self._static_kv_caps(target, longest_request) if self.config.system_spec.static_kv_shares else {}
         for device, link in self.links.items():
             for info in link.ready.models:
                 if info.resident and target.get(info.name) != device:
@@ -131,22 +144,37 @@ class ClusterControl:
         for model, device in target.items():
             self.links[device].send(msg.Activate(model))
             self._pending_activation[model] = (device, now)
-        if self.config.system_spec.static_kv_shares:
-            self._set_static_kv_shares(target)
-        log.info("initial placement: %s", target)
+        for model, pages in caps.items():
+            self.links[target[model]].send(msg.SetKVCap(model, pages))
+        log.info("initial placement: %s (placed by requests/s %s)", target,
+                 {m: round(r, 3) for m, r in self.placement_rates.items()})
         return target
 
-    def _set_static_kv_shares(self, target: dict[str, str]) -> None:
+    def _static_kv_caps(self, target: dict[str, str], longest_request: int | None) -> dict[str, int]:
         """Static partitioning: each device's memory left after weights is split among its
-        models in proportion to rate x KV bytes per token, and each model is capped there."""
+        models in proportion to rate x KV bytes per token (model -> its cap in pages). A share
+        that cannot hold the model's longest possible request is refused here, at start: its
+        requests that long would otherwise wait forever."""
         infos = {i.name: i for link in self.links.values() for i in link.ready.models}
-        for device, link in self.links.items():
+        caps: dict[str, int] = {}
+        for device in self.links:
             here = [m for m, d in target.items() if d == device]
             left = self.memory_bytes(device) - sum(infos[m].weight_bytes for m in here)
-            demand = {m: self.config.rates.get(m, 1.0) * infos[m].kv_bytes_per_token for m in here}
+            demand = {m: self.placement_rates[m] * infos[m].kv_bytes_per_token for m in here}
             page = self._device(device).page_size
             for m in here:
-                link.send(msg.SetKVCap(m, int(left * demand[m] / sum(demand.values()) // page)))
+                caps[m] = pages = int(left * demand[m] / sum(demand.values()) // page)
+                need, why = infos[m].max_model_len, "its max_model_len"
+                if longest_request is not None and longest_request < need:
+                    need, why = longest_request, "the longest request of the trace"
+                holds = _tokens_in(infos[m], pages, page)
+                if holds < need:
+                    raise ConfigError(
+                        f"scheduler.system static: {m}'s KV share on {device} ({pages} pages, "
+                        f"{holds} tokens, rate {self.placement_rates[m]:.3g} req/s) cannot hold "
+                        f"{why} ({need} tokens); give it a higher rate:, a smaller max_model_len, "
+                        f"or fewer models on the device")
+        return caps
 
     # ---- requests ----------------------------------------------------------------------------
     def max_model_len(self, model: str) -> int:
@@ -283,7 +311,7 @@ class ClusterControl:
                 for i in link.ready.models:
                     infos[i.name] = ModelInfo(i.name, i.weight_bytes, i.kv_bytes_per_token,
                                               self.specs[i.name].tpot_slo_s, self.config.pinned.get(i.name),
-                                              weight=self.config.rates.get(i.name, 1.0))
+                                              weight=self.placement_rates[i.name])
             self._infos = (len(self.links), infos)
         return self._infos[1]
 
@@ -325,6 +353,13 @@ class ClusterControl:
             for model in models:
                 out.setdefault(model, []).append(device)
         return out
+
+
+def _tokens_in(info: msg.ModelInfo, pages: int, page_size: int) -> int:
+    """Tokens of KV `pages` physical pages hold for a model (whole page groups only)."""
+    if info.pages_per_kv_page:
+        return pages // info.pages_per_kv_page * info.tokens_per_kv_page
+    return pages * page_size // max(1, info.kv_bytes_per_token)
 
 
 __all__ = ["ACTIVATION_GRACE_S", "TICK_S", "ClusterControl", "DeviceDown", "DeviceLink", "device_models"]

@@ -24,6 +24,7 @@ class System(str, Enum):
     MUXSERVE = "muxserve"
     SWAP = "swap"
     DEDICATED = "dedicated"
+    SERVERLESS = "serverless"
 
 
 class SchedulerKnobs(Protocol):
@@ -37,6 +38,8 @@ class SchedulerKnobs(Protocol):
     swap_idle_s: float
     late_contender_ttft_multiple: float
     rate_window_s: float
+    placement_window_s: float
+    placement: str
     placement_period_s: float
     migration_threshold: float
     migration_cooldown_s: float
@@ -64,6 +67,10 @@ class SystemSpec:
     # the one its model's requests in flight wait on, else the least loaded) and that device's
     # own policy swaps the model in; the frontend orders no activation (ClusterControl._join_queue).
     keeps_groups: bool = False
+    # the placed-once systems' order within a device (see sched/local.py) and their placement
+    # at start (see sched/placement.py: prism's KVPR greedy, or MuxServe's)
+    policy: LocalPolicy = LocalPolicy.ROUND_ROBIN
+    placement: str = "kvpr"
 
     def scheduler_configs(self, s: SchedulerKnobs) -> tuple[LocalSchedulerConfig, GlobalSchedulerConfig]:
         """The local and global scheduler settings this system runs with: prism shares memory
@@ -71,18 +78,25 @@ class SystemSpec:
         those off one by one."""
         # kv_headroom_pages, admission_window and the global tuning knobs reach every system;
         # the rest of the local config is what a baseline is.
-        tuning = {k: getattr(s, k) for k in ("kv_headroom_pages", "admission_window")}
+        tuning = {k: getattr(s, k) for k in ("kv_headroom_pages", "admission_window", "rate_window_s")}
         if self.system is System.PRISM:
             local = LocalSchedulerConfig(**knobs_of(LocalSchedulerConfig, s))
             fixed = {}
+        elif self.system is System.SERVERLESS:
+            # Loaded on demand where there is room; an idle model (nothing in flight) may be
+            # evicted the moment another needs its memory, least recently used first; no SLO
+            # arbitration (models take turns), no migration.
+            local = LocalSchedulerConfig(policy=LocalPolicy.ROUND_ROBIN, idle_evict_s=0.0, idle_evict="pressure",
+                                         swap_idle_s=0.0, **tuning)
+            fixed = dict(migration_threshold=NEVER, idle_evict_s=0.0, idle_evict="pressure")
         elif self.system is System.SWAP:
             local = LocalSchedulerConfig(policy=LocalPolicy.FCFS, idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1,
                                          **tuning)
             fixed = dict(migration_threshold=NEVER, idle_evict="always")
         else:  # placed once, pinned even when idle; arrival order per model, models take turns per step
-            local = LocalSchedulerConfig(policy=LocalPolicy.ROUND_ROBIN, idle_evict_s=NEVER, swap_idle_s=NEVER,
-                                         **tuning)
-            fixed = dict(migration_threshold=NEVER, idle_evict_s=NEVER, idle_evict="always")
+            local = LocalSchedulerConfig(policy=self.policy, idle_evict_s=NEVER, swap_idle_s=NEVER, **tuning)
+            fixed = dict(migration_threshold=NEVER, idle_evict_s=NEVER, idle_evict="always",
+                         placement=self.placement)
         global_ = GlobalSchedulerConfig(**knobs_of(GlobalSchedulerConfig, s, **fixed))
         return local, global_
 
@@ -92,11 +106,16 @@ SYSTEMS: dict[System, SystemSpec] = {s.system: s for s in (
                places_at_start=False, keeps_all_resident=False, static_kv_shares=False, device_per_model=False),
     SystemSpec(System.STATIC, "S-Partition: models pinned, KV split by rate x KV bytes per token",
                places_at_start=True, keeps_all_resident=True, static_kv_shares=True, device_per_model=False),
-    SystemSpec(System.MUXSERVE, "models pinned by popularity, one elastic KV pool per device",
-               places_at_start=True, keeps_all_resident=True, static_kv_shares=False, device_per_model=False),
+    SystemSpec(System.MUXSERVE, "MuxServe: models placed by popularity x size and pinned, one KV pool per "
+               "device with quotas by rate, prefill and decode jobs multiplexed (ADBS)",
+               places_at_start=True, keeps_all_resident=True, static_kv_shares=False, device_per_model=False,
+               policy=LocalPolicy.ADBS, placement="muxserve"),
     SystemSpec(System.SWAP, "time sharing: one resident model per device, served in arrival groups",
                places_at_start=True, keeps_all_resident=False, static_kv_shares=False, device_per_model=False,
                keeps_groups=True),
+    SystemSpec(System.SERVERLESS, "ServerlessLLM-style: loaded on demand where there is room, the least "
+               "recently used idle model evicted for it, models take turns",
+               places_at_start=False, keeps_all_resident=False, static_kv_shares=False, device_per_model=False),
     SystemSpec(System.DEDICATED, "one device per model",
                places_at_start=True, keeps_all_resident=True, static_kv_shares=False, device_per_model=True),
 )}

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from prism.config import EngineConfig
 from prism.engine.block_manager import BlockManager
 from prism.engine.executor import Executor, ModelSizes, context_limit
-from prism.engine.memory_plan import check_prompt_fits, max_kv_blocks
+from prism.engine.memory_plan import KVGeometry, check_prompt_fits, max_kv_blocks
 from prism.engine.output_processor import OutputProcessor, TokenEvent
 from prism.engine.scheduler import Scheduler, VictimChooser
 from prism.engine.sequence import SampledToken, Sequence, StepPlan
@@ -54,6 +54,10 @@ class EngineCore:
     @property
     def sizes(self) -> ModelSizes:
         return self.executor.sizes
+
+    @property
+    def kv_geometry(self) -> KVGeometry:
+        return self.executor.kv_geometry
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(

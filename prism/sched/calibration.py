@@ -6,6 +6,7 @@ a nominal device (or an old profile) converge on what this process really achiev
 """
 from __future__ import annotations
 
+from prism.sched.cost import step_seconds
 from prism.sched.view import CostModel
 
 
@@ -28,13 +29,11 @@ class CalibratedCost:
 
     def step_time(self, model_id: str, num_decodes: int, num_context_tokens: int, num_prefill_tokens: int) -> float:
         """The uncorrected prediction for a step that decodes `num_decodes` sequences and
-        prefills `num_prefill_tokens` tokens."""
-        t = 0.0
-        if num_decodes:
-            t += self.base.decode_step_time(model_id, num_decodes, num_context_tokens)
-        if num_prefill_tokens:
-            t += self.base.prefill_time(model_id, num_prefill_tokens)
-        return t
+        prefills `num_prefill_tokens` tokens, priced as the simulator charges it
+        (prism.sched.cost.step_seconds: a mixed step is one pass over all its tokens). Adding
+        a decode step and a prefill would count the weights' pass twice, and the correction
+        learnt from mixed steps would then shrink every estimate."""
+        return step_seconds(self.base, model_id, num_decodes, num_context_tokens, num_prefill_tokens)
 
     def _f(self, model_id: str) -> float:
         return self.factor.get(model_id, 1.0)

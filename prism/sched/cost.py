@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prism.errors import UserError
+from prism.sched.view import CostModel
 
 log = logging.getLogger(__name__)
 
@@ -479,3 +480,19 @@ class ProfileCostModel:
         h2d = (costs.profile.h2d_bytes_per_s if costs.profile else None) \
             or self.defaults.h2d_bytes_per_s
         return costs.weight_bytes / h2d
+
+
+def step_seconds(cost: CostModel, model_id: str, num_decodes: int, num_context: int,
+                 num_prefill: int) -> float:
+    """The time of one step with these terms (StepPlan.cost_terms); see the module notes."""
+    if num_prefill == 0:
+        return cost.decode_step_time(model_id, num_decodes, num_context) if num_decodes else 0.0
+    if num_decodes and hasattr(cost, "mixed_step_time"):
+        measured = cost.mixed_step_time(model_id, num_decodes, num_context, num_prefill)
+        if measured is not None:
+            return measured
+    t = cost.prefill_time(model_id, num_prefill + num_decodes)
+    if num_decodes:
+        t += max(0.0, cost.decode_step_time(model_id, num_decodes, num_context)
+                 - cost.decode_step_time(model_id, num_decodes, 0))
+    return t

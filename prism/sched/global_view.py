@@ -17,7 +17,7 @@ class ModelInfo:
     kv_bytes_per_token: int
     tpot_slo_s: float
     pinned_device: str | None = None  # config may pin a model to a device: it lives only there
-    weight: float = 1.0  # multiplies its rate when ordering placement (priority)
+    weight: float = 1.0  # requests/s a placement made at start goes by (ClusterControl.placement_rates)
 
     def __post_init__(self) -> None:
         if self.weight_bytes < 0 or self.kv_bytes_per_token < 0:

@@ -19,7 +19,10 @@ model of its oldest unfinished request (decoding ones included): models take tur
 groups, as time sharing (`swap`) does.
 Policy "rr" (baseline): each model's queue in arrival order, and the device's resident models
 with work take turns step by step (the one whose last step is oldest runs), as engines that
-share a GPU by time slices do (`static`, `muxserve`): no model waits for another's whole decode.
+share a GPU by time slices do (`static`): no model waits for another's whole decode.
+Policy "adbs" (baseline): MuxServe's adaptive batch scheduling (`muxserve`; see adbs.py): each
+model's queue in arrival order, KV quotas per model by request rate (adapted to who waits),
+prefill and decode phases alternating, models taking turns within each.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from prism.config import NonNegFloat, NonNegInt, PosFloat, PosInt, check_fields
+from prism.sched.adbs import Adbs
 from prism.sched.moore_hodgson import Job, moore_hodgson
 from prism.sched.residency import IDLE_EVICT, IDLE_EVICT_S, IdleEvict, plan_residency
 from prism.sched.swap import plan_swap
@@ -38,7 +42,8 @@ from prism.sched.view import CostModel, DeviceView, RequestView, StepDecision
 class LocalPolicy(str, Enum):
     PRISM = "prism"  # SLO-aware: Moore-Hodgson admission, least slack runs, most slack preempted
     FCFS = "fcfs"  # arrival order everywhere; the model of the oldest request runs (swap)
-    ROUND_ROBIN = "rr"  # arrival order per model; models with work take turns per step (static, muxserve)
+    ROUND_ROBIN = "rr"  # arrival order per model; models with work take turns per step (static)
+    ADBS = "adbs"  # MuxServe's: KV quotas by rate, prefill and decode phases, turns within each (muxserve)
 
 
 POLICIES = tuple(p.value for p in LocalPolicy)
@@ -66,6 +71,9 @@ class LocalSchedulerConfig:
     # model competes by slack, and a request that late has the least), so no request waits
     # forever behind other models' decodes. inf: no bound (late work only steals slack).
     late_contender_ttft_multiple: PosFloat = 3.0
+    # The window of the request rates the device measures (adbs quotas follow them); the
+    # same knob sets the frontend's token-rate window.
+    rate_window_s: PosFloat = 60.0
 
     def __post_init__(self) -> None:
         check_fields(self)  # the bounds and choices of the field types above
@@ -137,6 +145,12 @@ class LocalScheduler:
     def __init__(self, config: LocalSchedulerConfig, cost: CostModel) -> None:
         self.config = config
         self.cost = cost
+        self._adbs = Adbs(config.rate_window_s) if config.policy is LocalPolicy.ADBS else None
+
+    @property
+    def needs_request_rates(self) -> bool:
+        """Whether `decide` reads `DeviceView.request_rates` (the device fills them only then)."""
+        return self._adbs is not None
 
     # ---- the one call per step ----------------------------------------------------------
     def decide(self, view: DeviceView) -> StepDecision:
@@ -158,6 +172,9 @@ class LocalScheduler:
             run_model = self._pick_model_prism(view, est, admission)
         elif self.config.policy is LocalPolicy.ROUND_ROBIN:
             run_model = self._pick_model_round_robin(view, est)
+        elif self._adbs is not None:
+            plan = self._adbs.plan(view, est.resident)
+            run_model, drain = plan.run_model, drain + plan.over_quota
         else:
             run_model = self._pick_model_fcfs(view, est)
         return StepDecision(

@@ -55,7 +55,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -70,6 +70,13 @@ EVICT_REASONS = ("idle", "make-room", "migration")
 @dataclass(frozen=True)
 class GlobalSchedulerConfig:
     rate_window_s: PosFloat = 60.0  # the window of the token rates the server feeds the view
+    # The simulator only: a placement made once at start (and static KV shares) goes by the
+    # request rates measured over this first stretch of the trace. (The server has no trace
+    # ahead of it: it goes by the config's `rate:`, else equal rates.)
+    placement_window_s: PosFloat = 60.0
+    # The placement at start: "kvpr" (prism's: the lowest KV pressure) or "muxserve" (MuxServe's
+    # greedy over computation demand, `muxserve_placement`)
+    placement: Literal["kvpr", "muxserve"] = "kvpr"
     idle_evict_s: NonNegFloat = IDLE_EVICT_S  # a model with no pending requests and no request this long...
     # ...is evicted by periodic(): "always", or "pressure": never there; only when memory is
     # wanted (on_request's make-room here, KV demand and activations on the device).
@@ -188,6 +195,8 @@ class GlobalScheduler:
         """Every model not yet on a device, in descending weighted rate, to the device where
         its KVPR would be lowest among those its weights fit on. Models that fit nowhere stay
         evicted (their first request retries through `on_request`)."""
+        if self.config.placement == "muxserve":
+            return self._muxserve_placement(view)
         devices = {d.device_id: d for d in view.devices}
         placed = {m for d in view.devices for m in d.hosted}
         decisions: list[Activate] = []
@@ -199,6 +208,33 @@ class GlobalScheduler:
                 continue
             target = min(fitting, key=lambda d: self._landing_key(d, view, info.model_id))
             devices[target.device_id] = _with_model(target, info.model_id)
+            decisions.append(Activate(info.model_id, target.device_id))
+            self._on_device_since[(info.model_id, target.device_id)] = view.now
+        return decisions
+
+    def _muxserve_placement(self, view: ClusterView) -> list[Activate]:
+        """MuxServe's greedy placement (Duan et al., ICML 2024, section 3.2; its code's
+        `naive_greedy_placement`, muxserve/muxsched/placement.py): models in descending
+        computation demand, popularity x size (its rate x rate_scale, the scale growing with
+        the parameter count: weight bytes here), each to the device with the least computation
+        demand placed on it so far among those its weights fit on; ties: the most memory left,
+        then device_id. Left out: its enumeration of GPU mesh groups (devices are given here)
+        and its variant that scores each candidate by a throughput estimate."""
+        devices = {d.device_id: d for d in view.devices}
+        load = {d: 0.0 for d in devices}
+        placed = {m for d in view.devices for m in d.hosted}
+        decisions: list[Activate] = []
+        demand = {i.model_id: i.weight * i.weight_bytes for i in view.models.values()}
+        for info in sorted(view.models.values(), key=lambda i: (-demand[i.model_id], i.model_id)):
+            if info.model_id in placed:
+                continue
+            fitting = [d for d in self._allowed(info, devices.values()) if self._fits(d, view, info)]
+            if not fitting:
+                continue
+            target = min(fitting, key=lambda d: (load[d.device_id], -kv_free_bytes(d, view, extra=info.model_id),
+                                                 d.device_id))
+            devices[target.device_id] = _with_model(target, info.model_id)
+            load[target.device_id] += demand[info.model_id]
             decisions.append(Activate(info.model_id, target.device_id))
             self._on_device_since[(info.model_id, target.device_id)] = view.now
         return decisions

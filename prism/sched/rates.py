@@ -1,5 +1,11 @@
 """Per-model token and request rates over a sliding time window.
 
+One tracker class for every rate a system needs, fed by arrivals wherever they happen (the
+server's router, the simulator's frontend, each device as requests reach it): the global
+scheduler's token rates (KV pressure), the request rates a placement made once is computed
+from (`placement_rates`), and the request rates MuxServe's quotas follow (the `adbs` local
+policy, fed by the device's own arrivals).
+
 The global scheduler's KV pressure ratio needs each model's token rate: how many tokens per
 second its requests bring. This tracker keeps, per model, the (time, tokens) of each request
 recorded within the last `window_s` seconds and a running sum, so a rate is a division and
@@ -21,6 +27,7 @@ prunes entries for good, so a later query with an earlier `now` would see too li
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 
 
 class TokenRateTracker:
@@ -83,6 +90,10 @@ class TokenRateTracker:
         """`rate` of every model ever recorded: `ClusterView.token_rates`."""
         return {model_id: self.rate(model_id, now) for model_id in self.models()}
 
+    def request_rates(self, now: float) -> dict[str, float]:
+        """`request_rate` of every model ever recorded."""
+        return {model_id: self.request_rate(model_id, now) for model_id in self.models()}
+
     def last_requests(self) -> dict[str, float]:
         """`last_seen` of every model ever recorded: `ClusterView.last_request`."""
         return dict(self._last_seen)
@@ -100,4 +111,36 @@ class TokenRateTracker:
             self._num_tokens[model_id] -= dropped
 
 
-__all__ = ["TokenRateTracker"]
+def window_request_rates(arrivals: Iterable[tuple[str, float]], window_s: float) -> dict[str, float]:
+    """Requests/s per model over the first `window_s` seconds of `arrivals` ((model, time), in
+    time order from 0), measured by the tracker: what a deployment that watched its traffic
+    that long before placing its models knows. (A run shorter than the window is still divided
+    by the whole window, as the tracker always does: rates are compared with each other.)"""
+    tracker = TokenRateTracker(window_s)
+    last = 0.0
+    for model_id, t in arrivals:
+        if t < window_s:
+            tracker.record(model_id, t, 0)
+            last = max(last, t)
+    # Asked at the last early arrival, the window reaches back past 0: every one counts.
+    return tracker.request_rates(last)
+
+
+def placement_rates(models: Iterable[str], overrides: dict[str, float],
+                    measured: dict[str, float] | None, window_s: float | None = None) -> dict[str, float]:
+    """Requests/s to place by, per model: the config's `rate:` where set; else the measured
+    rate; a model measured with no request at all counts as one request in the window (a
+    placement must leave it some room); without any measurement (a server at start), 1.0
+    for every model not overridden: equal rates."""
+    out = {}
+    for m in models:
+        if m in overrides:
+            out[m] = overrides[m]
+        elif measured is None:
+            out[m] = 1.0
+        else:
+            out[m] = measured.get(m) or (1.0 / window_s if window_s else 1.0)
+    return out
+
+
+__all__ = ["TokenRateTracker", "placement_rates", "window_request_rates"]

@@ -60,6 +60,9 @@ class DeviceView:
     free_pages: int
     models: tuple[ModelView, ...]
     requests: tuple[RequestView, ...]
+    # requests/s per model that reached this device over the rate window (only for a policy
+    # that asks: LocalScheduler.needs_request_rates)
+    request_rates: dict[str, float] = field(default_factory=dict)
 
     def model(self, model_id: str) -> ModelView:
         return next(m for m in self.models if m.model_id == model_id)

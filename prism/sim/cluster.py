@@ -35,6 +35,7 @@ from prism.bench.records import DEFAULT_REQUEST_TIMEOUT_S, RequestRecord
 from prism.bench.trace import TraceRequest
 from prism.cluster.config import ClusterConfig
 from prism.cluster.control import TICK_S, ClusterControl, device_models
+from prism.sched.rates import window_request_rates
 from prism.sim.costs import ProfileSet
 from prism.sim.device import SimDevice
 from prism.sim.executor import SAMPLED_TOKEN
@@ -153,7 +154,12 @@ class SimCluster:
     def run(self, trace: list[TraceRequest]) -> list[RequestRecord]:
         """Simulate `trace` (arrival times from 0) to the end; one record per request."""
         trace = sorted(trace, key=lambda r: r.arrival_s)
-        self.control.start(self.now)
+        # As a deployment that watched its traffic for a while before placing its models: the
+        # frontend's own tracker over the first placement_window_s of arrivals.
+        window = self.config.global_.placement_window_s
+        measured = window_request_rates(((r.model, r.arrival_s) for r in trace), window)
+        longest = max((r.input_len + r.output_len for r in trace), default=None)
+        self.control.start(self.now, measured, window, longest)
         self.t0 = self._settle()
         for i, r in enumerate(trace):
             self._push(self.t0 + r.arrival_s, _ARRIVAL, (i, r))

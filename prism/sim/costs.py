@@ -15,8 +15,9 @@ A device that stands for a tensor-parallel group of k GPUs divides each time by 
 with the parallel fractions measured on Llama-2-70B at TP 2 and 4 on an H100 (Splitwise
 profile; see benchmarks/results/sim-crosscheck-splitwise/), and copies weights k times as fast.
 
-A step's time: a pure decode costs decode_step_time(batch, context); a pure prefill
-prefill_time(tokens); a mixed step what the profile's measured mixed steps say
+A step's time: `prism.sched.cost.step_seconds` (re-exported here), the rule the workers'
+`CalibratedCost` predicts with too: a pure decode costs decode_step_time(batch, context); a
+pure prefill prefill_time(tokens); a mixed step what the profile's measured mixed steps say
 (ProfileCostModel.mixed_step_time), and for profiles without any, one forward pass over all
 its tokens: prefill_time(prefill + decode tokens) plus the decodes' KV reads
 (decode_step_time(batch, context) - decode_step_time(batch, 0)).
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from prism.errors import UserError
-from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_profiles
+from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_profiles, step_seconds
 from prism.sched.view import CostModel
 from prism.sim.shapes import ModelShape
 
@@ -49,23 +50,6 @@ GRID_CONTEXT = (128, 1024, 4096)
 def card_defaults(device: str) -> DefaultCosts:
     """The nominal rates the real worker assumes for a device kind (prism.worker)."""
     return DefaultCosts.nvidia_h100() if device.startswith("cuda") else DefaultCosts()
-
-
-# ---- one step --------------------------------------------------------------------------------
-def step_seconds(cost: CostModel, model_id: str, num_decodes: int, num_context: int,
-                 num_prefill: int) -> float:
-    """The time of one step with these terms (StepPlan.cost_terms); see the module notes."""
-    if num_prefill == 0:
-        return cost.decode_step_time(model_id, num_decodes, num_context) if num_decodes else 0.0
-    if num_decodes and hasattr(cost, "mixed_step_time"):
-        measured = cost.mixed_step_time(model_id, num_decodes, num_context, num_prefill)
-        if measured is not None:
-            return measured
-    t = cost.prefill_time(model_id, num_prefill + num_decodes)
-    if num_decodes:
-        t += max(0.0, cost.decode_step_time(model_id, num_decodes, num_context)
-                 - cost.decode_step_time(model_id, num_decodes, 0))
-    return t
 
 
 # ---- roofline ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def read_raw_config(path: str | Path) -> dict:
 
 
 def config_for(raw: dict, system: str, source: str = "config") -> ClusterConfig:
-    """The server config of `system` (prism, static, muxserve, swap or dedicated)."""
+    """The server config of `system` (prism, static, muxserve, swap, serverless or dedicated)."""
     return parse_config(system_config(raw, system), source=source)
 
 

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from prism.config import DeviceConfig, ModelSpec
 from prism.engine.executor import ModelSizes
+from prism.engine.memory_plan import KVGeometry
 from prism.engine.output_processor import TokenEvent
 from prism.engine.scheduler import VictimChooser
 from prism.engine.sequence import Sequence, StepPlan
@@ -23,6 +24,7 @@ from prism.sched.calibration import CalibratedCost
 from prism.sched.clock import Clock
 from prism.sched.cost import ModelProfile, ProfileCostModel
 from prism.sched.local import LocalScheduler, LocalSchedulerConfig
+from prism.sched.rates import TokenRateTracker
 from prism.sched.view import SLO, CostModel, DeviceView, ModelView, RequestView
 from prism.types import CompletionOutput, RequestError, SamplingParams
 from prism.worker import messages as msg
@@ -58,6 +60,9 @@ class DeviceEngine(Protocol):
 
     @property
     def sizes(self) -> ModelSizes: ...
+
+    @property
+    def kv_geometry(self) -> KVGeometry: ...
 
     @property
     def resident(self) -> bool: ...
@@ -119,6 +124,9 @@ class DeviceCore(ABC):
         self.cost = CalibratedCost(self.profiles)
         self._profiles = profiles or {}  # by model source, measured by `prism profile`
         self.local = LocalScheduler(config.scheduler, self.cost)
+        # The requests reaching this device, per model (the same tracker the frontend keeps):
+        # MuxServe's quotas follow them.
+        self.arrivals = TokenRateTracker(config.scheduler.rate_window_s)
         self.metrics = MetricsLog(config.metrics_path, config.sample_interval_s, config.metrics_keep_last)
         self.counters = DeviceCounters()
         # Activated / Evicted, as they happen (frontend-ordered or the local scheduler's own),
@@ -206,8 +214,9 @@ class DeviceCore(ABC):
     def model_info(self, model_id: str) -> msg.ModelInfo:
         """What the frontend (or the simulated cluster) learns of a model when the device starts."""
         e, s = self.engines[model_id], self._sizes[model_id]
+        g = e.kv_geometry
         return msg.ModelInfo(model_id, e.max_model_len, s.vocab_size, s.weight_bytes,
-                             s.kv_bytes_per_token, e.resident)
+                             s.kv_bytes_per_token, e.resident, g.pages_per_kv_page, g.tokens_per_page)
 
     def resident_models(self) -> list[str]:
         return [m for m, e in self.engines.items() if e.resident]
@@ -276,6 +285,7 @@ class DeviceCore(ABC):
             raise RequestError(f"request id {req_id!r} is already in use")
         req_id = engine.add_request(prompt, params, req_id=req_id, slo=slo, priority=priority)
         self.last_used[model_id] = self.clock.now()
+        self.arrivals.record(model_id, self.clock.now(), 0)
         self._touch(model_id)
         return req_id
 
@@ -397,7 +407,9 @@ class DeviceCore(ABC):
         requests = []
         for m in self._in_order(self._busy):
             requests += self._request_views_of(m)
-        return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, self._model_views, tuple(requests))
+        rates = self.arrivals.request_rates(now) if self.local.needs_request_rates else {}
+        return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, self._model_views, tuple(requests),
+                          rates)
 
     def _model_snapshot(self, model_id: str) -> DeviceView:
         """The device as the victim choice sees it mid-step: `model_id`'s view and requests

@@ -55,6 +55,10 @@ class ModelInfo(msgspec.Struct, frozen=True):
     weight_bytes: int
     kv_bytes_per_token: int
     resident: bool
+    # KV comes in page groups: this many physical pages hold this many tokens of every layer
+    # (what a KV share in pages holds, ClusterControl's static partition check)
+    pages_per_kv_page: int = 0
+    tokens_per_kv_page: int = 0
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):

@@ -1,4 +1,5 @@
 from prism.sched.calibration import CalibratedCost
+from prism.sched.cost import step_seconds
 
 
 class Fixed:
@@ -30,4 +31,33 @@ def test_non_positive_samples_are_ignored_and_ratios_bounded():
     assert "a" not in cost.factor
     cost.observe("a", 0.01, 100.0)
     assert cost.factor["a"] == 10
-    assert cost.step_time("a", 2, 50, 100) == 0.01 + 0.1
+    # A mixed step is one pass over all 102 tokens (Fixed's decodes add no context cost).
+    assert abs(cost.step_time("a", 2, 50, 100) - 0.102) < 1e-12
+    assert cost.step_time("a", 2, 50, 0) == 0.01
+    assert cost.step_time("a", 0, 0, 100) == 0.1
+
+
+class Roofline:
+    """A step reads the weights once (10 ms) plus 0.1 ms per token, and 1 us per context token."""
+
+    def prefill_time(self, m, n):
+        return 0.01 + 0.0001 * n
+
+    def decode_step_time(self, m, b, ctx):
+        return 0.01 + 0.0001 * b + 1e-6 * ctx
+
+    def activation_time(self, m):
+        return 1.0
+
+
+def test_a_device_that_runs_as_predicted_keeps_its_correction_at_one_through_mixed_steps():
+    # The device takes exactly what the simulator charges (step_seconds). Predicting a mixed
+    # step as a decode step plus a prefill counted the weights' 10 ms twice: the correction
+    # then fell towards 0.5 and every estimate shrank with it.
+    truth = Roofline()
+    cost = CalibratedCost(truth, alpha=0.5)
+    for _ in range(20):
+        for terms in ((8, 8000, 512), (8, 8000, 0), (0, 0, 2048)):
+            cost.observe("a", cost.step_time("a", *terms), step_seconds(truth, "a", *terms))
+    assert abs(cost.factor["a"] - 1.0) < 1e-9
+    assert abs(cost.step_time("a", 8, 8000, 512) - (0.01 + 0.0001 * 520 + 0.008)) < 1e-12

@@ -85,3 +85,24 @@ def test_matches_a_brute_force_recount(seed):
         t.rate(model_id, now)
         live = [1 for m, ts, _ in events if m == model_id and now - ts < window]
         assert len(t._entries.get(model_id, ())) == len(live)
+
+
+# ---- the rates a placement made once goes by -------------------------------------------------
+def test_window_request_rates_count_the_first_window_only_from_time_zero():
+    from prism.sched.rates import window_request_rates
+
+    arrivals = [("a", 0.0), ("b", 1.0), ("a", 2.0), ("a", 9.9), ("b", 10.0), ("b", 50.0)]
+    rates = window_request_rates(arrivals, 10.0)
+    assert rates == {"a": 0.3, "b": 0.1}  # the arrival at 0 counts; those at 10 s and after do not
+    assert window_request_rates([], 10.0) == {}
+
+
+def test_placement_rates_override_then_measured_then_equal():
+    from prism.sched.rates import placement_rates
+
+    models = ["a", "b", "c"]
+    assert placement_rates(models, {}, None) == {"a": 1.0, "b": 1.0, "c": 1.0}  # a server at start
+    assert placement_rates(models, {"b": 5.0}, None) == {"a": 1.0, "b": 5.0, "c": 1.0}
+    # measured: c had no request in the window: as if one came (a placement must leave it room)
+    got = placement_rates(models, {"b": 5.0}, {"a": 0.3, "b": 0.1}, window_s=10.0)
+    assert got == {"a": 0.3, "b": 5.0, "c": 0.1}

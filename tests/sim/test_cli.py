@@ -77,3 +77,36 @@ def test_bad_files_are_one_line(files, capsys):
     assert main(["simulate", "--config", str(files / "cfg.yaml"), "--trace", str(files / "cfg.yaml"),
                  "--out", str(files / "x")]) == 2
     assert capsys.readouterr().err.startswith("prism: error: ")
+
+
+# ---- a static partition too small for a model's longest request is refused at start ------------
+STARVED = {
+    "devices": [{"device": "cuda:0", "memory": "8GiB"}],
+    # b's rate leaves it about 1% of the KV memory: less than one KV page group of a 1B model
+    "models": [{"name": "a", "source": "llama-3.2-1b:random", "rate": 100},
+               {"name": "b", "source": "llama-3.2-1b:random", "rate": 1}],
+}
+
+
+def test_a_static_share_that_cannot_hold_the_longest_request_is_refused_in_process():
+    from prism.config import ConfigError
+    from prism.sim.costs import ProfileSet
+    from prism.sim.run import config_for, simulate
+
+    trace = poisson_trace({"a": 2.0, "b": 1.0}, 5.0, (64, 512), (8, 64), seed=3)
+    with pytest.raises(ConfigError, match=r"b's KV share on cuda:0 \(\d+ pages, 0 tokens.*cannot hold the "
+                                          r"longest request of the trace \(\d+ tokens\)"):
+        simulate(config_for(STARVED, "static"), trace, ProfileSet({}, {}))
+    # muxserve shares one pool: nothing to refuse; equal rates (no `rate:`) leave b its half
+    assert simulate(config_for(STARVED, "muxserve"), trace, ProfileSet({}, {})).records
+    equal = {**STARVED, "models": [{k: v for k, v in m.items() if k != "rate"} for m in STARVED["models"]]}
+    assert all(r.ok for r in simulate(config_for(equal, "static"), trace, ProfileSet({}, {})).records)
+
+
+def test_a_static_share_that_cannot_hold_the_longest_request_is_one_line_from_the_cli(files, capsys):
+    (files / "starved.yaml").write_text(yaml.safe_dump(STARVED))
+    assert main(["simulate", "--config", str(files / "starved.yaml"), "--trace", str(files / "t.jsonl"),
+                 "--policy", "static", "--out", str(files / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prism: error: scheduler.system static: b's KV share on cuda:0") and err.count("\n") == 1
+    assert "cannot hold" in err
