@@ -82,6 +82,7 @@ class DeviceExecutor:
         self.kv: PagedKVCache | None = None
         self.show_progress = show_progress
         self.keep_host_copy = keep_host_copy
+        self.num_source_reads = 0  # times the weights were read from the model's source
         try:
             self.budget_pages = self._agreed_budget()
             self._load_weights()
@@ -118,6 +119,7 @@ class DeviceExecutor:
         self._read_source()
 
     def _read_source(self) -> None:
+        self.num_source_reads += 1
         show_progress = self.show_progress
         select = self.shard.select if self.shard else None  # each rank copies only its slices
         tensors = iter_source_weights(self.source, self.dtype, self.device, select)
