@@ -49,9 +49,10 @@ class SharedHostCopies:
         """Write `data` (bytes, on any device) as the copy of `key` and return it mapped."""
         path = self.path(key)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        data = data.reshape(-1).view(torch.uint8)
         mapped = torch.from_file(str(tmp), shared=True, size=data.numel(), dtype=torch.uint8)
         try:
-            mapped.copy_(data.reshape(-1).view(torch.uint8))
+            mapped.copy_(data)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
