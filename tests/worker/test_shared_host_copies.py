@@ -132,3 +132,58 @@ def test_private_copies_without_a_store_are_dropped_too():
         assert source_reads(w) == 2 and generate(w, "r1") == expected
     finally:
         w.close()
+
+
+# ---- the same over worker processes and their messages -------------------------------------
+def report_of(w) -> msg.DeviceMemory:
+    w.send(msg.ReportMemory())
+    while True:
+        m = w.recv(timeout_s=60)
+        assert m is not None, "worker went quiet"
+        if isinstance(m, msg.MemoryReport):
+            return m.report
+
+
+def answer(w, req_id: str) -> list[int]:
+    tokens = []
+    while True:
+        m = w.recv(timeout_s=60)
+        assert m is not None, "worker went quiet"
+        if isinstance(m, msg.Tokens):
+            tokens += [t.token_id for t in m.tokens if t.req_id == req_id]
+        elif isinstance(m, msg.Finished) and m.req_id == req_id:
+            return tokens
+        assert not isinstance(m, msg.Rejected), m.message
+
+
+def test_worker_processes_of_a_node_share_and_drop_copies_through_messages(store):
+    from prism.worker.process import WorkerProcess
+
+    pages = -(-plan_layout(resolve_model(SOURCE).config, torch.float32).num_bytes // PAGE)
+
+    def config(device):
+        return WorkerConfig(DeviceConfig(device, (pages + 64) * PAGE, PAGE, node="a"),
+                            (ModelSpec("m", SOURCE, engine=ENGINE),), host_copy_dir=store)
+
+    first = WorkerProcess(config("cpu:0"))
+    second = WorkerProcess(config("cpu:1"))
+    try:
+        assert len(os.listdir(store)) == 1  # one copy for the node's two workers
+        first.send(msg.AddRequest("r0", "m", PROMPT, GREEDY))
+        expected = answer(first, "r0")
+        assert all(report_of(w).host_copies == ["m"] for w in (first, second))
+        for w in (first, second):  # the node is over its budget: the frontend tells both
+            w.send(msg.Evict("m"))
+            w.send(msg.DropHostCopy("m"))
+        assert all(report_of(w).host_copies == [] for w in (first, second))
+        assert os.listdir(store) == []
+        # the next activation reads the source and makes the node a copy, which serves the other
+        second.send(msg.AddRequest("r1", "m", PROMPT, GREEDY))
+        assert answer(second, "r1") == expected
+        assert len(os.listdir(store)) == 1
+        assert all(report_of(w).host_copies == ["m"] for w in (first, second))
+        first.send(msg.AddRequest("r2", "m", PROMPT, GREEDY))
+        assert answer(first, "r2") == expected
+    finally:
+        first.close()
+        second.close()
