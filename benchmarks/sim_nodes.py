@@ -1,7 +1,8 @@
 """What node boundaries cost: E3 (58 models, 32 GPUs) as 4 nodes of 8 GPUs vs one pool of 32,
 on the simulator (CPU only).
 
-    python benchmarks/sim_nodes.py [--scales 1,2] [--budgets 256GiB,128GiB] [--out DIR]
+    python benchmarks/sim_nodes.py [--scales 1,2] [--budgets 256GiB,128GiB] [--controls nodes]
+                                   [--append] [--out DIR]
 
 The same inputs as E3 (benchmarks/sim-inputs/e3-*: the trace, the models and their SLOs) and
 the GPUs of `sim_experiments.py speed`: 20 single GPUs, two TP-2 and two TP-4 groups. One
@@ -10,8 +11,9 @@ together. Four nodes: n0 and n1 hold 8 single GPUs each, n2 the last 4 singles a
 TP-2 groups, n3 the two TP-4 groups; each node has its own budget and its own copies, so a
 model that comes back on a node without its copy reads storage first (a cold load). "nodes,
 no budget" keeps every copy everywhere: what remains is the tie-breaks that device names
-change (a control for the noise). Each run is prism's policy at one rate scale of the trace.
-Writes nodes.json, nodes.md and COMMAND.md.
+change (a control for the noise; "1 pool, no budget" likewise). Each run is prism's policy at
+one rate scale of the trace. Writes nodes.json, nodes.md and COMMAND.md (--append: adds to
+the rows and commands already there).
 """
 from __future__ import annotations
 
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scales", default="1,2", help="rate scales of the E3 trace")
     p.add_argument("--budgets", default="256GiB,128GiB", help="host memory per node for weight copies")
+    p.add_argument("--controls", default="nodes", help="layouts to run without a budget: nodes, pool, both or none")
+    p.add_argument("--append", action="store_true", help="add to the results already in --out")
     p.add_argument("--profiles", default="benchmarks/profiles/nvidia-h100")
     p.add_argument("--out", default="benchmarks/results/sim-e3-nodes-2026-12-05")
     args = p.parse_args(argv)
@@ -83,10 +87,16 @@ def main(argv=None) -> int:
     base = load_trace(INPUTS / "e3-trace.jsonl")
     profiles = ProfileSet.load(ROOT / args.profiles)
     slos = {m["name"]: SLOTargets(m["ttft_slo_ms"] / 1e3, m["tpot_slo_ms"] / 1e3) for m in raw["models"]}
-    cases = [("4 nodes, no budget", "nodes", None)]
+    controls = {"nodes": ["nodes"], "pool": ["pool"], "both": ["pool", "nodes"], "none": []}[args.controls]
+    cases = [("1 pool, no budget" if kind == "pool" else "4 nodes, no budget", kind, None) for kind in controls]
     for budget in args.budgets.split(","):
         cases += [(f"1 pool, 4 x {budget}", "pool", budget), (f"4 nodes, {budget} each", "nodes", budget)]
-    rows = []
+    command = "python benchmarks/sim_nodes.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    rows, commands = [], [command]
+    if args.append and (out / "nodes.json").is_file():
+        rows = json.loads((out / "nodes.json").read_text())
+        commands = json.loads((out / "commands.json").read_text()) + commands
+    (out / "commands.json").write_text(json.dumps(commands, indent=1) + "\n")
     for scale in (float(x) for x in args.scales.split(",")):
         trace = scale_rate(base, scale, seed=0)
         for name, kind, budget in cases:
@@ -105,11 +115,11 @@ def main(argv=None) -> int:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['layout']} | x{r['scale']:g} | {r['requests']} | {r['slo_attainment']:.1%} | "
               f"{r['ttft_attainment']:.1%} | {r['tpot_attainment']:.1%} | {r['ttft_p99_s']:.2f} s | "
-              f"{r['activations']} | {r['cold_loads']} |" for r in rows]
+              f"{r['activations']} | {r['cold_loads']} |" for r in sorted(rows, key=lambda r: r["scale"])]
     (out / "nodes.md").write_text("\n".join(lines) + "\n")
     (out / "COMMAND.md").write_text(
         f"Simulated on the 2-core CPU development machine (no GPU), {time.strftime('%Y-%m-%d')}.\n\n"
-        f"    python benchmarks/sim_nodes.py {shlex.join(argv if argv is not None else sys.argv[1:])}\n\n"
+        + "".join(f"    {c}\n" for c in commands) + "\n"
         "Activations count the start's initial placement too; a cold load is an activation on a node\n"
         "that held no host copy of the model (a read from storage before the copy in).\n\n" + "\n".join(lines) + "\n")
     return 0
