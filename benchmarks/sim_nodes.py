@@ -78,13 +78,15 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="256GiB,128GiB", help="host memory per node for weight copies")
     p.add_argument("--controls", default="nodes", help="layouts to run without a budget: nodes, pool, both or none")
     p.add_argument("--append", action="store_true", help="add to the results already in --out")
-    p.add_argument("--profiles", default="benchmarks/profiles/nvidia-h100")
+    p.add_argument("--inputs", default="e3", help="the inputs tag: e3, or e3-host (SLOs with host time)")
+    p.add_argument("--profiles", default="benchmarks/profiles/nvidia-h100",
+                   help="the profiles (with e3-host: benchmarks/profiles/nvidia-h100-host)")
     p.add_argument("--out", default="benchmarks/results/sim-e3-nodes-2026-12-05")
     args = p.parse_args(argv)
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    raw = read_raw_config(INPUTS / "e3-config.yaml")
-    base = load_trace(INPUTS / "e3-trace.jsonl")
+    raw = read_raw_config(INPUTS / f"{args.inputs}-config.yaml")
+    base = load_trace(INPUTS / f"{args.inputs}-trace.jsonl")
     profiles = ProfileSet.load(ROOT / args.profiles)
     slos = {m["name"]: SLOTargets(m["ttft_slo_ms"] / 1e3, m["tpot_slo_ms"] / 1e3) for m in raw["models"]}
     controls = {"nodes": ["nodes"], "pool": ["pool"], "both": ["pool", "nodes"], "none": []}[args.controls]
