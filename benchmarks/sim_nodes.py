@@ -12,13 +12,15 @@ TP-2 groups, n3 the two TP-4 groups; each node has its own budget and its own co
 model that comes back on a node without its copy reads storage first (a cold load). "nodes,
 no budget" keeps every copy everywhere: what remains is the tie-breaks that device names
 change (a control for the noise; "1 pool, no budget" likewise). Each run is prism's policy at
-one rate scale of the trace. Writes nodes.json, nodes.md and COMMAND.md (--append: adds to
-the rows and commands already there).
+one rate scale of the trace. --blind: the same budgets, with a global scheduler that does not
+see where the copies are (what preferring the node with the copy saves). Writes nodes.json,
+nodes.md and COMMAND.md (--append: adds to the rows and commands already there).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -28,6 +30,8 @@ from prism.bench.report import SLOTargets, summarize
 from prism.bench.trace import load_trace
 from prism.bench.transforms import scale_rate
 from prism.config import parse_size
+from prism.sched.global_view import TransferRates
+from prism.sim import cluster as sim_cluster
 from prism.sim.costs import ProfileSet
 from prism.sim.run import config_for, read_raw_config, simulate
 
@@ -78,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="256GiB,128GiB", help="host memory per node for weight copies")
     p.add_argument("--controls", default="nodes", help="layouts to run without a budget: nodes, pool, both or none")
     p.add_argument("--append", action="store_true", help="add to the results already in --out")
+    p.add_argument("--blind", action="store_true",
+                   help="the global scheduler does not see where copies are (what the preference saves)")
     p.add_argument("--inputs", default="e3", help="the inputs tag: e3, or e3-host (SLOs with host time)")
     p.add_argument("--profiles", default="benchmarks/profiles/nvidia-h100",
                    help="the profiles (with e3-host: benchmarks/profiles/nvidia-h100-host)")
@@ -93,6 +99,12 @@ def main(argv=None) -> int:
     cases = [("1 pool, no budget" if kind == "pool" else "4 nodes, no budget", kind, None) for kind in controls]
     for budget in args.budgets.split(","):
         cases += [(f"1 pool, 4 x {budget}", "pool", budget), (f"4 nodes, {budget} each", "nodes", budget)]
+    if args.blind:
+        # The view prices a storage read at nothing, so every device's activation costs the
+        # same and the choice is the landing key's, wherever the copies are; the simulated
+        # devices still pay for the read.
+        sim_cluster.TransferRates = lambda h2d, storage: TransferRates(h2d, math.inf)
+        cases = [(f"{name}, blind to copies", kind, budget) for name, kind, budget in cases if budget]
     command = "python benchmarks/sim_nodes.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     rows, commands = [], [command]
     if args.append and (out / "nodes.json").is_file():
