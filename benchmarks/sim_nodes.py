@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         # same and the choice is the landing key's, wherever the copies are; the simulated
         # devices still pay for the read.
         sim_cluster.TransferRates = lambda h2d, storage: TransferRates(h2d, math.inf)
-        cases = [(f"{name}, blind to copies", kind, budget) for name, kind, budget in cases if budget]
+        cases = [(f"{name}, blind to copies", kind, budget) for name, kind, budget in cases if budget and kind == "nodes"]
     command = "python benchmarks/sim_nodes.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     rows, commands = [], [command]
     if args.append and (out / "nodes.json").is_file():
