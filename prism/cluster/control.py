@@ -16,7 +16,8 @@ from typing import Callable, Protocol
 
 from prism.cluster.config import ClusterConfig
 from prism.config import ConfigError, ModelSpec
-from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
+from prism.sched.global_view import ClusterView, DeviceState, ModelInfo, NodeState, TransferRates
+from prism.sched.host_copies import DropHostCopy, HostCopyPolicy
 from prism.sched.placement import Activate, Evict, GlobalScheduler, Migrate, kvpr
 from prism.sched.rates import TokenRateTracker, placement_rates
 from prism.worker import messages as msg
@@ -69,6 +70,9 @@ class ClusterControl:
         self._devices = {d.device_id: d for d in config.devices}
         self.links = links  # device_id -> link (the owner may fill it after construction)
         self.global_sched = GlobalScheduler(config.global_)
+        self.host_copy_policy = HostCopyPolicy()
+        self.transfer = TransferRates()  # what the policies assume weight moves cost (the simulator sets its own)
+        self._nodes: tuple[tuple, dict[str, NodeState]] | None = None
         self.rates = TokenRateTracker(config.global_.rate_window_s)
         # Requests/s a placement made at start goes by (`start` sets them; see placement_rates)
         self.placement_rates = placement_rates(self.specs, config.rates, None)
@@ -270,7 +274,18 @@ class ClusterControl:
             if device in resident.get(model, ()) or now - since > ACTIVATION_GRACE_S:
                 del self._pending_activation[model]
         self._advance_migrations(resident, now)
-        self.carry_out(self.global_sched.periodic(self.cluster_view(now)), now)
+        view = self.cluster_view(now)
+        self.carry_out(self.global_sched.periodic(view), now)
+        self._drop_host_copies(self.host_copy_policy.decide(view))
+
+    def _drop_host_copies(self, drops: list[DropHostCopy]) -> None:
+        """Tell every up worker of the node that lists the copy to free it (workers sharing
+        one copy each let go of it; the first to act removes it)."""
+        for drop in drops:
+            for device, link in self.links.items():
+                if (device not in self.down and self._devices[device].node == drop.node
+                        and link.report is not None and drop.model_id in link.report.host_copies):
+                    link.send(msg.DropHostCopy(drop.model_id))
 
     def _advance_migrations(self, resident: dict[str, list[str]], now: float) -> None:
         """A migration's target reported the model resident: from now on requests go there
@@ -293,15 +308,42 @@ class ClusterControl:
         devices = tuple(
             DeviceState(d, self.memory_bytes(d), resident.get(d, ()),
                         tuple(m for m, (dev, _) in self._pending_activation.items() if dev == d),
-                        tuple(m for m, dev in self._leaving.items() if dev == d))
+                        tuple(m for m, dev in self._leaving.items() if dev == d), self._devices[d].node)
             for d in self.links if d not in self.down
         )
         return ClusterView(
             now=now, models=self._model_infos(), devices=devices,
             token_rates={m: self.rates.rate(m, now) for m in self.specs},
             last_request={m: t for m in self.specs if (t := self.rates.last_seen(m)) is not None},
-            pending=self._in_flight(),
+            pending=self._in_flight(), nodes=self._node_states(), transfer=self.transfer,
         )
+
+    def _node_states(self) -> dict[str, NodeState]:
+        """Each node's budget and the host copies its up workers report: a copy in a store
+        the node's workers share counts once, a worker's private copy once per worker.
+        Recomputed only when a report changed (as `_resident_by_device`)."""
+        reports = tuple(None if d in self.down else link.report for d, link in self.links.items())
+        cached = self._nodes
+        if cached is not None and len(cached[0]) == len(reports) and all(a is b for a, b in zip(cached[0], reports)):
+            return cached[1]
+        infos = self._model_infos()
+        held: dict[str, dict[tuple[str, str], int]] = {n.name: {} for n in self.config.nodes}
+        for device, report in zip(self.links, reports):
+            if report is None:
+                continue
+            where = report.host_store or device
+            for model in report.host_copies:
+                if model in infos:
+                    held.setdefault(self._devices[device].node, {})[(where, model)] = infos[model].weight_bytes
+        budgets = {n.name: n.host_memory_bytes for n in self.config.nodes}
+        nodes = {}
+        for name, copies in held.items():
+            per_model: dict[str, int] = {}
+            for (_, model), num_bytes in copies.items():
+                per_model[model] = per_model.get(model, 0) + num_bytes
+            nodes[name] = NodeState(name, budgets.get(name), per_model)
+        self._nodes = (reports, nodes)
+        return nodes
 
     def _model_infos(self) -> dict[str, ModelInfo]:
         """What the global scheduler knows of each model: fixed once the devices are up."""

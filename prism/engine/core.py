@@ -241,6 +241,13 @@ class EngineCore:
         if not self.resident:
             self.executor.activate()
 
+    @property
+    def has_host_copy(self) -> bool:
+        return self.executor.has_host_copy
+
+    def drop_host_copy(self) -> None:
+        self.executor.drop_host_copy()
+
     # ---- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
         """Abort what is unfinished and give every page back."""

@@ -17,6 +17,7 @@ from prism.config import DeviceConfig, EngineConfig
 from prism.engine.block_manager import BlockManager, PageMapper
 from prism.engine.catalog import ModelSource
 from prism.engine.executor import ModelSizes, context_limit
+from prism.engine.host_store import SharedHostCopies
 from prism.engine.kv_cache import KVLayout, PagedKVCache
 from prism.engine.llama import LlamaModel
 from prism.engine.memory_plan import KVGeometry
@@ -55,10 +56,12 @@ class DeviceExecutor:
         show_progress: bool = False,
         keep_host_copy: bool = False,
         tp: TPGroup | None = None,
+        host_store: SharedHostCopies | None = None,
     ):
         """`tp`: this process's rank of a tensor-parallel group (parallel.py). The executor
         then holds its shard only: `config` is the sharded view (heads / tp, ...) and
-        `full_config` the model's."""
+        `full_config` the model's. `host_store`: the node's shared host copies (host_store.py);
+        None: a copy private to this process."""
         self.source = source
         self.model_id = model_id or source.name
         self.full_config = source.config
@@ -74,11 +77,15 @@ class DeviceExecutor:
             device_config.num_spare_pages,
         )
         vocab_shards = self.shard.vocab_shards if self.shard else 1
-        self.weights = ModelWeights(self.model_id, self.config, self.dtype, self.pool, vocab_shards)
+        self.weights = ModelWeights(self.model_id, self.config, self.dtype, self.pool, vocab_shards,
+                                    host_store, self._store_key())
         self.kv: PagedKVCache | None = None
+        self.show_progress = show_progress
+        self.keep_host_copy = keep_host_copy
+        self.num_source_reads = 0  # times the weights were read from the model's source
         try:
             self.budget_pages = self._agreed_budget()
-            self._load_weights(show_progress)
+            self._load_weights()
             if keep_host_copy:  # now, so that a later eviction is only an unmap
                 self.weights.save_host_copy()
             self._build(engine_config)
@@ -100,8 +107,20 @@ class DeviceExecutor:
             raise ValueError(f"{self.model_id}: the ranks of a tensor-parallel group must use one page size")
         return self.tp.min_int(self.pool.budget_pages)
 
-    def _load_weights(self, show_progress: bool) -> None:
+    def _store_key(self) -> str:
+        """What names these weight bytes among a node's shared copies: the model, its dtype and
+        (tensor parallel) which shard."""
+        shard = f"-tp{self.tp.rank}of{self.tp.size}" if self.tp is not None else ""
+        return f"{self.model_id}-{str(self.dtype).removeprefix('torch.')}{shard}"
+
+    def _load_weights(self) -> None:
+        """Map the weights and read them from the model's source."""
         self._map_weights()
+        self._read_source()
+
+    def _read_source(self) -> None:
+        self.num_source_reads += 1
+        show_progress = self.show_progress
         select = self.shard.select if self.shard else None  # each rank copies only its slices
         tensors = iter_source_weights(self.source, self.dtype, self.device, select)
         num = len(self.weights.layout.hf_names)
@@ -178,12 +197,31 @@ class DeviceExecutor:
         self.runner.forget(seq)
 
     def unmap_weights(self) -> None:
-        self.weights.save_host_copy()  # once: weights never change after loading
+        if not self.weights.copy_dropped:
+            self.weights.save_host_copy()  # once: weights never change after loading
         self.weights.unmap()
 
     def activate(self) -> None:
+        """From the host copy (this process's, or the node's shared one); without one, from the
+        model's source, keeping a host copy again (the node's first use since it was dropped)."""
         self._map_weights()
-        self.weights.restore_host_copy()
+        if self.weights.has_host_copy:
+            self.weights.restore_host_copy()
+            return
+        try:
+            self._read_source()
+        except BaseException:
+            self.weights.unmap()
+            raise
+        if self.keep_host_copy:
+            self.weights.save_host_copy()
+
+    @property
+    def has_host_copy(self) -> bool:
+        return self.weights.has_host_copy
+
+    def drop_host_copy(self) -> None:
+        self.weights.drop_host_copy()
 
     def close(self) -> None:
         """Give every page back to the pool (and the pool's to the device if we own it)."""

@@ -50,10 +50,19 @@ class Executor(Protocol):
         """A request ended: drop any per-request state (e.g. its random generator)."""
 
     def unmap_weights(self) -> None:
-        """Give the weight pages back, keeping what activate() needs to bring them back."""
+        """Give the weight pages back, keeping a host copy (unless it was dropped)."""
 
     def activate(self) -> None:
-        """Map the weights again (same addresses) and copy them in; raises if no room."""
+        """Map the weights again (same addresses) and copy them in, from the host copy if there
+        is one, else from the model's source (which makes a new host copy); raises if no room."""
+
+    @property
+    def has_host_copy(self) -> bool:
+        """Whether an activation here would copy the weights from host memory (no storage read)."""
+
+    def drop_host_copy(self) -> None:
+        """Give the host copy's memory back (the node's budget said so); the next activation
+        after an eviction reads the source again."""
 
     def close(self) -> None:
         """Give every page back (KV and weights)."""

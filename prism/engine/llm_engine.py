@@ -17,6 +17,7 @@ from prism.config import DeviceConfig, EngineConfig
 from prism.engine.catalog import ModelSource, resolve_model
 from prism.engine.core import EngineCore
 from prism.engine.device_executor import DeviceExecutor, OutOfDeviceMemory, default_dtype
+from prism.engine.host_store import SharedHostCopies
 from prism.engine.parallel import TPGroup
 from prism.engine.scheduler import VictimChooser
 from prism.engine.tokenizer import load_tokenizer
@@ -41,16 +42,18 @@ class LLMEngine(EngineCore):
         keep_host_copy: bool = False,
         detokenize: bool = True,
         tp: TPGroup | None = None,
+        host_store: SharedHostCopies | None = None,
     ):
         """`tp`: this process's rank of a tensor-parallel group (parallel.py). The engine then
         holds its shard only: `config` is the sharded view (heads / tp, ...) and `full_config`
         the model's. Every rank must be driven identically (same requests, aborts, evictions
         and steps, same settings): see parallel.py for what the ranks agree on.
         `detokenize=False`: token ids only (a server's frontend turns them into text and
-        applies stop strings there)."""
+        applies stop strings there). `host_store`: host copies shared by the workers of a node
+        (host_store.py)."""
         source = resolve_model(model) if isinstance(model, str) else model
         executor = DeviceExecutor(source, engine_config, device_config, pool, dtype, model_id,
-                                  show_progress, keep_host_copy, tp)
+                                  show_progress, keep_host_copy, tp, host_store)
         try:
             tokenizer = load_tokenizer(source.tokenizer_path) if source.tokenizer_path else None
         except BaseException:

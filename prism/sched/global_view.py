@@ -1,11 +1,12 @@
 """What the global (cluster) scheduler sees: plain, torch-free snapshots of models and devices.
 
 The server (or the simulator) builds a `ClusterView` each tick from its config, the device
-workers' reports and a `TokenRateTracker`; `placement.py` reads it and returns decisions.
+workers' reports and a `TokenRateTracker`; `placement.py` and `host_copies.py` read it and
+return decisions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class DeviceState:
     # Resident models leaving (a migration's source): they finish what they hold, take no new
     # requests, and are evicted when done. Their weights still count here.
     draining: tuple[str, ...] = ()
+    node: str = ""  # the machine it is on ("": single-host mode)
 
     @property
     def hosted(self) -> tuple[str, ...]:
@@ -47,6 +49,31 @@ class DeviceState:
 
 
 @dataclass(frozen=True)
+class NodeState:
+    """One machine: the host copies of model weights it holds and its budget for them."""
+
+    name: str
+    host_budget_bytes: int | None = None  # None: no budget (every copy stays)
+    # model -> host bytes held for it on this node (one shared copy, or one per worker that
+    # keeps a private copy)
+    host_copies: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host_copies.values())
+
+
+@dataclass(frozen=True)
+class TransferRates:
+    """What moving weights costs, for comparing activations (host_copies.activation_seconds).
+    Defaults: the pinned host -> device copy measured on the H100 (DESIGN.md), and a local
+    NVMe SSD's sustained read of a checkpoint (storage -> host); the simulator passes its own."""
+
+    h2d_bytes_per_s: float = 50e9
+    storage_bytes_per_s: float = 2e9
+
+
+@dataclass(frozen=True)
 class ClusterView:
     now: float
     models: dict[str, ModelInfo]  # every model the server knows
@@ -54,6 +81,10 @@ class ClusterView:
     token_rates: dict[str, float]  # tokens/s per model over the sliding window (absent: 0)
     last_request: dict[str, float]  # per model: time of its latest request (absent: never)
     pending: dict[str, int]  # per model: requests in flight (waiting or running) anywhere
+    # Nodes by name, with their host copies; a device whose node is not listed is taken to
+    # have every model's host copy at hand (single-host mode before nodes were known).
+    nodes: dict[str, NodeState] = field(default_factory=dict)
+    transfer: TransferRates = TransferRates()
 
     def __post_init__(self) -> None:
         # A device reporting a model the server does not know is a wiring bug, not load:
@@ -79,5 +110,10 @@ class ClusterView:
         """Devices where `model_id` is resident or activating."""
         return [d for d in self.devices if model_id in d.hosted]
 
+    def has_host_copy(self, node: str, model_id: str) -> bool:
+        """Whether `node` holds `model_id`'s weights in host memory (an unknown node: yes)."""
+        state = self.nodes.get(node)
+        return state is None or model_id in state.host_copies
 
-__all__ = ["ClusterView", "DeviceState", "ModelInfo"]
+
+__all__ = ["ClusterView", "DeviceState", "ModelInfo", "NodeState", "TransferRates"]

@@ -29,6 +29,13 @@ Choices where the brief is silent:
 - on_request prefers a device with room as it is; idle models are evicted ("make-room") only
   when no allowed device has room, since an eviction costs a re-activation when that model's
   next request comes.
+- Nodes (host_copies.py): among the devices on_request may choose, those whose KVPR with the
+  model is within `migration_threshold` of the lowest count as equally good for pressure, and
+  the one the model is activated on soonest wins (its node holds the host copy: a copy in,
+  no read from storage); then the landing key as above. Not a hard rule: a device whose
+  KVPR is lower by more than the threshold wins even if its node must read storage first,
+  since anywhere else the model would be a migration candidate at once. On one node every
+  device costs the same and the choice is the landing key's.
 - Idle means no pending requests. Idle for eviction counts from the later of the model's last
   request and the time this scheduler first saw (or put) it on the device, so a model placed
   before any traffic gets `idle_evict_s` of grace like everyone else.
@@ -39,8 +46,10 @@ Choices where the brief is silent:
   which also evict for KV demand): an eviction nobody needed makes its next request pay the
   weight copy.
 - Among moves with the same gain (moving a model off the hottest device often leaves the
-  same maximum whichever cooler device takes it), the one that leaves the target with the
-  lower KVPR wins; then source device_id, model_id, target device_id.
+  same maximum whichever cooler device takes it), the cheaper move wins (a migration is an
+  eviction plus an activation on the target: cheaper where the target's node holds the host
+  copy), then the one that leaves the target with the lower KVPR; then source device_id,
+  model_id, target device_id.
 - make-room victims go least recently used first: by the later of the last request and the
   time this scheduler noted the model on the device (never requested, never noted: first).
 - `Migrate` means: activate on `to_device`; the source keeps serving until the target is
@@ -62,6 +71,7 @@ from pydantic import Field
 from prism.config import NonNegFloat, NonNegInt, PosFloat, check_fields
 
 from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
+from prism.sched.host_copies import activation_seconds, migration_seconds
 from prism.sched.residency import IDLE_EVICT, IDLE_EVICT_S, IdleEvict
 
 EVICT_REASONS = ("idle", "make-room", "migration")
@@ -253,11 +263,12 @@ class GlobalScheduler:
         for device in self._allowed(info, view.devices):
             victims = self._make_room(device, view, info)
             if victims is not None:
-                after = _without_models(device, victims)
-                options.append((bool(victims), self._landing_key(after, view, model_id), device, victims))
+                options.append((_without_models(device, victims), victims))
         if not options:
             return []
-        _, _, device, victims = min(options, key=lambda o: o[:2])
+        with_room = [o for o in options if not o[1]]
+        after, victims = self._activation_choice(view, model_id, with_room or options)
+        device = view.device(after.device_id)
         self._on_device_since[(model_id, device.device_id)] = view.now
         evicts = [Evict(m, device.device_id, "make-room") for m in victims]
         return [*evicts, Activate(model_id, device.device_id)]
@@ -299,6 +310,19 @@ class GlobalScheduler:
         # Lowest KVPR with the model; then most memory left for KV; then device_id.
         return (kvpr(device, view, extra=model_id), -kv_free_bytes(device, view, extra=model_id),
                 device.device_id)
+
+    def _activation_choice(self, view: ClusterView, model_id: str,
+                           options: list[tuple[DeviceState, list[str]]]) -> tuple[DeviceState, list[str]]:
+        """Where an on-demand activation goes: among the devices whose KVPR with the model is
+        within `migration_threshold` of the lowest, the one it is activated on soonest (its
+        node holds the host copy: no read from storage), then the landing key. A device whose
+        pressure is lower by more than the threshold wins even at the price of a read from
+        storage: placing the model elsewhere would make it a migration candidate at once."""
+        best = min(kvpr(d, view, extra=model_id) for d, _ in options)
+        near = [o for o in options
+                if relative_gain(kvpr(o[0], view, extra=model_id), best) <= self.config.migration_threshold]
+        return min(near, key=lambda o: (activation_seconds(view, model_id, o[0]),
+                                        self._landing_key(o[0], view, model_id)))
 
     def _make_room(self, device: DeviceState, view: ClusterView, info: ModelInfo) -> list[str] | None:
         """Idle models to evict from `device` so `info` fits, least recently used first:
@@ -375,7 +399,8 @@ class GlobalScheduler:
                         continue
                     gain = self._migration_gain(view, src, dst, model_id)
                     if gain > self.config.migration_threshold:
-                        key = (-gain, kvpr(dst, view, extra=model_id), src_id, model_id, dst_id)
+                        key = (-gain, migration_seconds(view, model_id, dst), kvpr(dst, view, extra=model_id),
+                               src_id, model_id, dst_id)
                         if best is None or key < best:
                             best = key
         if best is None:

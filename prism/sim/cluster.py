@@ -35,8 +35,9 @@ from prism.bench.records import DEFAULT_REQUEST_TIMEOUT_S, RequestRecord
 from prism.bench.trace import TraceRequest
 from prism.cluster.config import ClusterConfig
 from prism.cluster.control import TICK_S, ClusterControl, device_models
+from prism.sched.global_view import TransferRates
 from prism.sched.rates import window_request_rates
-from prism.sim.costs import ProfileSet
+from prism.sim.costs import ProfileSet, card_defaults
 from prism.sim.device import SimDevice
 from prism.sim.executor import SAMPLED_TOKEN
 from prism.sim.shapes import model_shape
@@ -92,6 +93,8 @@ class SimCluster:
         self.now = 0.0
         self.t0 = 0.0  # when the trace starts (after the initial placement settled)
         self.cost_sources: dict[tuple[str, str], str] = {}  # (device, model) -> measured/scaled/roofline
+        # Per node, the models whose weights it holds in host memory (its devices share them)
+        self.host_copies: dict[str, set[str]] = {n.name: set() for n in config.nodes}
         self.devices = {d.device_id: _DeviceState(self._make_device(d, profiles), []) for d in config.devices}
         self.links = {
             d: SimLink(d, msg.Ready(d, [s.device.model_info(m) for m in s.device.engines]), None, self)
@@ -99,12 +102,20 @@ class SimCluster:
         }
         self.in_flight: Counter = Counter()  # model -> requests in flight
         self.control = ClusterControl(config, self.links, lambda: dict(self.in_flight))
+        self.control.transfer = TransferRates(card_defaults(config.devices[0].device).h2d_bytes_per_s,
+                                              profiles.host.storage_bytes_per_s)
         self.memory_samples: list[dict] = []  # every memory report, as the frontend got them
         self._heap: list = []
         self._seq = itertools.count()
         self._records: dict[str, RequestRecord] = {}
         self._where: dict[str, str] = {}  # req_id -> device
         self.num_events = 0
+
+    def activation_counts(self) -> tuple[int, int]:
+        """(activations, those that read storage first) over every device, the start included."""
+        activations = sum(sum(st.device.counters.activations.values()) for st in self.devices.values())
+        reads = sum(e.executor.num_storage_reads for st in self.devices.values() for e in st.device.engines.values())
+        return activations, reads
 
     # ---- building ------------------------------------------------------------------------------
     def _make_device(self, dev, profiles: ProfileSet) -> SimDevice:
@@ -122,7 +133,8 @@ class SimCluster:
             policy = {s.source: truth.profile(s.name) for s in specs}
         wc = WorkerConfig(dev, specs, self.config.local, sample_interval_s=math.inf,
                           detokenize=False, metrics_keep_last=0)
-        return SimDevice(wc, shapes, truth, policy, host=profiles.host)
+        return SimDevice(wc, shapes, truth, policy, host=profiles.host,
+                         host_copies=self.host_copies.setdefault(dev.node, set()))
 
     # ---- messages ------------------------------------------------------------------------------
     def deliver(self, device_id: str, message) -> None:

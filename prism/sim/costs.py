@@ -32,6 +32,7 @@ from typing import Callable
 
 from prism.errors import UserError
 from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_profiles, step_seconds
+from prism.sched.global_view import TransferRates
 from prism.sched.view import CostModel
 from prism.sim.shapes import ModelShape
 
@@ -125,6 +126,7 @@ def tp_profile(profile: ModelProfile, num_gpus: int) -> ModelProfile:
 
 # ---- the serving stack around the forward pass --------------------------------------------------
 HOST_FILE = "host.yaml"
+STORAGE_BYTES_PER_S = TransferRates().storage_bytes_per_s
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,10 @@ class HostOverheads:
     server_has_profiles: bool = True
     # What a fresh server's first eager step of a shape class costs beyond later ones (ColdShapes).
     cold_shape_s: float = 0.0
+    # Reading a checkpoint from storage into host memory, when a node holds no host copy of a
+    # model it activates (host_copies.py). Not measured yet: the default is a local NVMe SSD's
+    # sustained read (a few GB/s), less what deserializing costs.
+    storage_bytes_per_s: float = STORAGE_BYTES_PER_S
 
     @classmethod
     def load(cls, path: Path) -> "HostOverheads":
@@ -160,7 +166,8 @@ class HostOverheads:
         try:
             return cls(float(raw.get("step_overhead_ms", 0)) / 1e3, float(raw.get("request_latency_ms", 0)) / 1e3,
                        float(raw.get("scheduling_scale", 0)), float(raw.get("seq_overhead_us", 0)) / 1e6,
-                       bool(raw.get("server_has_profiles", True)), float(raw.get("cold_shape_ms", 0)) / 1e3)
+                       bool(raw.get("server_has_profiles", True)), float(raw.get("cold_shape_ms", 0)) / 1e3,
+                       float(raw.get("storage_gb_per_s", STORAGE_BYTES_PER_S / 1e9)) * 1e9)
         except (TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{path}: not host overheads ({e})") from None
 
@@ -170,7 +177,8 @@ class HostOverheads:
                         f"seq_overhead_us: {1e6 * self.seq_s:.2f}\n"
                         f"scheduling_scale: {self.scheduling_scale:g}\n"
                         f"server_has_profiles: {str(self.server_has_profiles).lower()}\n"
-                        f"cold_shape_ms: {1e3 * self.cold_shape_s:.3f}\n")
+                        f"cold_shape_ms: {1e3 * self.cold_shape_s:.3f}\n"
+                        f"storage_gb_per_s: {self.storage_bytes_per_s / 1e9:g}\n")
 
     def step_time(self, num_seqs: int) -> float:
         """Host time of one step of `num_seqs` sequences, beyond its forward pass."""

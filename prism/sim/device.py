@@ -34,7 +34,8 @@ class SimDevice(DeviceCore):
 
     def __init__(self, config: WorkerConfig, shapes: dict[str, ModelShape], truth: CostModel,
                  policy_profiles: dict[str, ModelProfile], start: float = 0.0,
-                 policy_cost: CostModel | None = None, host: HostOverheads = HostOverheads()):
+                 policy_cost: CostModel | None = None, host: HostOverheads = HostOverheads(),
+                 host_copies: set[str] | None = None):
         dev = config.device
         pool = PagePool(CountingBackend(dev.page_size), dev.num_pages, num_spare_pages=0)
         cost = policy_cost or ProfileCostModel(defaults=card_defaults(dev.device))
@@ -44,6 +45,9 @@ class SimDevice(DeviceCore):
         self.host = host
         self.cold = ColdShapes(host.cold_shape_s)  # kernels are loaded once per device process
         self.device_id = dev.device_id
+        # The models whose weights this device's node holds in host memory: one set shared by
+        # the node's devices, as the node's workers share one copy (None: every copy at hand).
+        self.host_copies = host_copies
         self._register_all()
 
     # ---- DeviceCore ----------------------------------------------------------------------------
@@ -52,7 +56,11 @@ class SimDevice(DeviceCore):
 
     def _new_engine(self, spec: ModelSpec) -> EngineCore:
         return sim_engine(spec, self.shapes[spec.name], self.pool, self.clock, self.truth,
-                          self._victim_chooser(spec.name), self.host, self.cold)
+                          self._victim_chooser(spec.name), self.host, self.cold, self.host_copies)
+
+    @property
+    def host_store(self) -> str:
+        return "" if self.host_copies is None else f"node:{self.config.device.node}"
 
     # ---- one wake-up ---------------------------------------------------------------------------
     def run(self, now: float, inbox: list, send) -> tuple[StepOutput, float | None]:

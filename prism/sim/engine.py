@@ -23,7 +23,8 @@ from prism.sim.shapes import ModelShape
 
 def sim_engine(spec: ModelSpec, shape: ModelShape, pool: PagePool, clock: ManualClock, cost: CostModel,
                choose_victim: VictimChooser | None = None, host: HostOverheads = HostOverheads(),
-               cold: ColdShapes | None = None) -> EngineCore:
-    """`cost`: what a step takes on this device (the simulation's truth)."""
-    executor = SimExecutor(spec, shape, pool, clock, cost, host, cold)
+               cold: ColdShapes | None = None, host_copies: set[str] | None = None) -> EngineCore:
+    """`cost`: what a step takes on this device (the simulation's truth); `host_copies`: the
+    node's (prism.sim.executor.SimExecutor)."""
+    executor = SimExecutor(spec, shape, pool, clock, cost, host, cold, host_copies)
     return EngineCore(executor, spec.engine, clock.now, choose_victim, eos_token_ids=())

@@ -101,7 +101,10 @@ class SimExecutor:
     pass; `cold` the device's first-use costs, shared by its engines."""
 
     def __init__(self, spec: ModelSpec, shape: ModelShape, pool: PagePool, clock: ManualClock,
-                 cost: CostModel, host: HostOverheads = HostOverheads(), cold: ColdShapes | None = None):
+                 cost: CostModel, host: HostOverheads = HostOverheads(), cold: ColdShapes | None = None,
+                 host_copies: set[str] | None = None):
+        """`host_copies`: the models whose weights the device's node holds in host memory,
+        shared by the node's devices (None: a copy of this model is always at hand)."""
         self.model_id = spec.name
         self.shape = shape
         self.config = shape.config
@@ -123,6 +126,9 @@ class SimExecutor:
         self.kv_mapper = self.kv
         self.sizes = ModelSizes(shape.weight_bytes, self.weights.num_pages, shape.kv_bytes_per_token,
                                 shape.config.vocab_size)
+        self.host_copies = host_copies
+        self.num_storage_reads = 0  # activations that read storage first (the node had no copy)
+        self._add_host_copy()  # the weights were read from the source: the node keeps a copy
 
     @property
     def weights_mapped(self) -> bool:
@@ -147,10 +153,27 @@ class SimExecutor:
         self.weights.unmap()
 
     def activate(self) -> None:
-        """Map the weights and copy them in: the device is busy for the copy."""
+        """Map the weights and copy them in: the device is busy for the copy, and before it
+        for the read from storage when the node holds no host copy (which then makes one)."""
         if not self.weights.map():
             raise RuntimeError(f"{self.model_id}: no room for its weights")
+        if not self.has_host_copy:
+            self.num_storage_reads += 1
+            self.clock.advance(self.shape.weight_bytes / self.host.storage_bytes_per_s)
+            self._add_host_copy()
         self.clock.advance(self.cost.activation_time(self.model_id))
+
+    @property
+    def has_host_copy(self) -> bool:
+        return self.host_copies is None or self.model_id in self.host_copies
+
+    def drop_host_copy(self) -> None:
+        if self.host_copies is not None:
+            self.host_copies.discard(self.model_id)
+
+    def _add_host_copy(self) -> None:
+        if self.host_copies is not None:
+            self.host_copies.add(self.model_id)
 
     def close(self) -> None:
         self.kv.close()

@@ -47,6 +47,8 @@ class SimResult:
     cost_sources: dict[str, str] = field(default_factory=dict)  # model -> measured / scaled / roofline
     memory_samples: list[dict] = field(default_factory=list)
     stopped_at: float | None = None  # an early stop ended the run here (see EarlyStop)
+    num_activations: int = 0
+    num_storage_reads: int = 0  # activations on a node that held no host copy (cold loads)
 
     @property
     def duration_s(self) -> float:
@@ -62,7 +64,7 @@ def simulate(config: ClusterConfig, trace: list[TraceRequest], profiles: Profile
     sources = {m: how for (_, m), how in sorted(cluster.cost_sources.items())}
     return SimResult(config.system, records, time.perf_counter() - start, cluster.num_events,
                      len(config.devices), sum(config.gpus.get(d.device_id, 1) for d in config.devices),
-                     sources, cluster.memory_samples, cluster.stopped_at)
+                     sources, cluster.memory_samples, cluster.stopped_at, *cluster.activation_counts())
 
 
 def write_sim_report(out_dir: str | Path, result: SimResult, slos: dict[str, SLOTargets],

@@ -26,6 +26,8 @@ def carry_out(worker: DeviceCore, m, send: Callable[[object], None]) -> None:
         worker.evict(m.model, m.mode)
     elif isinstance(m, msg.Activate):
         worker.activate(m.model)
+    elif isinstance(m, msg.DropHostCopy):
+        worker.drop_host_copy(m.model)
     elif isinstance(m, msg.SetKVCap):
         worker.set_kv_cap(m.model, m.max_pages)
     elif isinstance(m, msg.ReportMemory):

@@ -40,6 +40,9 @@ class WorkerConfig:
     sample_interval_s: float = 0.1
     detokenize: bool = True  # False when a frontend detokenizes (the server)
     metrics_keep_last: int = 10_000  # request and sample lines kept in memory (0: none)
+    # A folder (under /dev/shm) where the workers of one node share host copies of weights,
+    # one file per model; None: each worker keeps its own copies in its own memory.
+    host_copy_dir: str | None = None
 
 
 @dataclass
@@ -104,6 +107,11 @@ class DeviceEngine(Protocol):
     def evict(self) -> list[Sequence]: ...
 
     def activate(self) -> None: ...
+
+    @property
+    def has_host_copy(self) -> bool: ...
+
+    def drop_host_copy(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -208,6 +216,11 @@ class DeviceCore(ABC):
             return candidates[-1]
         return next(s for s in candidates if s.req_id == chosen.req_id)
 
+    @property
+    def host_store(self) -> str:
+        """Where this device's host copies live ("" private to it; see DeviceMemory)."""
+        return self.config.host_copy_dir or ""
+
     def sizes(self, model_id: str) -> ModelSizes:
         return self._sizes[model_id]
 
@@ -264,6 +277,10 @@ class DeviceCore(ABC):
         """The residency changes since the last call, in order (for the frontend)."""
         notices, self._notices = self._notices, []
         return notices
+
+    def drop_host_copy(self, model_id: str) -> None:
+        """Free a model's host copy: its next activation after an eviction reads its source."""
+        self._engine(model_id).drop_host_copy()
 
     def _engine(self, model_id: str) -> DeviceEngine:
         try:
@@ -462,6 +479,8 @@ class DeviceCore(ABC):
                 )
                 for m, e in self.engines.items()
             },
+            host_copies=[m for m, e in self.engines.items() if e.has_host_copy],
+            host_store=self.host_store,
         )
 
     def close(self) -> None:

@@ -4,7 +4,8 @@ The real device: engines hold weights and KV in the device's memory and run forw
 Each step the worker shows the local scheduler a snapshot and carries out its decision; that
 flow lives in `DeviceCore`, which the simulator's devices share. Every model keeps a host copy
 of its weights, so eviction is an unmap and activation a map plus a copy back to the same
-addresses.
+addresses; with `host_copy_dir` the workers of a node share one copy per model (a file in
+/dev/shm each maps), and the frontend drops copies to keep the node within its budget.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from prism import env
 from prism.config import ModelSpec
 from prism.engine.catalog import resolve_model
+from prism.engine.host_store import SharedHostCopies
 from prism.engine.llm_engine import LLMEngine, default_dtype
 from prism.engine.model_weights import plan_layout
 from prism.memory import PagePool, make_backend
@@ -38,6 +40,7 @@ class DeviceWorker(DeviceCore):
                          cost or ProfileCostModel(defaults=defaults),
                          load_profiles(env.profile_dir(), device=dev.device) if cost is None else {})
         self._show_progress = show_progress
+        self._host_store = SharedHostCopies(config.host_copy_dir) if config.host_copy_dir else None
         self._register_all()
 
     def _dtype(self, spec: ModelSpec) -> torch.dtype:
@@ -53,5 +56,5 @@ class DeviceWorker(DeviceCore):
             resolve_model(spec.source), spec.engine, self.config.device, pool=self.pool,
             dtype=self._dtype(spec), model_id=spec.name, show_progress=self._show_progress,
             clock=self.clock.now, choose_victim=self._victim_chooser(spec.name),
-            keep_host_copy=True, detokenize=self.config.detokenize,
+            keep_host_copy=True, detokenize=self.config.detokenize, host_store=self._host_store,
         )

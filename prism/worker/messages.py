@@ -31,6 +31,12 @@ class Activate(msgspec.Struct, tag="activate", frozen=True):
     model: str
 
 
+class DropHostCopy(msgspec.Struct, tag="drophost", frozen=True):
+    """Free the host copy of a model's weights (its node is over its host-memory budget)."""
+
+    model: str
+
+
 class SetKVCap(msgspec.Struct, tag="kvcap", frozen=True):
     model: str
     max_pages: int | None  # None: no cap (KV shared elastically)
@@ -44,7 +50,7 @@ class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     pass
 
 
-ToWorker = AddRequest | Abort | Evict | Activate | SetKVCap | ReportMemory | Shutdown
+ToWorker = AddRequest | Abort | Evict | Activate | DropHostCopy | SetKVCap | ReportMemory | Shutdown
 
 
 # ---- from the worker -----------------------------------------------------------------------
@@ -130,6 +136,11 @@ class DeviceMemory(msgspec.Struct, frozen=True):
     budget_pages: int
     free_pages: int
     models: dict[str, ModelMemory]
+    # Models whose weights this device can copy in from host memory, and where that memory
+    # is: "" a copy private to this worker, else the store the workers of a node share (one
+    # copy per node, however many of its workers list it).
+    host_copies: list[str] = []
+    host_store: str = ""
 
 
 class MemoryReport(msgspec.Struct, tag="memory", frozen=True):
