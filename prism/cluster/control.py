@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 from prism.cluster.config import ClusterConfig
-from prism.config import ConfigError, ModelSpec
+from prism.config import ConfigError, DeviceConfig, ModelSpec
 from prism.sched.global_view import ClusterView, DeviceState, ModelInfo
 from prism.sched.placement import Activate, Evict, GlobalScheduler, Migrate, kvpr
 from prism.sched.rates import TokenRateTracker
@@ -78,6 +78,7 @@ class ClusterControl:
         # Devices whose worker died (restarting or failed for good): nothing is routed there,
         # the global scheduler does not see them, and their last report no longer counts.
         self.down: set[str] = set()
+        self._joined: set[str] = set()  # devices added at run time (see add_device)
 
     # ---- devices going down and up ----------------------------------------------------------
     def mark_down(self, device: str) -> None:
@@ -87,6 +88,20 @@ class ClusterControl:
         self._migrating = {m: mv for m, mv in self._migrating.items() if device not in (mv.from_device, mv.to_device)}
         self._leaving = {m: d for m, d in self._leaving.items() if d != device}
         self._by_device = None
+
+    def add_device(self, device: DeviceConfig, link: DeviceLink) -> None:
+        """A device that joined after the start (its node joined the cluster). It starts
+        empty: what its worker kept resident is evicted, and the global scheduler puts models
+        there (a request for a model hosted nowhere, or its next periodic pass's migrations)."""
+        self._devices[device.device_id] = device
+        self.links[device.device_id] = link
+        self.down.discard(device.device_id)
+        self._joined.add(device.device_id)  # its Ready's residency is about to be undone
+        self._infos = self._by_device = None
+        for info in link.ready.models:
+            if info.resident:
+                link.send(msg.Evict(info.name))
+        link.send(msg.ReportMemory())
 
     def mark_up(self, device: str) -> None:
         """`device` has a fresh worker (its link's Ready and reports are new)."""
@@ -284,6 +299,8 @@ class ClusterControl:
             if device in self.down:
                 continue
             if link.report is None:
+                if device in self._joined:  # nothing resident until it reports
+                    continue
                 for i in link.ready.models:
                     if i.resident:
                         out.setdefault(i.name, []).append(device)
