@@ -61,10 +61,12 @@ def device_models(config: ClusterConfig, device_id: str) -> tuple[ModelSpec, ...
 
 class ClusterControl:
     def __init__(self, config: ClusterConfig, links: dict[str, DeviceLink],
-                 in_flight: Callable[[], dict[str, int]], migrations: Counter | None = None):
+                 in_flight: Callable[[], dict[str, int]], migrations: Counter | None = None,
+                 devices: list[DeviceConfig] | None = None):
         self.config = config
         self.specs = {m.name: m for m in config.models}
-        self._devices = {d.device_id: d for d in config.devices}
+        # The devices at the start: the config's, or those a cluster has (ray.auto_devices).
+        self._devices = {d.device_id: d for d in (config.devices if devices is None else devices)}
         self.links = links  # device_id -> link (the owner may fill it after construction)
         self.global_sched = GlobalScheduler(config.global_)
         self.rates = TokenRateTracker(config.global_.rate_window_s)

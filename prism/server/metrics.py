@@ -91,7 +91,7 @@ class _Collector:
 
 
 def _node_families(t: Topology):
-    nodes = GaugeMetricFamily("prism_nodes", "Nodes in the cluster (with a device of this server)")
+    nodes = GaugeMetricFamily("prism_nodes", "Nodes up (single host: 1; on Ray: the cluster's alive nodes)")
     nodes.add_metric([], sum(t.nodes.values()))
     node_up = GaugeMetricFamily("prism_node_up", "1 while the node is in the cluster", labels=["node"])
     for node, up in t.nodes.items():

@@ -65,7 +65,9 @@ class Router:
         self._streams: dict[str, _Stream] = {}
         self.metrics = ServerMetrics(self._reports, self._queue_depth, self._topology)
         # Routing, placement and global ticks: shared with the simulator (prism.sim).
-        self.control = ClusterControl(config, self.links, self._queue_depth, self.metrics.migrations)
+        self._initial_devices = self.launcher.devices()
+        self.control = ClusterControl(config, self.links, self._queue_depth, self.metrics.migrations,
+                                      self._initial_devices)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task | None = None
         self._nodes_task: asyncio.Task | None = None
@@ -86,7 +88,7 @@ class Router:
 
     # ---- start and stop --------------------------------------------------------------------
     def _start_workers(self) -> None:
-        devices = self.launcher.devices()
+        devices = self._initial_devices
         if not devices:
             self.launcher.close()
             raise ConfigError("no device to start: no configured device's node is in the cluster, and none was found")
