@@ -370,7 +370,7 @@ class Router:
             self.node_left.discard(device_id)
             log.info("worker %s: its node is back; starting it again", device_id)
             self._supervise(device_id)
-        elif device_id not in self.links and device_id not in self._joining and not self._closed:
+        elif device_id not in self.links.keys() | self._joining | self.failed and not self._closed:
             self._joining.add(device_id)
             self._configure(device)
             task = self._loop.create_task(self._join(device), name=f"join-{device_id}")
@@ -380,8 +380,10 @@ class Router:
     async def _join(self, device: DeviceConfig) -> None:
         try:
             link = await asyncio.get_running_loop().run_in_executor(None, self._new_link, device.device_id)
-        except Exception as e:  # tried again at the next poll
+        except Exception as e:  # tried again at the next poll, within the restart budget
             log.error("starting worker %s on a joined node failed: %s", device.device_id, e)
+            if self.restarts.next_delay(device.device_id, time.monotonic()) is None:
+                self.failed.add(device.device_id)
             return
         finally:
             self._joining.discard(device.device_id)

@@ -243,3 +243,44 @@ def test_node_added_is_used_after_the_next_placement(cluster, tmp_path):
                 load.result(60)
                 cluster.remove_node(node_d)
         print(f"\nray: node d added: its device up after {joined_s:.2f} s, {model_on_d} moved there after {used_s:.2f} s")
+
+
+# ---- a worker actor dies ----------------------------------------------------------------------
+def actor_processes(node: str) -> list:
+    """The device worker actors running on Prism node `node` (children of its raylet)."""
+    import psutil
+
+    raylets = [p for p in psutil.process_iter(["cmdline"])
+               if p.info["cmdline"] and p.info["cmdline"][0].endswith("raylet")
+               and any(f"prism-node-{node}" in a for a in p.info["cmdline"])]
+    assert len(raylets) == 1, raylets
+    return [c for c in raylets[0].children(recursive=True) if "DeviceActor" in " ".join(c.cmdline())]
+
+
+def test_killed_worker_actor_is_restarted_on_its_node(cluster, tmp_path):
+    """kill -9 of b's worker actor: b's streams end with an error, the device is down and
+    restarted on node b (its node lives), and its model is served meanwhile and after."""
+    config = RAY + devices("96MiB", "a", "b") + models("m1", "m2") + "server:\n  request_timeout_s: 60\n"
+    with ray_server(tmp_path, cluster, config) as (_, base):
+        client = client_of(base)
+        where = wait_for(lambda: (w := placement(base)) and sum(map(len, w.values())) == 2 and w, 20)
+        (on_b,) = where["b/cpu"]
+        (victim,) = actor_processes("b")
+        started = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            cut = pool.submit(stream, client, on_b, 1500, started)
+            assert started.wait(30)
+            killed_t = time.monotonic()
+            victim.kill()
+            how, _, ended = cut.result(30)
+        assert how.startswith("error") and "b/cpu stopped" in how, how
+        out = client.completions.create(model=on_b, prompt=[5, 6, 7], max_tokens=4, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 4  # from a meanwhile (or b, if back already)
+        served_s = time.monotonic() - killed_t
+        up_s = wait_for(lambda: httpx.get(f"{base}/admin/state").json()["workers"]["b/cpu"] == {"state": "up", "restarts": 1}
+                        and time.monotonic() - killed_t, 30)
+        assert up_s, httpx.get(f"{base}/admin/state").json()["workers"]
+        (new,) = actor_processes("b")
+        assert new.pid != victim.pid
+        print(f"\nray: worker actor killed: stream error after {ended - killed_t:.2f} s, {on_b} served after "
+              f"{served_s:.2f} s, restarted on node b after {up_s:.2f} s")
