@@ -148,7 +148,8 @@ ServerEntry = create_model(
 
 class ConfigFile(BaseModel):
     model_config = _STRICT
-    devices: list[DeviceEntry] = []  # type: ignore[valid-type]
+    # Omitted only with ray.auto_devices (the devices are then the Ray cluster's)
+    devices: list[DeviceEntry] = Field(None, min_length=1)  # type: ignore[valid-type]
     nodes: list[NodeEntry] = []  # type: ignore[valid-type]
     models: list[ModelEntry] = Field(min_length=1)  # type: ignore[valid-type]
     scheduler: SchedulerEntry = SchedulerEntry()  # type: ignore[valid-type]
@@ -157,8 +158,10 @@ class ConfigFile(BaseModel):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if not self.devices and self.ray.auto_devices is None:
-            raise ValueError("devices: list at least one device (or ask for ray.auto_devices)")
+        if self.devices is None:
+            if self.ray.auto_devices is None:
+                raise ValueError("devices: list at least one device (or ask for ray.auto_devices)")
+            self.devices = []
         names = [f"{d.node}/{d.device}" if d.node else d.device for d in self.devices]
         if len(set(names)) != len(names):
             raise ValueError(f"devices: {names} lists a device twice")

@@ -158,7 +158,7 @@ def test_a_silent_worker_is_taken_for_lost():
         stopped = asyncio.run(run())
         failed = [(t, m) for t, m in heard if isinstance(m, msg.Failed)]
         assert len(failed) == 1 and "no word from the worker" in failed[0][1].message, heard[-3:]
-        assert 1.0 < failed[0][0] - stopped < 3.0  # the timeout (from the last message) and one liveness check
+        assert 1.0 < failed[0][0] - stopped < 5.0  # the timeout (from the last message) and a liveness check
     finally:
         os.kill(w.process.pid, signal.SIGCONT)
         link.close()
