@@ -42,6 +42,10 @@ def node_name(node: dict) -> str:
     return names[0] if names else f"node-{node['NodeID'][:8]}"
 
 
+def _has_prism_name(node: dict) -> bool:
+    return any(r.startswith(NODE_RESOURCE_PREFIX) for r in node.get("Resources", {}))
+
+
 # ---- the actor, on its node ------------------------------------------------------------------
 @ray.remote(max_restarts=0)  # the router restarts workers itself (RestartBudget), on the same node
 class DeviceActor:
@@ -133,6 +137,7 @@ class RayLauncher:
         self._driver_node = ray.get_runtime_context().get_node_id()
         self._alive: dict[str, dict] = {}  # node name -> its ray.nodes() entry
         self._seen: set[str] = {d.node for d in config.devices}
+        self._unnamed_here = "" in self._seen  # some device names no node: it runs on the driver's
         self.refresh()
 
     @property
@@ -143,11 +148,15 @@ class RayLauncher:
         alive = {}
         for node in ray.nodes():
             if node["Alive"]:
-                alive[node_name(node)] = node
-                if node["NodeID"] == self._driver_node:
-                    alive[""] = node  # a device without a node runs beside the frontend
+                name = node_name(node)
+                if node["NodeID"] == self._driver_node and self._unnamed_here and not _has_prism_name(node):
+                    name = ""  # the driver's unnamed node is where the devices that name no node run
+                alive[name] = node
+        if self._unnamed_here and "" not in alive:  # the driver's node has a name: "" is another
+            driver = [n for n in alive.values() if n["NodeID"] == self._driver_node]
+            alive.update({"": driver[0]} if driver else {})
         self._alive = alive
-        self._seen |= alive.keys() - {""}  # "" is a node only where a device names none
+        self._seen |= alive.keys()
 
     def nodes(self) -> dict[str, bool]:
         return {name: name in self._alive for name in sorted(self._seen)}
@@ -156,10 +165,11 @@ class RayLauncher:
         wanted = [d for d in self._configured if d.node in self._alive]
         auto = self._settings.auto_devices
         if auto is not None:
-            listed = {d.device_id for d in wanted}
-            for name, node in sorted(self._alive.items()):
-                if name == "":  # the driver's node, also under its own name
+            listed, nodes_done = {d.device_id for d in wanted}, set()
+            for name, node in sorted(self._alive.items(), key=lambda item: (item[0] == "", item[0])):
+                if node["NodeID"] in nodes_done:  # the driver's node under its second name, ""
                     continue
+                nodes_done.add(node["NodeID"])
                 count = int(node["Resources"].get("GPU", 0)) if auto.device == "cuda" else 1
                 for i in range(count):
                     kind = f"cuda:{i}" if auto.device == "cuda" else "cpu"

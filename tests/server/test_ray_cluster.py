@@ -35,12 +35,22 @@ def devices(memory: str, *nodes: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Nodes a (the head) and b; tests add and remove more."""
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback only
+def ray_env():
+    """What the Ray nodes, their workers and the prism server inherit: loopback only, and this
+    checkout's prism on the path."""
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the Ray nodes, their workers and the prism server inherit it
+    os.environ.update(env)
+    os.environ.pop("RAY_ADDRESS", None)
+    yield
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_env):
+    """Nodes a (the head) and b; tests add and remove more."""
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args=dict(NODE_ARGS, resources={"prism-node-a": 1}, include_dashboard=False))
@@ -49,8 +59,16 @@ def cluster():
         yield c
     finally:
         c.shutdown()
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_without_an_address_a_local_cluster_is_started(ray_env, tmp_path):
+    """`--ray` alone: ray.init() starts a local cluster (stopped with the server); a device
+    that names no node runs on the driver's node."""
+    config = RAY + "devices:\n  - {device: cpu, memory: 64MiB, page_size: 256KiB}\n" + models("m1")
+    with running_server(tmp_path, config, timeout_s=120, args=("--ray",)) as (_, base):
+        out = client_of(base).completions.create(model="m1", prompt=[5, 6, 7], max_tokens=4, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 4
+        assert nodes_view(base) == {"": {"up": True, "devices": {"cpu": "up"}, "placement": {"cpu": ["m1"]}}}
 
 
 def add_node(cluster, name: str):
