@@ -17,6 +17,7 @@ resolves to when it starts (so a restart lands on the same node while it lives) 
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import replace
 
 import ray
@@ -26,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from prism.cluster.config import ClusterConfig, RayConfig
 from prism.cluster.worker_link import NodeGone
 from prism.config import DeviceConfig
-from prism.errors import one_line
+from prism.errors import UserError, one_line
 from prism.worker import messages as msg
 from prism.worker.channel import WorkerChannel, WorkerStartError
 from prism.worker.device_core import WorkerConfig
@@ -40,6 +41,17 @@ def node_name(node: dict) -> str:
     """A Ray node's Prism name (see the module's docstring)."""
     names = sorted(r[len(NODE_RESOURCE_PREFIX):] for r in node.get("Resources", {}) if r.startswith(NODE_RESOURCE_PREFIX))
     return names[0] if names else f"node-{node['NodeID'][:8]}"
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """A host:port that answers nothing is a one-line error now (ray.init would retry for minutes)."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--ray {address}: no Ray cluster answers there ({one_line(e)})") from None
 
 
 def _has_prism_name(node: dict) -> bool:
@@ -132,8 +144,12 @@ class RayLauncher:
     def __init__(self, config: ClusterConfig, address: str | None = None):
         self._settings = config.ray
         self._configured = config.devices
-        ray.init(address=address or config.ray.address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        address = address or config.ray.address
+        _check_reachable(address)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"--ray: no Ray cluster at {address or 'RAY_ADDRESS or a new local one'}: {one_line(e)}") from None
         self._driver_node = ray.get_runtime_context().get_node_id()
         self._alive: dict[str, dict] = {}  # node name -> its ray.nodes() entry
         self._seen: set[str] = {d.node for d in config.devices}

@@ -91,7 +91,8 @@ class Router:
         devices = self._initial_devices
         if not devices:
             self.launcher.close()
-            raise ConfigError("no device to start: no configured device's node is in the cluster, and none was found")
+            raise ConfigError("no device to start: the config lists none (ray.auto_devices is read with --ray only), "
+                              "or no listed device's node is in the Ray cluster")
 
         def start(device):
             self._configure(device)

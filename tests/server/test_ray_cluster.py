@@ -61,6 +61,19 @@ def cluster(ray_env):
         c.shutdown()
 
 
+def test_an_address_without_a_cluster_is_a_one_line_error(ray_env, tmp_path):
+    import subprocess
+    import sys
+
+    from prism.client.server_process import free_port
+
+    (tmp_path / "c.yaml").write_text(RAY + devices("64MiB", "a") + models("m1"))
+    out = subprocess.run([sys.executable, "-m", "prism.cli", "serve", "--config", str(tmp_path / "c.yaml"),
+                          "--ray", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("prism: error: --ray 127.0.0.1:"), out.stderr
+    assert "no Ray cluster answers there" in out.stderr and out.stderr.count("\n") == 1
+
+
 def test_without_an_address_a_local_cluster_is_started(ray_env, tmp_path):
     """`--ray` alone: ray.init() starts a local cluster (stopped with the server); a device
     that names no node runs on the driver's node."""
