@@ -6,6 +6,7 @@ Torch-free: the frontend imports it.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import msgspec
@@ -16,6 +17,7 @@ from prism.errors import UserError
 from prism.worker import messages as msg
 
 ENCODER = msgspec.msgpack.Encoder()
+READY_CHECK_S = 0.5  # while a worker starts, how often its liveness is checked
 # Says why the peer is known to be gone (its process exited, its actor died), or None.
 PeerGone = Callable[[], "str | None"]
 
@@ -68,8 +70,12 @@ class WorkerChannel:
         return None if reason is None else msg.Failed(reason)
 
     def wait_ready(self, device_id: str, timeout_s: float) -> msg.Ready:
-        """The worker's Ready, or WorkerStartError with its one-line reason."""
-        first = self.recv(timeout_s=timeout_s)
+        """The worker's Ready, or WorkerStartError with its one-line reason (a peer that dies
+        while starting is noticed within READY_CHECK_S, not at the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        first = None
+        while first is None and time.monotonic() < deadline:
+            first = self.recv(timeout_s=min(READY_CHECK_S, max(0.0, deadline - time.monotonic())))
         if isinstance(first, msg.Ready):
             return first
         reason = first.message if isinstance(first, msg.Failed) else "no answer in time"
