@@ -366,25 +366,28 @@ class Router:
                 log.exception("looking at the cluster's nodes failed")
 
     def _adopt(self, device: DeviceConfig) -> None:
+        """Start the worker of a device whose node joined, or came back (a node that returns
+        is one that joins: its device starts empty, see ClusterControl.add_device)."""
         device_id = device.device_id
-        if device_id in self.node_left:
-            self.node_left.discard(device_id)
-            log.info("worker %s: its node is back; starting it again", device_id)
-            self._supervise(device_id)
-        elif device_id not in self.links.keys() | self._joining | self.failed and not self._closed:
-            self._joining.add(device_id)
-            self._configure(device)
-            task = self._loop.create_task(self._join(device), name=f"join-{device_id}")
-            self._restart_tasks.add(task)
-            task.add_done_callback(self._restart_tasks.discard)
+        returning = device_id in self.node_left
+        if self._closed or device_id in self._joining | self.failed or (device_id in self.links and not returning):
+            return
+        self.node_left.discard(device_id)
+        self._joining.add(device_id)
+        self._configure(device)
+        task = self._loop.create_task(self._join(device, returning), name=f"join-{device_id}")
+        self._restart_tasks.add(task)
+        task.add_done_callback(self._restart_tasks.discard)
 
-    async def _join(self, device: DeviceConfig) -> None:
+    async def _join(self, device: DeviceConfig, returning: bool) -> None:
         try:
             link = await asyncio.get_running_loop().run_in_executor(None, self._new_link, device.device_id)
         except Exception as e:  # tried again at the next poll, within the restart budget
             log.error("starting worker %s on a joined node failed: %s", device.device_id, e)
             if self.restarts.next_delay(device.device_id, time.monotonic()) is None:
                 self.failed.add(device.device_id)
+            elif returning:
+                self.node_left.add(device.device_id)
             return
         finally:
             self._joining.discard(device.device_id)

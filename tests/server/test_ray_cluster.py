@@ -233,6 +233,17 @@ def test_node_removed_mid_stream(cluster, tmp_path):
         print(f"\nray: node c removed: device marked down after {down_s:.2f} s, first stream error after "
               f"{first_error_s:.2f} s, {on_c} served again (from a) after {served_s:.2f} s")
 
+        # c comes back (a new Ray node with the same name): its device is started again there.
+        back_t = time.monotonic()
+        node_c = add_node(cluster, "c")
+        try:
+            fresh = {"up": True, "devices": {"c/cpu": "up"}, "placement": {"c/cpu": []}}  # back, and empty
+            back_s = wait_for(lambda: nodes_view(base)["c"] == fresh and time.monotonic() - back_t, 30)
+            assert back_s, nodes_view(base)
+        finally:
+            cluster.remove_node(node_c)
+        print(f"ray: node c back: its device up again after {back_s:.2f} s")
+
 
 # ---- a node joins -----------------------------------------------------------------------------
 def test_node_added_is_used_after_the_next_placement(cluster, tmp_path):
