@@ -70,7 +70,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run the device workers as Ray actors on a Ray cluster's nodes (docs/cluster.md): "
                         "ADDRESS (host:port or auto) joins one; without it, the config's ray.address, "
-                        "else RAY_ADDRESS, else a local cluster is started")
+                        "else Ray's default (RAY_ADDRESS, the cluster `ray start` ran here, else a new local one)")
     p.set_defaults(func=lambda a: _serve(a))
 
 

@@ -42,8 +42,8 @@ class AutoDevices:
 class RayConfig:
     """The YAML's `ray:` section, read by `prism serve --ray` only (docs/cluster.md)."""
 
-    # The cluster to join (host:port or "auto"); `--ray ADDRESS` wins; neither: RAY_ADDRESS,
-    # else ray.init() starts a local cluster.
+    # The cluster to join (host:port or "auto"); `--ray ADDRESS` wins; neither: ray.init()'s
+    # default (RAY_ADDRESS, the cluster `ray start` started here, else a new local one).
     address: str | None = None
     # Where a worker actor listens for the frontend (ZeroMQ TCP): an address, or "node" for its
     # node's IP as Ray knows it (what a multi-node cluster needs). Loopback by default, so a
