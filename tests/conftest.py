@@ -105,8 +105,9 @@ def transformers_greedy(prompt: str, max_new_tokens: int) -> str:
 
 # ---- a real `prism serve` process on loopback --------------------------------------------
 @contextlib.contextmanager
-def running_server(folder: Path, config_text: str, timeout_s: float = 300):
-    """Start `prism serve` with this YAML on a free port; yield (process, base URL); stop it."""
+def running_server(folder: Path, config_text: str, timeout_s: float = 300, args: tuple[str, ...] = ()):
+    """Start `prism serve` with this YAML (and these extra arguments) on a free port; yield
+    (process, base URL); stop it."""
     from prism.client.server_process import free_port, stop_server, wait_healthy
 
     (folder / "config.yaml").write_text(config_text)
@@ -114,7 +115,7 @@ def running_server(folder: Path, config_text: str, timeout_s: float = 300):
     log_path = folder / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "prism.cli", "serve", "--config",
-                                 str(folder / "config.yaml"), "--port", str(port)], stdout=log, stderr=log)
+                                 str(folder / "config.yaml"), "--port", str(port), *args], stdout=log, stderr=log)
         base = f"http://127.0.0.1:{port}"
         try:
             try:

@@ -22,6 +22,25 @@ def test_the_frontend_and_cluster_layer_import_no_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_the_ray_link_imports_no_torch():
+    code = "import sys; import prism.cluster.ray_link; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_single_host_mode_never_imports_ray():
+    """A router with a live worker (what `prism serve` without --ray runs) loads no Ray."""
+    code = ("import asyncio, sys; from prism.cluster.config import parse_config; from prism.server.router import Router; "
+            "r = Router(parse_config({'devices': [{'device': 'cpu', 'memory': '256MiB', 'page_size': '256KiB'}], "
+            "'models': [{'name': 'm', 'source': 'tiny-llama:random'}]})); "
+            "asyncio.run(r.start()); print(sorted(r.links), [m.name for m in r.links['cpu'].ready.models]); r.close(); "
+            "print('ray' in sys.modules, any(k.startswith('ray.') for k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["['cpu'] ['m']", "False False"], out.stdout
+
+
 def test_the_frontend_loads_a_tokenizer_without_torch():
     # The router loads a tokenizer per model; a GGUF's is exported by a child process.
     code = ("import sys; import prism.server.router; from prism.engine.catalog import resolve_model; "

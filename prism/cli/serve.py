@@ -67,13 +67,17 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--host", default=None, help="default 127.0.0.1 (or the config's server.host)")
     p.add_argument("--port", type=int, default=None, help="default 8000 (or the config's server.port)")
     p.add_argument("--api-key", default=None, help="require this bearer key (or set PRISM_API_KEY)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the device workers as Ray actors on a Ray cluster's nodes (docs/cluster.md): "
+                        "ADDRESS (host:port or auto) joins one; without it, the config's ray.address, "
+                        "else Ray's default (RAY_ADDRESS, the cluster `ray start` ran here, else a new local one)")
     p.set_defaults(func=lambda a: _serve(a))
 
 
 def _serve(args) -> int:
     from prism.server.serve import serve
 
-    return serve(args.config, args.host, args.port, args.api_key)
+    return serve(args.config, args.host, args.port, args.api_key, ray_address=args.ray)
 
 
 def add_demo_parser(sub) -> None:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from prism.bench.report import SLOTargets
 from prism.cluster.systems import SYSTEM_NAMES, SystemSpec, system_spec
-from prism.config import ConfigError, DeviceConfig, EngineConfig, ModelSpec, NodeConfig, PosFloat, Size
+from prism.config import ConfigError, DeviceConfig, EngineConfig, ModelSpec, NodeConfig, NonNegInt, PosFloat, Size
 from prism.sched.local import LocalSchedulerConfig
 from prism.sched.placement import GlobalSchedulerConfig
 
@@ -24,6 +24,36 @@ _STRICT = ConfigDict(extra="forbid")
 
 
 DEFAULT_MAX_BODY_SIZE = 4 << 20  # bytes of one HTTP request body
+
+
+@dataclass(frozen=True)
+class AutoDevices:
+    """`ray.auto_devices`: every device the Ray cluster has, on the nodes there now and on those
+    that join: one per GPU of a node (`device: cuda`) or one per node (`device: cpu`), each
+    with this page budget."""
+
+    device: Annotated[str, Field(pattern="^(cuda|cpu)$")] = "cuda"
+    memory_bytes: Size = 4 << 30  # YAML: memory (required)
+    page_size: Size = 2 << 20
+    num_spare_pages: NonNegInt = 4
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """The YAML's `ray:` section, read by `prism serve --ray` only (docs/cluster.md)."""
+
+    # The cluster to join (host:port or "auto"); `--ray ADDRESS` wins; neither: ray.init()'s
+    # default (RAY_ADDRESS, the cluster `ray start` started here, else a new local one).
+    address: str | None = None
+    # Where a worker actor listens for the frontend (ZeroMQ TCP): an address, or "node" for its
+    # node's IP as Ray knows it (what a multi-node cluster needs). Loopback by default, so a
+    # local cluster opens no port beyond this machine.
+    bind_host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    worker_cpus: PosFloat = 1.0  # CPUs a worker actor reserves on its node (a GPU worker: 1 GPU too)
+    # A worker silent this long (it answers a memory report every tick) is taken for lost.
+    silence_timeout_s: PosFloat = 30.0
+    start_timeout_s: PosFloat = 600.0  # for a worker actor to be placed and load its models
+    auto_devices: AutoDevices | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +82,7 @@ class ClusterConfig:
     # A request not finished this long after it arrived is aborted on its worker and answered
     # with a 504 (an error event in a stream): no client waits without bound.
     request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    ray: RayConfig = RayConfig()
 
     @property
     def system_spec(self) -> SystemSpec:
@@ -92,6 +123,14 @@ NodeEntry = create_model(
     "NodeEntry", __config__=_STRICT, **_node,
     host_memory=_fields_of(NodeConfig, only=("host_memory_bytes",))["host_memory_bytes"],
 )
+AutoDevicesEntry = create_model(
+    "AutoDevicesEntry", __config__=_STRICT, **_fields_of(AutoDevices, skip=("memory_bytes",)),
+    memory=(_fields_of(AutoDevices, only=("memory_bytes",))["memory_bytes"][0], ...),  # required
+)
+RayEntry = create_model(
+    "RayEntry", __config__=_STRICT, **_fields_of(RayConfig, skip=("auto_devices",)),
+    auto_devices=(AutoDevicesEntry | None, None),
+)
 ModelEntry = create_model(
     "ModelEntry", __config__=_STRICT, **_model,
     ttft_slo_ms=_in_ms(ModelSpec, "ttft_slo_s"), tpot_slo_ms=_in_ms(ModelSpec, "tpot_slo_s"),
@@ -113,14 +152,20 @@ ServerEntry = create_model(
 
 class ConfigFile(BaseModel):
     model_config = _STRICT
-    devices: list[DeviceEntry] = Field(min_length=1)  # type: ignore[valid-type]
+    # Omitted only with ray.auto_devices (the devices are then the Ray cluster's)
+    devices: list[DeviceEntry] = Field(None, min_length=1)  # type: ignore[valid-type]
     nodes: list[NodeEntry] = []  # type: ignore[valid-type]
     models: list[ModelEntry] = Field(min_length=1)  # type: ignore[valid-type]
     scheduler: SchedulerEntry = SchedulerEntry()  # type: ignore[valid-type]
     server: ServerEntry = ServerEntry()  # type: ignore[valid-type]
+    ray: RayEntry = RayEntry()  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        if self.devices is None:
+            if self.ray.auto_devices is None:
+                raise ValueError("devices: list at least one device (or ask for ray.auto_devices)")
+            self.devices = []
         names = [f"{d.node}/{d.device}" if d.node else d.device for d in self.devices]
         if len(set(names)) != len(names):
             raise ValueError(f"devices: {names} lists a device twice")
@@ -196,5 +241,10 @@ def parse_config(raw, source: str = "config") -> ClusterConfig:
         gpus={dev.device_id: d.gpus for dev, d in zip(devices, f.devices)}, nodes=nodes,
         host=f.server.host, port=f.server.port, api_key=f.server.api_key,
         metrics_log=f.server.metrics_log, max_body_size=f.server.max_body_size,
-        request_timeout_s=f.server.request_timeout_s,
+        request_timeout_s=f.server.request_timeout_s, ray=_ray_config(f.ray),
     )
+
+
+def _ray_config(entry) -> RayConfig:
+    auto = entry.auto_devices
+    return _build(RayConfig, entry, auto_devices=None if auto is None else _build(AutoDevices, auto, memory_bytes=auto.memory))

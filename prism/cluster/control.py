@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 from prism.cluster.config import ClusterConfig
-from prism.config import ConfigError, ModelSpec
+from prism.config import ConfigError, DeviceConfig, ModelSpec
 from prism.sched.global_view import ClusterView, DeviceState, ModelInfo, NodeState, TransferRates
 from prism.sched.host_copies import DropHostCopy, HostCopyPolicy
 from prism.sched.placement import Activate, Evict, GlobalScheduler, Migrate, kvpr
@@ -64,10 +64,12 @@ def device_models(config: ClusterConfig, device_id: str) -> tuple[ModelSpec, ...
 
 class ClusterControl:
     def __init__(self, config: ClusterConfig, links: dict[str, DeviceLink],
-                 in_flight: Callable[[], dict[str, int]], migrations: Counter | None = None):
+                 in_flight: Callable[[], dict[str, int]], migrations: Counter | None = None,
+                 devices: list[DeviceConfig] | None = None):
         self.config = config
         self.specs = {m.name: m for m in config.models}
-        self._devices = {d.device_id: d for d in config.devices}
+        # The devices at the start: the config's, or those a cluster has (ray.auto_devices).
+        self._devices = {d.device_id: d for d in (config.devices if devices is None else devices)}
         self.links = links  # device_id -> link (the owner may fill it after construction)
         self.global_sched = GlobalScheduler(config.global_)
         self.host_copy_policy = HostCopyPolicy()
@@ -99,6 +101,20 @@ class ClusterControl:
         self._migrating = {m: mv for m, mv in self._migrating.items() if device not in (mv.from_device, mv.to_device)}
         self._leaving = {m: d for m, d in self._leaving.items() if d != device}
         self._by_device = None
+
+    def add_device(self, device: DeviceConfig, link: DeviceLink) -> None:
+        """A device that joined after the start (its node joined the cluster). It starts
+        empty: what its worker kept resident is evicted, and the global scheduler puts models
+        there (a request for a model hosted nowhere, or its next periodic pass's migrations)."""
+        self._devices[device.device_id] = device
+        self.links[device.device_id] = link
+        self.down.discard(device.device_id)
+        self._resident[device.device_id] = set()  # its Ready's residency is about to be undone
+        self._infos = self._by_device = None
+        for info in link.ready.models:
+            if info.resident:
+                link.send(msg.Evict(info.name))
+        link.send(msg.ReportMemory())
 
     def mark_up(self, device: str) -> None:
         """`device` has a fresh worker (its link's Ready and reports are new)."""

@@ -1,9 +1,11 @@
 """Prometheus metrics of the server: request latencies and SLO attainment per model (kept
 here), and device memory, activations, evictions and preemptions (read from the workers'
-latest memory reports when scraped)."""
+latest memory reports when scraped), per device and node: every per-device family has a `node`
+label ("" on a single host), and prism_nodes / prism_node_up / prism_device_up say what is up."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -15,9 +17,22 @@ from prism.worker.messages import DeviceMemory
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+@dataclass(frozen=True)
+class Topology:
+    """Nodes and devices as the router knows them when scraped."""
+
+    nodes: dict[str, bool]  # node -> in the cluster
+    device_nodes: dict[str, str]  # device -> its node
+    devices_up: dict[str, bool]  # device -> its worker serving
+
+
+def single_host(reports: dict[str, DeviceMemory]) -> Topology:
+    return Topology({"": True}, {d: "" for d in reports}, {d: True for d in reports})
+
+
 class ServerMetrics:
     def __init__(self, reports: Callable[[], dict[str, DeviceMemory]], queue_depth: Callable[[], dict[str, int]],
-                 worker_states: Callable[[], dict[str, str]] = dict):
+                 topology: Callable[[], Topology] | None = None):
         self.registry = CollectorRegistry()
         self.ttft = Histogram("prism_ttft_seconds", "Time to first token", ["model"],
                               buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -29,9 +44,9 @@ class ServerMetrics:
         self.migrations: Counter = Counter()  # model
         self.worker_deaths: Counter = Counter()  # device
         self.worker_restarts: Counter = Counter()  # (device, "ok" | "failed"): attempts that ended so
-        self._worker_states = worker_states  # device -> up | restarting | failed
         self._reports = reports
         self._queue_depth = queue_depth
+        self._topology = topology or (lambda: single_host(reports()))
         self.registry.register(_Collector(self))
 
     def observe(self, model: str, finish_reason: str, ttft: float | None, tpot: float | None,
@@ -78,31 +93,42 @@ class _Collector:
                                        labels=["device", "result"])
         for (device, result), n in m.worker_restarts.items():
             restarts.add_metric([device, result], n)
-        up = GaugeMetricFamily("prism_worker_up", "1 while the device's worker serves, 0 while it restarts or failed",
-                               labels=["device", "state"])
-        for device, state in m._worker_states().items():
-            up.add_metric([device, state], 1.0 if state == "up" else 0.0)
-        yield from (done, attain, depth, migr, deaths, restarts, up)
-        yield from _device_families(m._reports())
+        yield from (done, attain, depth, migr, deaths, restarts)
+        topology = m._topology()
+        yield from _node_families(topology)
+        yield from _device_families(m._reports(), topology.device_nodes)
 
 
-def _device_families(reports: dict[str, DeviceMemory]):
-    pages = GaugeMetricFamily("prism_pages", "Pages held per model", labels=["device", "model", "kind"])
-    free = GaugeMetricFamily("prism_free_pages", "Free pages per device", labels=["device"])
-    page_bytes = GaugeMetricFamily("prism_page_bytes", "Page size per device", labels=["device"])
+def _node_families(t: Topology):
+    nodes = GaugeMetricFamily("prism_nodes", "Nodes up (single host: 1; on Ray: the cluster's alive nodes)")
+    nodes.add_metric([], sum(t.nodes.values()))
+    node_up = GaugeMetricFamily("prism_node_up", "1 while the node is in the cluster", labels=["node"])
+    for node, up in t.nodes.items():
+        node_up.add_metric([node], 1 if up else 0)
+    device_up = GaugeMetricFamily("prism_device_up", "1 while the device's worker serves", labels=["device", "node"])
+    for device, up in t.devices_up.items():
+        device_up.add_metric([device, t.device_nodes.get(device, "")], 1 if up else 0)
+    yield from (nodes, node_up, device_up)
+
+
+def _device_families(reports: dict[str, DeviceMemory], device_nodes: dict[str, str]):
+    pages = GaugeMetricFamily("prism_pages", "Pages held per model", labels=["device", "node", "model", "kind"])
+    free = GaugeMetricFamily("prism_free_pages", "Free pages per device", labels=["device", "node"])
+    page_bytes = GaugeMetricFamily("prism_page_bytes", "Page size per device", labels=["device", "node"])
     resident = GaugeMetricFamily("prism_model_resident", "1 if the model's weights are on the device",
-                                 labels=["device", "model"])
-    counters = {name: CounterMetricFamily(f"prism_{name}", f"Model {name} per device", labels=["device", "model"])
+                                 labels=["device", "node", "model"])
+    counters = {name: CounterMetricFamily(f"prism_{name}", f"Model {name} per device", labels=["device", "node", "model"])
                 for name in ("activations", "evictions", "preemptions")}
     for device, rep in reports.items():
-        free.add_metric([device], rep.free_pages)
-        page_bytes.add_metric([device], rep.page_size)
+        node = device_nodes.get(device, "")
+        free.add_metric([device, node], rep.free_pages)
+        page_bytes.add_metric([device, node], rep.page_size)
         for model, st in rep.models.items():
-            pages.add_metric([device, model, "weights"], st.weight_pages)
-            pages.add_metric([device, model, "kv"], st.kv_pages)
-            resident.add_metric([device, model], 1 if st.resident else 0)
+            pages.add_metric([device, node, model, "weights"], st.weight_pages)
+            pages.add_metric([device, node, model, "kv"], st.kv_pages)
+            resident.add_metric([device, node, model], 1 if st.resident else 0)
             for name, fam in counters.items():
-                fam.add_metric([device, model], getattr(st, name))
+                fam.add_metric([device, node, model], getattr(st, name))
     yield from (pages, free, page_bytes, resident, *counters.values())
 
 

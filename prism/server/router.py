@@ -1,6 +1,7 @@
 """The router: the frontend's half of serving (implements ServingBackend).
 
-It starts one worker process per device, tokenizes and detokenizes (stop strings included),
+It starts one device worker per device (through a Launcher: a local process, or a Ray actor
+on a cluster's node), tokenizes and detokenizes (stop strings included),
 routes each request to a device through the global scheduler, streams results back, and
 every tick refreshes the workers' memory reports and runs the global scheduler's periodic
 work (idle eviction, migration). Mechanism only: the decisions come from prism.sched.
@@ -18,19 +19,20 @@ import msgspec
 from prism.cluster.config import ClusterConfig
 from prism.cluster.control import TICK_S, ClusterControl, DeviceDown, device_models
 from prism.cluster.supervision import MAX_RESTART_WAIT_S, RestartBudget
-from prism.cluster.worker_link import WorkerLink
-from prism.config import ConfigError, ModelSpec
+from prism.cluster.worker_link import Launcher, LocalLauncher, NodeGone, WorkerLink
+from prism.config import ConfigError, DeviceConfig, ModelSpec
 from prism.engine.catalog import resolve_model
 from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from prism.engine.tokenizer import Tokenizer, load_tokenizer
 from prism.server.backend import (GenerationChunk, GenerationRequest, ModelCard, RequestTimedOut, ServerBusy,
                                   UnknownModel, WorkerFailed)
-from prism.server.metrics import ServerMetrics
+from prism.server.metrics import ServerMetrics, Topology
 from prism.types import RequestError, TokenLogprobs
 from prism.worker import messages as msg
 from prism.worker.device_core import WorkerConfig
 
 log = logging.getLogger("prism.router")
+NODE_POLL_S = 1.0  # how often the launcher looks at the cluster's nodes (joined, left)
 
 
 @dataclass
@@ -50,7 +52,7 @@ class _Stream:
 
 
 class Router:
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, launcher: Launcher | None = None):
         grouped = [d for d, n in config.gpus.items() if n > 1]
         if grouped:
             raise ConfigError(f"device {grouped[0]} spans several GPUs (gpus: {config.gpus[grouped[0]]}); "
@@ -58,13 +60,17 @@ class Router:
         self.config = config
         self.specs = {m.name: m for m in config.models}
         self.links: dict[str, WorkerLink] = {}
+        self.launcher = launcher or LocalLauncher(config.devices)
         self.created = int(time.time())
         self._streams: dict[str, _Stream] = {}
-        self.metrics = ServerMetrics(self._reports, self._queue_depth, self._worker_states)
+        self.metrics = ServerMetrics(self._reports, self._queue_depth, self._topology)
         # Routing, placement and global ticks: shared with the simulator (prism.sim).
-        self.control = ClusterControl(config, self.links, self._queue_depth, self.metrics.migrations)
+        self._initial_devices = self.launcher.devices()
+        self.control = ClusterControl(config, self.links, self._queue_depth, self.metrics.migrations,
+                                      self._initial_devices)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task | None = None
+        self._nodes_task: asyncio.Task | None = None
         self._closed = False
         # Supervision: each device's WorkerConfig (to start it again), how long it took to
         # start (what a request waiting for a restart expects), restarts in progress (an
@@ -74,20 +80,26 @@ class Router:
         self._restarting: dict[str, asyncio.Event] = {}
         self._restart_tasks: set[asyncio.Task] = set()
         self.failed: set[str] = set()
+        self.node_left: set[str] = set()  # devices down with their node: started again when it is back
+        self._joining: set[str] = set()  # devices of a joined node whose worker is starting
         self.restarts = RestartBudget()
         self.tokenizers = self._load_tokenizers()  # first: a bad model name fails fast
         self._start_workers()
 
     # ---- start and stop --------------------------------------------------------------------
     def _start_workers(self) -> None:
+        devices = self._initial_devices
+        if not devices:
+            self.launcher.close()
+            raise ConfigError("no device to start: the config lists none (ray.auto_devices is read with --ray only), "
+                              "or no listed device's node is in the Ray cluster")
+
         def start(device):
-            wc = WorkerConfig(device, device_models(self.config, device.device_id), self.config.local, detokenize=False,
-                              metrics_path=_device_log(self.config.metrics_log, device.device_id))
-            self._worker_configs[device.device_id] = wc
+            self._configure(device)
             return self._new_link(device.device_id)
 
-        with ThreadPoolExecutor(len(self.config.devices)) as pool:
-            futures = [pool.submit(start, d) for d in self.config.devices]
+        with ThreadPoolExecutor(len(devices)) as pool:
+            futures = [pool.submit(start, d) for d in devices]
             errors = []
             for f in futures:
                 try:
@@ -99,10 +111,15 @@ class Router:
             self.close()
             raise errors[0]
 
+    def _configure(self, device: DeviceConfig) -> None:
+        self._worker_configs[device.device_id] = WorkerConfig(
+            device, device_models(self.config, device.device_id), self.config.local, detokenize=False,
+            metrics_path=_device_log(self.config.metrics_log, device.device_id))
+
     def _new_link(self, device: str) -> WorkerLink:
         """Start `device`'s worker; blocks until it is ready (run it off the event loop)."""
         began = time.monotonic()
-        link = WorkerLink(device, self._worker_configs[device])
+        link = WorkerLink(device, self.launcher.start(self._worker_configs[device]), self.launcher.silence_timeout_s)
         self._start_s[device] = time.monotonic() - began
         return link
 
@@ -121,19 +138,22 @@ class Router:
             link.attach(self._loop, self._on_message)
         self.control.start(time.monotonic())
         self._tick_task = asyncio.create_task(self._ticker())
+        self._nodes_task = asyncio.create_task(self._watch_nodes())
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._tick_task is not None:
-            self._tick_task.cancel()
+        for task in (self._tick_task, self._nodes_task):
+            if task is not None:
+                task.cancel()
         for task in list(self._restart_tasks):  # a worker started meanwhile is closed by its task
             task.cancel()
         for stream in self._streams.values():
             self._fail(stream, ServerBusy("the server is shutting down"))
         for link in self.links.values():
             link.close()
+        self.launcher.close()
 
     # ---- ServingBackend --------------------------------------------------------------------
     def model_cards(self) -> list[ModelCard]:
@@ -165,6 +185,8 @@ class Router:
         def state(device):
             if device in self.failed:
                 return "failed"
+            if device in self.node_left:
+                return "node_left"
             if device in self._restarting or not self.links[device].alive:
                 return "restarting"
             return "up"
@@ -214,6 +236,10 @@ class Router:
         except DeviceDown as e:
             restarting = [d for d in e.devices if d in self._restarting]
             if not restarting:
+                left = [d for d in e.devices if d in self.node_left]
+                if left:
+                    raise WorkerFailed(f"the node of every worker serving {request.model!r} left the cluster: "
+                                       f"{', '.join(left)}", retry_after_s=NODE_POLL_S * 5) from None
                 raise WorkerFailed(f"every worker serving {request.model!r} failed for good: {', '.join(e.devices)}") from None
             raise WorkerFailed(f"the worker serving {request.model!r} is restarting; retry later",
                                retry_after_s=self._expected_restart_s(restarting)) from None
@@ -287,6 +313,10 @@ class Router:
         try:
             old = self.links[device]
             await loop.run_in_executor(None, old.close)  # reap the dead process (joins it)
+            await loop.run_in_executor(None, self.launcher.refresh)
+            if not self._node_alive(device):
+                self._wait_for_node(device)
+                return
             while not self._closed:
                 delay = self.restarts.next_delay(device, time.monotonic())
                 if delay is None:
@@ -297,6 +327,9 @@ class Router:
                 await asyncio.sleep(delay)
                 try:  # WorkerProcess blocks until Ready: not on the event loop
                     link = await loop.run_in_executor(None, self._new_link, device)
+                except NodeGone:
+                    self._wait_for_node(device)
+                    return
                 except Exception as e:
                     log.error("restarting worker %s failed: %s", device, e)
                     self.metrics.worker_restarts[(device, "failed")] += 1
@@ -312,6 +345,63 @@ class Router:
                 return
         finally:
             self._restarting.pop(device).set()
+
+    def _node_alive(self, device: str) -> bool:
+        return self.launcher.nodes().get(self._worker_configs[device].device.node, False)
+
+    def _wait_for_node(self, device: str) -> None:
+        """`device`'s node left the cluster: no restart until it is back (`_watch_nodes`)."""
+        log.error("worker %s: its node %r left the cluster; it starts again when the node is back",
+                  device, self._worker_configs[device].device.node)
+        self.node_left.add(device)
+
+    # ---- nodes joining and leaving ----------------------------------------------------------
+    async def _watch_nodes(self) -> None:
+        """Every NODE_POLL_S: devices of a node that joined get workers (added to the cluster's
+        control, models placed there by the global scheduler from then on); devices whose node
+        came back are started again."""
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(NODE_POLL_S)
+            try:
+                await loop.run_in_executor(None, self.launcher.refresh)
+                for device in self.launcher.devices():
+                    self._adopt(device)
+            except Exception:  # the cluster's API failing must not take the server down
+                log.exception("looking at the cluster's nodes failed")
+
+    def _adopt(self, device: DeviceConfig) -> None:
+        """Start the worker of a device whose node joined, or came back (a node that returns
+        is one that joins: its device starts empty, see ClusterControl.add_device)."""
+        device_id = device.device_id
+        returning = device_id in self.node_left
+        if self._closed or device_id in self._joining | self.failed or (device_id in self.links and not returning):
+            return
+        self.node_left.discard(device_id)
+        self._joining.add(device_id)
+        self._configure(device)
+        task = self._loop.create_task(self._join(device, returning), name=f"join-{device_id}")
+        self._restart_tasks.add(task)
+        task.add_done_callback(self._restart_tasks.discard)
+
+    async def _join(self, device: DeviceConfig, returning: bool) -> None:
+        try:
+            link = await asyncio.get_running_loop().run_in_executor(None, self._new_link, device.device_id)
+        except Exception as e:  # tried again at the next poll, within the restart budget
+            log.error("starting worker %s on a joined node failed: %s", device.device_id, e)
+            if self.restarts.next_delay(device.device_id, time.monotonic()) is None:
+                self.failed.add(device.device_id)
+            elif returning:
+                self.node_left.add(device.device_id)
+            return
+        finally:
+            self._joining.discard(device.device_id)
+        if self._closed:
+            link.close()
+            return
+        link.attach(self._loop, self._on_message)
+        self.control.add_device(device, link)
+        log.info("worker %s joined (node %r)", device.device_id, device.node)
 
     def _expected_restart_s(self, devices: list[str]) -> float:
         """A bounded guess of when a restarting device is back: backoff plus its start time."""
@@ -403,12 +493,29 @@ class Router:
             depth[s.request.model] += 1
         return depth
 
+    def _topology(self) -> Topology:
+        states = self._worker_states()
+        device_nodes = {d: wc.device.node for d, wc in self._worker_configs.items() if d in self.links}
+        nodes = {n: True for n in device_nodes.values()} | self.launcher.nodes()
+        return Topology(nodes, device_nodes, {d: st == "up" for d, st in states.items()})
+
+    def _nodes_view(self) -> dict:
+        """node -> whether it is in the cluster, its devices (worker state) and the models
+        resident on each of them."""
+        t, states, resident = self._topology(), self._worker_states(), self._residency()
+        return {node: {"up": up,
+                       "devices": {d: states[d] for d, n in t.device_nodes.items() if n == node},
+                       "placement": {d: sorted(m for m, ds in resident.items() if d in ds)
+                                     for d, n in t.device_nodes.items() if n == node}}
+                for node, up in t.nodes.items()}
+
     def admin_view(self) -> dict:
         now = time.monotonic()
         return {
             "devices": {d: msgspec.to_builtins(r) for d, r in self._reports().items() if d not in self.control.down},
             "workers": {d: {"state": s, "restarts": self.restarts.attempts(d)} for d, s in self._worker_states().items()},
             "placement": self._residency(),
+            "nodes": self._nodes_view(),
             "token_rates": {m: self.control.rates.rate(m, now) for m in self.specs},
             "in_flight": self._queue_depth(),
         }

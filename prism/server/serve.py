@@ -11,8 +11,17 @@ import uvicorn
 
 from prism import env
 from prism.cluster.config import load_config
+from prism.errors import UserError
 from prism.server.app import create_app
 from prism.server.router import Router
+
+
+def _ray_launcher(config, address: str):
+    try:
+        from prism.cluster.ray_link import RayLauncher
+    except ImportError as e:
+        raise UserError(f"--ray needs Ray: pip install 'prism[ray]' ({e})") from None
+    return RayLauncher(config, address or None)
 
 
 class _Server(uvicorn.Server):
@@ -28,15 +37,19 @@ class _Server(uvicorn.Server):
 
 
 def serve(config_path: str, host: str | None = None, port: int | None = None,
-          api_key: str | None = None) -> int:
+          api_key: str | None = None, ray_address: str | None = None) -> int:
+    """`ray_address`: None for single-host mode (Ray is never imported); "" or an address to
+    run the device workers on a Ray cluster."""
     config = load_config(config_path)
     host = host or config.host
     port = config.port if port is None else port
     api_key = api_key or env.api_key() or config.api_key
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    print(f"prism: starting {len(config.devices)} worker(s) for {len(config.models)} model(s)...",
-          file=sys.stderr, flush=True)
-    router = Router(config)
+    launcher = None if ray_address is None else _ray_launcher(config, ray_address)
+    where = "" if launcher is None else f" on the Ray cluster's nodes {sorted(launcher.nodes())}"
+    print(f"prism: starting {len(launcher.devices()) if launcher else len(config.devices)} worker(s){where} "
+          f"for {len(config.models)} model(s)...", file=sys.stderr, flush=True)
+    router = Router(config, launcher)
     app = create_app(router, api_key=api_key, max_body_bytes=config.max_body_size)
 
     async def main() -> None:

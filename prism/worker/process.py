@@ -19,37 +19,25 @@ import traceback
 
 import msgspec
 import zmq
-import zmq.asyncio
 
 from prism import env
-from prism.errors import UserError, one_line
+from prism.errors import one_line
 from prism.worker import messages as msg
+from prism.worker.channel import ENCODER, WorkerChannel, WorkerStartError
 from prism.worker.commands import handle
 from prism.worker.device_core import WorkerConfig
 
-_ENCODER = msgspec.msgpack.Encoder()
 SLOW_STEP_S = 0.5  # longer steps are logged: no healthy step takes this long
 
 
-class WorkerStartError(UserError, RuntimeError):
-    """A worker could not start: its models or memory as configured (the message says which)."""
-
-
 class WorkerProcess:
-    """The parent's handle on one worker process."""
+    """The parent's handle on one worker process: a WorkerChannel over IPC sockets it binds."""
 
     def __init__(self, config: WorkerConfig, start_timeout_s: float = 600.0, idle_tick_s: float = 0.05):
         self._closed = False
         self._dir = tempfile.mkdtemp(prefix="prism-worker-")
-        self._ctx = zmq.Context()
-        self._to_worker = self._ctx.socket(zmq.PUSH)
-        self._to_worker.setsockopt(zmq.SNDHWM, 0)  # no limit: see send
-        self._from_worker = self._ctx.socket(zmq.PULL)
         addr_in, addr_out = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
-        self._to_worker.bind(addr_in)
-        self._from_worker.bind(addr_out)
-        self._decoder = msgspec.msgpack.Decoder(msg.FromWorker)
-        self._from_worker_async: zmq.asyncio.Socket | None = None  # made on the loop that reads
+        self.channel = WorkerChannel(addr_in, addr_out, bind=True, peer_gone=self._exited)
         # spawn, not fork: a forked child cannot use CUDA that the parent touched.
         ctx = mp.get_context("spawn")
         self.process = ctx.Process(
@@ -57,43 +45,17 @@ class WorkerProcess:
             name=f"prism-worker-{config.device.device_id}",
         )
         self.process.start()
-        first = self.recv(timeout_s=start_timeout_s)
-        if isinstance(first, msg.Ready):
-            self.ready = first
-        else:
-            self.close()
-            reason = first.message if isinstance(first, msg.Failed) else "no answer in time"
-            raise WorkerStartError(f"worker for {config.device.device_id} did not start: {reason}")
-
-    def send(self, message) -> bool:
-        """Send without blocking; False when no worker is connected (it died: a blocking PUSH
-        would then wait for ever, the caller's event loop with it). The high-water mark is
-        off, so a slow but live worker never loses a message."""
         try:
-            self._to_worker.send(_ENCODER.encode(message), flags=zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
+            self.ready = self.channel.wait_ready(config.device.device_id, start_timeout_s)
+        except WorkerStartError:
+            self.close()
+            raise
+        self.send, self.recv, self.recv_async = self.channel.send, self.channel.recv, self.channel.recv_async
 
-    def recv(self, timeout_s: float | None = None):
-        """The next message from the worker, or None after timeout_s (None: wait forever)."""
-        timeout_ms = None if timeout_s is None else int(timeout_s * 1000)
-        if not self._from_worker.poll(timeout_ms):
-            if not self.process.is_alive():
-                return msg.Failed(f"worker process exited with code {self.process.exitcode}")
+    def _exited(self) -> str | None:
+        if self.process.is_alive():
             return None
-        return self._decoder.decode(self._from_worker.recv())
-
-    async def recv_async(self, timeout_s: float):
-        """As `recv`, awaited on an asyncio loop (zmq.asyncio: no thread, no busy polling):
-        the next message, None after timeout_s, or Failed once the process is gone."""
-        if self._from_worker_async is None:  # a view of the same socket, not a second one
-            self._from_worker_async = zmq.asyncio.Socket.from_socket(self._from_worker)
-        if not await self._from_worker_async.poll(int(timeout_s * 1000)):
-            if not self.process.is_alive():
-                return msg.Failed(f"worker process exited with code {self.process.exitcode}")
-            return None
-        return self._decoder.decode(await self._from_worker_async.recv())
+        return f"worker process exited with code {self.process.exitcode}"
 
     def close(self, timeout_s: float = 10.0) -> None:
         if self._closed:
@@ -101,35 +63,43 @@ class WorkerProcess:
         self._closed = True
         if self.process.is_alive():
             try:
-                self.send(msg.Shutdown())
+                self.channel.send(msg.Shutdown())
             except zmq.ZMQError:
                 pass
             self.process.join(timeout_s)
             if self.process.is_alive():
                 self.process.terminate()
                 self.process.join(timeout_s)
-        self._to_worker.close(linger=0)
-        self._from_worker.close(linger=0)
-        self._ctx.term()
+        self.channel.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
 # ---- the child process ---------------------------------------------------------------------
 def worker_main(config: WorkerConfig, addr_in: str, addr_out: str, idle_tick_s: float) -> None:
+    """A spawned worker process: connect to the parent's sockets, then run the worker."""
     ctx = zmq.Context()
     inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     inbox.connect(addr_in)
     outbox.connect(addr_out)
-    send = lambda m: outbox.send(_ENCODER.encode(m))  # noqa: E731
     try:
-        # The engine (torch, CUDA) is imported here, in the child, by name: the frontend that
-        # spawns workers never imports torch (tests/server/test_frontend_imports.py).
+        run_worker(config, inbox, outbox, idle_tick_s)
+    finally:
+        inbox.close(linger=0)
+        outbox.close(linger=2000)
+        ctx.term()
+
+
+def run_worker(config: WorkerConfig, inbox: zmq.Socket, outbox: zmq.Socket, idle_tick_s: float) -> None:
+    """Build the device's worker, say Ready (or Failed, in one line) and serve until Shutdown:
+    the same loop whatever carries the sockets (a spawned process, a Ray actor)."""
+    send = lambda m: outbox.send(ENCODER.encode(m))  # noqa: E731
+    try:
+        # The engine (torch, CUDA) is imported here, in the worker, by name: the frontend that
+        # starts workers never imports torch (tests/server/test_frontend_imports.py).
         worker = importlib.import_module("prism.worker.device_worker").DeviceWorker(config)
     except Exception as e:  # a bad model or no memory: say why in one line, then exit
         traceback.print_exc()  # the whole story goes to the worker's stderr (the server log)
         send(msg.Failed(one_line(e)))
-        outbox.close(linger=2000)
-        ctx.term()
         return
     try:
         send(msg.Ready(config.device.device_id, [worker.model_info(m) for m in worker.engines]))
@@ -139,9 +109,6 @@ def worker_main(config: WorkerConfig, addr_in: str, addr_out: str, idle_tick_s: 
         raise
     finally:
         worker.close()
-        inbox.close(linger=0)
-        outbox.close(linger=2000)
-        ctx.term()
 
 
 def _open_step_log(worker):

@@ -86,7 +86,7 @@ def test_kill_9_worker_is_restarted(server):
     metrics = metric_samples(httpx.get(f"{base}/metrics").text)
     assert metrics[("prism_worker_deaths_total", (("device", "cpu"),))] == 1
     assert metrics[("prism_worker_restarts_total", (("device", "cpu"), ("result", "ok")))] == 1
-    assert metrics[("prism_worker_up", (("device", "cpu"), ("state", "up")))] == 1
+    assert metrics[("prism_device_up", (("device", "cpu"), ("node", "")))] == 1
 
 
 def metric_samples(text: str) -> dict:

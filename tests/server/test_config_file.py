@@ -21,7 +21,7 @@ def test_defaults_and_conversions():
 
 
 def test_examples_parse():
-    for path in ("examples/cpu-demo.yaml", "examples/h100.yaml"):
+    for path in ("examples/cpu-demo.yaml", "examples/h100.yaml", "examples/ray-gpu-cluster.yaml"):
         c = load_config(path)
         assert all(isinstance(d.page_size, int) and isinstance(d.memory_bytes, int) for d in c.devices)
 
@@ -148,3 +148,25 @@ def test_nodes_name_devices_across_machines():
 def test_node_errors(nodes, devices, where):
     with pytest.raises(ConfigError, match=where):
         parse_config({**BASE, "nodes": nodes, "devices": devices})
+
+
+def test_ray_section():
+    from prism.cluster.config import AutoDevices, RayConfig
+
+    assert parse_config(BASE).ray == RayConfig() and RayConfig().bind_host == "127.0.0.1"
+    c = parse_config({"models": BASE["models"], "ray": {"address": "auto", "bind_host": "node", "worker_cpus": 0.5,
+                                                        "auto_devices": {"device": "cpu", "memory": "256MiB"}}})
+    assert c.devices == () and (c.ray.address, c.ray.bind_host, c.ray.worker_cpus) == ("auto", "node", 0.5)
+    assert c.ray.auto_devices == AutoDevices("cpu", 256 << 20)
+
+
+@pytest.mark.parametrize("raw, where", [
+    ({"models": BASE["models"]}, "devices: list at least one device (or ask for ray.auto_devices)"),
+    ({**BASE, "ray": {"auto_devices": {"device": "cuda"}}}, "ray.auto_devices.memory: Field required"),
+    ({**BASE, "ray": {"auto_devices": {"device": "tpu", "memory": "1GiB"}}}, "ray.auto_devices.device: String should match"),
+    ({**BASE, "ray": {"silence_timeout_s": 0}}, "ray.silence_timeout_s: Input should be greater than 0"),
+    ({**BASE, "ray": {"adress": "auto"}}, "ray.adress: Extra inputs are not permitted"),
+])
+def test_ray_section_errors(raw, where):
+    with pytest.raises(ConfigError, match=where.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(raw)

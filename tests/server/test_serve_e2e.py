@@ -143,6 +143,7 @@ def test_metrics_parse_with_prometheus_parser(server):
     assert values[("prism_ttft_seconds_count", "tiny")] >= 1
     assert 0.0 <= values[("prism_slo_attainment", "tiny")] <= 1.0
     assert ("prism_pages", "tiny") in values and ("prism_free_pages", None) in values
+    assert values[("prism_nodes", None)] == 1 and values[("prism_node_up", None)] == 1  # one host: node ""
 
 
 def test_shutdown_leaves_no_processes(server):

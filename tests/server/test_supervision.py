@@ -9,6 +9,8 @@ import pytest
 
 from prism.cluster.control import DeviceDown
 from prism.cluster.supervision import RestartBudget
+from prism.cluster.worker_link import LocalLauncher, NodeGone
+from prism.config import DeviceConfig
 from prism.server.backend import GenerationRequest, RequestTimedOut, WorkerFailed
 from prism.server.errors import to_api_error
 from prism.server.metrics import ServerMetrics
@@ -38,8 +40,10 @@ def bare_router(route, timeout_s: float = 600.0):
     router._closed, router._loop, router._restarting, router.failed = False, None, {}, set()
     router.specs, router.tokenizers, router._streams = {"m": None}, {"m": None}, {}
     router._start_s, router.restarts = {}, RestartBudget()
+    router.node_left, router.launcher = set(), LocalLauncher((DeviceConfig("cpu"),))
+    router._worker_configs = {"cpu": SimpleNamespace(device=DeviceConfig("cpu"))}
     router.config = SimpleNamespace(request_timeout_s=timeout_s)
-    router.metrics = ServerMetrics(dict, dict, router._worker_states)
+    router.metrics = ServerMetrics(dict, dict)
     sent = []
     router.control = SimpleNamespace(max_model_len=lambda model: 100, route=route, record_arrival=lambda *a: None,
                                      hosting_up=lambda model: ["cpu"], hosting=lambda model: ["cpu"])
@@ -90,9 +94,10 @@ class FakeLink:
         pass
 
 
-def supervise(new_link) -> Router:
+def supervise(new_link, launcher=None) -> Router:
     """Run the router's restart of "cpu" (its worker just died) to the end."""
     router, _ = bare_router(lambda model, now: "cpu")
+    router.launcher = launcher or router.launcher
     router.restarts = RestartBudget(max_restarts=3, window_s=100, first_delay_s=0.001)
     up = []
     router.control.mark_up = up.append
@@ -132,4 +137,28 @@ def test_a_worker_that_never_starts_is_failed_for_good():
     router = supervise(new_link)
     assert router.failed == {"cpu"} and router.control.up == [] and router._worker_states() == {"cpu": "failed"}
     assert router.metrics.worker_restarts == {("cpu", "failed"): 3}
-    assert b'prism_worker_up{device="cpu",state="failed"} 0.0' in router.metrics.exposition()[0]
+    assert b'prism_worker_restarts_total{device="cpu",result="failed"} 3.0' in router.metrics.exposition()[0]
+
+
+class NodeLeaves(LocalLauncher):
+    """This host's launcher, but the device's node is gone from the cluster."""
+
+    def nodes(self):
+        return {"": False}
+
+
+def test_a_worker_whose_node_left_waits_for_the_node():
+    tries = []
+    router = supervise(tries.append, NodeLeaves((DeviceConfig("cpu"),)))
+    assert tries == [] and router.node_left == {"cpu"} and router.restarts.attempts("cpu") == 0
+    assert router._worker_states() == {"cpu": "node_left"} and router.failed == set()
+
+
+def test_a_node_gone_while_restarting_stops_the_attempts():
+    tries = []
+
+    def new_link(device):
+        tries.append(device)
+        raise NodeGone("node '' is not in the cluster")
+    router = supervise(new_link)
+    assert len(tries) == 1 and router.node_left == {"cpu"} and router._worker_states() == {"cpu": "node_left"}

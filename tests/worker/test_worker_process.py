@@ -126,3 +126,39 @@ def test_step_log_records_every_step_and_fits_host_time(tmp_path, monkeypatch):
     assert steps and all(s.cycle_s > 0 for s in steps)
     step_s, seq_s = step_log.fit_host(steps)
     assert step_s >= 0 and seq_s >= 0
+
+
+def test_a_silent_worker_is_taken_for_lost():
+    """A worker alive but unheard (SIGSTOP: a hung step, a partitioned node) is reported
+    Failed by its link once silent past the timeout; one that answers is not."""
+    import asyncio
+    import os
+    import signal
+
+    from prism.cluster.worker_link import WorkerLink
+
+    w = WorkerProcess(config("tiny-llama:random"))
+    link = WorkerLink("cpu", w, silence_timeout_s=1.5)
+    heard: list = []
+
+    async def run():
+        link.attach(asyncio.get_running_loop(), lambda device, m: heard.append((time.monotonic(), m)))
+        for _ in range(8):  # 2.4 s of reports asked for, as the router does every tick
+            link.send(msg.ReportMemory())
+            await asyncio.sleep(0.3)
+        assert not any(isinstance(m, msg.Failed) for _, m in heard)
+        os.kill(w.process.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while not any(isinstance(m, msg.Failed) for _, m in heard) and time.monotonic() - stopped < 10:
+            link.send(msg.ReportMemory())
+            await asyncio.sleep(0.3)
+        return stopped
+
+    try:
+        stopped = asyncio.run(run())
+        failed = [(t, m) for t, m in heard if isinstance(m, msg.Failed)]
+        assert len(failed) == 1 and "no word from the worker" in failed[0][1].message, heard[-3:]
+        assert 1.0 < failed[0][0] - stopped < 5.0  # the timeout (from the last message) and a liveness check
+    finally:
+        os.kill(w.process.pid, signal.SIGCONT)
+        link.close()
