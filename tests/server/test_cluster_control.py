@@ -41,11 +41,12 @@ def test_a_joined_device_starts_empty_and_is_placed_on():
     joined = Link("b/cpu", ready("b/cpu", True))  # its worker kept the model it loaded
     control.add_device(DeviceConfig("cpu", 2 << 30, node="b"), joined)
     assert joined.sent == [msg.Evict("m"), msg.ReportMemory()]
-    assert links["b/cpu"] is joined and control.residency() == {"m": ["a/cpu"]}  # not before it reports
+    assert links["b/cpu"] is joined and control.residency() == {"m": ["a/cpu"]}  # not what its Ready said
     view = control.cluster_view(1.0)
     assert [(d.device_id, d.memory_bytes, d.resident) for d in view.devices] == [
         ("a/cpu", 1 << 30, ("m",)), ("b/cpu", 2 << 30, ())]
-    joined.report = report("b/cpu", True)  # later it hosts the model (placed there)
+    control.on_residency("b/cpu", msg.Evicted("m", 0))  # the worker carried out the Evict
+    control.on_residency("b/cpu", msg.Activated("m"))  # later it hosts the model (placed there)
     assert control.residency() == {"m": ["a/cpu", "b/cpu"]}
     control.mark_down("b/cpu")
     assert [d.device_id for d in control.cluster_view(2.0).devices] == ["a/cpu"]
