@@ -26,6 +26,9 @@ class SamplingParams(msgspec.Struct, frozen=True):
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # Structured output: llguidance's serialized grammar (JSON text) the output must match,
+    # built by the frontend (response_format, tool_choice); prism/engine/structured.py.
+    grammar: str | None = None
 
     def __post_init__(self):
         if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
@@ -44,6 +47,8 @@ class SamplingParams(msgspec.Struct, frozen=True):
             raise RequestError("stop strings must be non-empty strings")
         msgspec.structs.force_setattr(self, "stop", tuple(self.stop))
         msgspec.structs.force_setattr(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise RequestError("grammar must be a non-empty string (a serialized llguidance grammar)")
 
     @property
     def greedy(self) -> bool:

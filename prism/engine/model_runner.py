@@ -13,6 +13,7 @@ import torch
 
 from prism.engine.attention import AttentionMetadata
 from prism.engine.cuda_graph import DecodeGraphs, HostDecodeBatch
+from prism.engine.grammar_mask import apply_grammar_masks
 from prism.engine.kv_cache import PagedKVCache
 from prism.engine.llama import LlamaModel
 from prism.engine.sampler import make_generator, sample
@@ -152,7 +153,7 @@ class ModelRunner:
             if while_gpu_runs is not None:
                 while_gpu_runs()
             return []
-        logits = self.model.logits(hidden)
+        logits = apply_grammar_masks(self.model.logits(hidden), hb.sampled_seqs)  # structured output
         params = [s.params for s in hb.sampled_seqs]
         gens = [self._generator(s) for s in hb.sampled_seqs]
         tokens = sample(logits, params, gens)
