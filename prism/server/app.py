@@ -26,6 +26,9 @@ from prism.server.errors import APIError, bad_request, install_handlers, to_api_
 from prism.server.metrics import RequestOutcomes
 from prism.server.streaming import (GONE, ChatCompletionShapes, Closer, CompletionShapes, Outcome, SSEResponse, collect,
                                     stream_events, unless_disconnected)
+from prism.server.structured import check_grammar, schema_grammar
+from prism.server.tool_shapes import ToolChatShapes
+from prism.server.tools import ToolPlan, fallback_messages, plan_tools
 from prism.types import RequestError
 
 logger = logging.getLogger("prism.server")
@@ -174,7 +177,8 @@ class _Frontend:
                 if tokenizer is not None:
                     check_token_ids(prompt_ids, tokenizer.vocab_size)
             room = self._room_for_output(model, prompt_ids, "prompt")
-            req = body.generation_request(P.completion_id(), prompt_ids, min(body.max_tokens or 16, room))
+            grammar = await self._response_format_grammar(body, model)
+            req = body.generation_request(P.completion_id(), prompt_ids, min(body.max_tokens or 16, room), grammar)
             shapes = CompletionShapes(req.req_id, model)
             return await self._respond(request, req, shapes, bool(body.stream), body.include_usage)
         except Exception as e:
@@ -186,15 +190,47 @@ class _Frontend:
             body = await parse_body(request, P.ChatCompletionRequest, self.max_body_bytes)
             model = body.model
             tokenizer = self.backend.tokenizer(model)
-            prompt_ids = await self._in_tokenize_thread(tokenizer.apply_chat_template, body.template_messages())
+            parser = getattr(self.backend, "tool_parser", lambda _: None)(model)
+            tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, tokenizer, parser)
+            messages = body.template_messages()
+            if not tokenizer.template_supports_tools:  # tools and tool history, as the fallback writes them
+                messages = fallback_messages(messages, tools.template_tools)
+                template_tools = None
+            else:
+                template_tools = tools.template_tools
+            prompt_ids = await self._in_tokenize_thread(tokenizer.apply_chat_template, messages, template_tools)
             room = self._room_for_output(model, prompt_ids, "messages")
             requested = body.requested_max_tokens()
             max_tokens = room if requested is None else min(requested, room)
-            req = body.generation_request(P.chat_completion_id(), prompt_ids, max_tokens)
-            shapes = ChatCompletionShapes(req.req_id, model)
+            grammar = await self._chat_grammar(body, tools, model)
+            req = body.generation_request(P.chat_completion_id(), prompt_ids, max_tokens, grammar)
+            shapes = (ChatCompletionShapes(req.req_id, model) if tools.mode == "none"
+                      else ToolChatShapes(req.req_id, model, tools))
             return await self._respond(request, req, shapes, bool(body.stream), body.include_usage)
         except Exception as e:
             return self._error(e, model)
+
+    async def _response_format_grammar(self, body, model: str) -> str | None:
+        """The grammar of the body's response_format (None: plain text), checked against the
+        model's tokenizer: a bad schema is a 400 before anything is queued."""
+        schema = body.response_format.schema_or_none() if body.response_format is not None else None
+        if schema is None:
+            return None
+        grammar = schema_grammar(schema, "response_format")
+        tokenizer = self._maybe_tokenizer(model)
+        if tokenizer is None:
+            raise bad_request(f"response_format needs a tokenizer, and model {model!r} has none", "response_format")
+        await self._in_tokenize_thread(check_grammar, grammar, tokenizer, "response_format")
+        return grammar
+
+    async def _chat_grammar(self, body: P.ChatCompletionRequest, tools: ToolPlan, model: str) -> str | None:
+        """A forced tool call's grammar, or the response_format's (not both)."""
+        if tools.grammar is None:
+            return await self._response_format_grammar(body, model)
+        if body.response_format is not None and body.response_format.type != "text":
+            raise bad_request("response_format cannot be combined with a tool_choice that forces a call", "response_format")
+        await self._in_tokenize_thread(check_grammar, tools.grammar, self.backend.tokenizer(model), "tools")
+        return tools.grammar
 
     def _error(self, exc: Exception, model: str | None) -> Response:
         err = to_api_error(exc, model)

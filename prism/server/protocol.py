@@ -11,10 +11,12 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from prism.server.backend import GenerationRequest
+from prism.server.structured import ResponseFormat
+from prism.server.tools import Tool, ToolCallIn, ToolChoice
 from prism.types import SamplingParams
 
 MAX_STOP_STRINGS = 4
@@ -96,8 +98,9 @@ class _SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """Raises RequestError (a 400) where SamplingParams rejects a value."""
+    def sampling_params(self, max_tokens: int, grammar: str | None = None) -> SamplingParams:
+        """Raises RequestError (a 400) where SamplingParams rejects a value. `grammar`: the
+        output's grammar (structured output, prism/server/structured.py)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -109,14 +112,16 @@ class _SamplingFields(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=bool(self.ignore_eos),
             skip_special_tokens=self.skip_special_tokens is not False,
+            grammar=grammar,
         )
 
-    def generation_request(self, req_id: str, prompt_token_ids: list[int], max_tokens: int) -> GenerationRequest:
+    def generation_request(self, req_id: str, prompt_token_ids: list[int], max_tokens: int,
+                           grammar: str | None = None) -> GenerationRequest:
         return GenerationRequest(
             req_id=req_id,
             model=self.model,
             prompt_token_ids=list(prompt_token_ids),
-            params=self.sampling_params(max_tokens),
+            params=self.sampling_params(max_tokens, grammar),
             ttft_slo_s=None if self.ttft_slo_ms is None else self.ttft_slo_ms / 1000.0,
             tpot_slo_s=None if self.tpot_slo_ms is None else self.tpot_slo_ms / 1000.0,
             priority=self.priority or 0,
@@ -130,6 +135,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # extension (as vLLM): JSON output for completions too
 
     @field_validator("prompt")
     @classmethod
@@ -174,12 +180,17 @@ def _short_int(n: int) -> str:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Any  # str, or a list of {"type": "text", "text": str} parts (joined into one str)
+    # str, or a list of {"type": "text", "text": str} parts (joined into one str); null only in
+    # an assistant's turn that calls tools
+    content: Any = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's calls (the history of a tool use)
+    tool_call_id: str | None = None  # a tool's result answers this call
+    name: str | None = None
 
     @field_validator("content")
     @classmethod
-    def _content_text(cls, v) -> str:
-        if isinstance(v, str):
+    def _content_text(cls, v) -> str | None:
+        if v is None or isinstance(v, str):
             return v
         if isinstance(v, list) and all(isinstance(p, dict) for p in v):
             if all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in v):
@@ -187,10 +198,24 @@ class ChatMessage(BaseModel):
             raise PydanticCustomError("content_part", "only content parts of type 'text' (with a string 'text') are supported")
         raise PydanticCustomError("content_type", "content must be a string or a list of text parts")
 
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("content_missing", "content is required (it may be null only in an "
+                                      "assistant message with tool_calls)")
+        return self
+
     def template_dict(self) -> dict:
         # Chat templates know system; developer is OpenAI's newer name for it.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.content}
+        out = {"role": role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.template_dict() for c in self.tool_calls]
+        if self.role == "tool" and self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            out["name"] = self.name
+        return out
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -199,17 +224,14 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list | None = None
-    response_format: dict | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
     _check_logprobs = _refuse_unless(lambda v: not v, "logprobs", "logprobs")
 
     _check_top_logprobs = _refuse_unless(lambda v: v is None, "top_logprobs", "top_logprobs")
-
-    _check_tools = _refuse_unless(lambda v: not v, "tool calling", "tools")
-
-    _check_response_format = _refuse_unless(lambda v: not v or v.get("type", "text") == "text",
-                                            "a response_format other than text", "response_format")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -259,7 +281,9 @@ def usage_chunk(req_id: str, created: int, model: str, object_: str, usage_: dic
     return {"id": req_id, "object": object_, "created": created, "model": model, "choices": [], "usage": usage_}
 
 
-def chat_body(req_id: str, created: int, model: str, text: str, finish_reason: str | None, usage_: dict) -> dict:
+def chat_body(req_id: str, created: int, model: str, text: str | None, finish_reason: str | None, usage_: dict,
+              tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text} | ({"tool_calls": tool_calls} if tool_calls else {})
     return {
         "id": req_id,
         "object": "chat.completion",
@@ -267,7 +291,7 @@ def chat_body(req_id: str, created: int, model: str, text: str, finish_reason: s
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "finish_reason": finish_reason,
             "logprobs": None,
         }],
