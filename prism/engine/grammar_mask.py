@@ -31,8 +31,16 @@ def apply_grammar_masks(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Ten
     rows = grammar_rows(seqs)
     if not rows:
         return logits
-    bitmask = host_bitmask([seqs[i] for i in rows], logits.shape[1])
-    allowed = unpack_bitmask(torch.from_numpy(bitmask).to(logits.device, non_blocking=True), logits.shape[1])
+    vocab = logits.shape[1]
+    bitmask = host_bitmask([seqs[i] for i in rows], vocab)
+    if logits.device.type == "cpu":
+        # On the host numpy unpacks the bits (one thread, no pool to wake) and one in-place
+        # fill applies the whole batch's mask.
+        forbid = np.zeros(logits.shape, dtype=bool)
+        forbid[rows] = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab] == 0
+        return logits.masked_fill_(torch.from_numpy(forbid), float("-inf"))
+    # On a GPU the packed words travel (32x smaller) and are unpacked there.
+    allowed = unpack_bitmask(torch.from_numpy(bitmask).to(logits.device, non_blocking=True), vocab)
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
     return logits
@@ -57,7 +65,8 @@ def host_bitmask(seqs: list[Sequence], vocab_size: int) -> np.ndarray:
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """bool [rows, vocab_size] from int32 [rows, words] (bit t % 32 of word t // 32)."""
+    """bool [rows, vocab_size] from int32 [rows, words] (bit t % 32 of word t // 32), as tensor
+    ops on the words' device."""
     shifts = torch.arange(BITS, device=bitmask.device, dtype=torch.int32)
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # arithmetic shift: bit 31 still reads as 0 or 1
     return bits.flatten(1)[:, :vocab_size].bool()

@@ -8,7 +8,7 @@ import torch
 
 from prism.config import DeviceConfig, EngineConfig
 from prism.engine.catalog import resolve_model
-from prism.engine.grammar_mask import apply_grammar_masks
+from prism.engine.grammar_mask import apply_grammar_masks, unpack_bitmask
 from prism.engine.llm_engine import LLMEngine
 from prism.engine.sequence import Sequence
 from prism.engine.structured import GrammarError, compiler_for, json_schema_grammar
@@ -157,3 +157,21 @@ def test_bad_grammars_and_models_without_a_tokenizer_are_request_errors(tokenize
         compiler_for(tokenizer, 49152).check(json_schema_grammar({"type": "objectx"}))
     with pytest.raises(RequestError, match="grammar"):
         SamplingParams(grammar="")
+
+
+def test_bit_unpacking_of_the_gpu_path_matches_numpy():
+    rng = np.random.default_rng(0)
+    words = rng.integers(-2**31, 2**31 - 1, size=(3, 40), dtype=np.int32)
+    expected = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :1270].astype(bool)
+    assert torch.equal(unpack_bitmask(torch.from_numpy(words), 1270), torch.from_numpy(expected))
+
+
+@pytest.mark.gpu
+def test_masks_on_cuda_match_the_host_path(tokenizer):
+    compiler = compiler_for(tokenizer, 49152)
+    grammar = json_schema_grammar(SCHEMA)
+    seqs = [Sequence("a", [5], SamplingParams()), Sequence("b", [5], SamplingParams(grammar=grammar))]
+    seqs[1].grammar = compiler.state(grammar)
+    logits = torch.randn(2, 49152)
+    on_gpu = apply_grammar_masks(logits.clone().cuda(), seqs).cpu()
+    assert torch.equal(on_gpu, apply_grammar_masks(logits.clone(), seqs))
