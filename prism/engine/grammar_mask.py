@@ -47,11 +47,13 @@ def apply_grammar_masks(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Ten
 
 
 def host_bitmask(seqs: list[Sequence], vocab_size: int) -> np.ndarray:
-    """int32 [len(seqs), ceil(V / 32)]: bit t of row r set when token t may follow seq r."""
+    """int32 [len(seqs), ceil(V' / 32)]: bit t of row r set when token t may follow seq r. V' is
+    the matchers' vocabulary, at least `vocab_size` (the logits'); bits past it stay unused."""
     import llguidance
     import llguidance.numpy as llnp
 
-    bitmask = llnp.allocate_token_bitmask(len(seqs), vocab_size)
+    width = max(vocab_size, *(s.grammar.vocab_size for s in seqs))
+    bitmask = llnp.allocate_token_bitmask(len(seqs), width)
     for seq in seqs:  # a matcher must reflect exactly the sequence's outputs
         seq.grammar.sync(seq.output_token_ids)
     llnp.fill_next_token_bitmask_par(_executor(llguidance), [(s.grammar.matcher, i) for i, s in enumerate(seqs)], bitmask)

@@ -73,8 +73,11 @@ class GrammarCompiler:
         never allowed)."""
         llg = _llguidance()
         self.vocab_size = max(vocab_size or 0, tokenizer.vocab_size)
-        self.ll_tokenizer = llg.LLTokenizer(tokenizer.backend.to_str(), n_vocab=self.vocab_size,
-                                            eos_token=list(tokenizer.eos_token_ids) or None)
+        try:
+            self.ll_tokenizer = llg.LLTokenizer(tokenizer.backend.to_str(), n_vocab=self.vocab_size,
+                                                eos_token=list(tokenizer.eos_token_ids) or None)
+        except Exception as e:  # a tokenizer kind the library cannot read: the request's problem, not a crash
+            raise StructuredOutputUnavailable(f"structured output is not available for this model's tokenizer: {e}") from None
         self.eos_token_ids = tuple(self.ll_tokenizer.eos_tokens)
         self._compiled: OrderedDict[str, Any] = OrderedDict()
 
@@ -98,7 +101,7 @@ class GrammarCompiler:
                 self._compiled.popitem(last=False)
         else:
             self._compiled.move_to_end(grammar)
-        return GrammarState(template.deep_copy(), self.eos_token_ids)
+        return GrammarState(template.deep_copy(), self.eos_token_ids, self.vocab_size)
 
 
 @functools.lru_cache(maxsize=32)
@@ -110,9 +113,10 @@ def compiler_for(tokenizer: Tokenizer, vocab_size: int | None = None) -> Grammar
 class GrammarState:
     """One sequence's matcher: it has consumed `num_tokens` of the sequence's output tokens."""
 
-    def __init__(self, matcher: Any, eos_token_ids: tuple[int, ...]):
+    def __init__(self, matcher: Any, eos_token_ids: tuple[int, ...], vocab_size: int):
         self.matcher = matcher
         self.eos_token_ids = eos_token_ids  # what a broken matcher's row may still sample: an end
+        self.vocab_size = vocab_size  # the matcher's masks' width (at least the logits')
         self.num_tokens = 0
 
     def advance(self, token: int) -> bool:
