@@ -187,8 +187,9 @@ class EngineCore:
         finished = []
         for seq, token in sampled:
             event = self.outputs.on_token(seq, token, now)
-            if event.finish_reason is None and seq.grammar is not None and seq.grammar.advance(token):
-                event = dataclasses.replace(event, finish_reason=FinishReason.STOP)  # the grammar is complete
+            # A complete grammar ends the request as a stop (also on its max_tokens-th token).
+            if seq.grammar is not None and event.finish_reason is not FinishReason.STOP and seq.grammar.advance(token):
+                event = dataclasses.replace(event, finish_reason=FinishReason.STOP)
             self._events.append(event)
             if event.finish_reason is not None:
                 finished.append(self._finish(seq, event.finish_reason, now))

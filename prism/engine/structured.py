@@ -65,6 +65,16 @@ def json_schema_grammar(schema: dict) -> str:
         raise GrammarError(f"invalid JSON schema: {e}") from None
 
 
+def regex_grammar(regex: str) -> str:
+    """The grammar of text matching `regex` (Rust regex syntax, whole output)."""
+    return _llguidance().grammar_from("regex", regex)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """The grammar of exactly one of `choices`."""
+    return _llguidance().grammar_from("choice", choices)
+
+
 class GrammarCompiler:
     """One tokenizer's grammars: validation, and compiled matchers cached by grammar text."""
 
@@ -80,13 +90,19 @@ class GrammarCompiler:
             raise StructuredOutputUnavailable(f"structured output is not available for this model's tokenizer: {e}") from None
         self.eos_token_ids = tuple(self.ll_tokenizer.eos_tokens)
         self._compiled: OrderedDict[str, Any] = OrderedDict()
+        self._checked: OrderedDict[str, None] = OrderedDict()  # grammars known to be valid (the frontend's)
 
     def check(self, grammar: str) -> None:
         """GrammarError naming the problem when `grammar` does not compile for this tokenizer."""
+        if grammar in self._checked:
+            return
         llg = _llguidance()
         error = llg.LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
         if error and not error.startswith("WARNING"):
             raise GrammarError(f"invalid grammar: {error}")
+        self._checked[grammar] = None
+        if len(self._checked) > COMPILED_CACHE_SIZE:
+            self._checked.popitem(last=False)
 
     def state(self, grammar: str) -> GrammarState:
         """A fresh matcher for one sequence (a copy of the compiled grammar)."""

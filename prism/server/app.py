@@ -211,24 +211,31 @@ class _Frontend:
             return self._error(e, model)
 
     async def _response_format_grammar(self, body, model: str) -> str | None:
-        """The grammar of the body's response_format (None: plain text), checked against the
-        model's tokenizer: a bad schema is a 400 before anything is queued."""
+        """The grammar of the body's response_format or structured_outputs (None: plain text),
+        checked against the model's tokenizer: a bad schema is a 400 before anything is queued."""
+        param = "response_format"
         schema = body.response_format.schema_or_none() if body.response_format is not None else None
-        if schema is None:
+        if body.structured_outputs is not None:
+            if schema is not None:
+                raise bad_request("give response_format or structured_outputs, not both", "structured_outputs")
+            param, grammar = "structured_outputs", body.structured_outputs.grammar()
+        elif schema is None:
             return None
-        grammar = schema_grammar(schema, "response_format")
+        else:
+            grammar = schema_grammar(schema, param)
         tokenizer = self._maybe_tokenizer(model)
         if tokenizer is None:
-            raise bad_request(f"response_format needs a tokenizer, and model {model!r} has none", "response_format")
-        await self._in_tokenize_thread(check_grammar, grammar, tokenizer, "response_format")
+            raise bad_request(f"{param} needs a tokenizer, and model {model!r} has none", param)
+        await self._in_tokenize_thread(check_grammar, grammar, tokenizer, param)
         return grammar
 
     async def _chat_grammar(self, body: P.ChatCompletionRequest, tools: ToolPlan, model: str) -> str | None:
         """A forced tool call's grammar, or the response_format's (not both)."""
         if tools.grammar is None:
             return await self._response_format_grammar(body, model)
-        if body.response_format is not None and body.response_format.type != "text":
-            raise bad_request("response_format cannot be combined with a tool_choice that forces a call", "response_format")
+        if (body.response_format is not None and body.response_format.type != "text") or body.structured_outputs:
+            raise bad_request("response_format and structured_outputs cannot be combined with a tool_choice that "
+                              "forces a call", "response_format")
         await self._in_tokenize_thread(check_grammar, tools.grammar, self.backend.tokenizer(model), "tools")
         return tools.grammar
 

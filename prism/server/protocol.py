@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from prism.server.backend import GenerationRequest
-from prism.server.structured import ResponseFormat
+from prism.server.structured import ResponseFormat, StructuredOutputs
 from prism.server.tools import Tool, ToolCallIn, ToolChoice
 from prism.types import SamplingParams
 
@@ -77,6 +77,7 @@ class _SamplingFields(BaseModel):
     ttft_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     tpot_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     priority: int | None = Field(0, ge=INT32_MIN, le=INT32_MAX)
+    structured_outputs: StructuredOutputs | None = None  # extension (vLLM's): JSON schema, regex or choice
 
     @field_validator("stop")
     @classmethod

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from prism.engine.structured import compiler_for, json_schema_grammar
+from prism.engine.structured import choice_grammar, compiler_for, json_schema_grammar, regex_grammar
 from prism.engine.tokenizer import Tokenizer
 from prism.server.errors import bad_request
 
@@ -41,6 +41,26 @@ class ResponseFormat(BaseModel):
             raise bad_request("response_format of type json_schema needs a json_schema object", "response_format")
         schema = self.json_schema.json_schema
         return ANY_OBJECT if schema is None else schema
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's extension (both endpoints): exactly one of a JSON schema, a regex, a choice."""
+
+    model_config = ConfigDict(extra="ignore")
+    json_: dict | bool | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1)
+
+    def grammar(self) -> str:
+        given = [k for k in ("json_", "regex", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise bad_request("structured_outputs needs exactly one of json, regex, choice", "structured_outputs")
+        if self.json_ is not None:
+            return schema_grammar(self.json_, "structured_outputs")
+        try:
+            return regex_grammar(self.regex) if self.regex is not None else choice_grammar(self.choice)
+        except ValueError as e:
+            raise bad_request(f"structured_outputs: {e}", "structured_outputs") from None
 
 
 def schema_grammar(schema: Any, param: str) -> str:

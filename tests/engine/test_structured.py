@@ -90,6 +90,10 @@ def test_outputs_match_their_schema_in_a_mixed_batch():
              SamplingParams(temperature=0, max_tokens=60, grammar=grammar),
              SamplingParams(temperature=1.0, seed=3, max_tokens=60, grammar=grammar),
              SamplingParams(temperature=0.8, top_p=0.9, seed=4, max_tokens=60, grammar=grammar, ignore_eos=True)])
+        # Complete on exactly its last allowed token: a stop, not a length.
+        exact = engine.generate(["Hello"], SamplingParams(temperature=0, max_tokens=len(outs[1].token_ids),
+                                                          grammar=grammar))[0]
+        assert exact.token_ids == outs[1].token_ids and exact.finish_reason == FinishReason.STOP
     finally:
         engine.close()
     assert outs[0].token_ids == alone.token_ids  # a row without a grammar is untouched

@@ -1,6 +1,7 @@
 """Structured output and tool calls through a real `prism serve` (real worker processes, the
 real SmolLM2 and a tiny random model) with the official openai client."""
 import json
+import re
 
 import jsonschema
 import openai
@@ -90,6 +91,20 @@ def test_completions_take_a_response_format_too(client):
     out = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=60, temperature=0,
                                     extra_body={"response_format": cat_format()})
     jsonschema.validate(json.loads(out.choices[0].text), CAT)
+
+
+def test_structured_outputs_extension_regex_and_choice(client):
+    """vLLM's extension, on both endpoints: a regex or a choice."""
+    out = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=20, temperature=0,
+                                    extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}})
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", out.choices[0].text) and out.choices[0].finish_reason == "stop"
+    out = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Is Paris in France?"}],
+                                         max_tokens=5, temperature=0,
+                                         extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert out.choices[0].message.content in ("yes", "no")
+    for bad in ({"regex": "[0-9"}, {"choice": []}, {"regex": "a", "choice": ["a"]}):
+        with pytest.raises(openai.BadRequestError, match="structured_outputs"):
+            client.completions.create(model="tiny", prompt=[5], max_tokens=2, extra_body={"structured_outputs": bad})
 
 
 @pytest.mark.parametrize("model", ["smollm2", "tiny"])
