@@ -133,6 +133,13 @@ def test_required_tool_choice_calls_one_of_the_tools(client):
     call = choice.message.tool_calls[0]
     schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
     jsonschema.validate(json.loads(call.function.arguments), schema)
+    chunks = [c for c in client.chat.completions.create(
+        model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0,
+        parallel_tool_calls=False, stream=True) if c.choices]
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == call.function.name and {d.index for d in deltas} == {0}
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == json.loads(call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_auto_tools_reach_the_prompt_through_the_fallback(client):

@@ -62,6 +62,8 @@ def assemble(deltas):
     (LLAMA_TWO, LLAMA3_JSON, ""),
     ("Plain <b>text</b> with a < sign", HERMES, "Plain <b>text</b> with a < sign"),
     ("Plain text, no call", LLAMA3_JSON, "Plain text, no call"),
+    ('[{"name": "get_weather", "parameters": ' + json.dumps(WEATHER) + '}, {"name": "get_time", "parameters": {}}]',
+     JSON_ARRAY, ""),
 ])
 @pytest.mark.parametrize("piece", [1, 3, 7, 1000])
 def test_streamed_deltas_assemble_to_the_whole(text, fmt, content, piece):
