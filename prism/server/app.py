@@ -17,7 +17,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
 
 from prism.server import protocol as P
 from prism.server.backend import GenerationRequest, ServingBackend
@@ -115,6 +116,16 @@ def create_app(backend: ServingBackend, api_key: str | None = None, max_body_byt
     app.include_router(protected)
     app.state.backend = backend
     return app
+
+
+def _structured(body):
+    """The body's structured_outputs (or guided_* fields); 400s for conflicting ones."""
+    try:
+        return body.structured()
+    except ValidationError as e:
+        raise bad_request(f"structured_outputs: {e.errors()[0]['msg']}", "structured_outputs") from None
+    except PydanticCustomError as e:
+        raise bad_request(f"structured_outputs: {e.message()}", "structured_outputs") from None
 
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
@@ -215,10 +226,11 @@ class _Frontend:
         checked against the model's tokenizer: a bad schema is a 400 before anything is queued."""
         param = "response_format"
         schema = body.response_format.schema_or_none() if body.response_format is not None else None
-        if body.structured_outputs is not None:
+        structured = _structured(body)
+        if structured is not None:
             if schema is not None:
                 raise bad_request("give response_format or structured_outputs, not both", "structured_outputs")
-            param, grammar = "structured_outputs", body.structured_outputs.grammar()
+            param, grammar = "structured_outputs", structured.grammar()
         elif schema is None:
             return None
         else:
@@ -233,7 +245,7 @@ class _Frontend:
         """A forced tool call's grammar, or the response_format's (not both)."""
         if tools.grammar is None:
             return await self._response_format_grammar(body, model)
-        if (body.response_format is not None and body.response_format.type != "text") or body.structured_outputs:
+        if (body.response_format is not None and body.response_format.type != "text") or _structured(body):
             raise bad_request("response_format and structured_outputs cannot be combined with a tool_choice that "
                               "forces a call", "response_format")
         await self._in_tokenize_thread(check_grammar, tools.grammar, self.backend.tokenizer(model), "tools")

@@ -78,6 +78,10 @@ class _SamplingFields(BaseModel):
     tpot_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     priority: int | None = Field(0, ge=INT32_MIN, le=INT32_MAX)
     structured_outputs: StructuredOutputs | None = None  # extension (vLLM's): JSON schema, regex or choice
+    # vLLM's older names for the same (guided decoding)
+    guided_json: dict | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -94,6 +98,16 @@ class _SamplingFields(BaseModel):
     _check_n = _refuse_unless(_is_one, "n other than 1", "n")
 
     _check_penalty = _refuse_unless(lambda v: not v, "a non-zero penalty", "presence_penalty", "frequency_penalty")
+
+    def structured(self) -> StructuredOutputs | None:
+        """structured_outputs, or what vLLM's older guided_* fields say (not both)."""
+        guided = {k: v for k, v in (("json", self.guided_json), ("regex", self.guided_regex),
+                                    ("choice", self.guided_choice)) if v is not None}
+        if not guided:
+            return self.structured_outputs
+        if self.structured_outputs is not None:
+            raise PydanticCustomError("structured_twice", "give structured_outputs or guided_*, not both")
+        return StructuredOutputs.model_validate(guided)
 
     @property
     def include_usage(self) -> bool:

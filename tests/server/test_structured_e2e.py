@@ -102,9 +102,14 @@ def test_structured_outputs_extension_regex_and_choice(client):
                                          max_tokens=5, temperature=0,
                                          extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
     assert out.choices[0].message.content in ("yes", "no")
-    for bad in ({"regex": "[0-9"}, {"choice": []}, {"regex": "a", "choice": ["a"]}):
+    out = client.completions.create(model="tiny", prompt=[5, 6], max_tokens=5, temperature=0,
+                                    extra_body={"guided_choice": ["red", "blue"]})  # vLLM's older name
+    assert out.choices[0].text in ("red", "blue")
+    for bad in ({"structured_outputs": {"regex": "[0-9"}}, {"structured_outputs": {"choice": []}},
+                {"structured_outputs": {"regex": "a", "choice": ["a"]}},
+                {"structured_outputs": {"regex": "a"}, "guided_regex": "b"}, {"guided_choice": []}):
         with pytest.raises(openai.BadRequestError, match="structured_outputs"):
-            client.completions.create(model="tiny", prompt=[5], max_tokens=2, extra_body={"structured_outputs": bad})
+            client.completions.create(model="tiny", prompt=[5], max_tokens=2, extra_body=bad)
 
 
 @pytest.mark.parametrize("model", ["smollm2", "tiny"])
