@@ -192,3 +192,87 @@ def test_bad_schemas_and_tool_choices_are_400s(client):
     refused("content", messages=[{"role": "user", "content": None}])
     # The server is still fine.
     assert client.chat.completions.create(model="tiny", messages=ASK, max_tokens=2).usage.completion_tokens == 2
+
+
+# ---- structured output and tools together with n, prompt lists and logprobs (the sampling branch)
+def _by_index(chunks):
+    """Streamed chunks grouped by choice index: {index: [choice deltas...]}."""
+    out = {}
+    for c in chunks:
+        for ch in c.choices:
+            out.setdefault(ch.index, []).append(ch)
+    return out
+
+
+def test_json_schema_with_n_choices_and_logprobs(client):
+    kw = dict(model="smollm2", messages=[{"role": "user", "content": "Describe a cat."}], max_tokens=60,
+              temperature=1.0, seed=7, n=2, logprobs=True, top_logprobs=2, response_format=cat_format())
+    whole = client.chat.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1]
+    for choice in whole.choices:  # every choice gets the grammar, and its own logprobs
+        jsonschema.validate(json.loads(choice.message.content), CAT)
+        assert choice.finish_reason == "stop"
+        entries = choice.logprobs.content
+        assert entries and all(-9999.0 < e.logprob <= 0.0 and len(e.top_logprobs) == 2 for e in entries)
+    assert whole.choices[0].message.content != whole.choices[1].message.content  # seeds 7 and 8
+    assert sum(len(c.logprobs.content) for c in whole.choices) == whole.usage.completion_tokens
+    # Streamed with the same seed: per choice, the same text and the same tokens.
+    streamed = _by_index(client.chat.completions.create(**kw, stream=True))
+    assert sorted(streamed) == [0, 1]
+    for choice in whole.choices:
+        parts = streamed[choice.index]
+        assert "".join(p.delta.content or "" for p in parts) == choice.message.content
+        tokens = [e.token for p in parts if p.logprobs for e in p.logprobs.content]
+        assert tokens == [e.token for e in choice.logprobs.content]
+        assert parts[-1].finish_reason == "stop"
+
+
+def test_completions_prompt_list_n_regex_and_logprobs(client):
+    out = client.completions.create(model="tiny", prompt=["Code: ", [5, 6, 7]], n=2, max_tokens=20, temperature=1.0,
+                                    seed=3, logprobs=2, extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}})
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    for choice in out.choices:
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", choice.text) and choice.finish_reason == "stop"
+        assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) >= 1
+        assert all(lp > -9999.0 for lp in choice.logprobs.token_logprobs)  # sampled: allowed by the grammar
+    assert sum(len(c.logprobs.tokens) for c in out.choices) == out.usage.completion_tokens
+
+
+def test_named_tool_call_with_logprobs_whole_and_streamed(client):
+    kw = dict(model="smollm2", messages=ASK, tools=TOOLS, max_tokens=60, temperature=0, logprobs=True,
+              top_logprobs=1, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = client.chat.completions.create(**kw)
+    choice = whole.choices[0]
+    (call,) = choice.message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    tokens = [e.token for e in choice.logprobs.content]
+    assert len(tokens) == whole.usage.completion_tokens and "".join(tokens) == call.function.arguments
+    chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    streamed = [e.token for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == tokens
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_required_tool_calls_per_choice_with_n(client):
+    kw = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=1.0,
+              seed=5, n=2, parallel_tool_calls=False, logprobs=True)
+    whole = client.chat.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1]
+    ids = set()
+    for choice in whole.choices:
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+        call = choice.message.tool_calls[0]
+        jsonschema.validate(json.loads(call.function.arguments), {"get_weather": WEATHER, "get_time": TIME}[call.function.name])
+        ids.add(call.id)
+        assert choice.logprobs.content
+    assert len(ids) == 2  # each choice's call has its own id
+    # Streamed: each choice's deltas rebuild its call (its own parser), each ends with tool_calls.
+    streamed = _by_index(client.chat.completions.create(**kw, stream=True))
+    for choice in whole.choices:
+        parts = streamed[choice.index]
+        deltas = [tc for p in parts for tc in (p.delta.tool_calls or [])]
+        call = choice.message.tool_calls[0]
+        assert deltas[0].function.name == call.function.name and deltas[0].id and {d.index for d in deltas} == {0}
+        assert json.loads("".join(d.function.arguments or "" for d in deltas)) == json.loads(call.function.arguments)
+        assert parts[-1].finish_reason == "tool_calls"
+        assert sum(len(p.logprobs.content) for p in parts if p.logprobs) == len(choice.logprobs.content)
