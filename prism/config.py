@@ -58,6 +58,7 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 Size = Annotated[int, BeforeValidator(size_bytes), Field(gt=0)]  # bytes, or "4GiB", "512MiB" in YAML
 Kernels = Literal["auto", "triton", "reference"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+ToolParser = Literal["auto", "hermes", "llama3_json"]  # auto: told by the chat template
 
 
 _BOUNDS = ((at.Gt, "gt", operator.gt, ">"), (at.Ge, "ge", operator.ge, ">="),
@@ -308,6 +309,7 @@ class ModelSpec:
     ttft_slo_s: PosFloat = 2.0  # YAML: ttft_slo_ms
     tpot_slo_s: PosFloat = 0.2  # YAML: tpot_slo_ms
     dtype: DType = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    tool_parser: ToolParser = "auto"  # the format of the model's tool calls (docs/api.md)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):

@@ -43,6 +43,9 @@ class SamplingParams(msgspec.Struct, frozen=True):
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     logprobs: int | None = None
+    # Structured output: llguidance's serialized grammar (JSON text) the output must match,
+    # built by the frontend (response_format, tool_choice); prism/engine/structured.py.
+    grammar: str | None = None
 
     def __post_init__(self):
         if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
@@ -61,6 +64,8 @@ class SamplingParams(msgspec.Struct, frozen=True):
             raise RequestError("stop strings must be non-empty strings")
         msgspec.structs.force_setattr(self, "stop", tuple(self.stop))
         msgspec.structs.force_setattr(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise RequestError("grammar must be a non-empty string (a serialized llguidance grammar)")
         self._check_penalties()
         self._check_logit_bias()
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):

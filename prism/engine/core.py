@@ -9,6 +9,7 @@ simulated executor. Torch-free.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import TYPE_CHECKING, Callable
 
@@ -19,6 +20,7 @@ from prism.engine.memory_plan import KVGeometry, check_prompt_fits, max_kv_block
 from prism.engine.output_processor import OutputProcessor, TokenEvent
 from prism.engine.scheduler import Scheduler, VictimChooser
 from prism.engine.sequence import SampledToken, Sequence, StepPlan
+from prism.engine.structured import GrammarCompiler, compiler_for
 from prism.sched.view import SLO
 from prism.types import CompletionOutput, FinishReason, RequestError, SamplingParams, SeqStatus
 
@@ -80,7 +82,15 @@ class EngineCore:
         if req_id in self._requests:
             raise RequestError(f"request id {req_id!r} is already in use")
         arrival = self.clock() if arrival_time is None else arrival_time
-        return Sequence(req_id, token_ids, params, arrival, slo=slo, priority=priority)
+        seq = Sequence(req_id, token_ids, params, arrival, slo=slo, priority=priority)
+        if params.grammar is not None:
+            seq.grammar = self._grammar_compiler().state(params.grammar)
+        return seq
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self.tokenizer is None:
+            raise RequestError(f"model {self.model_id} has no tokenizer: structured output needs one")
+        return compiler_for(self.tokenizer, self.sizes.vocab_size)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -182,6 +192,9 @@ class EngineCore:
         finished = []
         for seq, token, logprobs in sampled:
             event = self.outputs.on_token(seq, token, now, logprobs)
+            # A complete grammar ends the request as a stop (also on its max_tokens-th token).
+            if seq.grammar is not None and event.finish_reason is not FinishReason.STOP and seq.grammar.advance(token):
+                event = dataclasses.replace(event, finish_reason=FinishReason.STOP)
             self._events.append(event)
             if event.finish_reason is not None:
                 finished.append(self._finish(seq, event.finish_reason, now))

@@ -13,6 +13,7 @@ import torch
 
 from prism.engine.attention import AttentionMetadata
 from prism.engine.cuda_graph import DecodeGraphs, HostDecodeBatch
+from prism.engine.grammar_mask import apply_grammar_masks
 from prism.engine.kv_cache import PagedKVCache
 from prism.engine.llama import LlamaModel
 from prism.engine.sampler import compute_logprobs, make_generator, sample
@@ -153,7 +154,7 @@ class ModelRunner:
             if while_gpu_runs is not None:
                 while_gpu_runs()
             return []
-        logits = self.model.logits(hidden)
+        logits = apply_grammar_masks(self.model.logits(hidden), hb.sampled_seqs)  # structured output
         params = [s.params for s in hb.sampled_seqs]
         gens = [self._generator(s) for s in hb.sampled_seqs]
         history = [(s.prompt_token_ids, s.output_token_ids) for s in hb.sampled_seqs]

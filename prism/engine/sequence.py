@@ -5,7 +5,7 @@ Torch-free on purpose: the schedulers (and later the simulator) read and move th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from prism.sched.view import SLO
 from prism.types import FinishReason, SamplingParams, SeqStatus, TokenLogprobs
@@ -30,6 +30,9 @@ class Sequence:
     admitted_time: float | None = None  # first scheduled
     first_token_time: float | None = None
     last_token_time: float | None = None
+    # The matcher of a structured-output request (prism/engine/structured.py GrammarState): it
+    # lives beside the sequence, so preemption and eviction (which keep the outputs) keep it.
+    grammar: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:

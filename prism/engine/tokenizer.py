@@ -97,7 +97,9 @@ class Tokenizer:
         # checkpoint asks for it.
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's ids; `tools` (OpenAI's tool definitions) reach the template's `tools`."""
         _check_messages(messages)
         if not self.chat_template:
             raise RequestError("this model's tokenizer has no chat template; send a plain prompt instead")
@@ -108,13 +110,20 @@ class Tokenizer:
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
             text = _compile(self.chat_template).render(
-                **self.special_tokens, messages=chat, tools=None, documents=None,
+                **self.special_tokens, messages=chat, tools=tools or None, documents=None,
                 add_generation_prompt=add_generation_prompt,
             )
         except TemplateError as e:  # e.g. the template's raise_exception("roles must alternate")
             raise RequestError(f"chat template rejected the messages: {e}") from None
+        except (TypeError, KeyError, AttributeError) as e:  # a template that assumes what it was not given
+            raise RequestError(f"chat template could not render the messages: {type(e).__name__}: {e}") from None
         # The template wrote the special tokens (BOS...) itself: don't add them again.
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def template_supports_tools(self) -> bool:
+        """The chat template reads the `tools` variable (Llama 3.1+, Qwen2.5...)."""
+        return bool(self.chat_template) and "tools" in _template_variables(self.chat_template)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -219,15 +228,24 @@ def _compile(template: str) -> Any:
     return env.from_string(template)
 
 
+@functools.lru_cache(maxsize=32)
+def _template_variables(template: str) -> frozenset[str]:
+    import jinja2.meta
+
+    return frozenset(jinja2.meta.find_undeclared_variables(_compile(template).environment.parse(template)))
+
+
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'")
-        for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                raise RequestError(f"messages[{i}].{key} must be a string")
+        if not isinstance(m.get("role"), str):
+            raise RequestError(f"messages[{i}].role must be a string")
+        # An assistant's turn that only calls tools has no content (OpenAI sends null).
+        if not isinstance(m.get("content"), str) and not (m.get("content") is None and m.get("tool_calls")):
+            raise RequestError(f"messages[{i}].content must be a string")
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -18,7 +18,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
 
 from prism.server import protocol as P
 from prism.server.backend import GenerationRequest, ServingBackend
@@ -29,6 +30,9 @@ from prism.server.logprobs import TokenTexts
 from prism.server.metrics import RequestOutcomes
 from prism.server.streaming import (GONE, ChatCompletionShapes, Closer, CompletionShapes, Outcome, SSEResponse, collect,
                                     stream_events, unless_disconnected)
+from prism.server.structured import check_grammar, schema_grammar
+from prism.server.tool_shapes import ToolChatShapes
+from prism.server.tools import ToolPlan, fallback_messages, plan_tools
 from prism.types import RequestError
 
 logger = logging.getLogger("prism.server")
@@ -125,6 +129,16 @@ def create_app(backend: ServingBackend, api_key: str | None = None, max_body_byt
     return app
 
 
+def _structured(body):
+    """The body's structured_outputs (or guided_* fields); 400s for conflicting ones."""
+    try:
+        return body.structured()
+    except ValidationError as e:
+        raise bad_request(f"structured_outputs: {e.errors()[0]['msg']}", "structured_outputs") from None
+    except PydanticCustomError as e:
+        raise bad_request(f"structured_outputs: {e.message()}", "structured_outputs") from None
+
+
 _REF_TEMPLATE = "#/components/schemas/{model}"
 
 
@@ -202,8 +216,9 @@ class _Frontend:
                     raise bad_request(f"echo needs the model's tokenizer; {model!r} has none", "echo")
                 skip = body.skip_special_tokens is not False
                 echo = [p if isinstance(p, str) else tokenizer.decode(p, skip) for p in prompts]
+            grammar = await self._response_format_grammar(body, model)
             req_id = P.completion_id()
-            reqs = self._choices(body, req_id, prompt_ids, body.max_tokens or 16, "prompt")
+            reqs = self._choices(body, req_id, prompt_ids, body.max_tokens or 16, "prompt", grammar)
             texts = TokenTexts(tokenizer) if body.logprobs is not None else None
             echo = [e for e in echo for _ in range(body.num_choices)] if echo else None
             shapes = CompletionShapes(req_id, model, len(reqs), texts, echo)
@@ -219,19 +234,29 @@ class _Frontend:
             model = body.model
             tokenizer = self.backend.tokenizer(model)
             self._check_logit_bias(body, tokenizer)
-            prompt_ids = await self._in_tokenize_thread(tokenizer.apply_chat_template, body.template_messages())
+            parser = getattr(self.backend, "tool_parser", lambda _: None)(model)
+            tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, tokenizer, parser)
+            messages = body.template_messages()
+            if not tokenizer.template_supports_tools:  # tools and tool history, as the fallback writes them
+                messages = fallback_messages(messages, tools.template_tools)
+                template_tools = None
+            else:
+                template_tools = tools.template_tools
+            prompt_ids = await self._in_tokenize_thread(tokenizer.apply_chat_template, messages, template_tools)
+            grammar = await self._chat_grammar(body, tools, model)
             req_id = P.chat_completion_id()
-            reqs = self._choices(body, req_id, [prompt_ids], body.requested_max_tokens(), "messages")
+            reqs = self._choices(body, req_id, [prompt_ids], body.requested_max_tokens(), "messages", grammar)
             texts = TokenTexts(tokenizer) if body.logprobs else None
-            shapes = ChatCompletionShapes(req_id, model, len(reqs), texts)
+            shapes = (ChatCompletionShapes(req_id, model, len(reqs), texts) if tools.mode == "none"
+                      else ToolChatShapes(req_id, model, tools, len(reqs), texts))
             return await self._respond(request, reqs, shapes, bool(body.stream), body.include_usage, len(prompt_ids))
         except Exception as e:
             return self._error(e, model)
 
     def _choices(self, body: P._SamplingFields, req_id: str, prompts: list[list[int]], max_tokens: int | None,
-                 param: str) -> list[GenerationRequest]:
+                 param: str, grammar: str | None = None) -> list[GenerationRequest]:
         """One engine request per choice: n per prompt, in choice-index order (prompt i's
-        choice j is choice i * n + j, as vLLM numbers them)."""
+        choice j is choice i * n + j, as vLLM numbers them). Each choice gets the grammar."""
         n = body.num_choices
         reqs = []
         for ids in prompts:
@@ -240,7 +265,7 @@ class _Frontend:
             for j in range(n):
                 # The first choice keeps the response's id: a single choice is as before.
                 choice_id = req_id if not reqs else f"{req_id}-{len(reqs)}"
-                reqs.append(body.generation_request(choice_id, ids, limit, choice=j))
+                reqs.append(body.generation_request(choice_id, ids, limit, choice=j, grammar=grammar))
         return reqs
 
     def _check_logit_bias(self, body: P._SamplingFields, tokenizer) -> None:
@@ -256,7 +281,7 @@ class _Frontend:
             tokenizer = self.backend.tokenizer(body.model)
             if body.messages is not None:
                 ids = await self._in_tokenize_thread(tokenizer.apply_chat_template, body.template_messages(),
-                                                     body.add_generation_prompt)
+                                                     None, body.add_generation_prompt)
             elif body.prompt is not None:
                 ids = await self._in_tokenize_thread(tokenizer.encode, body.prompt, body.add_special_tokens)
             else:
@@ -277,6 +302,36 @@ class _Frontend:
             return JSONResponse({"prompt": await self._in_tokenize_thread(tokenizer.decode, body.tokens)})
         except Exception as e:
             return to_api_error(e, model).response()
+
+    async def _response_format_grammar(self, body, model: str) -> str | None:
+        """The grammar of the body's response_format or structured_outputs (None: plain text),
+        checked against the model's tokenizer: a bad schema is a 400 before anything is queued."""
+        param = "response_format"
+        schema = body.response_format.schema_or_none() if body.response_format is not None else None
+        structured = _structured(body)
+        if structured is not None:
+            if schema is not None:
+                raise bad_request("give response_format or structured_outputs, not both", "structured_outputs")
+            param, grammar = "structured_outputs", structured.grammar()
+        elif schema is None:
+            return None
+        else:
+            grammar = schema_grammar(schema, param)
+        tokenizer = self._maybe_tokenizer(model)
+        if tokenizer is None:
+            raise bad_request(f"{param} needs a tokenizer, and model {model!r} has none", param)
+        await self._in_tokenize_thread(check_grammar, grammar, tokenizer, param)
+        return grammar
+
+    async def _chat_grammar(self, body: P.ChatCompletionRequest, tools: ToolPlan, model: str) -> str | None:
+        """A forced tool call's grammar, or the response_format's (not both)."""
+        if tools.grammar is None:
+            return await self._response_format_grammar(body, model)
+        if (body.response_format is not None and body.response_format.type != "text") or _structured(body):
+            raise bad_request("response_format and structured_outputs cannot be combined with a tool_choice that "
+                              "forces a call", "response_format")
+        await self._in_tokenize_thread(check_grammar, tools.grammar, self.backend.tokenizer(model), "tools")
+        return tools.grammar
 
     def _error(self, exc: Exception, model: str | None) -> Response:
         err = to_api_error(exc, model)

@@ -73,6 +73,10 @@ class ServingBackend(Protocol):
 
     def max_model_len(self, model: str) -> int: ...
 
+    def tool_parser(self, model: str) -> str | None:
+        """The model's tool-call format from its config ("hermes", "llama3_json"); None: told
+        by its chat template. Optional: a backend without it leaves it to the template."""
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the request's output. Raises RequestError (bad input, e.g. a prompt longer
         than the context), UnknownModel or ServerBusy, before the first chunk or from it.

@@ -1,5 +1,7 @@
 """OpenAI request bodies (completions, chat completions, tokenize), response shapes, and the
 conversion of a validated request into the backend's `GenerationRequest`s (one per choice).
+Structured output (response_format, structured_outputs) and tools are described by
+structured.py and tools.py; every choice of a request gets the same grammar.
 
 Requests are validated more strictly than SamplingParams (OpenAI's ranges); unknown fields are
 ignored, OpenAI fields whose meaning Prism does not implement are refused with a 400 rather
@@ -16,10 +18,12 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from prism.server.backend import GenerationRequest
+from prism.server.structured import ResponseFormat, StructuredOutputs
+from prism.server.tools import Tool, ToolCallIn, ToolChoice
 from prism.types import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS, PENALTY_RANGE, SamplingParams
 
 MAX_STOP_STRINGS = 4
@@ -88,6 +92,11 @@ class _SamplingFields(BaseModel):
     ttft_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     tpot_slo_ms: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     priority: int | None = Field(0, ge=INT32_MIN, le=INT32_MAX)
+    structured_outputs: StructuredOutputs | None = None  # extension (vLLM's): JSON schema, regex or choice
+    # vLLM's older names for the same (guided decoding)
+    guided_json: dict | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -117,6 +126,16 @@ class _SamplingFields(BaseModel):
                                           {"r": int(LOGIT_BIAS_RANGE), "bias": bias, "key": key})
         return v
 
+    def structured(self) -> StructuredOutputs | None:
+        """structured_outputs, or what vLLM's older guided_* fields say (not both)."""
+        guided = {k: v for k, v in (("json", self.guided_json), ("regex", self.guided_regex),
+                                    ("choice", self.guided_choice)) if v is not None}
+        if not guided:
+            return self.structured_outputs
+        if self.structured_outputs is not None:
+            raise PydanticCustomError("structured_twice", "give structured_outputs or guided_*, not both")
+        return StructuredOutputs.model_validate(guided)
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -132,9 +151,11 @@ class _SamplingFields(BaseModel):
         """The top-N the engine computes per token (None: no logprobs)."""
         return None
 
-    def sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, choice: int = 0, grammar: str | None = None) -> SamplingParams:
         """Raises RequestError (a 400) where SamplingParams rejects a value. Choice i of a
-        seeded request gets seed + i (vLLM's rule), wrapped into the signed 64-bit range."""
+        seeded request gets seed + i (vLLM's rule), wrapped into the signed 64-bit range.
+        `grammar`: the output's grammar (structured output, prism/server/structured.py), the
+        same for every choice."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         seed = None if self.seed is None else (self.seed + choice - INT64_MIN) % 2**64 + INT64_MIN
         return SamplingParams(
@@ -153,15 +174,16 @@ class _SamplingFields(BaseModel):
             min_p=self.min_p or 0.0,
             logit_bias=self.logit_bias_ids(),
             logprobs=self.engine_logprobs(),
+            grammar=grammar,
         )
 
     def generation_request(self, req_id: str, prompt_token_ids: list[int], max_tokens: int,
-                           choice: int = 0) -> GenerationRequest:
+                           choice: int = 0, grammar: str | None = None) -> GenerationRequest:
         return GenerationRequest(
             req_id=req_id,
             model=self.model,
             prompt_token_ids=list(prompt_token_ids),
-            params=self.sampling_params(max_tokens, choice),
+            params=self.sampling_params(max_tokens, choice, grammar),
             ttft_slo_s=None if self.ttft_slo_ms is None else self.ttft_slo_ms / 1000.0,
             tpot_slo_s=None if self.tpot_slo_ms is None else self.tpot_slo_ms / 1000.0,
             priority=self.priority or 0,
@@ -178,6 +200,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = False  # after logprobs: its check reads it
     best_of: int | None = None
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # extension (as vLLM): JSON output for completions too
 
     @field_validator("prompt")
     @classmethod
@@ -242,12 +265,17 @@ def _short_int(n: int) -> str:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Any  # str, or a list of {"type": "text", "text": str} parts (joined into one str)
+    # str, or a list of {"type": "text", "text": str} parts (joined into one str); null only in
+    # an assistant's turn that calls tools
+    content: Any = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's calls (the history of a tool use)
+    tool_call_id: str | None = None  # a tool's result answers this call
+    name: str | None = None
 
     @field_validator("content")
     @classmethod
-    def _content_text(cls, v) -> str:
-        if isinstance(v, str):
+    def _content_text(cls, v) -> str | None:
+        if v is None or isinstance(v, str):
             return v
         if isinstance(v, list) and all(isinstance(p, dict) for p in v):
             if all(p.get("type") == "text" and isinstance(p.get("text"), str) for p in v):
@@ -255,10 +283,24 @@ class ChatMessage(BaseModel):
             raise PydanticCustomError("content_part", "only content parts of type 'text' (with a string 'text') are supported")
         raise PydanticCustomError("content_type", "content must be a string or a list of text parts")
 
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("content_missing", "content is required (it may be null only in an "
+                                      "assistant message with tool_calls)")
+        return self
+
     def template_dict(self) -> dict:
         # Chat templates know system; developer is OpenAI's newer name for it.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.content}
+        out = {"role": role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.template_dict() for c in self.tool_calls]
+        if self.role == "tool" and self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            out["name"] = self.name
+        return out
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -267,8 +309,10 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # OpenAI's and vLLM's limit: 20
-    tools: list | None = None
-    response_format: dict | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -279,11 +323,6 @@ class ChatCompletionRequest(_SamplingFields):
 
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    _check_tools = _refuse_unless(lambda v: not v, "tool calling", "tools")
-
-    _check_response_format = _refuse_unless(lambda v: not v or v.get("type", "text") == "text",
-                                            "a response_format other than text", "response_format")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -360,9 +399,12 @@ def usage_chunk(req_id: str, created: int, model: str, object_: str, usage_: dic
     return {"id": req_id, "object": object_, "created": created, "model": model, "choices": [], "usage": usage_}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-            "logprobs": logprobs}
+def chat_choice(index: int, text: str | None, finish_reason: str | None, logprobs: dict | None = None,
+                tool_calls: list[dict] | None = None) -> dict:
+    """One choice of a chat completion; `text` is None (content null) when the output was only
+    tool calls."""
+    message = {"role": "assistant", "content": text} | ({"tool_calls": tool_calls} if tool_calls else {})
+    return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
 
 
 def chat_body(req_id: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:

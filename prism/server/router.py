@@ -172,6 +172,12 @@ class Router:
         self._check_model(model)
         return self.control.max_model_len(model)
 
+    def tool_parser(self, model: str) -> str | None:
+        """The model's tool-call format when its config names one (None: told by its template)."""
+        self._check_model(model)
+        parser = self.specs[model].tool_parser
+        return None if parser == "auto" else parser
+
     def healthy(self) -> bool:
         """Every model has a device up to serve it (a device down is fine if others serve its models)."""
         return not self._closed and all(self.control.hosting_up(m) for m in self.specs)
