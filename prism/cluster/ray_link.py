@@ -201,6 +201,11 @@ class RayLauncher:
             raise NodeGone(f"node {config.device.node!r} of {config.device.device_id} is not in the Ray cluster")
         return RayWorker(config, node["NodeID"], self._settings)
 
+    def host_copy_dir(self, node: str) -> str | None:
+        # Private copies per worker on a Ray cluster: a shared folder on each node would need
+        # a cleaner on that node when the server goes (docs/cluster.md).
+        return None
+
     def close(self) -> None:
         ray.shutdown()
 

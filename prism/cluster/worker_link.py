@@ -10,7 +10,11 @@ care which transport carries a device.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Protocol
 
 from prism.config import DeviceConfig
@@ -56,6 +60,8 @@ class Launcher(Protocol):
 
     def start(self, config: WorkerConfig) -> WorkerHandle: ...  # blocks until Ready (or raises)
 
+    def host_copy_dir(self, node: str) -> str | None: ...  # where a node's workers share weight copies
+
     def close(self) -> None: ...
 
 
@@ -66,6 +72,7 @@ class LocalLauncher:
 
     def __init__(self, devices: tuple[DeviceConfig, ...]):
         self._devices = list(devices)
+        self._host_copies: str | None = None  # a folder of this server's, removed at close
 
     def devices(self) -> list[DeviceConfig]:
         return self._devices
@@ -79,8 +86,18 @@ class LocalLauncher:
     def start(self, config: WorkerConfig) -> WorkerHandle:
         return WorkerProcess(config)
 
+    def host_copy_dir(self, node: str) -> str | None:
+        """One folder for every worker of this host (on /dev/shm where there is one): the
+        devices share one host copy per evicted model instead of one each."""
+        if self._host_copies is None:
+            shm = Path("/dev/shm")
+            self._host_copies = tempfile.mkdtemp(prefix="prism-host-copies-",
+                                                 dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None)
+        return self._host_copies
+
     def close(self) -> None:
-        pass
+        if self._host_copies is not None:  # the workers are gone: their mappings with them
+            shutil.rmtree(self._host_copies, ignore_errors=True)
 
 
 class WorkerLink:

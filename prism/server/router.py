@@ -114,7 +114,8 @@ class Router:
     def _configure(self, device: DeviceConfig) -> None:
         self._worker_configs[device.device_id] = WorkerConfig(
             device, device_models(self.config, device.device_id), self.config.local, detokenize=False,
-            metrics_path=_device_log(self.config.metrics_log, device.device_id))
+            metrics_path=_device_log(self.config.metrics_log, device.device_id),
+            host_copy_dir=self.launcher.host_copy_dir(device.node))
 
     def _new_link(self, device: str) -> WorkerLink:
         """Start `device`'s worker; blocks until it is ready (run it off the event loop)."""

@@ -3,6 +3,7 @@ loopback, the official `openai` client as the client."""
 import concurrent.futures
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -125,6 +126,20 @@ def test_eviction_and_reactivation_through_the_api(server):
     assert metrics[("prism_activations_total", "smollm2")] >= 1
     state = httpx.get(f"{base}/admin/state").json()
     assert "smollm2" in state["placement"] and state["devices"]["cpu"]["budget_pages"] > 0
+    # The evicted model's weights wait in the host's shared copies (the workers of a node share
+    # one folder, on /dev/shm where there is one), so reactivating it reads no file.
+    device = state["devices"]["cpu"]
+    assert "smollm2-copy" in device["host_copies"], device
+    assert any(Path(device["host_store"]).glob("*.weights"))
+
+
+def test_the_shared_host_copies_go_with_the_server(tmp_path):
+    config = "devices:\n  - device: cpu\n    memory: 256MiB\n    page_size: 256KiB\n" \
+             "models:\n  - name: tiny\n    source: tiny-llama:random\n    max_model_len: 64\n"
+    with running_server(tmp_path, config) as (_, base):
+        store = Path(httpx.get(f"{base}/admin/state").json()["devices"]["cpu"]["host_store"])
+        assert store.is_dir() and store.name.startswith("prism-host-copies-")
+    assert not store.exists()
 
 
 def metric_values(base: str) -> dict:
