@@ -16,8 +16,12 @@ resolves to when it starts (so a restart lands on the same node while it lives) 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import socket
+import uuid
 from dataclasses import replace
 
 import ray
@@ -34,6 +38,7 @@ from prism.worker.device_core import WorkerConfig
 
 log = logging.getLogger("prism.ray")
 NODE_RESOURCE_PREFIX = "prism-node-"
+SHM = "/dev/shm"  # where a node's workers share host copies of weights
 SHUTDOWN_WAIT_S = 5.0  # for a live worker to leave its loop after Shutdown before it is killed
 
 
@@ -151,6 +156,8 @@ class RayLauncher:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"--ray: no Ray cluster at {address or 'RAY_ADDRESS or a new local one'}: {one_line(e)}") from None
         self._driver_node = ray.get_runtime_context().get_node_id()
+        self._store_name = f"prism-host-copies-{uuid.uuid4().hex[:12]}"
+        self._store_nodes: set[str] = set()
         self._alive: dict[str, dict] = {}  # node name -> its ray.nodes() entry
         self._seen: set[str] = {d.node for d in config.devices}
         self._unnamed_here = "" in self._seen  # some device names no node: it runs on the driver's
@@ -202,12 +209,28 @@ class RayLauncher:
         return RayWorker(config, node["NodeID"], self._settings)
 
     def host_copy_dir(self, node: str) -> str | None:
-        # Private copies per worker on a Ray cluster: a shared folder on each node would need
-        # a cleaner on that node when the server goes (docs/cluster.md).
-        return None
+        """The folder (on that node's /dev/shm) where the node's workers share host copies;
+        one per node even where nodes share a machine, removed on each node at close."""
+        self._store_nodes.add(node)
+        return f"{SHM}/{self._store_name}/{node or 'driver'}"
 
     def close(self) -> None:
+        self.refresh()
+        removals = [_remove_folder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                                           num_cpus=0).remote(self.host_copy_dir(name))
+                    for name, n in self._alive.items() if name in self._store_nodes]
+        try:  # a node that left took its /dev/shm folder's memory with it only if it restarts
+            ray.get(removals, timeout=SHUTDOWN_WAIT_S)
+        except ray.exceptions.RayError as e:
+            log.warning("host copies not removed on every node: %s", one_line(e))
         ray.shutdown()
+
+
+@ray.remote
+def _remove_folder(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the server's folder, once its last node's is gone
+        os.rmdir(os.path.dirname(path))
 
 
 __all__ = ["NODE_RESOURCE_PREFIX", "DeviceActor", "RayLauncher", "RayWorker", "node_name"]

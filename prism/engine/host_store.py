@@ -45,6 +45,13 @@ class SharedHostCopies:
         except (FileNotFoundError, RuntimeError):
             return None  # dropped between the check and the mapping
 
+    def has_room(self, num_bytes: int) -> bool:
+        """Whether the folder's file system can take `num_bytes` more, with a margin: a write
+        into a full tmpfs through a mapping is a SIGBUS, not an error (a container's /dev/shm
+        is often 64 MiB). Without room the caller keeps a private copy instead."""
+        st = os.statvfs(self.folder)
+        return st.f_bavail * st.f_frsize >= num_bytes + (num_bytes >> 4) + (64 << 20)
+
     def publish(self, key: str, data: torch.Tensor) -> torch.Tensor:
         """Write `data` (bytes, on any device) as the copy of `key` and return it mapped."""
         path = self.path(key)

@@ -107,7 +107,7 @@ class ModelWeights:
         if self._host_copy is not None or self._open_shared():
             return
         device_bytes = self.arena.tensor[: self.num_bytes]
-        if self._store is not None:
+        if self._store is not None and self._store.has_room(self.num_bytes):
             self._host_copy = self._store.publish(self._store_key, device_bytes)
             self._pin_shared()
             return

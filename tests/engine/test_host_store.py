@@ -65,3 +65,10 @@ def test_pinned_shared_copy_goes_to_the_gpu_and_back(store):
         assert gb_per_s > 5  # pageable memory would copy far slower than a pinned PCIe/NVLink link
     finally:
         unpin(host)
+
+
+def test_room_is_judged_against_the_file_system(store):
+    st = os.statvfs(store.folder)
+    free = st.f_bavail * st.f_frsize
+    assert store.has_room(1 << 20) == (free > (1 << 20) + (64 << 20) + (1 << 16))
+    assert not store.has_room(free)  # the margin: a full tmpfs would kill the writer (SIGBUS)

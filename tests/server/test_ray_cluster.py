@@ -8,6 +8,7 @@ every node's address, and the workers listen there (ray.bind_host's default).
 """
 import concurrent.futures
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -53,12 +54,17 @@ def cluster(ray_env):
     """Nodes a (the head) and b; tests add and remove more."""
     from ray.cluster_utils import Cluster
 
+    stores_before = set(Path("/dev/shm").glob("prism-host-copies-*"))
     c = Cluster(initialize_head=True, head_node_args=dict(NODE_ARGS, resources={"prism-node-a": 1}, include_dashboard=False))
     try:
         c.add_node(**NODE_ARGS, resources={"prism-node-b": 1})
         yield c
     finally:
         c.shutdown()
+        # The folders of nodes these tests removed while their machine (this one) stayed up:
+        # the server cleans only the nodes still in the cluster when it stops (docs/cluster.md).
+        for store in set(Path("/dev/shm").glob("prism-host-copies-*")) - stores_before:
+            shutil.rmtree(store, ignore_errors=True)
 
 
 def test_an_address_without_a_cluster_is_a_one_line_error(ray_env, tmp_path):
@@ -150,6 +156,10 @@ class TestTwoNodes:
         with ray_server(tmp_path_factory.mktemp("ray-two"), cluster, cls.CONFIG) as (_, base):
             wait_for(lambda: sum(map(len, placement(base).values())) == 2, 20)
             yield base
+            stores = {d["host_store"] for d in httpx.get(f"{base}/admin/state").json()["devices"].values()}
+        # Each node's workers shared a folder of host copies; the server removed it on each node.
+        assert len(stores) == 2 and all("/prism-host-copies-" in s for s in stores), stores
+        assert not any(Path(s).exists() for s in stores), stores
 
     def test_models_served_on_every_node(self, server):
         base = server
@@ -188,6 +198,8 @@ class TestTwoNodes:
             assert long.result(60)[0] == "finished: length"
         after = wait_for(lambda: (w := placement(base))["b/cpu"] == [missing] and w, 10)
         assert after == {"a/cpu": [busy], "b/cpu": [missing]}, (where, placement(base), idle)
+        b = wait_for(lambda: (d := httpx.get(f"{base}/admin/state").json()["devices"]["b/cpu"])["host_copies"] and d, 10)
+        assert idle in b["host_copies"] and any(Path(b["host_store"]).glob("*.weights")), b  # b's copy of what it evicted
 
 
 # ---- a node leaves ----------------------------------------------------------------------------
