@@ -13,6 +13,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -73,6 +74,7 @@ class LocalLauncher:
     def __init__(self, devices: tuple[DeviceConfig, ...]):
         self._devices = list(devices)
         self._host_copies: str | None = None  # a folder of this server's, removed at close
+        self._lock = threading.Lock()  # workers are configured from several threads at once
 
     def devices(self) -> list[DeviceConfig]:
         return self._devices
@@ -89,11 +91,12 @@ class LocalLauncher:
     def host_copy_dir(self, node: str) -> str | None:
         """One folder for every worker of this host (on /dev/shm where there is one): the
         devices share one host copy per evicted model instead of one each."""
-        if self._host_copies is None:
-            shm = Path("/dev/shm")
-            self._host_copies = tempfile.mkdtemp(prefix="prism-host-copies-",
-                                                 dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None)
-        return self._host_copies
+        with self._lock:
+            if self._host_copies is None:
+                shm = Path("/dev/shm")
+                self._host_copies = tempfile.mkdtemp(prefix="prism-host-copies-",
+                                                     dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None)
+            return self._host_copies
 
     def close(self) -> None:
         if self._host_copies is not None:  # the workers are gone: their mappings with them

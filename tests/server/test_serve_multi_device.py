@@ -55,3 +55,10 @@ def test_every_model_answers_from_its_device(server):
     time.sleep(1.0)
     where = placement(base, want=4)
     assert all(len(devs) == 1 for devs in where.values()), where
+
+
+def test_the_devices_of_this_host_share_one_host_copy_folder(server):
+    base, _ = server
+    devices = httpx.get(f"{base}/admin/state").json()["devices"]
+    stores = {d["host_store"] for d in devices.values()}
+    assert len(devices) == 2 and len(stores) == 1 and "prism-host-copies-" in stores.pop(), devices
