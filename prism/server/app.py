@@ -89,21 +89,8 @@ def create_app(backend: ServingBackend, api_key: str | None = None, max_body_byt
         card = next((m for m in listed if m["id"] == model_id), None)
         return JSONResponse(card) if card is not None else unknown_model(model_id).response()
 
-    @protected.post("/v1/completions", openapi_extra=_json_body(P.CompletionRequest))
-    async def completions(request: Request):
-        return await frontend.completions(request)
-
-    @protected.post("/v1/chat/completions", openapi_extra=_json_body(P.ChatCompletionRequest))
-    async def chat_completions(request: Request):
-        return await frontend.chat_completions(request)
-
-    @protected.post("/tokenize", openapi_extra=_json_body(P.TokenizeRequest))
-    async def tokenize(request: Request):
-        return await frontend.tokenize(request)
-
-    @protected.post("/detokenize", openapi_extra=_json_body(P.DetokenizeRequest))
-    async def detokenize(request: Request):
-        return await frontend.detokenize(request)
+    for path, body, handler in _BODY_ROUTES:
+        protected.add_api_route(path, getattr(frontend, handler), methods=["POST"], openapi_extra=_json_body(body))
 
     @protected.get("/openapi.json", include_in_schema=False)
     async def openapi():
@@ -140,6 +127,13 @@ def _structured(body):
 
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
+# The routes that read their bodies by hand (parse_body): path, body, the _Frontend method.
+_BODY_ROUTES = (
+    ("/v1/completions", P.CompletionRequest, "completions"),
+    ("/v1/chat/completions", P.ChatCompletionRequest, "chat_completions"),
+    ("/tokenize", P.TokenizeRequest, "tokenize"),
+    ("/detokenize", P.DetokenizeRequest, "detokenize"),
+)
 
 
 def _json_body(model_cls: type[BaseModel]) -> dict:
@@ -155,7 +149,7 @@ def _openapi_schema(app: FastAPI, served: list[str]) -> dict:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model_cls in (P.CompletionRequest, P.ChatCompletionRequest, P.TokenizeRequest, P.DetokenizeRequest):
+        for _, model_cls, _ in _BODY_ROUTES:
             full = model_cls.model_json_schema(ref_template=_REF_TEMPLATE)
             components.update(full.pop("$defs", {}))
             components[model_cls.__name__] = full

@@ -54,6 +54,11 @@ def client(tmp_path_factory):
         yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+def schema_errors(instance, schema) -> list[str]:
+    """What `instance` gets wrong against `schema` (empty: it validates)."""
+    return [e.message for e in jsonschema.validators.validator_for(schema)(schema).iter_errors(instance)]
+
+
 def cat_format(strict=True):
     return {"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT, "strict": strict}}
 
@@ -72,7 +77,7 @@ def test_json_schema_output_validates_whole_and_streamed(client, model):
     kw = dict(model=model, messages=[{"role": "user", "content": "Describe a cat."}], max_tokens=60, temperature=0,
               response_format=cat_format())
     whole = client.chat.completions.create(**kw)
-    jsonschema.validate(json.loads(whole.choices[0].message.content), CAT)
+    assert schema_errors(json.loads(whole.choices[0].message.content), CAT) == []
     assert whole.choices[0].finish_reason == "stop"
     chunks = list(client.chat.completions.create(**kw, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -84,13 +89,13 @@ def test_sampled_output_validates_too(client):
     for seed in range(3):
         out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "A cat?"}],
                                              max_tokens=60, temperature=1.0, seed=seed, response_format=cat_format(False))
-        jsonschema.validate(json.loads(out.choices[0].message.content), CAT)
+        assert schema_errors(json.loads(out.choices[0].message.content), CAT) == []
 
 
 def test_completions_take_a_response_format_too(client):
     out = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=60, temperature=0,
                                     extra_body={"response_format": cat_format()})
-    jsonschema.validate(json.loads(out.choices[0].text), CAT)
+    assert schema_errors(json.loads(out.choices[0].text), CAT) == []
 
 
 def test_structured_outputs_extension_regex_and_choice(client):
@@ -121,7 +126,7 @@ def test_a_named_tool_choice_yields_a_valid_call(client, model):
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather" and call.id
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    assert schema_errors(json.loads(call.function.arguments), WEATHER) == []
     # Streamed: the name first, then argument pieces that add up to the same arguments.
     chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
     deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
@@ -137,7 +142,7 @@ def test_required_tool_choice_calls_one_of_the_tools(client):
     assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
     call = choice.message.tool_calls[0]
     schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
-    jsonschema.validate(json.loads(call.function.arguments), schema)
+    assert schema_errors(json.loads(call.function.arguments), schema) == []
     chunks = [c for c in client.chat.completions.create(
         model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0,
         parallel_tool_calls=False, stream=True) if c.choices]
@@ -210,7 +215,7 @@ def test_json_schema_with_n_choices_and_logprobs(client):
     whole = client.chat.completions.create(**kw)
     assert [c.index for c in whole.choices] == [0, 1]
     for choice in whole.choices:  # every choice gets the grammar, and its own logprobs
-        jsonschema.validate(json.loads(choice.message.content), CAT)
+        assert schema_errors(json.loads(choice.message.content), CAT) == []
         assert choice.finish_reason == "stop"
         entries = choice.logprobs.content
         assert entries and all(-9999.0 < e.logprob <= 0.0 and len(e.top_logprobs) == 2 for e in entries)
@@ -244,7 +249,7 @@ def test_named_tool_call_with_logprobs_whole_and_streamed(client):
     whole = client.chat.completions.create(**kw)
     choice = whole.choices[0]
     (call,) = choice.message.tool_calls
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    assert schema_errors(json.loads(call.function.arguments), WEATHER) == []
     tokens = [e.token for e in choice.logprobs.content]
     assert len(tokens) == whole.usage.completion_tokens and "".join(tokens) == call.function.arguments
     chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
@@ -262,7 +267,8 @@ def test_required_tool_calls_per_choice_with_n(client):
     for choice in whole.choices:
         assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
         call = choice.message.tool_calls[0]
-        jsonschema.validate(json.loads(call.function.arguments), {"get_weather": WEATHER, "get_time": TIME}[call.function.name])
+        schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+        assert schema_errors(json.loads(call.function.arguments), schema) == []
         ids.add(call.id)
         assert choice.logprobs.content
     assert len(ids) == 2  # each choice's call has its own id
