@@ -212,12 +212,15 @@ class RayLauncher:
         """The folder (on that node's /dev/shm) where the node's workers share host copies;
         one per node even where nodes share a machine, removed on each node at close."""
         self._store_nodes.add(node)
+        return self._store_folder(node)
+
+    def _store_folder(self, node: str) -> str:
         return f"{SHM}/{self._store_name}/{node or 'driver'}"
 
     def close(self) -> None:
         self.refresh()
         removals = [_remove_folder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-                                           num_cpus=0).remote(self.host_copy_dir(name))
+                                           num_cpus=0).remote(self._store_folder(name))
                     for name, n in self._alive.items() if name in self._store_nodes]
         try:  # a node that left took its /dev/shm folder's memory with it only if it restarts
             ray.get(removals, timeout=SHUTDOWN_WAIT_S)
