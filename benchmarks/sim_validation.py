@@ -42,7 +42,7 @@ METRICS = (  # (key, label, how to read it from an overall summary)
     ("tpot_att", "TPOT att.", lambda s: s["tpot_attainment"]),
     ("slo_att", "both att.", lambda s: s["slo_attainment"]),
 )
-_FILE = re.compile(r"requests-(?P<system>[a-z]+)-x(?P<scale>[0-9.eE+-]+)\.jsonl")
+_FILE = re.compile(r"requests-(?P<system>[a-z]+)-x(?P<scale>[0-9.eE+-]+?)\.jsonl(\.gz)?")
 
 
 def _ms(x):
@@ -52,7 +52,7 @@ def _ms(x):
 def real_points(folder: Path, system: str | None) -> list[tuple[str, float, Path]]:
     """(system, scale, records file) of every point of a real sweep (or one replay)."""
     points = []
-    for path in sorted(folder.glob("requests-*.jsonl")):
+    for path in sorted(folder.glob("requests-*.jsonl*")):
         m = _FILE.fullmatch(path.name)
         if m and m["system"] in SYSTEMS:
             points.append((m["system"], float(m["scale"]), path))

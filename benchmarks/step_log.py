@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prism.bench.records import read_text  # noqa: E402
 from prism.sched.cost import ProfileCostModel  # noqa: E402
 from prism.sim.costs import ColdShapes, ProfileSet, served_alone, step_seconds  # noqa: E402
 from prism.sim.shapes import ModelShape  # noqa: E402
@@ -65,7 +66,7 @@ def read_steps(files: list[Path], cost: ProfileCostModel) -> list[Step]:
 
 
 def _read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
 
 
 def _activated(before: dict, step: dict) -> bool:
@@ -183,7 +184,7 @@ def table_by_model(steps: list[Step], min_steps: int = 20) -> str:
 
 def log_files(paths: list[str]) -> list[Path]:
     """The step logs named (files) or in the folders named (their steps-*.jsonl)."""
-    files = sorted(f for d in map(Path, paths) for f in ([d] if d.is_file() else d.glob("steps-*.jsonl")))
+    files = sorted(f for d in map(Path, paths) for f in ([d] if d.is_file() else d.glob("steps-*.jsonl*")))
     if not files:
         raise ValueError(f"no steps-*.jsonl in {', '.join(paths)}")
     return files

@@ -23,12 +23,12 @@ from prism.bench.report import SLOTargets, summarize  # noqa: E402
 from prism.bench.sweeps import sustained_rate  # noqa: E402
 from prism.cluster.config import slos_from_config  # noqa: E402
 
-NAME = re.compile(r"requests-(?P<system>[a-z]+)-x(?P<scale>[0-9.]+)\.jsonl$")
+NAME = re.compile(r"requests-(?P<system>[a-z]+)-x(?P<scale>[0-9.]+)\.jsonl(\.gz)?$")
 
 
 def load_runs(folder: Path) -> dict[tuple[str, float], list]:
     runs = {}
-    for path in sorted(folder.glob("requests-*.jsonl")):
+    for path in sorted(folder.glob("requests-*.jsonl*")):
         m = NAME.search(path.name)
         if m:
             runs[(m["system"], float(m["scale"]))] = load_records(path)

@@ -2,6 +2,7 @@
 every report, plot and comparison reads (JSON lines)."""
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -54,6 +55,15 @@ class RequestRecord:
 
 
 
+def read_text(path: str | Path) -> str:
+    """A text file's content; `.gz` files (archived records and step logs) are decompressed."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt") as f:
+            return f.read()
+    return path.read_text()
+
+
 def save_records(path: str | Path, records: list[RequestRecord]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +75,7 @@ def load_records(path: str | Path) -> list[RequestRecord]:
     path = Path(path)
     known = {f.name for f in fields(RequestRecord)}
     try:
-        lines = path.read_text().splitlines()
+        lines = read_text(path).splitlines()
     except FileNotFoundError:
         raise UserError(f"records file not found: {path}") from None
     out = []
