@@ -6,7 +6,7 @@ a file of its own and renamed into place when complete, so a worker never maps h
 two workers racing each write one and the second rename wins (each keeps the mapping it made
 until it drops it). Dropping unlinks the file; workers that still map it keep valid memory
 until they let go (the frontend tells every worker of the node), and the memory is freed when
-the last one does. On CUDA a mapping is page-locked with cudaHostRegister, so the copy to the
+the last one does. On CUDA a mapping is page-locked (cuMemHostRegister), so the copy to the
 device runs at pinned speed as a private pinned copy does.
 
 Whoever names the folder owns it: it removes it when the node's workers are gone (files left
@@ -14,11 +14,17 @@ in /dev/shm outlive the processes).
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from pathlib import Path
 from urllib.parse import quote
 
 import torch
+
+from prism.memory.cuda_vmm import import_cuda_driver
+
+log = logging.getLogger(__name__)
 
 
 class SharedHostCopies:
@@ -70,16 +76,41 @@ class SharedHostCopies:
         self.path(key).unlink(missing_ok=True)
 
 
+# CU_MEMHOSTREGISTER_PORTABLE: page-locked for every context, so for any device of the node.
+_PORTABLE = 0x01
+
+
 def pin(host: torch.Tensor) -> bool:
-    """Page-lock `host` (shared memory mapped here) for fast copies to CUDA devices."""
+    """Page-lock `host` (shared memory mapped here) for fast copies to CUDA devices.
+
+    Through the driver API: a refusal there is only a return code, while a refused
+    cudaHostRegister leaves the runtime's last error set and the next kernel launch check
+    would report it as its own failure. Some platforms refuse to lock a shared file mapping
+    (a sandboxed kernel, say); the copies then take the pageable path: slower, still correct.
+    """
     if not torch.cuda.is_available():
         return False
-    err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(), 0)
-    return int(err) == 0
+    try:
+        driver = import_cuda_driver()
+    except ImportError:
+        _warn_once("cuda-bindings is not installed (pip install prism[cuda]): shared host copies stay pageable")
+        return False
+    torch.cuda.synchronize()  # the primary context is current on this thread from here on
+    (err,) = driver.cuMemHostRegister(host.data_ptr(), host.numel() * host.element_size(), _PORTABLE)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _warn_once(f"cuMemHostRegister refused a shared host copy ({err.name}): activations from it copy pageable memory")
+        return False
+    return True
 
 
 def unpin(host: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+    driver = import_cuda_driver()
+    driver.cuMemHostUnregister(host.data_ptr())
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 __all__ = ["SharedHostCopies", "pin", "unpin"]

@@ -13,7 +13,7 @@ import torch
 from prism.memory.backend import MemoryBackend, PhysicalChunk
 
 
-def _import_driver():
+def import_cuda_driver():
     try:
         from cuda.bindings import driver
     except ImportError:  # cuda-python < 12.6 spelled it this way
@@ -37,7 +37,7 @@ class CudaVmmBackend(MemoryBackend):
     """VMM on one device, in the primary context that torch uses too."""
 
     def __init__(self, device_index: int, page_size: int | None = None):
-        self._drv = _import_driver()
+        self._drv = import_cuda_driver()
         self.device_index = device_index
         self.device = torch.device("cuda", device_index)
         self._closed = False

@@ -49,9 +49,11 @@ def test_no_partial_copy_is_ever_visible(store, monkeypatch):
 
 @pytest.mark.gpu
 def test_pinned_shared_copy_goes_to_the_gpu_and_back(store):
+    """Where the platform refuses to page-lock a shared mapping, pin says so and CUDA stays
+    healthy (a refused registration must not surface later as some kernel's error)."""
     weights = torch.randn(64 << 20, device="cuda")  # 256 MiB
     host = store.publish("m", weights.view(torch.uint8))
-    assert pin(host)
+    pinned = pin(host)
     try:
         back = torch.empty_like(weights)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -60,11 +62,14 @@ def test_pinned_shared_copy_goes_to_the_gpu_and_back(store):
         end.record()
         torch.cuda.synchronize()
         assert torch.equal(back, weights)
+        assert torch.equal((back * 2).cpu(), (weights * 2).cpu())  # kernels still launch cleanly
         gb_per_s = host.numel() / start.elapsed_time(end) / 1e6
-        print(f"pinned shared copy -> GPU: {gb_per_s:.1f} GB/s")
-        assert gb_per_s > 5  # pageable memory would copy far slower than a pinned PCIe/NVLink link
+        print(f"shared copy -> GPU ({'pinned' if pinned else 'refused: pageable'}): {gb_per_s:.1f} GB/s")
+        if pinned:
+            assert gb_per_s > 5  # pageable memory would copy far slower than a pinned PCIe/NVLink link
     finally:
-        unpin(host)
+        if pinned:
+            unpin(host)
 
 
 def test_room_is_judged_against_the_file_system(store):
