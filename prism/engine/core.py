@@ -6,6 +6,17 @@ the forward pass. A step: schedule -> the executor runs the plan (mapping the ne
 pages while it runs) -> commit -> tokens to events and finished outputs -> trim free pages.
 `LLMEngine` is a core over the device executor; the simulator's engines are cores over the
 simulated executor. Torch-free.
+
+Overlap (vLLM v1's async scheduling, SGLang's overlap scheduler): with an executor that can
+queue a step without waiting (`supports_overlap`), a step schedules and launches step n+1
+before it reads step n's tokens, so the host's work (scheduling, batch building, stop checks)
+runs while the device computes. Each sequence that step n samples holds a PENDING output
+until its token is read; step n+1 takes that token on the device. Results stay exact: a
+sequence that step n ends (EOS, a stop token) may have computed one more token in n+1, which
+is dropped, and its freed KV blocks are only written by steps queued after n+1. The host
+waits for step n first (no overlap for that step) where it needs step n's tokens to plan
+n+1: a preemption (recompute needs every token), structured output (the grammar's next
+mask), penalties (the token history).
 """
 from __future__ import annotations
 
@@ -44,8 +55,12 @@ class EngineCore:
         self.tokenizer = tokenizer
         g = executor.kv_geometry
         self.blocks = BlockManager(g.num_virtual_pages, g.blocks_per_page, g.block_size, executor.kv_mapper)
-        self.scheduler = Scheduler(engine_config, self.blocks, choose_victim)
         self.max_model_len = context_limit(engine_config, executor.config)
+        self.scheduler = Scheduler(engine_config, self.blocks, choose_victim, self.max_model_len)
+        self.overlap = engine_config.overlap and getattr(executor, "supports_overlap", False)
+        self._in_flight: object | None = None  # the launched step whose tokens are unread (overlap)
+        self._in_flight_seqs: list[Sequence] = []  # the sequences it samples
+        self._finished_early: list[CompletionOutput] = []  # read outside step(): returned by the next
         self.outputs = OutputProcessor(tokenizer if detokenize else None, eos_token_ids, self.max_model_len)
         self.last_plan: StepPlan | None = None
         self.last_step_num_tokens = 0  # tokens the last step computed (for cost accounting)
@@ -135,7 +150,7 @@ class EngineCore:
     # ---- the batch, as the device sees it ---------------------------------------------------
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None or bool(self._finished_early)
 
     @property
     def num_running(self) -> int:
@@ -168,24 +183,91 @@ class EngineCore:
 
     # ---- stepping --------------------------------------------------------------------------
     def step(self) -> list[CompletionOutput]:
-        """Run one batch; return the requests that finished in it (token events: drain_events)."""
-        plan = self.scheduler.schedule()
-        self.last_plan = plan
-        self.last_step_num_tokens = plan.num_tokens
+        """Run one batch; return the requests that finished (token events: drain_events). With
+        overlap, the batch is launched and the previous one's tokens are read."""
+        if self.overlap:
+            return self._step_overlapped()
+        plan = self._schedule(allow_preempt=True)
         if plan.is_empty:
-            return []
-        if not self.resident:  # the model's memory is unmapped
-            raise RuntimeError(f"{self.model_id} is evicted: activate it before stepping")
-        now = self.clock()
-        for chunk in plan.chunks:
-            if chunk.seq.admitted_time is None:
-                chunk.seq.admitted_time = now
+            return self.take_finished_early()
         sampled = self.executor.execute(plan, lambda: self.blocks.map_ahead(self._blocks_for_next_step(plan)))
         self.scheduler.commit(plan)
-        finished = self._process_tokens(sampled, self.clock())
+        return self.take_finished_early() + self._after_step(self._process_tokens(sampled, self.clock()))
+
+    def _step_overlapped(self) -> list[CompletionOutput]:
+        finished = self.take_finished_early()
+        if self._in_flight is not None and any(map(_needs_host_token, self._in_flight_seqs)):
+            finished += self._read_in_flight()
+        plan = self._schedule(allow_preempt=self._in_flight is None)
+        if plan is None:  # room needs a preemption, which needs every token read first
+            finished += self._read_in_flight()
+            plan = self._schedule(allow_preempt=True)
+        if plan.is_empty:
+            return finished + self._read_in_flight()
+        previous = self._in_flight
+        self._in_flight = self.executor.launch(plan, previous)
+        self._in_flight_seqs = [c.seq for c in plan.chunks if c.samples]
+        next_blocks = self._blocks_for_next_step(plan)  # before the pending places change num_tokens
+        self.scheduler.commit(plan)
+        for seq in self._in_flight_seqs:
+            seq.add_pending()
+        self.blocks.map_ahead(next_blocks)
+        if previous is not None:
+            finished += self._process_tokens(self._collect(previous), self.clock())
+        return self._after_step(finished)
+
+    def _schedule(self, allow_preempt: bool) -> StepPlan | None:
+        plan = self.scheduler.schedule(allow_preempt)
+        if plan is None:
+            return None
+        self.last_plan = plan
+        self.last_step_num_tokens = plan.num_tokens
+        if not plan.is_empty:
+            if not self.resident:  # the model's memory is unmapped
+                raise RuntimeError(f"{self.model_id} is evicted: activate it before stepping")
+            now = self.clock()
+            for chunk in plan.chunks:
+                if chunk.seq.admitted_time is None:
+                    chunk.seq.admitted_time = now
+        return plan
+
+    def _after_step(self, finished: list[CompletionOutput]) -> list[CompletionOutput]:
         if not self.scheduler.has_work:
             self.blocks.map_ahead(0)  # idle: keep no pages for a next step that may not come
         self.blocks.trim()
+        return finished
+
+    def _collect(self, step: object) -> list[SampledToken]:
+        """A launched step's tokens, less those of sequences that ended meanwhile."""
+        return [s for s in self.executor.collect(step) if not s.seq.is_finished]
+
+    @property
+    def has_in_flight(self) -> bool:
+        """A launched step's tokens are still unread (overlap)."""
+        return self._in_flight is not None
+
+    def read_in_flight(self) -> list[CompletionOutput]:
+        """Wait for the step in flight and process its tokens; the requests it finished. A
+        device running another model's step next reads this one's meanwhile."""
+        return self._read_in_flight()
+
+    def _read_in_flight(self) -> list[CompletionOutput]:
+        """Wait for the step in flight and process its tokens (nothing in flight: nothing)."""
+        step = self._in_flight
+        if step is None:
+            return []
+        self._in_flight, self._in_flight_seqs = None, []
+        return self._process_tokens(self._collect(step), self.clock())
+
+    def _settle(self) -> None:
+        """Read the step in flight now (before eviction or close); its finished requests are
+        returned by the next step()."""
+        self._finished_early += self._read_in_flight()
+
+    def take_finished_early(self) -> list[CompletionOutput]:
+        """Requests that finished outside step() (read while evicting): the next step()
+        returns them too, or whoever takes them here first."""
+        finished, self._finished_early = self._finished_early, []
         return finished
 
     def _process_tokens(self, sampled: list[SampledToken], now: float) -> list[CompletionOutput]:
@@ -218,6 +300,7 @@ class EngineCore:
         return decodes + -(-min(prefill, budget) // bs)
 
     def _finish(self, seq: Sequence, reason: FinishReason, now: float) -> CompletionOutput:
+        seq.drop_pending()
         tail, out = self.outputs.finish(seq, reason, now)
         if tail or reason == FinishReason.ABORT:
             self._events.append(TokenEvent(seq.req_id, -1, tail, now, reason))
@@ -244,6 +327,7 @@ class EngineCore:
     def evict(self) -> list[Sequence]:
         """Unmap weights and all KV; every unfinished request is preempted (recomputed after
         activation). Returns the preempted sequences."""
+        self._settle()
         preempted = self.scheduler.preempt_all()
         self.blocks.release_all_free_pages()
         self.executor.unmap_weights()
@@ -264,10 +348,16 @@ class EngineCore:
     # ---- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
         """Abort what is unfinished and give every page back."""
+        self._settle()
         for seq in self.sequences():
             self._finish(seq, FinishReason.ABORT, self.clock())
         self.blocks.release_all_free_pages()
         self.executor.close()
+
+
+def _needs_host_token(seq: Sequence) -> bool:
+    """Planning its next step needs its last token on the host."""
+    return seq.grammar is not None or seq.params.uses_penalties
 
 
 def _first_out_of_vocabulary(ids: list, vocab_size: int):

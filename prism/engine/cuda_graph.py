@@ -102,8 +102,9 @@ class DecodeGraphs:
         return next((b for b in self.buckets if b >= batch), None)
 
     @torch.inference_mode()
-    def run(self, host: HostDecodeBatch) -> torch.Tensor:
-        """Hidden states [batch, hidden] of one decode step (batch <= max_batch)."""
+    def run(self, host: HostDecodeBatch, pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Hidden states [batch, hidden] of one decode step (batch <= max_batch). `pending`:
+        (rows, tokens) of input tokens already on the device (sampled by the step before)."""
         n = len(host.input_ids)
         bucket = self.bucket_for(n)
         graph, out = self._graphs[bucket]
@@ -115,6 +116,8 @@ class DecodeGraphs:
         self.slots[:n].copy_(ints[2], non_blocking=True)
         self.context_lens[:n].copy_(torch.tensor(host.context_lens, dtype=torch.int32), non_blocking=True)
         self.block_tables[:n, :width].copy_(tables, non_blocking=True)
+        if pending is not None:
+            self.input_ids.index_copy_(0, *pending)
         if n < bucket:  # padding rows: store nothing, attend to nothing
             self.slots[n:bucket].fill_(-1)
             self.context_lens[n:bucket].zero_()

@@ -21,7 +21,7 @@ from prism.engine.host_store import SharedHostCopies
 from prism.engine.kv_cache import KVLayout, PagedKVCache
 from prism.engine.llama import LlamaModel
 from prism.engine.memory_plan import KVGeometry
-from prism.engine.model_runner import ModelRunner
+from prism.engine.model_runner import InFlightStep, ModelRunner
 from prism.engine.model_weights import ModelWeights
 from prism.engine.ops import make_ops
 from prism.engine.parallel import TPGroup, TPPageMapper
@@ -190,8 +190,16 @@ class DeviceExecutor:
     def num_kv_pages(self) -> int:
         return self.kv.num_mapped_pages * self.kv.pages_per_kv_page if self.kv else 0
 
+    supports_overlap = True
+
     def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[SampledToken]:
         return self.runner.execute(plan, while_running)
+
+    def launch(self, plan: StepPlan, after: InFlightStep | None) -> InFlightStep:
+        return self.runner.launch(plan, after)
+
+    def collect(self, step: InFlightStep) -> list[SampledToken]:
+        return self.runner.collect(step)
 
     def forget(self, seq: Sequence) -> None:
         self.runner.forget(seq)

@@ -46,6 +46,17 @@ class Executor(Protocol):
         """Run one step: (sequence, sampled token, logprobs) for each chunk that samples, in plan order.
         `while_running` is called once, while the step runs (host work that overlaps it)."""
 
+    # Overlap (core.py): an executor that can queue a step without waiting for its tokens.
+    supports_overlap: bool
+
+    def launch(self, plan: StepPlan, after: object | None) -> object:
+        """Queue one step and return at once: a handle for `collect`. `after` is the handle of
+        the step in flight before it: the plan's pending input tokens are its sampled tokens,
+        taken on the device."""
+
+    def collect(self, step: object) -> list[SampledToken]:
+        """Wait for a launched step's tokens: as `execute` returns them."""
+
     def forget(self, seq: Sequence) -> None:
         """A request ended: drop any per-request state (e.g. its random generator)."""
 

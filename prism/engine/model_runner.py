@@ -16,8 +16,9 @@ from prism.engine.cuda_graph import DecodeGraphs, HostDecodeBatch
 from prism.engine.grammar_mask import apply_grammar_masks
 from prism.engine.kv_cache import PagedKVCache
 from prism.engine.llama import LlamaModel
-from prism.engine.sampler import compute_logprobs, make_generator, sample
+from prism.engine.sampler import LogprobsOnDevice, compute_logprobs, make_generator, sample
 from prism.engine.sequence import SampledToken, Sequence, StepPlan
+from prism.engine.transfer import HostResult, device_tensor, to_host_async
 
 VECTORIZE_ABOVE = 16  # chunks longer than this compute their slots with numpy
 
@@ -34,11 +35,28 @@ class HostBatch:
     block_tables: list[list[int]] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)  # rows of the hidden states sampled
     sampled_seqs: list[Sequence] = field(default_factory=list)
+    # Rows whose input token is pending (sampled by the step in flight), and their sequences.
+    pending_rows: list[int] = field(default_factory=list)
+    pending_seqs: list[Sequence] = field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:
         """Every row is one token that samples (a 1-token prefill chunk may not sample)."""
         return len(self.sampled_seqs) == len(self.query_lens) and all(n == 1 for n in self.query_lens)
+
+
+@dataclass
+class InFlightStep:
+    """A launched step: its tokens (and logprobs) on their way to the host."""
+
+    seqs: list[Sequence]  # the sampled rows' sequences, in row order
+    tokens: torch.Tensor | None  # on the device: the next step's pending inputs come from here
+    host_tokens: torch.Tensor | None  # pinned, filled when `ready`
+    logprobs: LogprobsOnDevice | None
+    ready: HostResult
+
+    def row_of(self) -> dict[int, int]:
+        return {id(seq): row for row, seq in enumerate(self.seqs)}
 
 
 @dataclass
@@ -93,6 +111,9 @@ class ModelRunner:
             if chunk.samples:
                 hb.logits_rows.append(len(hb.input_ids) - 1)
                 hb.sampled_seqs.append(seq)
+            if seq.num_pending and start + n == seq.num_tokens:  # ends with the token in flight
+                hb.pending_rows.append(len(hb.input_ids) - 1)
+                hb.pending_seqs.append(seq)
         return hb
 
     def prepare(self, plan: StepPlan) -> DeviceBatch:
@@ -125,19 +146,32 @@ class ModelRunner:
         )
 
     def _tensor(self, data, dtype) -> torch.Tensor:
-        # Small per-step tensors: a direct copy is cheaper than pinning host memory each time.
-        return torch.tensor(data, dtype=dtype, device=self.device)
+        # Small per-step tensors: a queued copy from pageable memory is cheaper than pinning
+        # host memory each time, and does not wait for the step in flight.
+        return device_tensor(data, dtype, self.device)
+
+    def _pending_inputs(self, hb: HostBatch, after: InFlightStep | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, tokens): the input tokens that the step in flight samples, on the device."""
+        if not hb.pending_rows:
+            return None
+        if after is None or after.tokens is None:
+            raise RuntimeError("a pending input token without the step that samples it")
+        row_of = after.row_of()
+        source = self._tensor([row_of[id(seq)] for seq in hb.pending_seqs], torch.long)
+        return self._tensor(hb.pending_rows, torch.long), after.tokens.index_select(0, source)
 
     # ---- running -----------------------------------------------------------------------------
     def _graph_fits(self, hb: HostBatch) -> bool:
         return self.graphs is not None and hb.is_decode and len(hb.query_lens) <= self.graphs.max_batch
 
-    def _sampled_hidden(self, hb: HostBatch) -> torch.Tensor:
+    def _sampled_hidden(self, hb: HostBatch, pending: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Hidden states of the rows that sample (a decode batch samples every row)."""
         if self._graph_fits(hb):
             return self.graphs.run(HostDecodeBatch(
-                hb.input_ids, hb.positions, hb.slots, hb.context_lens, hb.block_tables))
+                hb.input_ids, hb.positions, hb.slots, hb.context_lens, hb.block_tables), pending)
         batch = self.to_device(hb)
+        if pending is not None:
+            batch.input_ids.index_copy_(0, *pending)
         hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv)
         return hidden[batch.logits_indices]
 
@@ -148,12 +182,20 @@ class ModelRunner:
         sequence that samples.
         `while_gpu_runs` is called once the step is queued on the device and before waiting
         for its tokens: host work placed there overlaps the GPU's."""
+        step = self.launch(plan, None)
+        if while_gpu_runs is not None:
+            while_gpu_runs()
+        return self.collect(step)
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, after: InFlightStep | None) -> InFlightStep:
+        """Queue one step (forward and sampling) and start copying its tokens to the host;
+        returns without waiting. `after`: the step in flight whose tokens are this plan's
+        pending inputs."""
         hb = self.host_batch(plan)
-        hidden = self._sampled_hidden(hb)
+        hidden = self._sampled_hidden(hb, self._pending_inputs(hb, after))
         if not hb.sampled_seqs:
-            if while_gpu_runs is not None:
-                while_gpu_runs()
-            return []
+            return InFlightStep([], None, None, None, HostResult(self.device))
         logits = apply_grammar_masks(self.model.logits(hidden), hb.sampled_seqs)  # structured output
         params = [s.params for s in hb.sampled_seqs]
         gens = [self._generator(s) for s in hb.sampled_seqs]
@@ -163,11 +205,19 @@ class ModelRunner:
         if tp is not None and not all(p.greedy for p in params):
             tokens = tp.broadcast(tokens)
         logprobs = compute_logprobs(logits, params, tokens)  # after the broadcast: of the tokens kept
-        if while_gpu_runs is not None:
-            while_gpu_runs()
-        token_list = tokens.tolist()
-        lps = logprobs.to_host(len(token_list)) if logprobs is not None else [None] * len(token_list)
-        return [SampledToken(s, t, lp) for s, t, lp in zip(hb.sampled_seqs, token_list, lps)]
+        if logprobs is not None:
+            logprobs.start_host_copy()
+        host_tokens = to_host_async(tokens)
+        return InFlightStep(hb.sampled_seqs, tokens, host_tokens, logprobs, HostResult(self.device))
+
+    def collect(self, step: InFlightStep) -> list[SampledToken]:
+        """Wait for a launched step's tokens."""
+        if not step.seqs:
+            return []
+        step.ready.wait()
+        token_list = step.host_tokens.tolist()
+        lps = step.logprobs.to_host(len(token_list)) if step.logprobs is not None else [None] * len(token_list)
+        return [SampledToken(s, t, lp) for s, t, lp in zip(step.seqs, token_list, lps)]
 
     @torch.inference_mode()
     def logits_for(self, plan: StepPlan) -> torch.Tensor:

@@ -63,7 +63,10 @@ class OutputProcessor:
     def on_token(self, seq: Sequence, token: int, now: float, logprobs: TokenLogprobs | None = None) -> TokenEvent:
         """Append a sampled token; the event says whether the request is now finished."""
         rec = self._records[seq.req_id]
-        seq.output_token_ids.append(token)
+        if seq.num_pending:  # the step that sampled it ran overlapped: its place is held
+            seq.resolve_pending(token)
+        else:
+            seq.output_token_ids.append(token)
         if rec.logprobs is not None and logprobs is not None:
             rec.logprobs.append(logprobs)
         seq.first_token_time = seq.first_token_time or now
@@ -84,7 +87,8 @@ class OutputProcessor:
             rec.text += text
             if rec.hit_stop_string:
                 return FinishReason.STOP, text
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        known = seq.num_known_output_tokens
+        if known >= params.max_tokens or seq.num_prompt_tokens + known >= self.max_model_len:
             return FinishReason.LENGTH, text
         return None, text
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from prism.engine.transfer import device_tensor, to_host_async
 from prism.types import SamplingParams, TokenLogprobs
 
 
@@ -42,12 +43,12 @@ def sample(
         return greedy_ids
     dev = logits.device
     # Greedy rows get temperature 1 so the shared maths stays finite; their result is discarded.
-    temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev)
+    temps = device_tensor([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, dev)
     scaled = logits.float() / temps.unsqueeze(1)
     scaled = _filter_min_p(scaled, params)
     scaled = _filter_top_k_top_p(scaled, params)
     sampled = _draw(torch.softmax(scaled, dim=-1), generators)
-    is_greedy = torch.tensor([p.greedy for p in params], device=dev)
+    is_greedy = device_tensor([p.greedy for p in params], torch.bool, dev)
     return torch.where(is_greedy, greedy_ids, sampled)
 
 
@@ -62,8 +63,8 @@ def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> tor
     if not rows:
         return logits
     dev = logits.device
-    index = (torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev))
-    return logits.float().index_put(index, torch.tensor(biases, device=dev, dtype=torch.float32), accumulate=True)
+    index = (device_tensor(rows, torch.long, dev), device_tensor(list(tokens), torch.long, dev))
+    return logits.float().index_put(index, device_tensor(list(biases), torch.float32, dev), accumulate=True)
 
 
 def _apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
@@ -75,10 +76,10 @@ def _apply_penalties(logits: torch.Tensor, params: list[SamplingParams],
     rows = [i for i, p in enumerate(params) if p.uses_penalties]
     dev, vocab = logits.device, logits.shape[1]
     chosen = [params[i] for i in rows]
-    presence = torch.tensor([p.presence_penalty for p in chosen], device=dev).unsqueeze(1)
-    frequency = torch.tensor([p.frequency_penalty for p in chosen], device=dev).unsqueeze(1)
-    repetition = torch.tensor([p.repetition_penalty for p in chosen], device=dev).unsqueeze(1)
-    index = torch.tensor(rows, device=dev)
+    presence = device_tensor([p.presence_penalty for p in chosen], torch.float32, dev).unsqueeze(1)
+    frequency = device_tensor([p.frequency_penalty for p in chosen], torch.float32, dev).unsqueeze(1)
+    repetition = device_tensor([p.repetition_penalty for p in chosen], torch.float32, dev).unsqueeze(1)
+    index = device_tensor(rows, torch.long, dev)
     sub = logits.index_select(0, index).float()
     output_counts = _token_counts([history[i][1] for i in rows], vocab, dev)
     if any(p.repetition_penalty != 1.0 for p in chosen):
@@ -107,7 +108,7 @@ def _filter_min_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.T
     """Drop tokens whose probability is below min_p x the row's highest (after temperature)."""
     if all(p.min_p <= 0.0 or p.greedy for p in params):
         return scaled
-    min_p = torch.tensor([p.min_p for p in params], device=scaled.device).unsqueeze(1)
+    min_p = device_tensor([p.min_p for p in params], torch.float32, scaled.device).unsqueeze(1)
     probs = torch.softmax(scaled, dim=-1)
     drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
     return scaled.masked_fill(drop, float("-inf"))
@@ -124,13 +125,13 @@ def _filter_top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> t
     dev = scaled.device
     sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
     ranks = torch.arange(vocab, device=dev).unsqueeze(0)
-    drop = ranks >= torch.tensor(ks, device=dev).unsqueeze(1)
+    drop = ranks >= device_tensor(ks, torch.long, dev).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     # Nucleus on what top-k left: drop a token when the mass before it already reaches top_p,
     # which keeps the smallest prefix with mass >= top_p and always the first token.
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    top_p = torch.tensor(ps, device=dev).unsqueeze(1)
+    top_p = device_tensor(ps, torch.float32, dev).unsqueeze(1)
     # top_p == 1 is "off": rounding in the cumsum must not drop the long tail.
     drop |= (mass_before >= top_p) & (top_p < 1.0)
     drop[:, 0] = False
@@ -163,6 +164,12 @@ class LogprobsOnDevice:
         self.rows, self.num_top = rows, num_top
         self.chosen, self.top_ids, self.top_logprobs = chosen, top_ids, top_logprobs
 
+    def start_host_copy(self) -> None:
+        """Start copying to the host (read with `to_host` once the step's tokens are)."""
+        self.chosen = to_host_async(self.chosen)
+        if self.top_ids is not None:
+            self.top_ids, self.top_logprobs = to_host_async(self.top_ids), to_host_async(self.top_logprobs)
+
     def to_host(self, batch: int) -> list[TokenLogprobs | None]:
         out: list[TokenLogprobs | None] = [None] * batch
         chosen = self.chosen.tolist()
@@ -184,7 +191,7 @@ def compute_logprobs(logits: torch.Tensor, params: list[SamplingParams],
         return None
     num_top = [params[i].logprobs for i in rows]
     dev = logits.device
-    index = torch.tensor(rows, device=dev)
+    index = device_tensor(rows, torch.long, dev)
     raw = logits.index_select(0, index).float()
     logprobs = raw - raw.logsumexp(dim=-1, keepdim=True)
     chosen = logprobs.gather(1, token_ids.index_select(0, index).unsqueeze(1)).squeeze(1)

@@ -26,10 +26,15 @@ def newest_first(candidates: list[Sequence]) -> Sequence:
     return candidates[-1]
 
 
+class _WouldPreempt(Exception):
+    """Room for a running sequence needs a preemption, and preemption is not allowed now."""
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager,
-                 choose_victim: VictimChooser | None = None):
+                 choose_victim: VictimChooser | None = None, max_model_len: int | None = None):
         self.config = config
+        self.max_model_len = max_model_len
         self.blocks = block_manager
         self.choose_victim = choose_victim or newest_first
         self.waiting: deque[Sequence] = deque()
@@ -49,7 +54,23 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, allow_preempt: bool = True) -> StepPlan | None:
+        """The next step's plan. With `allow_preempt=False` (a step is in flight and its
+        tokens are not read yet, core.py), None when the plan would need a preemption."""
+        try:
+            return self._schedule(allow_preempt)
+        except _WouldPreempt:
+            return None
+
+    def _awaits_last_token(self, seq: Sequence) -> bool:
+        """Its pending tokens (steps in flight) already reach its length limit: nothing more
+        to compute, its end comes when they are read."""
+        if not seq.num_pending:
+            return False
+        limit = self.max_model_len
+        return seq.num_output_tokens >= seq.params.max_tokens or (limit is not None and seq.num_tokens >= limit)
+
+    def _schedule(self, allow_preempt: bool) -> StepPlan:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
@@ -58,10 +79,10 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status != SeqStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status != SeqStatus.RUNNING or self._awaits_last_token(seq):  # preempted earlier in this loop, or done
                 continue
             num = min(seq.num_uncomputed_tokens, budget)
-            if not self._grow_or_preempt(seq, num, preempted, scheduled):
+            if not self._grow_or_preempt(seq, num, preempted, scheduled, allow_preempt):
                 continue
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
             scheduled.add(id(seq))
@@ -88,12 +109,14 @@ class Scheduler:
         return StepPlan(tuple(chunks), tuple(preempted))
 
     def _grow_or_preempt(
-        self, seq: Sequence, num: int, preempted: list[Sequence], scheduled: set[int]
+        self, seq: Sequence, num: int, preempted: list[Sequence], scheduled: set[int], allow_preempt: bool = True,
     ) -> bool:
         """Make room for seq's next `num` tokens, preempting the newest others if needed.
         False when seq itself had to be preempted."""
         target = seq.num_computed_tokens + num
         while not self.blocks.allocate(seq, target):
+            if not allow_preempt:
+                raise _WouldPreempt
             candidates = [s for s in self.running if id(s) not in scheduled]
             victim = self.choose_victim(candidates) if candidates else seq
             self._preempt(victim)

@@ -11,6 +11,9 @@ from prism.sched.view import SLO
 from prism.types import FinishReason, SamplingParams, SeqStatus, TokenLogprobs
 
 
+PENDING = -1  # the place of an output token sampled by a step still in flight
+
+
 @dataclass(eq=False)  # identity semantics: a sequence is a live object, two are never "equal"
 class Sequence:
     req_id: str
@@ -33,6 +36,9 @@ class Sequence:
     # The matcher of a structured-output request (prism/engine/structured.py GrammarState): it
     # lives beside the sequence, so preemption and eviction (which keep the outputs) keep it.
     grammar: Any = None
+    # Output tokens sampled by steps still in flight (overlap, core.py): they sit at the end of
+    # output_token_ids as PENDING until the step's tokens are read.
+    num_pending: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -41,6 +47,27 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_known_output_tokens(self) -> int:
+        """Outputs whose token is known (not pending in a step in flight)."""
+        return len(self.output_token_ids) - self.num_pending
+
+    def add_pending(self) -> None:
+        """A step in flight samples this sequence's next token: hold its place."""
+        self.output_token_ids.append(PENDING)
+        self.num_pending += 1
+
+    def resolve_pending(self, token: int) -> None:
+        """The oldest pending token is known now (steps' tokens are read in step order)."""
+        self.output_token_ids[len(self.output_token_ids) - self.num_pending] = token
+        self.num_pending -= 1
+
+    def drop_pending(self) -> None:
+        """The request ended: tokens of steps still in flight are not its outputs."""
+        if self.num_pending:
+            del self.output_token_ids[-self.num_pending:]
+            self.num_pending = 0
 
     @property
     def num_tokens(self) -> int:

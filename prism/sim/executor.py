@@ -138,6 +138,8 @@ class SimExecutor:
     def num_kv_pages(self) -> int:
         return self.kv.num_mapped_pages * self.kv.pages_per_kv_page
 
+    supports_overlap = False  # steps in turn: the host's time is charged per step (HostOverheads)
+
     def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[SampledToken]:
         """The step's time passes on the device's clock; every sampling chunk gets SAMPLED_TOKEN."""
         terms = plan.cost_terms()

@@ -102,6 +102,13 @@ class DeviceEngine(Protocol):
 
     def step(self) -> list[CompletionOutput]: ...
 
+    def take_finished_early(self) -> list[CompletionOutput]: ...
+
+    @property
+    def has_in_flight(self) -> bool: ...
+
+    def read_in_flight(self) -> list[CompletionOutput]: ...
+
     def drain_events(self) -> list[TokenEvent]: ...
 
     def evict(self) -> list[Sequence]: ...
@@ -156,6 +163,8 @@ class DeviceCore(ABC):
         self._busy: set[str] = set()  # models with unfinished requests
         self._paused: set[str] = set()  # models whose admission is paused
         self._with_events: set[str] = set()  # engines that may hold undrained token events
+        self._finished_early: list[tuple[str, CompletionOutput]] = []  # read while evicting: next step's
+        self._in_flight: set[str] = set()  # models whose last launched step is unread (overlap)
         # req_id -> (sequence, running, computed, outputs, view): a waiting request's view does
         # not change from step to step, so it is built again only when one of those does.
         self._request_views: dict[str, tuple] = {}
@@ -248,7 +257,11 @@ class DeviceCore(ABC):
         if mode not in ("preempt", "drain"):
             raise ValueError(f"unknown eviction mode {mode!r} (preempt or drain)")
         preempted = engine.evict()
-        self._touch(model_id)
+        # Overlap: the step in flight was read first; requests it ended are reported now.
+        early = [(model_id, out) for out in engine.take_finished_early()]
+        self._finished_early += early
+        self._in_flight.discard(model_id)
+        self._after_engine_change(model_id, early)
         self.counters.preemptions[model_id] += len(preempted)
         self.counters.evictions[model_id] += 1
         self._notices.append(msg.Evicted(model_id, len(preempted)))
@@ -319,7 +332,7 @@ class DeviceCore(ABC):
     @property
     def has_unfinished(self) -> bool:
         self._refresh()
-        return bool(self._busy)
+        return bool(self._busy or self._finished_early)
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def _touch(self, model_id: str) -> None:
@@ -362,7 +375,7 @@ class DeviceCore(ABC):
             self.activate(model_id)
         for model_id, order in decision.admit_order.items():
             self.engines[model_id].reorder_waiting(list(order))
-        finished: list[tuple[str, CompletionOutput]] = []
+        finished, self._finished_early = self._finished_early, []
         num_tokens = 0
         run = decision.run_model
         # The policy cannot see whether a model's next batch fits in memory: if the chosen
@@ -374,10 +387,13 @@ class DeviceCore(ABC):
         for model_id in candidates:
             if not self.engines[model_id].resident:
                 continue
-            finished, num_tokens = self._step_model(model_id)
+            # (With overlap a step that launches nothing may still read the last one's tokens.)
+            done, num_tokens = self._step_model(model_id)
+            finished += done
             if num_tokens:
                 run = model_id
                 break
+        finished += self._read_others_in_flight(run)
         events = [ev for m in self._in_order(self._with_events) for ev in self.engines[m].drain_events()]
         self._with_events.clear()
         for model_id, out in finished:
@@ -390,10 +406,8 @@ class DeviceCore(ABC):
         before = engine.num_preemptions
         start = self.clock.now()
         finished = [(model_id, out) for out in engine.step()]
-        self._touch(model_id)
-        for _, out in finished:
-            self._request_views.pop(out.req_id, None)
-        self._with_events.add(model_id)
+        (self._in_flight.add if engine.has_in_flight else self._in_flight.discard)(model_id)
+        self._after_engine_change(model_id, finished)
         self.counters.preemptions[model_id] += engine.num_preemptions - before
         plan = engine.last_plan
         if plan is not None and not plan.is_empty:
@@ -402,6 +416,23 @@ class DeviceCore(ABC):
             predicted = self.cost.step_time(model_id, *plan.cost_terms())
             self.cost.observe(model_id, predicted, now - start)
         return finished, engine.last_step_num_tokens
+
+    def _read_others_in_flight(self, run: str | None) -> list[tuple[str, CompletionOutput]]:
+        """Read the tokens of other models' steps still in flight: queued before the step just
+        launched, they are done or nearly, and their requests must not wait until their model
+        runs again."""
+        finished = []
+        for model_id in self._in_order(self._in_flight - {run}):
+            finished += [(model_id, out) for out in self.engines[model_id].read_in_flight()]
+            self._after_engine_change(model_id, finished)
+        self._in_flight &= {run}
+        return finished
+
+    def _after_engine_change(self, model_id: str, finished: list[tuple[str, CompletionOutput]]) -> None:
+        self._touch(model_id)
+        self._with_events.add(model_id)
+        for _, out in finished:
+            self._request_views.pop(out.req_id, None)
 
     def _finish_drains(self) -> None:
         for model_id in list(self.draining):

@@ -174,10 +174,10 @@ def test_kv_pages_are_mapped_while_the_step_runs_not_when_the_next_is_planned(fo
             mapped_while_planning.append(page)
         return inner_map(page)
 
-    def schedule():
+    def schedule(*args):
         planning[0] = True
         try:
-            return inner_schedule()
+            return inner_schedule(*args)
         finally:
             planning[0] = False
 

@@ -1,0 +1,44 @@
+"""Host <-> device copies that do not wait for the device's queue.
+
+`torch.tensor(data, device="cuda")` copies synchronously: it waits until every kernel queued
+on the stream has run, which would make the host wait for the step in flight before it could
+build the next one (overlap, core.py). Copies from pageable host memory queued with
+non_blocking are staged by the driver at once and run in stream order, so the host goes on.
+Device-to-host results go to pinned memory and are read after their event (`HostResult`).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def device_tensor(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or nested lists) as a tensor on `device`, queued in stream order."""
+    host = torch.tensor(data, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    return host.to(device, non_blocking=True)
+
+
+def to_host_async(tensor: torch.Tensor) -> torch.Tensor:
+    """Start copying `tensor` to host memory; read it once the stream has passed this point
+    (`HostResult.wait`). On the CPU this is the tensor itself."""
+    if tensor.device.type == "cpu":
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    out.copy_(tensor, non_blocking=True)
+    return out
+
+
+class HostResult:
+    """Marks the point in the device's stream after which copies started with
+    `to_host_async` are complete."""
+
+    def __init__(self, device: torch.device):
+        self._event = None
+        if device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(device))
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
