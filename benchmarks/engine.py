@@ -158,6 +158,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--elastic", action="store_true", help="TTFT/TPOT with KV pages on demand vs all mapped up front")
     ap.add_argument("--two-streams", type=int, nargs="*", default=[], metavar="BATCH",
                     help="decode of this model and a second copy on two streams vs alternated, at these batches")
+    ap.add_argument("--many-models", type=int, default=0, metavar="N",
+                    help="N copies of the model on one device, each decoding --many-batch requests: stepped in turn, "
+                         "waited for / overlapped / on a stream each")
+    ap.add_argument("--many-batch", type=int, default=8)
     ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"])
     ap.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
     ap.add_argument("--out", default=None)
@@ -231,16 +235,18 @@ def run_cases(engine: LLMEngine, args, ceilings: dict) -> tuple[list[dict], dict
         cases += attempt("offline azure", lambda: cases_mod.offline_case(engine, pairs, "azure conv"))
     if args.two_streams:
         cases += attempt("two streams", lambda: two_streams_cases(engine, args))
+    if args.many_models:
+        cases += attempt("many models", lambda: many_models_cases(engine, args))
     if args.profile:
         profile_step(engine, args.batches[0], args.context)
     return cases, extra, errors
 
 
-def build_engine(model: str, args, max_seqs: int, pool=None, model_id=None) -> LLMEngine:
+def build_engine(model: str, args, max_seqs: int, pool=None, model_id=None, own_stream=False) -> LLMEngine:
     return LLMEngine(
         model, EngineConfig(block_size=16, max_num_seqs=max_seqs,
                             max_num_batched_tokens=max([8192, *args.prefill]), kernels=args.kernels,
-                            cuda_graph_max_batch=0 if args.no_graphs else max(256, max_seqs)),
+                            cuda_graph_max_batch=0 if args.no_graphs else max(256, max_seqs), own_stream=own_stream),
         DeviceConfig("cuda:0", int(args.memory_gib * 2**30)), pool=pool, model_id=model_id,
         show_progress=True, keep_host_copy=args.activation,
     )
@@ -271,6 +277,22 @@ def two_streams_cases(engine: LLMEngine, args) -> list[dict]:
         second.close()
 
 
+def many_models_cases(engine: LLMEngine, args) -> list[dict]:
+    """`--many-models` copies of the model (other random weights each) on the engine's pool,
+    each on a stream of its own; the engine itself is not one of them."""
+    base = args.model.removesuffix(":random") if args.model.endswith(":random") else None
+    engines = []
+    try:
+        for i in range(args.many_models):
+            name = f"{base}:random:{i + 2}" if base else args.model
+            engines.append(build_engine(name, args, args.many_batch, pool=engine.pool,
+                                        model_id=f"{engine.model_id}-m{i}", own_stream=True))
+        return cases_mod.many_models_case(engines, args.many_batch, args.context)
+    finally:
+        for e in engines:
+            e.close()
+
+
 def print_table(result: dict) -> None:
     c = result["ceilings"]
     print(f"\n{result['card']}  copy {c['copy_bandwidth_GBps']:.0f} GB/s (read+write), bf16 matmul "
@@ -285,12 +307,19 @@ def print_table(result: dict) -> None:
         if what == "offline":
             what, batch, ctx = f"offline {c['lengths']}", c["requests"], f"{c['input_len']:.0f}+{c['output_len']:.0f}"
             sec, steps = c["seconds"], c["steps"]
+            what += " overlap" if c.get("overlap") else " no overlap"
+            idle = c.get("gpu_idle_between_steps_us") or {}
             rate = (f"{c['output_tokens_per_s']:.0f} output tok/s; of the wall time: "
                     + ", ".join(f"{k} {sec.get(k + ' steps', 0):.1f} s in {n} steps" for k, n in steps.items())
                     + f", scheduling {sec.get('schedule', 0):.1f} s, "
-                    f"host batches {sec.get('host batch (inside the steps)', 0):.1f} s")
+                    f"host batches {sec.get('host batch (inside the steps)', 0):.1f} s, "
+                    f"waiting for tokens {sec.get('waiting for tokens', 0):.1f} s"
+                    + (f"; GPU idle between steps {idle['mean']:.0f} us mean, {idle['median']:.0f} median" if idle else ""))
         elif what == "elastic_overhead":
             what, batch, ctx = f"elastic {c['load']} {c['metric'][:4]}", "", ""
+        elif what == "many_models":
+            what, batch, rate = f"{c['models']} models: {c['mode']}", c["batch"], \
+                f"{c['tokens_per_s']:.0f} tok/s, {c['vs_one_model_per_step']:.2f}x one model per step"
         elif what == "activation":
             batch, ctx, rate = "", "", f"{c['GBps']:.1f} GB/s"
         elif "tokens_per_s" in c:

@@ -151,7 +151,7 @@ def elastic_overhead_case(engine: LLMEngine, alone: tuple[int, int, int] = (8, 1
 def _decode_launch(engine: LLMEngine, seqs: list[Sequence]) -> torch.Tensor:
     """One decode step's forward (graph replay) and greedy pick, launched, not waited for."""
     hb = engine.runner.host_batch(decode_plan(seqs))
-    hidden = engine.runner._sampled_hidden(hb)
+    hidden = engine.runner._sampled_hidden(hb, None)
     return engine.runner.model.logits(hidden).argmax(dim=-1)
 
 
@@ -195,18 +195,76 @@ def two_streams_case(a: LLMEngine, b: LLMEngine, batch: int, context: int, steps
                 note="ceiling column: the same two steps alternated on one stream")
 
 
+def many_models_case(engines: list[LLMEngine], batch: int, context: int, rounds: int = 40) -> list[dict]:
+    """Several models on one device, each decoding `batch` requests of `context` tokens, stepped
+    in turn as a device worker steps them: each step waited for (one model per step, the
+    engine without overlap), overlapped on one stream, and overlapped with each model on a
+    stream of its own (its steps may run beside the others'). Aggregate output tokens/s; the
+    ratio column is against one model per step."""
+    prompts = random_prompts(engines[0].config.vocab_size, [context] * batch, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
+    ids = {e: [e.add_request(p, params) for p in prompts] for e in engines}
+    streams = {e: e.runner.stream for e in engines}
+    modes = {"one model per step": (False, False), "overlap, one stream": (True, False),
+             "overlap, a stream per model": (True, True)}
+    rows = []
+    try:
+        for _ in range(3):  # prefill, then decodes
+            for e in engines:
+                e.step()
+        for name, (overlap, own_stream) in modes.items():
+            for e in engines:
+                e.read_in_flight()
+                e.overlap = overlap
+                e.runner.stream = streams[e] if own_stream else None
+            elapsed = _round_robin(engines, rounds)
+            rows.append(dict(phase="many_models", mode=name, model=engines[0].source.name, models=len(engines),
+                             batch=batch, context=context, time_ms=elapsed / rounds * 1e3,
+                             tokens_per_s=len(engines) * batch * rounds / elapsed))
+    finally:
+        for e in engines:
+            for req_id in ids[e]:
+                e.abort(req_id)
+            e.runner.stream = streams[e]
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["vs_one_model_per_step"] = row["tokens_per_s"] / base
+    return rows
+
+
+def _round_robin(engines: list[LLMEngine], rounds: int) -> float:
+    for _ in range(3):  # warm the mode up
+        for e in engines:
+            e.step()
+    for e in engines:
+        e.read_in_flight()
+    synchronize(engines[0].device)
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        for e in engines:
+            e.step()
+    for e in engines:
+        e.read_in_flight()
+    synchronize(engines[0].device)
+    return time.perf_counter() - t0
+
+
 # ---- offline throughput ----------------------------------------------------------------------
 class StepTimes:
     """Wall time of an engine's step phases, by wrapping its bound methods for one run: what
-    the host spends (scheduling, batch building, bookkeeping) against forward + sampling."""
+    the host spends (scheduling, batch building, bookkeeping) against forward + sampling; and
+    on CUDA, from events around each launch, how long the GPU sat idle between steps."""
 
     def __init__(self, engine: LLMEngine):
         self.seconds: dict[str, float] = defaultdict(float)
         self.steps: dict[str, int] = defaultdict(int)
+        self.events: list[tuple] = []  # (started, ended) of each step's device work
+        self.cuda = engine.device.type == "cuda"
         self._undo = []
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.runner, "host_batch", "host batch (inside the steps)")
-        self._wrap(engine.runner, "execute", "", count_kind=True)  # forward + sampling, by kind
+        self._wrap(engine.runner, "launch", "", count_kind=True)  # forward + sampling queued, by kind
+        self._wrap(engine.runner, "collect", "waiting for tokens")
         self._wrap(engine.scheduler, "commit", "commit")
         self._wrap(engine, "step", "engine.step (all of the above and bookkeeping)")
 
@@ -215,6 +273,9 @@ class StepTimes:
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
+            if count_kind and self.cuda:
+                started = torch.cuda.Event(enable_timing=True)
+                started.record()
             try:
                 return inner(*args, **kwargs)
             finally:
@@ -223,23 +284,52 @@ class StepTimes:
                     kind = "decode" if all(c.num_tokens == 1 for c in plan.chunks) else "mixed"
                     self.steps[kind] += 1
                     self.seconds[f"{kind} steps"] += time.perf_counter() - t0
+                    if self.cuda:
+                        ended = torch.cuda.Event(enable_timing=True)
+                        ended.record()
+                        self.events.append((started, ended))
                 else:
                     self.seconds[label] += time.perf_counter() - t0
 
         setattr(obj, name, timed)
         self._undo.append((obj, name))
 
+    def gpu_idle_between_steps_us(self) -> dict:
+        """The GPU's idle time from the end of one step's work to the start of the next's
+        (an event is timed when the GPU reaches it): the host time the GPU waited for."""
+        if len(self.events) < 2:
+            return {}
+        gaps = sorted(max(0.0, a_end.elapsed_time(b_start)) * 1e3
+                      for (_, a_end), (b_start, _) in zip(self.events, self.events[1:]))
+        return dict(mean=statistics.fmean(gaps), median=gaps[len(gaps) // 2], p90=gaps[int(len(gaps) * 0.9)])
+
     def restore(self) -> None:
         for obj, name in reversed(self._undo):
             delattr(obj, name)  # back to the class's method
 
 
-def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str) -> dict:
+def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str) -> list[dict]:
     """All requests submitted at once to engine.generate (continuous batching); output tokens
-    per second, and where the wall time went."""
+    per second, where the wall time went and the GPU's idle time between steps: with overlap
+    (the engine's default) and without, on the same engine."""
     prompts = random_prompts(engine.config.vocab_size, [n for n, _ in lengths])
     params = [SamplingParams(temperature=0, max_tokens=out, ignore_eos=True) for _, out in lengths]
     engine.generate(prompts[:8], params[:8])  # warm-up
+    default = engine.overlap
+    rows, tokens = [], {}
+    try:
+        for overlap in dict.fromkeys([default, False]):
+            engine.overlap = overlap
+            row, tokens[overlap] = _offline_run(engine, prompts, params, lengths, label)
+            rows.append(dict(row, overlap=overlap))
+    finally:
+        engine.overlap = default
+    if len(tokens) == 2:  # the same greedy tokens either way
+        rows[0]["same_tokens_as_without_overlap"] = tokens[True] == tokens[False]
+    return rows
+
+
+def _offline_run(engine, prompts, params, lengths, label) -> tuple[dict, list]:
     times = StepTimes(engine)
     synchronize(engine.device)
     t0 = time.perf_counter()
@@ -256,4 +346,5 @@ def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str) 
                 input_len=in_tokens / len(lengths), output_len=out_tokens / len(lengths),
                 time_ms=elapsed * 1e3, output_tokens=out_tokens,
                 output_tokens_per_s=out_tokens / elapsed, total_tokens_per_s=(out_tokens + in_tokens) / elapsed,
-                seconds={k: round(v, 6) for k, v in times.seconds.items()}, steps=dict(times.steps))
+                seconds={k: round(v, 6) for k, v in times.seconds.items()}, steps=dict(times.steps),
+                gpu_idle_between_steps_us=times.gpu_idle_between_steps_us()), [o.token_ids for o in outs]

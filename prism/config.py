@@ -260,6 +260,9 @@ class EngineConfig:
     # Build and launch the next step while the device runs this one, reading its tokens one
     # step late (engine/core.py); off: each step waits for its tokens before the next is built.
     overlap: bool = True
+    # Run this model's steps on a CUDA stream of its own (its graphs in a memory pool of their
+    # own), so that the steps of a device's models can compute at the same time.
+    own_stream: bool = False
 
     def __post_init__(self):
         check_fields(self)

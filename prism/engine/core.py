@@ -187,12 +187,13 @@ class EngineCore:
         overlap, the batch is launched and the previous one's tokens are read."""
         if self.overlap:
             return self._step_overlapped()
+        finished = self.take_finished_early() + self._read_in_flight()  # overlap was just turned off
         plan = self._schedule(allow_preempt=True)
         if plan.is_empty:
-            return self.take_finished_early()
+            return finished
         sampled = self.executor.execute(plan, lambda: self.blocks.map_ahead(self._blocks_for_next_step(plan)))
         self.scheduler.commit(plan)
-        return self.take_finished_early() + self._after_step(self._process_tokens(sampled, self.clock()))
+        return finished + self._after_step(self._process_tokens(sampled, self.clock()))
 
     def _step_overlapped(self) -> list[CompletionOutput]:
         finished = self.take_finished_early()

@@ -8,8 +8,10 @@ activation (it is only replayed while the weights are mapped). Inputs go through
 buffers; a batch is padded up to its bucket with rows of context 0 and KV slot -1, which the
 kernels skip (no KV stored, attention output 0).
 
-All graphs of a device share one memory pool: they replay one at a time on one stream and
-each step reads its output before the next replay, so their transient tensors may overlap.
+The graphs of a device's models share one memory pool: they replay one at a time on one
+stream and each step reads its output before the next replay, so their transient tensors
+may overlap. A model whose steps run on a stream of its own (EngineConfig.own_stream) has a
+pool of its own: its replays may run beside other models'.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ class HostDecodeBatch:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv: PagedKVCache, device: torch.device, max_batch: int,
-                 max_model_len: int, decode_splits):
+                 max_model_len: int, decode_splits, private_pool: bool = False):
         self.model = model
         self.kv = kv
         self.device = device
@@ -64,6 +66,7 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(b, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((b, max_blocks), dtype=torch.int32, device=device)
         self._decode_splits = decode_splits
+        self._private_pool = private_pool
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _meta(self, bucket: int) -> AttentionMetadata:
@@ -84,7 +87,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first (so the shared pool is sized once)."""
-        pool = _shared_pool(self.device)
+        pool = torch.cuda.graph_pool_handle() if self._private_pool else _shared_pool(self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         for bucket in reversed(self.buckets):

@@ -152,11 +152,12 @@ class DeviceExecutor:
         self.max_model_len = context_limit(engine_config, self.config)
         ops = make_ops(self.device, engine_config.kernels)
         model = LlamaModel(self.config, self.weights, self.max_model_len, ops, self.tp)
-        self.runner = ModelRunner(model, self.kv, self.device)
+        own_stream = engine_config.own_stream and self.device.type == "cuda"
+        self.runner = ModelRunner(model, self.kv, self.device, torch.cuda.Stream(self.device) if own_stream else None)
         graph_batch = min(engine_config.cuda_graph_max_batch, engine_config.max_num_seqs)
         if self.device.type == "cuda" and ops.name == "triton":
             if graph_batch > 0:
-                self.runner.capture_decode_graphs(graph_batch, self.max_model_len)
+                self.runner.capture_decode_graphs(graph_batch, self.max_model_len, private_pool=own_stream)
             self._warm_up_eager_kernels()
 
     def _warm_up_eager_kernels(self) -> None:

@@ -69,23 +69,28 @@ class DeviceBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: PagedKVCache, device: torch.device):
+    def __init__(self, model: LlamaModel, kv: PagedKVCache, device: torch.device,
+                 stream: torch.cuda.Stream | None = None):
         """A tensor-parallel model (`model.tp`) gives every rank the whole vocabulary's
         logits; greedy rows then agree by construction, and rank 0's tokens are broadcast
-        when a batch samples at random."""
+        when a batch samples at random. `stream`: the CUDA stream of this model's steps
+        (None: the current one), so that several models' steps can run at the same time."""
         self.model = model
         self.kv = kv
         self.device = device
+        self.stream = stream
         self._generators: dict[str, torch.Generator | None] = {}
         self.graphs: DecodeGraphs | None = None
 
-    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
-        """Capture CUDA graphs for decode batches up to max_batch (CUDA fast path only)."""
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int, private_pool: bool = False) -> None:
+        """Capture CUDA graphs for decode batches up to max_batch (CUDA fast path only);
+        `private_pool`: their memory is not shared with other models' graphs (which may then
+        replay at the same time)."""
         from prism.kernels.decode_attention import num_splits_for
 
         kv_heads = self.model.config.num_kv_heads
         self.graphs = DecodeGraphs(self.model, self.kv, self.device, max_batch, max_model_len,
-                                   lambda b: num_splits_for(b, kv_heads))
+                                   lambda b: num_splits_for(b, kv_heads), private_pool)
         self.graphs.capture()
 
     # ---- batch building ----------------------------------------------------------------------
@@ -192,6 +197,14 @@ class ModelRunner:
         """Queue one step (forward and sampling) and start copying its tokens to the host;
         returns without waiting. `after`: the step in flight whose tokens are this plan's
         pending inputs."""
+        if self.stream is None:
+            return self._launch(plan, after)
+        # After whatever the device's default stream holds (weights copied in on activation).
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            return self._launch(plan, after)
+
+    def _launch(self, plan: StepPlan, after: InFlightStep | None) -> InFlightStep:
         hb = self.host_batch(plan)
         hidden = self._sampled_hidden(hb, self._pending_inputs(hb, after))
         if not hb.sampled_seqs:

@@ -134,3 +134,32 @@ def test_eviction_with_a_step_in_flight_loses_no_request(folder):
     finally:
         engine.close()
     assert [finished[i].token_ids for i in ids] == [o.token_ids for o in expected]
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_launch_never_waits_for_the_device(folder):
+    """Same tokens as the plain engine on the GPU (graphs and eager steps), and no launch
+    makes the host wait for the device: torch's sync debug mode raises on any copy or call
+    that synchronizes."""
+    import torch
+
+    prompts, _ = mixed_requests(24, seed=9, max_output=30)
+    params = [SamplingParams(temperature=[0, 1.0][i % 2], seed=i, max_tokens=5 + i, ignore_eos=True,
+                             logprobs=1 if i % 5 == 0 else None) for i in range(len(prompts))]
+    plain, _, _ = run(folder, prompts, params, overlap=False, device="cuda:0")
+    engine = engine_for(folder, overlap=True, device="cuda:0")
+    launch = engine.executor.launch
+
+    def strict_launch(plan, after):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(plan, after)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine.executor.launch = strict_launch
+    try:
+        overlapped = engine.generate(prompts, params)
+    finally:
+        engine.close()
+    same_outputs(overlapped, plain)

@@ -25,7 +25,9 @@ from prism.worker.device_worker import DeviceWorker, WorkerConfig
 from linear_cost import LinearCost
 
 PAGE = 64 << 10
-ENGINE = EngineConfig(block_size=8, max_num_batched_tokens=96, max_num_seqs=8)
+# Without overlap: the simulated engines step in turn (their host time is a charge per step),
+# and overlap reads each step's tokens one step late, so the real worker's flow would differ.
+ENGINE = EngineConfig(block_size=8, max_num_batched_tokens=96, max_num_seqs=8, overlap=False)
 SOURCES = ("tiny-llama:random", "tiny-qwen2:random", "tiny-qwen3:random")
 IDLE_TICK_S = 0.05
 KV_PAGES = 2  # KV pages (512 tokens each) beyond two models' weights

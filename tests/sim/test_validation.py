@@ -17,12 +17,12 @@ def test_real_and_simulated_agree_on_a_cpu_server_run(tmp_path, capsys):
     real = tmp_path / "real"
     real.mkdir()
     for name in ("requests-prism-x1.jsonl", "requests-static-x2.jsonl", "requests-prism-x2.jsonl"):
-        shutil.copy(RUN / "real" / name, real)
+        shutil.copy(RUN / "real" / f"{name}.gz", real)  # archived records are stored gzipped
     out = tmp_path / "out"
     code = sim_validation.main([
         "--real", str(real), "--config", str(SWEEP / "config.yaml"), "--trace", str(SWEEP / "trace.jsonl"),
         "--profiles", str(ROOT / "benchmarks" / "profiles" / "cpu-dev"),
-        "--calibrate-host", str(RUN / "solo" / "requests-prism-x1.jsonl"), "--out", str(out), "--jobs", "1"])
+        "--calibrate-host", str(RUN / "solo" / "requests-prism-x1.jsonl.gz"), "--out", str(out), "--jobs", "1"])
     assert code == 0
     report = json.loads((out / "validation.json").read_text())
     rows = {(r["system"], r["scale"]): r["metrics"] for r in report["rows"]}
