@@ -25,14 +25,32 @@ def tiny_engine(tiny_checkpoint, **kw):
 def test_offline_case_counts_tokens_and_splits_the_wall_time(tiny_checkpoint):
     engine = tiny_engine(tiny_checkpoint)
     try:
-        case = engine_cases.offline_case(engine, [(20, 5), (7, 3), (33, 4)], "mixed")
-        assert case["output_tokens"] == 12 and case["requests"] == 3
-        assert case["steps"]["mixed"] >= 1 and case["steps"]["decode"] >= 1
-        assert 0 < case["seconds"]["schedule"] < case["time_ms"] / 1e3
+        with_overlap, without = engine_cases.offline_case(engine, [(20, 5), (7, 3), (33, 4)], "mixed")
+        assert (with_overlap["overlap"], without["overlap"]) == (True, False) and engine.overlap
+        assert with_overlap["same_tokens_as_without_overlap"]
+        for case in (with_overlap, without):
+            assert case["output_tokens"] == 12 and case["requests"] == 3
+            assert case["steps"]["mixed"] >= 1 and case["steps"]["decode"] >= 1
+            assert 0 < case["seconds"]["schedule"] < case["time_ms"] / 1e3
+            assert case["gpu_idle_between_steps_us"] == {}  # no events on the CPU
         engine.generate([[1, 2, 3]])  # the engine's own methods are back after the case
-        assert "step" not in vars(engine) and "execute" not in vars(engine.runner)
+        assert "step" not in vars(engine) and "launch" not in vars(engine.runner)
     finally:
         engine.close()
+
+
+def test_many_models_case_steps_every_model_in_each_mode(tiny_checkpoint):
+    first = tiny_engine(tiny_checkpoint)
+    others = [tiny_engine(tiny_checkpoint, pool=first.pool, model_id=f"m{i}") for i in range(2)]
+    engines = [first, *others]
+    try:
+        rows = engine_cases.many_models_case(engines, batch=4, context=12, rounds=5)
+        assert [r["mode"] for r in rows] == ["one model per step", "overlap, one stream", "overlap, a stream per model"]
+        assert all(r["models"] == 3 and r["tokens_per_s"] > 0 for r in rows) and rows[0]["vs_one_model_per_step"] == 1
+        assert not any(e.has_unfinished for e in engines)  # its requests are gone afterwards
+    finally:
+        for e in reversed(engines):
+            e.close()
 
 
 def test_elastic_case_compares_on_demand_with_static_pages(tiny_checkpoint):
