@@ -35,7 +35,6 @@ import engine_cases as cases_mod  # noqa: E402
 
 from prism.config import DeviceConfig, EngineConfig  # noqa: E402
 from prism.engine.llm_engine import LLMEngine  # noqa: E402
-from prism.engine import cuda_graph  # noqa: E402
 from prism.engine.profiler import measure_h2d_bandwidth, timed_decode_steps  # noqa: E402
 from prism.kernels import decode_attention  # noqa: E402
 from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan  # noqa: E402
@@ -158,6 +157,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--elastic", action="store_true", help="TTFT/TPOT with KV pages on demand vs all mapped up front")
     ap.add_argument("--two-streams", type=int, nargs="*", default=[], metavar="BATCH",
                     help="decode of this model and a second copy on two streams vs alternated, at these batches")
+    ap.add_argument("--mixed", nargs="*", default=[], metavar="PREFILL:DECODES",
+                    help="time one step of a PREFILL-token prompt beside DECODES decodes (at --context): "
+                         "piecewise graphs vs eager, e.g. 32:0 64:32")
     ap.add_argument("--many-models", type=int, default=0, metavar="N",
                     help="N copies of the model on one device, each decoding --many-batch requests: stepped in turn, "
                          "waited for / overlapped / on a stream each")
@@ -222,6 +224,9 @@ def run_cases(engine: LLMEngine, args, ceilings: dict) -> tuple[list[dict], dict
             use_fastest_decode_config(engine, sweep)
     cases += [run_case(engine, b, args.context, args.steps, bandwidth) for b in args.batches]
     cases += [run_prefill_case(engine, n, rate) for n in args.prefill]
+    for spec in args.mixed:
+        prefill, decodes = map(int, spec.split(":"))
+        cases += attempt(f"mixed {spec}", lambda p=prefill, d=decodes: cases_mod.mixed_step_case(engine, p, d, args.context))
     if args.elastic:
         cases += attempt("elastic", lambda: cases_mod.elastic_overhead_case(engine))
     if args.activation:
@@ -246,7 +251,8 @@ def build_engine(model: str, args, max_seqs: int, pool=None, model_id=None, own_
     return LLMEngine(
         model, EngineConfig(block_size=16, max_num_seqs=max_seqs,
                             max_num_batched_tokens=max([8192, *args.prefill]), kernels=args.kernels,
-                            cuda_graph_max_batch=0 if args.no_graphs else max(256, max_seqs), own_stream=own_stream),
+                            cuda_graph_max_batch=0 if args.no_graphs else max(256, max_seqs),
+                            mixed_graph_max_tokens=0 if args.no_graphs else 256, own_stream=own_stream),
         DeviceConfig("cuda:0", int(args.memory_gib * 2**30)), pool=pool, model_id=model_id,
         show_progress=True, keep_host_copy=args.activation,
     )
@@ -260,17 +266,17 @@ def use_fastest_decode_config(engine: LLMEngine, sweep: dict) -> None:
         return
     decode_attention.DEFAULT_CONFIG = decode_attention.DecodeConfig(**ok[0]["config"])
     if engine.runner.graphs is not None:
-        engine.runner.capture_decode_graphs(engine.runner.graphs.max_batch, engine.max_model_len)
+        engine.runner.capture_graphs(engine.runner.graphs.max_batch, 0, engine.max_model_len)
     print(f"decode kernel: {decode_attention.DEFAULT_CONFIG} ({ok[0]['ms']:.3f} ms per layer at batch "
           f"{sweep['batch']}, {ok[0]['roofline_ratio']:.2f}x its KV bytes)", flush=True)
 
 
 def two_streams_cases(engine: LLMEngine, args) -> list[dict]:
     """A second copy of the model (other random weights) on the same pool. Its graphs go to a
-    pool of their own, so the two models' graphs may run at the same time."""
-    cuda_graph._POOLS.clear()
+    pool of their own (own_stream), so the two models' graphs may run at the same time."""
     second = build_engine(args.model + ":1" if args.model.endswith(":random") else args.model,
-                          args, max(args.two_streams), pool=engine.pool, model_id=engine.model_id + "-b")
+                          args, max(args.two_streams), pool=engine.pool, model_id=engine.model_id + "-b",
+                          own_stream=True)
     try:
         return [cases_mod.two_streams_case(engine, second, b, args.context) for b in args.two_streams]
     finally:
@@ -317,6 +323,9 @@ def print_table(result: dict) -> None:
                     + (f"; GPU idle between steps {idle['mean']:.0f} us mean, {idle['median']:.0f} median" if idle else ""))
         elif what == "elastic_overhead":
             what, batch, ctx = f"elastic {c['load']} {c['metric'][:4]}", "", ""
+        elif what == "mixed_step":
+            what, batch, rate = f"mixed {c['prefill_tokens']}+{c['batch']}", c["batch"], \
+                f"graphs vs eager (ceiling column); same tokens: {c['same_tokens']}"
         elif what == "many_models":
             what, batch, rate = f"{c['models']} models: {c['mode']}", c["batch"], \
                 f"{c['tokens_per_s']:.0f} tok/s, {c['vs_one_model_per_step']:.2f}x one model per step"

@@ -15,7 +15,7 @@ import torch
 
 from prism.engine.llm_engine import LLMEngine
 from prism.engine.profiler import decode_plan, prefill_all, synchronize
-from prism.engine.sequence import Sequence
+from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
 from prism.types import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=1 << 20, ignore_eos=True)
@@ -247,6 +247,36 @@ def _round_robin(engines: list[LLMEngine], rounds: int) -> float:
         e.read_in_flight()
     synchronize(engines[0].device)
     return time.perf_counter() - t0
+
+
+def mixed_step_case(engine: LLMEngine, prefill_tokens: int, decodes: int, context: int, repeats: int = 10) -> dict:
+    """One step of a `prefill_tokens` prompt beside `decodes` decoding sequences (`context`
+    tokens each): piecewise CUDA graphs against the same step eager (the ceiling column), and
+    whether both sample the same tokens."""
+    dec = prefilled(engine, decodes, context, extra_tokens=1) if decodes else []
+    new = Sequence("mixed-prompt", random_prompts(engine.config.vocab_size, [prefill_tokens], seed=5)[0], GREEDY)
+    assert engine.blocks.allocate(new, prefill_tokens), "not enough KV memory for the benchmark"
+    plan = StepPlan((ScheduledChunk(new, 0, prefill_tokens), *decode_plan(dec).chunks))
+    graphs, timed, tokens = engine.runner.mixed_graphs, {}, {}
+    try:
+        for name, mixed in (("graphs", graphs), ("eager", None)):
+            engine.runner.mixed_graphs = mixed
+            tokens[name] = [t for _, t, _ in engine.runner.execute(plan)]  # warm-up
+            times = []
+            for _ in range(repeats):
+                synchronize(engine.device)
+                t0 = time.perf_counter()
+                engine.runner.execute(plan)
+                synchronize(engine.device)
+                times.append(time.perf_counter() - t0)
+            timed[name] = statistics.median(times)
+    finally:
+        engine.runner.mixed_graphs = graphs
+        free(engine, dec + [new])
+    return dict(phase="mixed_step", model=engine.source.name, batch=decodes, context=context,
+                prefill_tokens=prefill_tokens, graphs=graphs is not None, time_ms=timed["graphs"] * 1e3,
+                roofline_ms=timed["eager"] * 1e3, roofline_ratio=timed["graphs"] / timed["eager"],
+                same_tokens=tokens["graphs"] == tokens["eager"], note="ceiling column: the same step eager")
 
 
 # ---- offline throughput ----------------------------------------------------------------------

@@ -257,6 +257,9 @@ class EngineConfig:
     max_model_len: Annotated[int, Field(ge=2)] | None = None
     kernels: Kernels = "auto"  # auto (Triton on CUDA), triton or reference (plain PyTorch)
     cuda_graph_max_batch: NonNegInt = 256  # decode batches up to this run as CUDA graphs; 0: never
+    # Steps with prefill tokens, up to this many tokens, run as piecewise CUDA graphs
+    # (attention eager between the pieces, engine/piecewise_graphs.py); 0: never.
+    mixed_graph_max_tokens: NonNegInt = 256
     # Build and launch the next step while the device runs this one, reading its tokens one
     # step late (engine/core.py); off: each step waits for its tokens before the next is built.
     overlap: bool = True

@@ -45,10 +45,15 @@ def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     meta: AttentionMetadata,
 ) -> None:
-    """Store this step's keys and values ([num_tokens, kv_heads, head_dim]) in their slots."""
+    """Store this step's keys and values ([num_tokens, kv_heads, head_dim]) in their slots;
+    slot -1 stores nothing (as in the Triton kernel)."""
     tpp = meta.tokens_per_page
-    pages = meta.slot_mapping // tpp
-    slots = meta.slot_mapping % tpp
+    slot_mapping = meta.slot_mapping
+    if bool((slot_mapping < 0).any()):  # padding rows of a graph's bucket: nothing to store
+        keep = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    pages = slot_mapping // tpp
+    slots = slot_mapping % tpp
     k_cache[pages, slots] = k.to(k_cache.dtype)
     v_cache[pages, slots] = v.to(v_cache.dtype)
 

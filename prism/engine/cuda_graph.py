@@ -10,8 +10,9 @@ kernels skip (no KV stored, attention output 0).
 
 The graphs of a device's models share one memory pool: they replay one at a time on one
 stream and each step reads its output before the next replay, so their transient tensors
-may overlap. A model whose steps run on a stream of its own (EngineConfig.own_stream) has a
-pool of its own: its replays may run beside other models'.
+may overlap (the pieces of mixed steps, piecewise_graphs.py, share it too). A model whose
+steps run on a stream of its own (EngineConfig.own_stream) has a pool of its own: its
+replays may run beside other models'.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from prism.engine.llama import LlamaModel
 _POOLS: dict[torch.device, tuple] = {}
 
 
-def _shared_pool(device: torch.device):
+def shared_pool(device: torch.device):
+    """The graph memory pool of a device's models that replay one at a time."""
     if device not in _POOLS:
         _POOLS[device] = torch.cuda.graph_pool_handle()
     return _POOLS[device]
@@ -51,7 +53,7 @@ class HostDecodeBatch:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv: PagedKVCache, device: torch.device, max_batch: int,
-                 max_model_len: int, decode_splits, private_pool: bool = False):
+                 max_model_len: int, decode_splits, pool):
         self.model = model
         self.kv = kv
         self.device = device
@@ -66,7 +68,7 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(b, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((b, max_blocks), dtype=torch.int32, device=device)
         self._decode_splits = decode_splits
-        self._private_pool = private_pool
+        self._pool = pool
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _meta(self, bucket: int) -> AttentionMetadata:
@@ -87,7 +89,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first (so the shared pool is sized once)."""
-        pool = torch.cuda.graph_pool_handle() if self._private_pool else _shared_pool(self.device)
+        pool = self._pool
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         for bucket in reversed(self.buckets):

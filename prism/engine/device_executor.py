@@ -155,9 +155,9 @@ class DeviceExecutor:
         own_stream = engine_config.own_stream and self.device.type == "cuda"
         self.runner = ModelRunner(model, self.kv, self.device, torch.cuda.Stream(self.device) if own_stream else None)
         graph_batch = min(engine_config.cuda_graph_max_batch, engine_config.max_num_seqs)
+        graph_tokens = min(engine_config.mixed_graph_max_tokens, engine_config.max_num_batched_tokens)
         if self.device.type == "cuda" and ops.name == "triton":
-            if graph_batch > 0:
-                self.runner.capture_decode_graphs(graph_batch, self.max_model_len, private_pool=own_stream)
+            self.runner.capture_graphs(graph_batch, graph_tokens, self.max_model_len, private_pool=own_stream)
             self._warm_up_eager_kernels()
 
     def _warm_up_eager_kernels(self) -> None:

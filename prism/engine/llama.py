@@ -123,32 +123,64 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm.
 
-        The residual stream `h` and the normed input `x` of the next block travel together:
-        each block ends with one fused add-and-norm (residual += out; x = norm(residual)).
+        Written as pieces between the attention calls (the piecewise CUDA graphs of mixed
+        steps capture exactly these, piecewise_graphs.py): `first_piece` up to layer 0's
+        attention, `middle_piece` from one layer's attention output to the next layer's, and
+        `last_piece` to the final norm. The residual stream `h` and the normed input `x` of
+        the next block travel together: each block ends with one fused add-and-norm
+        (residual += out; x = norm(residual)).
 
         Tensor parallel (`self.tp`): the weights are this rank's shard, qkv and gate_up
         column-parallel (its heads and MLP slice), o and down row-parallel, so their outputs
         are partial sums that an all-reduce adds up (o's bias is added once, after it). On one
         GPU the two `tp is not None` tests are all that differs."""
-        ops, eps, tp = self.ops, self.config.rms_norm_eps, self.tp
+        q, h = self.first_piece(input_ids, positions, meta, kv)
+        for n in range(1, len(self.layers) + 1):
+            o = self.attention(n - 1, q, meta, kv)
+            if n == len(self.layers):
+                return self.last_piece(o, h)
+            q, h = self.middle_piece(n, o, h, positions, meta, kv)
+        raise AssertionError("a model has at least one layer")
+
+    def first_piece(self, input_ids, positions, meta: AttentionMetadata, kv: PagedKVCache):
+        """Embedding and layer 0 up to its attention: (q of layer 0, residual)."""
         h = F.embedding(input_ids, self.embed)
-        x = ops.rms_norm(h, self.layers[0].input_norm, eps)
-        for n, layer in enumerate(self.layers):
-            q = ops.qkv_to_cache(
-                F.linear(x, layer.qkv, layer.qkv_bias), positions, meta,
-                kv.k_caches[n], kv.v_caches[n], layer,
-            )
-            o = ops.attention(q, kv.k_caches[n], kv.v_caches[n], meta, self.scale)
-            attn = F.linear(o.reshape(-1, self.config.q_size), layer.o, layer.o_bias if tp is None else None)
-            if tp is not None:
-                attn = _add_bias(tp.all_reduce(attn), layer.o_bias)
-            x, h = ops.add_rms_norm(attn, h, layer.post_norm, eps)
-            mlp = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
-            if tp is not None:
-                mlp = tp.all_reduce(mlp)
-            next_norm = self.layers[n + 1].input_norm if n + 1 < len(self.layers) else self.final_norm
-            x, h = ops.add_rms_norm(mlp, h, next_norm, eps)
+        x = self.ops.rms_norm(h, self.layers[0].input_norm, self.config.rms_norm_eps)
+        return self._qkv(0, x, positions, meta, kv), h
+
+    def attention(self, n: int, q: torch.Tensor, meta: AttentionMetadata, kv: PagedKVCache) -> torch.Tensor:
+        """Layer n's attention over the paged KV: [tokens, q_size]."""
+        o = self.ops.attention(q, kv.k_caches[n], kv.v_caches[n], meta, self.scale)
+        return o.reshape(-1, self.config.q_size)
+
+    def middle_piece(self, n: int, o: torch.Tensor, h: torch.Tensor, positions, meta: AttentionMetadata,
+                     kv: PagedKVCache):
+        """Layer n-1 from its attention output on, and layer n up to its attention."""
+        x, h = self._after_attention(n - 1, o, h, self.layers[n].input_norm)
+        return self._qkv(n, x, positions, meta, kv), h
+
+    def last_piece(self, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The last layer from its attention output on, through the final norm."""
+        x, _ = self._after_attention(len(self.layers) - 1, o, h, self.final_norm)
         return x
+
+    def _qkv(self, n: int, x, positions, meta: AttentionMetadata, kv: PagedKVCache) -> torch.Tensor:
+        layer = self.layers[n]
+        return self.ops.qkv_to_cache(F.linear(x, layer.qkv, layer.qkv_bias), positions, meta,
+                                     kv.k_caches[n], kv.v_caches[n], layer)
+
+    def _after_attention(self, n: int, o: torch.Tensor, h: torch.Tensor, next_norm: torch.Tensor):
+        """Layer n's output projection and MLP with their residual adds; (x, h) with x normed
+        by `next_norm` (the next layer's input norm, or the final norm)."""
+        ops, eps, tp, layer = self.ops, self.config.rms_norm_eps, self.tp, self.layers[n]
+        attn = F.linear(o, layer.o, layer.o_bias if tp is None else None)
+        if tp is not None:
+            attn = _add_bias(tp.all_reduce(attn), layer.o_bias)
+        x, h = ops.add_rms_norm(attn, h, layer.post_norm, eps)
+        mlp = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+        if tp is not None:
+            mlp = tp.all_reduce(mlp)
+        return ops.add_rms_norm(mlp, h, next_norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the whole vocabulary (on every rank of a TP group)."""

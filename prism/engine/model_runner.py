@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from prism.engine.attention import AttentionMetadata
-from prism.engine.cuda_graph import DecodeGraphs, HostDecodeBatch
+from prism.engine.cuda_graph import DecodeGraphs, HostDecodeBatch, shared_pool
+from prism.engine.piecewise_graphs import MixedGraphs
 from prism.engine.grammar_mask import apply_grammar_masks
 from prism.engine.kv_cache import PagedKVCache
 from prism.engine.llama import LlamaModel
@@ -81,17 +82,24 @@ class ModelRunner:
         self.stream = stream
         self._generators: dict[str, torch.Generator | None] = {}
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
 
-    def capture_decode_graphs(self, max_batch: int, max_model_len: int, private_pool: bool = False) -> None:
-        """Capture CUDA graphs for decode batches up to max_batch (CUDA fast path only);
+    def capture_graphs(self, max_batch: int, max_tokens: int, max_model_len: int, private_pool: bool = False) -> None:
+        """Capture CUDA graphs (CUDA fast path only): decode batches up to `max_batch`, and
+        pieces of steps with prefill up to `max_tokens` tokens (0: none of that kind).
         `private_pool`: their memory is not shared with other models' graphs (which may then
         replay at the same time)."""
         from prism.kernels.decode_attention import num_splits_for
 
-        kv_heads = self.model.config.num_kv_heads
-        self.graphs = DecodeGraphs(self.model, self.kv, self.device, max_batch, max_model_len,
-                                   lambda b: num_splits_for(b, kv_heads), private_pool)
-        self.graphs.capture()
+        pool = torch.cuda.graph_pool_handle() if private_pool else shared_pool(self.device)
+        if max_batch > 0:
+            kv_heads = self.model.config.num_kv_heads
+            self.graphs = DecodeGraphs(self.model, self.kv, self.device, max_batch, max_model_len,
+                                       lambda b: num_splits_for(b, kv_heads), pool)
+            self.graphs.capture()
+        if max_tokens > 0 and self.model.tp is None:  # collectives stay out of graphs
+            self.mixed_graphs = MixedGraphs(self.model, self.kv, self.device, max_tokens, pool)
+            self.mixed_graphs.capture()
 
     # ---- batch building ----------------------------------------------------------------------
     def host_batch(self, plan: StepPlan) -> HostBatch:
@@ -177,7 +185,10 @@ class ModelRunner:
         batch = self.to_device(hb)
         if pending is not None:
             batch.input_ids.index_copy_(0, *pending)
-        hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv)
+        if self.mixed_graphs is not None and self.mixed_graphs.fits(len(hb.input_ids)):
+            hidden = self.mixed_graphs.run(batch.input_ids, batch.positions, batch.meta)
+        else:
+            hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv)
         return hidden[batch.logits_indices]
 
     @torch.inference_mode()

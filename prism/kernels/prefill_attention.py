@@ -241,7 +241,7 @@ def _tiles_for(meta: AttentionMetadata, tokens_per_tile: int, short_tokens: int,
         parts = []
         for seqs, tpt in ((np.flatnonzero(~short), tokens_per_tile), (np.flatnonzero(short), short_tokens)):
             table = build_tiles(q_lens, meta.context_lens_host, tpt, seqs) if len(seqs) else None
-            parts.append(None if table is None or not len(table) else torch.from_numpy(table).to(device))
+            parts.append(None if table is None or not len(table) else torch.from_numpy(table).to(device, non_blocking=True))
         cached[2][key] = tuple(parts)
     return cached[2][key]
 
