@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 
-def device_tensor(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def device_tensor(data, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """A host list (or nested lists) as a tensor on `device`, queued in stream order."""
     host = torch.tensor(data, dtype=dtype)
-    if device.type == "cpu":
+    if torch.device(device).type == "cpu":
         return host
     return host.to(device, non_blocking=True)
 
