@@ -1,9 +1,10 @@
 """When to restart a dead device worker: exponential backoff, a bounded number of attempts.
 
 Pure bookkeeping (no processes, no clock of its own), so the policy is testable alone; the
-router carries it out. Every attempt counts, whether the new worker failed to start or started
-and died later: a worker that crashes again and again is given up after `max_restarts`
-attempts within `window_s`, instead of being restarted for ever.
+server's Supervisor (prism/server/supervisor.py) carries it out. Every attempt counts, whether
+the new worker failed to start or started and died later: a worker that crashes again and
+again is given up after `max_restarts` attempts within `window_s`, instead of being restarted
+for ever.
 """
 from __future__ import annotations
 

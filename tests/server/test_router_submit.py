@@ -7,8 +7,11 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
+from prism.cluster.worker_link import LocalLauncher
 from prism.server.backend import GenerationRequest, WorkerFailed
+from prism.server.metrics import ServerMetrics
 from prism.server.router import Router
+from prism.server.supervisor import Supervisor
 from prism.types import SamplingParams
 from prism.worker import messages as msg
 
@@ -21,11 +24,12 @@ def bare_router(alive: bool = True):
     router.specs = {"m": None}
     router.tokenizers = {"m": None}
     router._streams = {}
-    router._closed, router._loop, router._restarting = False, None, {}  # no loop: no restart
     arrivals, sent = [], []
     router.control = SimpleNamespace(max_model_len=lambda model: 100, route=lambda model, now: "cpu",
                                      record_arrival=lambda *a: arrivals.append(a), mark_down=lambda d: None)
     router.links = {"cpu": SimpleNamespace(alive=alive, send=lambda m: sent.append(msgspec.msgpack.encode(m)))}
+    # Not started (no event loop): a worker that fails is not restarted.
+    router.supervisor = Supervisor(None, LocalLauncher(()), router.links, router.control, ServerMetrics(dict, dict))
     return router, arrivals, sent
 
 

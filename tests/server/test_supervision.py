@@ -15,6 +15,7 @@ from prism.server.backend import GenerationRequest, RequestTimedOut, WorkerFaile
 from prism.server.errors import to_api_error
 from prism.server.metrics import ServerMetrics
 from prism.server.router import Router
+from prism.server.supervisor import Supervisor
 from prism.types import SamplingParams
 from prism.worker import messages as msg
 
@@ -36,18 +37,21 @@ def test_down_and_timeout_errors_are_openai_shaped():
 
 
 def bare_router(route, timeout_s: float = 600.0):
+    """A Router without workers (no event loop: no restart): one model "m" on one device "cpu",
+    whose supervisor is real."""
     router = Router.__new__(Router)
-    router._closed, router._loop, router._restarting, router.failed = False, None, {}, set()
+    router._closed = False
     router.specs, router.tokenizers, router._streams = {"m": None}, {"m": None}, {}
-    router._start_s, router.restarts = {}, RestartBudget()
-    router.node_left, router.launcher = set(), LocalLauncher((DeviceConfig("cpu"),))
-    router._worker_configs = {"cpu": SimpleNamespace(device=DeviceConfig("cpu"))}
     router.config = SimpleNamespace(request_timeout_s=timeout_s)
     router.metrics = ServerMetrics(dict, dict)
     sent = []
     router.control = SimpleNamespace(max_model_len=lambda model: 100, route=route, record_arrival=lambda *a: None,
-                                     hosting_up=lambda model: ["cpu"], hosting=lambda model: ["cpu"])
+                                     hosting_up=lambda model: ["cpu"], hosting=lambda model: ["cpu"],
+                                     mark_down=lambda device: None)
     router.links = {"cpu": SimpleNamespace(alive=True, send=sent.append)}
+    router.supervisor = Supervisor(router.config, LocalLauncher((DeviceConfig("cpu"),)), router.links,
+                                   router.control, router.metrics)
+    router.supervisor._worker_configs = {"cpu": SimpleNamespace(device=DeviceConfig("cpu"))}
     return router, sent
 
 
@@ -59,11 +63,11 @@ def test_a_restarting_device_answers_503_with_retry_after():
     def route(model, now):
         raise DeviceDown(model, ["cpu"])
     router, _ = bare_router(route)
-    router._restarting["cpu"] = asyncio.Event()
+    router.supervisor._restarting["cpu"] = asyncio.Event()
     with pytest.raises(WorkerFailed) as e:
         router._submit(request())
     assert "restarting" in str(e.value) and 0 < e.value.retry_after_s <= 30
-    del router._restarting["cpu"]  # given up: no Retry-After
+    del router.supervisor._restarting["cpu"]  # given up: no Retry-After
     with pytest.raises(WorkerFailed) as e:
         router._submit(request())
     assert "for good" in str(e.value) and e.value.retry_after_s is None
@@ -94,26 +98,26 @@ class FakeLink:
         pass
 
 
-def supervise(new_link, launcher=None) -> Router:
-    """Run the router's restart of "cpu" (its worker just died) to the end."""
+def supervise(new_link, launcher=None) -> Supervisor:
+    """Run the supervisor's restart of "cpu" (its worker just died) to the end."""
     router, _ = bare_router(lambda model, now: "cpu")
-    router.launcher = launcher or router.launcher
-    router.restarts = RestartBudget(max_restarts=3, window_s=100, first_delay_s=0.001)
+    supervisor = router.supervisor
+    supervisor.launcher = launcher or supervisor.launcher
+    supervisor.restarts = RestartBudget(max_restarts=3, window_s=100, first_delay_s=0.001)
     up = []
     router.control.mark_up = up.append
     router.control.up = up
     router.links["cpu"] = dead = FakeLink()
-    router._new_link = new_link
-    router._restart_tasks = set()
+    supervisor._new_link = new_link
 
     async def run():
-        router._loop = asyncio.get_running_loop()
-        router._supervise("cpu")
-        assert router._worker_states()["cpu"] == "restarting"
-        await asyncio.gather(*router._restart_tasks)
+        supervisor._loop = asyncio.get_running_loop()
+        supervisor.worker_failed("cpu", "killed")
+        assert supervisor.worker_states()["cpu"] == "restarting"
+        await asyncio.gather(*supervisor._tasks)
     asyncio.run(run())
-    assert dead.closed and router._restarting == {}
-    return router
+    assert dead.closed and supervisor._restarting == {}
+    return supervisor
 
 
 def test_a_dead_worker_is_restarted_once_it_starts():
@@ -124,20 +128,20 @@ def test_a_dead_worker_is_restarted_once_it_starts():
         if len(tries) < 3:
             raise RuntimeError("no memory yet")
         return FakeLink()
-    router = supervise(new_link)
-    assert len(tries) == 3 and router.links["cpu"].attached and router.control.up == ["cpu"]
-    assert router._worker_states() == {"cpu": "up"} and router.failed == set()
-    assert router.metrics.worker_deaths == {"cpu": 1}
-    assert router.metrics.worker_restarts == {("cpu", "failed"): 2, ("cpu", "ok"): 1}
+    supervisor = supervise(new_link)
+    assert len(tries) == 3 and supervisor.links["cpu"].attached and supervisor.control.up == ["cpu"]
+    assert supervisor.worker_states() == {"cpu": "up"} and supervisor.failed == set()
+    assert supervisor.metrics.worker_deaths == {"cpu": 1}
+    assert supervisor.metrics.worker_restarts == {("cpu", "failed"): 2, ("cpu", "ok"): 1}
 
 
 def test_a_worker_that_never_starts_is_failed_for_good():
     def new_link(device):
         raise RuntimeError("broken")
-    router = supervise(new_link)
-    assert router.failed == {"cpu"} and router.control.up == [] and router._worker_states() == {"cpu": "failed"}
-    assert router.metrics.worker_restarts == {("cpu", "failed"): 3}
-    assert b'prism_worker_restarts_total{device="cpu",result="failed"} 3.0' in router.metrics.exposition()[0]
+    supervisor = supervise(new_link)
+    assert supervisor.failed == {"cpu"} and supervisor.control.up == [] and supervisor.worker_states() == {"cpu": "failed"}
+    assert supervisor.metrics.worker_restarts == {("cpu", "failed"): 3}
+    assert b'prism_worker_restarts_total{device="cpu",result="failed"} 3.0' in supervisor.metrics.exposition()[0]
 
 
 class NodeLeaves(LocalLauncher):
@@ -149,9 +153,9 @@ class NodeLeaves(LocalLauncher):
 
 def test_a_worker_whose_node_left_waits_for_the_node():
     tries = []
-    router = supervise(tries.append, NodeLeaves((DeviceConfig("cpu"),)))
-    assert tries == [] and router.node_left == {"cpu"} and router.restarts.attempts("cpu") == 0
-    assert router._worker_states() == {"cpu": "node_left"} and router.failed == set()
+    supervisor = supervise(tries.append, NodeLeaves((DeviceConfig("cpu"),)))
+    assert tries == [] and supervisor.node_left == {"cpu"} and supervisor.restarts.attempts("cpu") == 0
+    assert supervisor.worker_states() == {"cpu": "node_left"} and supervisor.failed == set()
 
 
 def test_a_node_gone_while_restarting_stops_the_attempts():
@@ -160,5 +164,5 @@ def test_a_node_gone_while_restarting_stops_the_attempts():
     def new_link(device):
         tries.append(device)
         raise NodeGone("node '' is not in the cluster")
-    router = supervise(new_link)
-    assert len(tries) == 1 and router.node_left == {"cpu"} and router._worker_states() == {"cpu": "node_left"}
+    supervisor = supervise(new_link)
+    assert len(tries) == 1 and supervisor.node_left == {"cpu"} and supervisor.worker_states() == {"cpu": "node_left"}
