@@ -78,6 +78,11 @@ class ClusterControl:
         self.rates = TokenRateTracker(config.global_.rate_window_s)
         # Requests/s a placement made at start goes by (`start` sets them; see placement_rates)
         self.placement_rates = placement_rates(self.specs, config.rates, None)
+        # Static partitioning started on equal rates (a server knows none at start): when its
+        # shares follow the measured rates instead, and where the models were placed.
+        self._recap_at: float | None = None
+        self._static_target: dict[str, str] = {}
+        self._measured_rates: dict[str, float] | None = None
         self._in_flight = in_flight  # requests in flight per model (waiting or running)
         self._pending_activation: dict[str, tuple[str, float]] = {}  # model -> (device, since)
         self._migrating: dict[str, _Migration] = {}  # model -> move whose target is not ready yet
@@ -137,6 +142,7 @@ class ClusterControl:
         (the simulator's trace); a static partition must hold that or each model's
         max_model_len, whichever is smaller, or the start is refused (ConfigError)."""
         self.placement_rates = placement_rates(self.specs, self.config.rates, measured_rates, window_s)
+        self._measured_rates = measured_rates
         self._infos = None
         target: dict[str, str] = {}
         if len(self.links) > 1 or self.config.system_spec.places_at_start:
@@ -156,7 +162,12 @@ class ClusterControl:
             if missing:
                 raise ConfigError(f"scheduler.system {self.config.system} keeps every model resident, "
                                   f"but {', '.join(missing)} fit(s) on no device")
-        caps = self._static_kv_caps(target, longest_request) if self.config.system_spec.static_kv_shares else {}
+        caps = {}
+        if self.config.system_spec.static_kv_shares:
+            caps = self._static_kv_caps(target, longest_request)
+            self._static_target = target
+            if self._measured_rates is None and set(self.config.rates) != set(self.specs):
+                self._recap_at = now + self.config.global_.placement_window_s
         for device, link in self.links.items():
             for info in link.ready.models:
                 if info.resident and target.get(info.name) != device:
@@ -175,12 +186,23 @@ class ClusterControl:
         models in proportion to rate x KV bytes per token (model -> its cap in pages). A share
         that cannot hold the model's longest possible request is refused here, at start: its
         requests that long would otherwise wait forever."""
+        caps, short = self._kv_shares(target, self.placement_rates, longest_request)
+        if short:
+            raise ConfigError(f"scheduler.system static: {short[0]}; give it a higher rate:, a smaller "
+                              f"max_model_len, or fewer models on the device")
+        return caps
+
+    def _kv_shares(self, target: dict[str, str], rates: dict[str, float],
+                   longest_request: int | None = None) -> tuple[dict[str, int], list[str]]:
+        """(model -> KV cap in pages by rate x KV bytes per token, the shares too small for
+        the model's longest possible request, described)."""
         infos = {i.name: i for link in self.links.values() for i in link.ready.models}
         caps: dict[str, int] = {}
+        short = []
         for device in self.links:
             here = [m for m, d in target.items() if d == device]
             left = self.memory_bytes(device) - sum(infos[m].weight_bytes for m in here)
-            demand = {m: self.placement_rates[m] * infos[m].kv_bytes_per_token for m in here}
+            demand = {m: rates[m] * infos[m].kv_bytes_per_token for m in here}
             page = self._device(device).page_size
             for m in here:
                 caps[m] = pages = int(left * demand[m] / sum(demand.values()) // page)
@@ -189,12 +211,29 @@ class ClusterControl:
                     need, why = longest_request, "the longest request of the trace"
                 holds = _tokens_in(infos[m], pages, page)
                 if holds < need:
-                    raise ConfigError(
-                        f"scheduler.system static: {m}'s KV share on {device} ({pages} pages, "
-                        f"{holds} tokens, rate {self.placement_rates[m]:.3g} req/s) cannot hold "
-                        f"{why} ({need} tokens); give it a higher rate:, a smaller max_model_len, "
-                        f"or fewer models on the device")
-        return caps
+                    short.append(f"{m}'s KV share on {device} ({pages} pages, {holds} tokens, rate "
+                                 f"{rates[m]:.3g} req/s) cannot hold {why} ({need} tokens)")
+        return caps, short
+
+    def _recap_static_shares(self, now: float) -> None:
+        """Static partitioning that started on equal rates: once `placement_window_s` has
+        passed, the shares follow the rates measured since (S-Partition sizes each engine by
+        its load), once. A share that would be too small for its model's longest possible
+        request keeps every share as it is (logged): a request must never wait forever."""
+        self._recap_at = None
+        window = self.config.global_.placement_window_s
+        span = min(window, self.rates.window_s)  # the tracker keeps rate_window_s of arrivals
+        measured = {m: self.rates.request_rate(m, now) * self.rates.window_s / span for m in self.specs}
+        rates = placement_rates(self.specs, self.config.rates, measured, window)
+        caps, short = self._kv_shares(self._static_target, rates)
+        if short:
+            log.warning("static KV shares kept as at start: by the measured rates %s", short[0])
+            return
+        self.placement_rates = rates
+        for model, pages in caps.items():
+            self.links[self._static_target[model]].send(msg.SetKVCap(model, pages))
+        log.info("static KV shares by the measured requests/s %s: %s pages",
+                 {m: round(r, 3) for m, r in rates.items()}, caps)
 
     # ---- requests ----------------------------------------------------------------------------
     def max_model_len(self, model: str) -> int:
@@ -285,6 +324,8 @@ class ClusterControl:
         and carry out the global scheduler's periodic decisions."""
         for link in self.links.values():
             link.send(msg.ReportMemory())
+        if self._recap_at is not None and now >= self._recap_at:
+            self._recap_static_shares(now)
         resident = self.residency()
         for model, (device, since) in list(self._pending_activation.items()):
             if device in resident.get(model, ()) or now - since > ACTIVATION_GRACE_S:

@@ -52,3 +52,63 @@ def test_a_joined_device_starts_empty_and_is_placed_on():
     assert [d.device_id for d in control.cluster_view(2.0).devices] == ["a/cpu"]
     control.add_device(DeviceConfig("cpu", 2 << 30, node="b"), Link("b/cpu", ready("b/cpu", False)))  # back
     assert [d.device_id for d in control.cluster_view(3.0).devices] == ["a/cpu", "b/cpu"]
+
+
+TWO_MODELS = {"devices": [{"device": "cpu", "memory": "1GiB"}],
+              "models": [{"name": "a", "source": "tiny-llama:random"}, {"name": "b", "source": "tiny-llama:random"}],
+              "scheduler": {"system": "static", "placement_window_s": 10}}
+
+
+def two_model_ready(max_model_len: int = 256) -> msg.Ready:
+    return msg.Ready("cpu", [msg.ModelInfo(m, max_model_len, 320, 25 << 20, 512, True) for m in ("a", "b")])
+
+
+def caps_sent(link: Link) -> dict[str, int]:
+    return {m.model: m.max_pages for m in link.sent if isinstance(m, msg.SetKVCap)}
+
+
+def test_static_shares_start_equal_and_follow_the_measured_rates_once():
+    """A server knows no rates at start: static partitioning splits the KV memory equally, and
+    once placement_window_s has passed, by the requests measured since (once)."""
+    links = {"cpu": Link("cpu", two_model_ready())}
+    control = ClusterControl(parse_config(TWO_MODELS), links, lambda: {})
+    control.start(0.0)
+    at_start = caps_sent(links["cpu"])
+    assert at_start["a"] == at_start["b"] > 0
+    for i in range(9):
+        control.record_arrival("a", 1.0 + i, 10, 10)
+    control.record_arrival("b", 2.0, 10, 10)
+    links["cpu"].sent.clear()
+    control.tick(5.0)  # before the window has passed: nothing changes
+    assert caps_sent(links["cpu"]) == {}
+    control.tick(10.0)
+    recapped = caps_sent(links["cpu"])
+    assert recapped == {"a": 438, "b": 48}  # 9 : 1 of the same 486 pages, each rounded down
+    assert sum(at_start.values()) == 486
+    links["cpu"].sent.clear()
+    control.tick(30.0)  # once only
+    assert caps_sent(links["cpu"]) == {}
+
+
+def test_static_shares_too_small_for_a_model_stay_as_at_start():
+    """By the measured rates b's share could not hold a request of its max_model_len: every
+    share stays as it was (no request may wait forever)."""
+    links = {"cpu": Link("cpu", two_model_ready(max_model_len=4096))}
+    control = ClusterControl(parse_config(TWO_MODELS), links, lambda: {})
+    control.start(0.0)
+    for i in range(500):
+        control.record_arrival("a", 0.01 * i, 10, 10)
+    links["cpu"].sent.clear()
+    control.tick(10.0)
+    assert caps_sent(links["cpu"]) == {}
+
+
+def test_configured_rates_keep_the_shares_fixed():
+    config = dict(TWO_MODELS, models=[dict(m, rate=1.0) for m in TWO_MODELS["models"]])
+    links = {"cpu": Link("cpu", two_model_ready())}
+    control = ClusterControl(parse_config(config), links, lambda: {})
+    control.start(0.0)
+    control.record_arrival("a", 1.0, 10, 10)
+    links["cpu"].sent.clear()
+    control.tick(20.0)
+    assert caps_sent(links["cpu"]) == {}
