@@ -100,7 +100,8 @@ class Supervisor:
         self._worker_configs[device.device_id] = WorkerConfig(
             device, device_models(self.config, device.device_id), self.config.local, detokenize=False,
             metrics_path=_device_log(self.config.metrics_log, device.device_id),
-            host_copy_dir=self.launcher.host_copy_dir(device.node))
+            host_copy_dir=self.launcher.host_copy_dir(device.node),
+            cpu_workers_on_node=sum(1 for d in self.config.devices if not d.is_cuda and d.node == device.node))
 
     def _new_link(self, device: str) -> WorkerLink:
         """Start `device`'s worker; blocks until it is ready (run it off the event loop)."""

@@ -43,6 +43,9 @@ class WorkerConfig:
     # A folder (under /dev/shm) where the workers of one node share host copies of weights,
     # one file per model; None: each worker keeps its own copies in its own memory.
     host_copy_dir: str | None = None
+    # CPU devices of this node that run models (each its own worker process): a CPU worker
+    # takes its share of the node's cores for torch's threads, not all of them each.
+    cpu_workers_on_node: int = 1
 
 
 @dataclass

@@ -9,6 +9,8 @@ addresses; with `host_copy_dir` the workers of a node share one copy per model (
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from prism import env
@@ -26,12 +28,19 @@ from prism.worker.device_core import DeviceCore, StepOutput, WorkerConfig
 __all__ = ["DeviceWorker", "StepOutput", "WorkerConfig"]
 
 
+def cpu_threads(cpu_workers_on_node: int) -> int:
+    """torch threads for one of the node's CPU workers: an equal share of its cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, cpu_workers_on_node))
+
+
 class DeviceWorker(DeviceCore):
     def __init__(self, config: WorkerConfig, clock: Clock | None = None,
                  cost: CostModel | None = None, show_progress: bool = False):
         if not config.models:
             raise ValueError("a device worker needs at least one model")
         dev = config.device
+        if not dev.is_cuda:
+            torch.set_num_threads(cpu_threads(config.cpu_workers_on_node))
         pool = PagePool(make_backend(dev.device, dev.page_size), dev.num_pages, dev.num_spare_pages)
         # Without a measured profile, estimates come from model sizes and the device's nominal
         # rates (a CPU's defaults would make every GPU step look hopelessly late).

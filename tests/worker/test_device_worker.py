@@ -1,4 +1,5 @@
 """Several real models on one CPU device: shared elastic memory, eviction, activation."""
+import os
 import random
 
 import pytest
@@ -164,3 +165,18 @@ def test_metrics_log_is_json_lines_of_requests_and_device_samples(tmp_path):
         assert r["ttft"] is not None and "ttft_met" in r and r["num_preemptions"] == 0
     assert samples and all({"free_pages", "models", "time"} <= set(s) for s in samples)
     assert max(s["models"]["m0"]["kv_pages"] for s in samples) > 0
+
+
+def test_a_cpu_worker_takes_its_share_of_the_cores():
+    """Two CPU workers on one node each run torch on half its cores, not all of them each."""
+    before = torch.get_num_threads()
+    try:
+        budget = weight_pages(TINY[0]) + 2 * kv_group_pages(TINY[0]) + 4
+        config = WorkerConfig(DeviceConfig("cpu", budget * PAGE, PAGE), (ModelSpec("m0", TINY[0], engine=ENGINE),),
+                              cpu_workers_on_node=2)
+        worker = DeviceWorker(config, clock=ManualClock())
+        assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)
+        worker.add_request("m0", [5, 6, 7], greedy(3))
+        assert len(worker.run_until_idle()) == 1
+    finally:
+        torch.set_num_threads(before)
