@@ -19,6 +19,9 @@ class UserError(PrismError, ValueError):
     message into their own error. What matters is where it is caught: as a UserError."""
 
 
+USER_ERROR_EXIT = 2  # the CLI's exit code for a user's error (one line on stderr); a bug exits 1
+
+
 def one_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none)."""
     text = str(e).strip()

@@ -28,12 +28,19 @@ def sweep_point(system: str, scale: float, num_requests: int, duration_s: float,
             "errors": summary["errors"]}
 
 
+def refused_point(system: str, scale: float, reason: str) -> dict:
+    """A point the system did not run: it refused the config at start (say, a static
+    partition too small for a model's longest request). The other systems' points go on."""
+    return {"system": system, "scale": scale, "refused": reason}
+
+
 def write_sweep(points: list[dict], systems: list[str], out_dir: str | Path, target: float) -> dict:
     """sweep.json, sweep.md and the attainment plot; returns what sweep.json holds."""
     out_dir = Path(out_dir)
     result = {"target": target, "points": points, "sustained": {}}
+    ran = [p for p in points if "refused" not in p]
     for s in systems:
-        mine = [p for p in points if p["system"] == s]
+        mine = [p for p in ran if p["system"] == s]
         result["sustained"][s] = {
             "both": sustained_rate([(p["rate_rps"], p["slo_attainment"]) for p in mine], target),
             "ttft": sustained_rate([(p["rate_rps"], p["ttft_attainment"]) for p in mine], target),
@@ -41,7 +48,7 @@ def write_sweep(points: list[dict], systems: list[str], out_dir: str | Path, tar
         }
     (out_dir / "sweep.json").write_text(json.dumps(result, indent=1))
     (out_dir / "sweep.md").write_text(markdown(result))
-    plot_attainment_vs_rate({s: [(p["rate_rps"], p["ttft_attainment"]) for p in points if p["system"] == s]
+    plot_attainment_vs_rate({s: [(p["rate_rps"], p["ttft_attainment"]) for p in ran if p["system"] == s]
                              for s in systems}, out_dir / "ttft_attainment_vs_rate.png")
     return result
 
@@ -55,6 +62,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {s} | {fmt(r.get('both'))} | {fmt(r['ttft'])} | {fmt(r['tpot'])} |")
     lines += ["", "| system | scale | rate | TTFT att. | TPOT att. | both |", "|---|---:|---:|---:|---:|---:|"]
     for p in result["points"]:
+        if "refused" in p:
+            lines.append(f"| {p['system']} | {p['scale']:g} | refused: {p['refused']} | | | |")
+            continue
         lines.append(f"| {p['system']} | {p['scale']:g} | {p['rate_rps']:.2f} | {p['ttft_attainment']:.0%} | "
                      f"{p['tpot_attainment']:.0%} | {p['slo_attainment']:.0%} |")
     return "\n".join(lines) + "\n"

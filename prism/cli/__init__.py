@@ -12,7 +12,7 @@ from prism.cli.serve import add_demo_parser, add_generate_parser, add_serve_pars
 from prism.cli.simulate import add_plan_parser, add_simulate_parser
 from prism.cli.tokenizer import add_tokenizer_parser
 from prism.cli.trace import add_trace_parser
-from prism.errors import UserError, one_line
+from prism.errors import USER_ERROR_EXIT, UserError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def run_parsed(args) -> int:
         return 130
     except (UserError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"prism: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
     except Exception:
         traceback.print_exc()
         print("prism: internal error (a bug): the traceback above says where", file=sys.stderr)

@@ -15,13 +15,14 @@ import yaml
 
 from prism.bench.records import save_records
 from prism.bench.report import SLOTargets, summarize
-from prism.bench.sweeps import sweep_point, write_sweep
+from prism.bench.sweeps import refused_point, sweep_point, write_sweep
 from prism.bench.trace import TraceRequest
 from prism.bench.transforms import scale_rate
 from prism.client.replay import replay
 from prism.client.server_process import free_port, start_server, stop_server, wait_healthy
 from prism.cluster.config import read_yaml
 from prism.cluster.systems import system_config
+from prism.errors import USER_ERROR_EXIT
 
 
 def run_system(raw_config: dict, system: str, trace: list[TraceRequest], scales: list[float],
@@ -32,10 +33,17 @@ def run_system(raw_config: dict, system: str, trace: list[TraceRequest], scales:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     points = []
-    with open(out_dir / f"server-{system}.log", "w") as log:
+    log_path = out_dir / f"server-{system}.log"
+    with open(log_path, "w") as log:
         proc = start_server(str(config_path), port, log)
         try:
-            wait_healthy(base, proc, timeout_s=900)
+            try:
+                wait_healthy(base, proc, timeout_s=900)
+            except RuntimeError:
+                reason = _refusal(log_path, proc.returncode)
+                if reason is None:
+                    raise
+                return [refused_point(system, scale, reason) for scale in scales]
             duration = max((r.arrival_s for r in trace), default=0.0)
             for scale in scales:
                 scaled = scale_rate(trace, scale, seed=seed)
@@ -46,6 +54,15 @@ def run_system(raw_config: dict, system: str, trace: list[TraceRequest], scales:
         finally:
             stop_server(proc)
     return points
+
+
+def _refusal(log_path: Path, returncode: int | None) -> str | None:
+    """The server's one-line error if it refused its config (exit code 2, `prism: error: ...`
+    last in its log); None for any other failure (that one stops the sweep)."""
+    if returncode != USER_ERROR_EXIT:
+        return None
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith("prism: error: ")]
+    return lines[-1].removeprefix("prism: error: ") if lines else None
 
 
 def sweep(config_path: str, trace: list[TraceRequest], systems: list[str], scales: list[float],

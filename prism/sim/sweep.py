@@ -12,9 +12,11 @@ from typing import Callable, Iterable
 
 from prism.bench.records import save_records
 from prism.bench.report import SLOTargets, summarize
-from prism.bench.sweeps import sweep_point, write_sweep
+from prism.bench.sweeps import refused_point, sweep_point, write_sweep
 from prism.bench.trace import TraceRequest
 from prism.bench.transforms import scale_rate
+from prism.config import ConfigError
+from prism.errors import one_line
 from prism.sim.costs import ProfileSet
 from prism.sim.run import config_for, simulate
 
@@ -52,7 +54,10 @@ def sim_point(raw: dict, system: str, trace: list[TraceRequest], scale: float, p
               slos: dict[str, SLOTargets], out_dir: Path | None, seed: int = 0) -> dict:
     """One simulated sweep point (records saved as a real sweep saves them)."""
     scaled = scale_rate(trace, scale, seed=seed)
-    result = simulate(config_for(raw, system), scaled, profiles)
+    try:
+        result = simulate(config_for(raw, system), scaled, profiles)
+    except ConfigError as e:  # the system refuses this config at start; the others go on
+        return refused_point(system, scale, one_line(e))
     if out_dir is not None:
         save_records(out_dir / f"requests-{system}-x{scale:g}.jsonl", result.records)
     duration = max((r.arrival_s for r in trace), default=0.0)

@@ -40,3 +40,28 @@ def test_sweep_over_every_system(tmp_path, capsys):
     assert set(result["sustained"]) == systems
     assert (out / "ttft_attainment_vs_rate.png").stat().st_size > 5000
     print(capsys.readouterr().out)
+
+
+STARVED = """
+devices:
+  - {device: cpu, memory: 160MiB, page_size: 256KiB}
+models:
+  - {name: a, source: "tiny-llama:random", rate: 1000, max_model_len: 256, ttft_slo_ms: 1000, tpot_slo_ms: 200}
+  - {name: b, source: "tiny-qwen2:random", rate: 1, max_model_len: 256, ttft_slo_ms: 1000, tpot_slo_ms: 200}
+"""
+
+
+def test_a_real_sweep_goes_on_when_one_system_refuses_the_config(tmp_path):
+    """The static server exits at start with its one-line refusal (b's share cannot hold
+    b's max_model_len); the sweep records that for static's points and runs prism."""
+    (tmp_path / "config.yaml").write_text(STARVED)
+    save_trace(tmp_path / "trace.jsonl", poisson_trace({"a": 1.5, "b": 0.5}, 3.0, (16, 64), (4, 8), seed=2))
+    out = tmp_path / "out"
+    code = main(["bench", "sweep", "--config", str(tmp_path / "config.yaml"), "--trace", str(tmp_path / "trace.jsonl"),
+                 "--systems", "static,prism", "--scales", "1", "--slo-config", str(tmp_path / "config.yaml"),
+                 "--out", str(out)])
+    assert code == 0
+    points = json.loads((out / "sweep.json").read_text())["points"]
+    assert [p["system"] for p in points] == ["static", "prism"]
+    assert points[0]["refused"].startswith("scheduler.system static: b's KV share on cpu")
+    assert points[1]["requests"] > 0 and points[1]["errors"] == 0

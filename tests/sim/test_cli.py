@@ -110,3 +110,19 @@ def test_a_static_share_that_cannot_hold_the_longest_request_is_one_line_from_th
     err = capsys.readouterr().err
     assert err.startswith("prism: error: scheduler.system static: b's KV share on cuda:0") and err.count("\n") == 1
     assert "cannot hold" in err
+
+
+def test_a_sweep_goes_on_when_one_system_refuses_the_config(files):
+    """static refuses the starved config at start; the sweep says so for its points and
+    runs the other systems."""
+    (files / "starved.yaml").write_text(yaml.safe_dump(STARVED))
+    out = files / "sweep"
+    assert main(["simulate", "--config", str(files / "starved.yaml"), "--trace", str(files / "t.jsonl"),
+                 "--policy", "prism,static", "--rate-scales", "1,2", "--out", str(out)]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    refused = [p for p in result["points"] if "refused" in p]
+    assert [(p["system"], p["scale"]) for p in refused] == [("static", 1.0), ("static", 2.0)]
+    assert all("b's KV share on cuda:0" in p["refused"] for p in refused)
+    assert {p["system"] for p in result["points"] if "refused" not in p} == {"prism"}
+    assert result["sustained"]["static"] == {"both": None, "ttft": None, "tpot": None}
+    assert "| static | 1 | refused: scheduler.system static: b's KV share" in (out / "sweep.md").read_text()
