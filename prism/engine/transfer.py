@@ -11,11 +11,20 @@ from __future__ import annotations
 import torch
 
 
+# Above this size a step input is staged in pinned memory first: the driver stages a copy from
+# pageable memory through a bounded buffer of its own and may wait for the copy engine (i.e.
+# for the step in flight) when the copy is large; from pinned memory the copy is only queued.
+PINNED_STAGING_BYTES = 16 << 10
+
+
 def device_tensor(data, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """A host list (or nested lists) as a tensor on `device`, queued in stream order."""
     host = torch.tensor(data, dtype=dtype)
     if torch.device(device).type == "cpu":
         return host
+    if host.numel() * host.element_size() >= PINNED_STAGING_BYTES:
+        # torch's caching host allocator reuses the pinned block once the copy's event passed.
+        host = host.pin_memory()
     return host.to(device, non_blocking=True)
 
 
