@@ -74,6 +74,10 @@ class LocalSchedulerConfig:
     # The window of the request rates the device measures (adbs quotas follow them); the
     # same knob sets the frontend's token-rate window.
     rate_window_s: PosFloat = 60.0
+    # The most resident models a device steps in one turn, side by side (on CUDA each model's
+    # steps go to a stream of its own, so their kernels share the chip): the policy's model,
+    # then other models with work in turn. 1: one model per step.
+    concurrent_models: PosInt = 1
 
     def __post_init__(self) -> None:
         check_fields(self)  # the bounds and choices of the field types above

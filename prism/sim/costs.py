@@ -53,6 +53,46 @@ def card_defaults(device: str) -> DefaultCosts:
     return DefaultCosts.nvidia_h100() if device.startswith("cuda") else DefaultCosts()
 
 
+class ConcurrentTurn:
+    """The device time of the steps one turn runs side by side (concurrent_models > 1).
+
+    Steps that share the chip cannot end before the longest of them alone, nor before the sum
+    of their floors: each step's bytes over the memory bandwidth or its FLOPs over the matmul
+    rate, whichever is larger (what the kernels of all of them together must move or compute).
+    The turn takes the larger of the two. Checked against the H200 measurements of 2026-12-05
+    (benchmarks/results/engine-notes.md, session 7): six 1B decodes side by side and two 8B
+    decodes on two streams, where the rule comes within 2-10% (below) of what was measured.
+    The steps are charged one after another as the clock's marginal moves, so the first
+    model's tokens come out at its own end, the later ones' at the turn's."""
+
+    def __init__(self, rates: DefaultCosts):
+        self.rates = rates  # the device's nominal bandwidth and matmul rate (its floors)
+        self.reset()
+
+    def reset(self) -> None:
+        self.longest = self.floors = self.charged = 0.0
+
+    def floor(self, weight_bytes: int, kv_bytes_per_token: int, num_context: int, num_tokens: int) -> float:
+        return step_floor(self.rates, weight_bytes, kv_bytes_per_token, num_context, num_tokens)
+
+    def charge(self, seconds: float, floor: float) -> float:
+        """Add one step (its time alone, its floor); the time the clock moves for it now."""
+        self.longest = max(self.longest, seconds)
+        self.floors += floor
+        total = max(self.longest, self.floors)
+        moved, self.charged = total - self.charged, total
+        return moved
+
+
+def step_floor(rates: DefaultCosts, weight_bytes: int, kv_bytes_per_token: int,
+               num_context: int, num_tokens: int) -> float:
+    """A step's least device time: its bytes (weights, the decodes' KV) over the memory
+    bandwidth or its matmul FLOPs over the matmul rate, whichever is larger."""
+    moved = (weight_bytes + kv_bytes_per_token * num_context) / rates.memory_bytes_per_s
+    computed = 2 * (weight_bytes / 2) * num_tokens / rates.flops_per_s  # 16-bit weights
+    return max(moved, computed)
+
+
 # ---- roofline ----------------------------------------------------------------------------------
 def _roof_prefill(d: DefaultCosts, weight_bytes: int, n: int) -> float:
     return d.prefill_time(weight_bytes, n)

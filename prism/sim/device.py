@@ -17,7 +17,7 @@ from prism.memory.page_pool import PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.cost import ModelProfile, ProfileCostModel
 from prism.sched.view import CostModel
-from prism.sim.costs import ColdShapes, HostOverheads, card_defaults
+from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads, card_defaults
 from prism.sim.engine import sim_engine
 from prism.sim.executor import CountingBackend
 from prism.sim.shapes import ModelShape
@@ -44,6 +44,9 @@ class SimDevice(DeviceCore):
         self.truth = truth
         self.host = host
         self.cold = ColdShapes(host.cold_shape_s)  # kernels are loaded once per device process
+        # Steps of several models in one turn are charged as one (concurrent_models > 1).
+        concurrent = config.scheduler.concurrent_models > 1
+        self.turn = ConcurrentTurn(card_defaults(dev.device)) if concurrent else None
         self.device_id = dev.device_id
         # The models whose weights this device's node holds in host memory: one set shared by
         # the node's devices, as the node's workers share one copy (None: every copy at hand).
@@ -56,7 +59,11 @@ class SimDevice(DeviceCore):
 
     def _new_engine(self, spec: ModelSpec) -> EngineCore:
         return sim_engine(spec, self.shapes[spec.name], self.pool, self.clock, self.truth,
-                          self._victim_chooser(spec.name), self.host, self.cold, self.host_copies)
+                          self._victim_chooser(spec.name), self.host, self.cold, self.host_copies, self.turn)
+
+    def _begin_turn(self) -> None:
+        if self.turn is not None:
+            self.turn.reset()
 
     @property
     def host_store(self) -> str:

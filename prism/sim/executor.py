@@ -20,7 +20,7 @@ from prism.memory.backend import PhysicalChunk
 from prism.memory.page_pool import Owner, PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.view import CostModel
-from prism.sim.costs import ColdShapes, HostOverheads, step_seconds
+from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads, step_seconds
 from prism.sim.shapes import ModelShape
 
 SAMPLED_TOKEN = 0  # what a simulated step "samples"; its engines have no EOS (see sim/engine.py)
@@ -102,9 +102,10 @@ class SimExecutor:
 
     def __init__(self, spec: ModelSpec, shape: ModelShape, pool: PagePool, clock: ManualClock,
                  cost: CostModel, host: HostOverheads = HostOverheads(), cold: ColdShapes | None = None,
-                 host_copies: set[str] | None = None):
+                 host_copies: set[str] | None = None, turn: ConcurrentTurn | None = None):
         """`host_copies`: the models whose weights the device's node holds in host memory,
-        shared by the node's devices (None: a copy of this model is always at hand)."""
+        shared by the node's devices (None: a copy of this model is always at hand). `turn`:
+        the device's account of the steps it runs side by side (None: one model per step)."""
         self.model_id = spec.name
         self.shape = shape
         self.config = shape.config
@@ -127,6 +128,7 @@ class SimExecutor:
         self.sizes = ModelSizes(shape.weight_bytes, self.weights.num_pages, shape.kv_bytes_per_token,
                                 shape.config.vocab_size)
         self.host_copies = host_copies
+        self.turn = turn
         self.num_storage_reads = 0  # activations that read storage first (the node had no copy)
         self._add_host_copy()  # the weights were read from the source: the node keeps a copy
 
@@ -141,10 +143,14 @@ class SimExecutor:
     supports_overlap = False  # steps in turn: the host's time is charged per step (HostOverheads)
 
     def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[SampledToken]:
-        """The step's time passes on the device's clock; every sampling chunk gets SAMPLED_TOKEN."""
+        """The step's time passes on the device's clock; every sampling chunk gets SAMPLED_TOKEN.
+        A step run beside others (`turn`) moves it only by what it adds to their turn."""
         terms = plan.cost_terms()
-        self.clock.advance(self.host.step_time(len(plan.chunks)) + step_seconds(self.cost, self.model_id, *terms)
-                           + self.cold.charge(self.shape.kernel_key, terms))
+        device_s = step_seconds(self.cost, self.model_id, *terms) + self.cold.charge(self.shape.kernel_key, terms)
+        if self.turn is not None:
+            floor = self.turn.floor(self.shape.weight_bytes, self.shape.kv_bytes_per_token, terms[1], plan.num_tokens)
+            device_s = self.turn.charge(device_s, floor)
+        self.clock.advance(self.host.step_time(len(plan.chunks)) + device_s)
         while_running()
         return [SampledToken(chunk.seq, SAMPLED_TOKEN) for chunk in plan.chunks if chunk.samples]
 

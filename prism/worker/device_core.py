@@ -168,6 +168,7 @@ class DeviceCore(ABC):
         self._with_events: set[str] = set()  # engines that may hold undrained token events
         self._finished_early: list[tuple[str, CompletionOutput]] = []  # read while evicting: next step's
         self._in_flight: set[str] = set()  # models whose last launched step is unread (overlap)
+        self._beside_last = -1  # registration rank of the last model stepped beside another
         # req_id -> (sequence, running, computed, outputs, view): a waiting request's view does
         # not change from step to step, so it is built again only when one of those does.
         self._request_views: dict[str, tuple] = {}
@@ -387,6 +388,7 @@ class DeviceCore(ABC):
         self._refresh()
         candidates = [run] if run is not None else []
         candidates += [m for m in self._in_order(self._busy) if m != run and self.engines[m].resident]
+        self._begin_turn()
         for model_id in candidates:
             if not self.engines[model_id].resident:
                 continue
@@ -396,7 +398,11 @@ class DeviceCore(ABC):
             if num_tokens:
                 run = model_id
                 break
-        finished += self._read_others_in_flight(run)
+        launched = {run}
+        if run is not None and self.config.scheduler.concurrent_models > 1:
+            done, more, side = self._step_beside(run, candidates)
+            finished, num_tokens, launched = finished + done, num_tokens + more, launched | side
+        finished += self._read_others_in_flight(launched)
         events = [ev for m in self._in_order(self._with_events) for ev in self.engines[m].drain_events()]
         self._with_events.clear()
         for model_id, out in finished:
@@ -420,15 +426,37 @@ class DeviceCore(ABC):
             self.cost.observe(model_id, predicted, now - start)
         return finished, engine.last_step_num_tokens
 
-    def _read_others_in_flight(self, run: str | None) -> list[tuple[str, CompletionOutput]]:
-        """Read the tokens of other models' steps still in flight: queued before the step just
+    def _step_beside(self, run: str, candidates: list[str]) -> tuple[list, int, set[str]]:
+        """Other models with work, stepped in the same turn as `run` (concurrent_models): in
+        turn after the last one that went beside, so every busy model gets its share."""
+        # (Those before `run` in the candidates had nothing to run this turn.)
+        others = [m for m in candidates[candidates.index(run) + 1:] if self.engines[m].resident]
+        if not others:
+            return [], 0, set()
+        start = next((i for i, m in enumerate(others) if self._order[m] > self._beside_last), 0)
+        finished, num_tokens, side = [], 0, set()
+        for model_id in (others[start:] + others[:start])[: self.config.scheduler.concurrent_models - 1]:
+            done, n = self._step_model(model_id)
+            finished += done
+            if n:
+                num_tokens += n
+                side.add(model_id)
+                self._beside_last = self._order[model_id]
+        return finished, num_tokens, side
+
+    def _begin_turn(self) -> None:  # noqa: B027 (a hook: a real device has nothing to do)
+        """A turn's steps start (the simulated device charges steps run side by side as one)."""
+
+    def _read_others_in_flight(self, launched: set[str | None]) -> list[tuple[str, CompletionOutput]]:
+        """Read the tokens of other models' steps still in flight: queued before the steps just
         launched, they are done or nearly, and their requests must not wait until their model
         runs again."""
         finished = []
-        for model_id in self._in_order(self._in_flight - {run}):
-            finished += [(model_id, out) for out in self.engines[model_id].read_in_flight()]
-            self._after_engine_change(model_id, finished)
-        self._in_flight &= {run}
+        for model_id in self._in_order(self._in_flight - launched):
+            mine = [(model_id, out) for out in self.engines[model_id].read_in_flight()]
+            self._after_engine_change(model_id, mine)
+            finished += mine
+        self._in_flight &= launched
         return finished
 
     def _after_engine_change(self, model_id: str, finished: list[tuple[str, CompletionOutput]]) -> None:

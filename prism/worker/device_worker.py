@@ -9,6 +9,7 @@ addresses; with `host_copy_dir` the workers of a node share one copy per model (
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -61,8 +62,11 @@ class DeviceWorker(DeviceCore):
         return plan_layout(resolve_model(spec.source).config, self._dtype(spec)).num_bytes
 
     def _new_engine(self, spec: ModelSpec) -> LLMEngine:
+        engine_config = spec.engine
+        if self.config.scheduler.concurrent_models > 1:  # its steps may run beside others'
+            engine_config = dataclasses.replace(engine_config, own_stream=True)
         return LLMEngine(
-            resolve_model(spec.source), spec.engine, self.config.device, pool=self.pool,
+            resolve_model(spec.source), engine_config, self.config.device, pool=self.pool,
             dtype=self._dtype(spec), model_id=spec.name, show_progress=self._show_progress,
             clock=self.clock.now, choose_victim=self._victim_chooser(spec.name),
             keep_host_copy=True, detokenize=self.config.detokenize, host_store=self._host_store,
