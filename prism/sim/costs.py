@@ -60,8 +60,8 @@ class ConcurrentTurn:
     of their floors: each step's bytes over the memory bandwidth or its FLOPs over the matmul
     rate, whichever is larger (what the kernels of all of them together must move or compute).
     The turn takes the larger of the two. Checked against the H200 measurements of 2026-12-05
-    (benchmarks/results/engine-notes.md, session 7): six 1B decodes side by side and two 8B
-    decodes on two streams, where the rule comes within 2-10% (below) of what was measured.
+    (docs/policies.md: six 1B decodes side by side, two 8B decodes on two streams): with the
+    bandwidth measured in the same run the rule predicts 2-10% less than was measured.
     The steps are charged one after another as the clock's marginal moves, so the first
     model's tokens come out at its own end, the later ones' at the turn's."""
 
