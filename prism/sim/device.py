@@ -98,11 +98,11 @@ class SimDevice(DeviceCore):
         """When the local scheduler's idle rules may next decide differently with nothing else
         happening: a resident model without requests reaching swap_idle_s or idle_evict_s."""
         cfg = self.config.scheduler
-        self._refresh()
+        views = self.views.model_views()
         now = self.clock.now()
         due = math.inf
-        for m, view in self._views.items():
-            if not view.resident or m in self._busy:
+        for m, view in views.items():
+            if not view.resident or m in self.views.busy:
                 continue
             for limit in (cfg.swap_idle_s, cfg.idle_evict_s):
                 t = self.last_used[m] + limit

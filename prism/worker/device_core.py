@@ -11,24 +11,24 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from prism.config import DeviceConfig, ModelSpec
 from prism.engine.executor import ModelSizes
-from prism.engine.memory_plan import KVGeometry
 from prism.engine.output_processor import TokenEvent
 from prism.engine.scheduler import VictimChooser
-from prism.engine.sequence import Sequence, StepPlan
+from prism.engine.sequence import Sequence
 from prism.memory.page_pool import Owner, PagePool
 from prism.sched.calibration import CalibratedCost
 from prism.sched.clock import Clock
 from prism.sched.cost import ModelProfile, ProfileCostModel
 from prism.sched.local import LocalScheduler, LocalSchedulerConfig
 from prism.sched.rates import TokenRateTracker
-from prism.sched.view import SLO, CostModel, DeviceView, ModelView, RequestView
+from prism.sched.view import SLO, CostModel, DeviceView
 from prism.types import CompletionOutput, RequestError, SamplingParams
 from prism.worker import messages as msg
+from prism.worker.engine_protocol import DeviceEngine
 from prism.worker.metrics import DeviceCounters, MetricsLog
+from prism.worker.views import DeviceViews, request_view
 
 
 @dataclass(frozen=True)
@@ -54,76 +54,6 @@ class StepOutput:
     finished: list[tuple[str, CompletionOutput]]  # (model_id, output)
     ran_model: str | None
     num_tokens: int = 0  # tokens the step computed
-
-
-class DeviceEngine(Protocol):
-    """What the device needs of one model's engine: an EngineCore (prism.engine.core), over
-    the device executor (LLMEngine) or the simulator's."""
-
-    last_plan: StepPlan | None  # the last step's plan (its cost terms calibrate the estimates)
-    last_step_num_tokens: int
-    max_model_len: int
-
-    @property
-    def sizes(self) -> ModelSizes: ...
-
-    @property
-    def kv_geometry(self) -> KVGeometry: ...
-
-    @property
-    def resident(self) -> bool: ...
-
-    @property
-    def num_kv_pages(self) -> int: ...
-
-    @property
-    def has_unfinished(self) -> bool: ...
-
-    @property
-    def num_running(self) -> int: ...
-
-    @property
-    def num_waiting(self) -> int: ...
-
-    @property
-    def num_preemptions(self) -> int: ...
-
-    def is_running(self, seq: Sequence) -> bool: ...
-
-    def has_request(self, req_id: str) -> bool: ...
-
-    def pause_admission(self, paused: bool) -> None: ...
-
-    def reorder_waiting(self, req_ids: list[str]) -> None: ...
-
-    def add_request(self, prompt, params: SamplingParams, req_id: str | None = None,
-                    arrival_time: float | None = None, slo: SLO | None = None, priority: int = 0) -> str: ...
-
-    def abort(self, req_id: str) -> CompletionOutput | None: ...
-
-    def sequences(self) -> list[Sequence]: ...
-
-    def step(self) -> list[CompletionOutput]: ...
-
-    def take_finished_early(self) -> list[CompletionOutput]: ...
-
-    @property
-    def has_in_flight(self) -> bool: ...
-
-    def read_in_flight(self) -> list[CompletionOutput]: ...
-
-    def drain_events(self) -> list[TokenEvent]: ...
-
-    def evict(self) -> list[Sequence]: ...
-
-    def activate(self) -> None: ...
-
-    @property
-    def has_host_copy(self) -> bool: ...
-
-    def drop_host_copy(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class DeviceCore(ABC):
@@ -159,19 +89,13 @@ class DeviceCore(ABC):
         # Bookkeeping that keeps a step's cost independent of how many idle models the device
         # holds: every change to an engine goes through this class, which marks the model
         # touched; views, the busy set and pending events are refreshed only for those.
-        self._order: dict[str, int] = {}  # registration order (the order views list models)
-        self._views: dict[str, ModelView] = {}
-        self._model_views: tuple[ModelView, ...] = ()
-        self._touched: set[str] = set()
-        self._busy: set[str] = set()  # models with unfinished requests
+        self.views = DeviceViews(self.engines, self._sizes, self.last_used, self.last_step, pool,
+                                 config.device.device_id)
         self._paused: set[str] = set()  # models whose admission is paused
         self._with_events: set[str] = set()  # engines that may hold undrained token events
         self._finished_early: list[tuple[str, CompletionOutput]] = []  # read while evicting: next step's
         self._in_flight: set[str] = set()  # models whose last launched step is unread (overlap)
         self._beside_last = -1  # registration rank of the last model stepped beside another
-        # req_id -> (sequence, running, computed, outputs, view): a waiting request's view does
-        # not change from step to step, so it is built again only when one of those does.
-        self._request_views: dict[str, tuple] = {}
 
     # ---- what subclasses provide ---------------------------------------------------------
     @abstractmethod
@@ -196,11 +120,10 @@ class DeviceCore(ABC):
         self._make_room_for_loading(self._weight_bytes(spec))
         engine = self._new_engine(spec)
         self.engines[spec.name] = engine
-        self._order[spec.name] = len(self._order)
         self._sizes[spec.name] = engine.sizes
         self.specs[spec.name] = spec
         self.last_used[spec.name] = self.clock.now()
-        self._touch(spec.name)
+        self.views.add_model(spec.name)
         if isinstance(self.profiles, ProfileCostModel):
             sizes = self.sizes(spec.name)
             self.profiles.set_model_size(spec.name, sizes.weight_bytes, sizes.kv_bytes_per_token)
@@ -223,8 +146,8 @@ class DeviceCore(ABC):
         return lambda candidates: self._choose_victim(model_id, candidates)
 
     def _choose_victim(self, model_id: str, candidates: list[Sequence]) -> Sequence:
-        views = [_request_view(model_id, s, running=True) for s in candidates]
-        chosen = self.local.choose_victim(self._model_snapshot(model_id), views)
+        views = [request_view(model_id, s, running=True) for s in candidates]
+        chosen = self.local.choose_victim(self.views.model_snapshot(model_id, self.clock.now()), views)
         if chosen is None:
             return candidates[-1]
         return next(s for s in candidates if s.req_id == chosen.req_id)
@@ -327,7 +250,7 @@ class DeviceCore(ABC):
         for model_id, engine in self.engines.items():
             if engine.has_request(req_id):
                 engine.abort(req_id)
-                self._request_views.pop(req_id, None)
+                self.views.forget_request(req_id)
                 self._touch(model_id)
                 self._with_events.add(model_id)
                 return True
@@ -335,35 +258,19 @@ class DeviceCore(ABC):
 
     @property
     def has_unfinished(self) -> bool:
-        self._refresh()
-        return bool(self._busy or self._finished_early)
+        self.views.refresh()
+        return bool(self.views.busy or self._finished_early)
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def _touch(self, model_id: str) -> None:
-        self._touched.add(model_id)
+        self.views.touch(model_id)
 
     def _pause(self, model_id: str, paused: bool) -> None:
         self.engines[model_id].pause_admission(paused)
         (self._paused.add if paused else self._paused.discard)(model_id)
 
-    def _refresh(self) -> None:
-        """Rebuild the views of touched models (and whether they have work)."""
-        if not self._touched:
-            return
-        for m in self._touched:
-            self._views[m] = self._model_view(m)
-            (self._busy.add if self.engines[m].has_unfinished else self._busy.discard)(m)
-        self._touched.clear()
-        self._model_views = tuple(sorted(self._views.values(), key=lambda v: self._order[v.model_id]))
-
-    def _model_view(self, model_id: str) -> ModelView:
-        e, sizes = self.engines[model_id], self._sizes[model_id]
-        return ModelView(model_id, e.resident, self.last_used[model_id], sizes.weight_pages, e.num_kv_pages,
-                         kv_pages_per_token=sizes.kv_bytes_per_token / self.pool.page_size,
-                         last_step=self.last_step.get(model_id, float("-inf")))
-
     def _in_order(self, models) -> list[str]:
-        return sorted(models, key=self._order.__getitem__)
+        return self.views.in_order(models)
 
     # ---- stepping --------------------------------------------------------------------------
     def step(self) -> StepOutput:
@@ -385,9 +292,9 @@ class DeviceCore(ABC):
         # The policy cannot see whether a model's next batch fits in memory: if the chosen
         # model can do nothing now (say its prefill waits for pages), the step goes to another
         # model with work, so the device never idles (or livelocks) while work exists.
-        self._refresh()
+        self.views.refresh()
         candidates = [run] if run is not None else []
-        candidates += [m for m in self._in_order(self._busy) if m != run and self.engines[m].resident]
+        candidates += [m for m in self._in_order(self.views.busy) if m != run and self.engines[m].resident]
         self._begin_turn()
         for model_id in candidates:
             if not self.engines[model_id].resident:
@@ -433,7 +340,7 @@ class DeviceCore(ABC):
         others = [m for m in candidates[candidates.index(run) + 1:] if self.engines[m].resident]
         if not others:
             return [], 0, set()
-        start = next((i for i, m in enumerate(others) if self._order[m] > self._beside_last), 0)
+        start = next((i for i, m in enumerate(others) if self.views.rank(m) > self._beside_last), 0)
         finished, num_tokens, side = [], 0, set()
         for model_id in (others[start:] + others[:start])[: self.config.scheduler.concurrent_models - 1]:
             done, n = self._step_model(model_id)
@@ -441,7 +348,7 @@ class DeviceCore(ABC):
             if n:
                 num_tokens += n
                 side.add(model_id)
-                self._beside_last = self._order[model_id]
+                self._beside_last = self.views.rank(model_id)
         return finished, num_tokens, side
 
     def _begin_turn(self) -> None:  # noqa: B027 (a hook: a real device has nothing to do)
@@ -463,7 +370,7 @@ class DeviceCore(ABC):
         self._touch(model_id)
         self._with_events.add(model_id)
         for _, out in finished:
-            self._request_views.pop(out.req_id, None)
+            self.views.forget_request(out.req_id)
 
     def _finish_drains(self) -> None:
         for model_id in list(self.draining):
@@ -482,35 +389,8 @@ class DeviceCore(ABC):
     # ---- snapshots for the policy ----------------------------------------------------------
     def snapshot(self) -> DeviceView:
         now = self.clock.now()
-        self._refresh()
-        requests = []
-        for m in self._in_order(self._busy):
-            requests += self._request_views_of(m)
         rates = self.arrivals.request_rates(now) if self.local.needs_request_rates else {}
-        return DeviceView(now, self.pool.budget_pages, self.pool.free_pages, self._model_views, tuple(requests),
-                          rates)
-
-    def _model_snapshot(self, model_id: str) -> DeviceView:
-        """The device as the victim choice sees it mid-step: `model_id`'s view and requests
-        only. The choice needs no more: a candidate's slack depends on its own model's
-        decoding batch and residency alone (sched/local.py: _Estimates, _slack_of), so this
-        chooses as a whole-device snapshot would, at a cost that does not grow with the
-        device's other models and their queues. Built fresh, as the engine is mid-step."""
-        return DeviceView(self.clock.now(), self.pool.budget_pages, self.pool.free_pages,
-                          (self._model_view(model_id),), tuple(self._request_views_of(model_id)))
-
-    def _request_views_of(self, model_id: str) -> list[RequestView]:
-        e = self.engines[model_id]
-        return [self._request_view(model_id, seq, e.is_running(seq)) for seq in e.sequences()]
-
-    def _request_view(self, model_id: str, seq: Sequence, running: bool) -> RequestView:
-        hit = self._request_views.get(seq.req_id)
-        if (hit is not None and hit[0] is seq and hit[1] == running
-                and hit[2] == seq.num_computed_tokens and hit[3] == seq.num_output_tokens):
-            return hit[4]
-        view = _request_view(model_id, seq, running)
-        self._request_views[seq.req_id] = (seq, running, seq.num_computed_tokens, seq.num_output_tokens, view)
-        return view
+        return self.views.snapshot(now, rates)
 
     def _maybe_sample(self) -> None:
         now = self.clock.now()
@@ -519,46 +399,12 @@ class DeviceCore(ABC):
         self.metrics.record_sample(self.memory_report(now))
 
     def memory_report(self, now: float | None = None) -> msg.DeviceMemory:
-        self._refresh()
-        pages = {(o.model_id, o.kind): n for o, n in self.pool.pages_by_owner().items()}
-        c = self.counters
-        return msg.DeviceMemory(
-            time=self.clock.now() if now is None else now,
-            device=self.config.device.device_id,
-            page_size=self.pool.page_size,
-            budget_pages=self.pool.budget_pages,
-            free_pages=self.pool.free_pages,
-            models={
-                m: msg.ModelMemory(
-                    resident=self._views[m].resident,
-                    weight_pages=pages.get((m, "weights"), 0),
-                    kv_pages=pages.get((m, "kv"), 0),
-                    running=e.num_running,
-                    waiting=e.num_waiting,
-                    activations=c.activations.get(m, 0),
-                    evictions=c.evictions.get(m, 0),
-                    preemptions=c.preemptions.get(m, 0),
-                )
-                for m, e in self.engines.items()
-            },
-            host_copies=[m for m, e in self.engines.items() if e.has_host_copy],
-            host_store=self.host_store,
-        )
+        return self.views.memory_report(self.clock.now() if now is None else now, self.counters, self.host_store)
 
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
-        self.engines = {}
+        self.engines.clear()  # in place: the views read this same dict
         self.metrics.close()
         self.pool.close()
 
-
-def _request_view(model_id: str, seq: Sequence, running: bool) -> RequestView:
-    slo = seq.slo or SLO(float("inf"), float("inf"))
-    return RequestView(
-        req_id=seq.req_id, model_id=model_id, arrival=seq.arrival_time, slo=slo,
-        num_prompt_tokens=seq.num_prompt_tokens, num_computed_tokens=seq.num_computed_tokens,
-        num_output_tokens=seq.num_output_tokens, max_tokens=seq.params.max_tokens,
-        first_token_time=seq.first_token_time, last_token_time=seq.last_token_time,
-        running=running, priority=seq.priority,
-    )

@@ -1,5 +1,5 @@
 """A preemption mid-step asks the local scheduler for a victim with a view of the stepping
-model only (DeviceCore._model_snapshot). It must choose as it would with the whole device's
+model only (DeviceViews.model_snapshot). It must choose as it would with the whole device's
 snapshot: checked at every preemption of a busy multi-model device."""
 import random
 

@@ -1,0 +1,83 @@
+"""What a device needs of one model's engine (DeviceEngine), whichever engine it is: the real
+one over a GPU executor or the simulator's over a cost model. DeviceCore drives engines through
+this alone, so the two kinds of device share its step flow."""
+from __future__ import annotations
+
+from typing import Protocol
+
+from prism.engine.executor import ModelSizes
+from prism.engine.memory_plan import KVGeometry
+from prism.engine.output_processor import TokenEvent
+from prism.engine.sequence import Sequence, StepPlan
+from prism.sched.view import SLO
+from prism.types import CompletionOutput, SamplingParams
+
+
+class DeviceEngine(Protocol):
+    """What the device needs of one model's engine: an EngineCore (prism.engine.core), over
+    the device executor (LLMEngine) or the simulator's."""
+
+    last_plan: StepPlan | None  # the last step's plan (its cost terms calibrate the estimates)
+    last_step_num_tokens: int
+    max_model_len: int
+
+    @property
+    def sizes(self) -> ModelSizes: ...
+
+    @property
+    def kv_geometry(self) -> KVGeometry: ...
+
+    @property
+    def resident(self) -> bool: ...
+
+    @property
+    def num_kv_pages(self) -> int: ...
+
+    @property
+    def has_unfinished(self) -> bool: ...
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    @property
+    def num_preemptions(self) -> int: ...
+
+    def is_running(self, seq: Sequence) -> bool: ...
+
+    def has_request(self, req_id: str) -> bool: ...
+
+    def pause_admission(self, paused: bool) -> None: ...
+
+    def reorder_waiting(self, req_ids: list[str]) -> None: ...
+
+    def add_request(self, prompt, params: SamplingParams, req_id: str | None = None,
+                    arrival_time: float | None = None, slo: SLO | None = None, priority: int = 0) -> str: ...
+
+    def abort(self, req_id: str) -> CompletionOutput | None: ...
+
+    def sequences(self) -> list[Sequence]: ...
+
+    def step(self) -> list[CompletionOutput]: ...
+
+    def take_finished_early(self) -> list[CompletionOutput]: ...
+
+    @property
+    def has_in_flight(self) -> bool: ...
+
+    def read_in_flight(self) -> list[CompletionOutput]: ...
+
+    def drain_events(self) -> list[TokenEvent]: ...
+
+    def evict(self) -> list[Sequence]: ...
+
+    def activate(self) -> None: ...
+
+    @property
+    def has_host_copy(self) -> bool: ...
+
+    def drop_host_copy(self) -> None: ...
+
+    def close(self) -> None: ...
