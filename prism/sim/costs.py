@@ -65,8 +65,11 @@ class ConcurrentTurn:
     The steps are charged one after another as the clock's marginal moves, so the first
     model's tokens come out at its own end, the later ones' at the turn's."""
 
-    def __init__(self, rates: DefaultCosts):
-        self.rates = rates  # the device's nominal bandwidth and matmul rate (its floors)
+    def __init__(self, rates: DefaultCosts, gpus: int = 1):
+        """`rates`: one GPU's nominal bandwidth and matmul rate; `gpus`: the GPUs the device
+        stands for (a tensor-parallel group moves and computes k times as much at once)."""
+        self.rates = DefaultCosts(memory_bytes_per_s=rates.memory_bytes_per_s * gpus,
+                                  flops_per_s=rates.flops_per_s * gpus, h2d_bytes_per_s=rates.h2d_bytes_per_s * gpus)
         self.reset()
 
     def reset(self) -> None:
@@ -76,9 +79,11 @@ class ConcurrentTurn:
         return step_floor(self.rates, weight_bytes, kv_bytes_per_token, num_context, num_tokens)
 
     def charge(self, seconds: float, floor: float) -> float:
-        """Add one step (its time alone, its floor); the time the clock moves for it now."""
+        """Add one step (its time alone, its floor); the time the clock moves for it now. A
+        floor above the step's own time (nominal rates below what the card does) counts as
+        that time: side by side, no step costs more than alone."""
         self.longest = max(self.longest, seconds)
-        self.floors += floor
+        self.floors += min(floor, seconds)
         total = max(self.longest, self.floors)
         moved, self.charged = total - self.charged, total
         return moved

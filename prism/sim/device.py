@@ -30,12 +30,13 @@ class SimDevice(DeviceCore):
     measured profiles a real worker of this device would plan with (by model source); models
     without one are planned from the card's nominal rates, as on a real worker, and the
     calibration learns the difference from each step. `policy_cost` replaces all that with a
-    given cost model (as DeviceWorker's `cost` argument does)."""
+    given cost model (as DeviceWorker's `cost` argument does). `gpus`: the GPUs the device
+    stands for (a tensor-parallel group in the planner)."""
 
     def __init__(self, config: WorkerConfig, shapes: dict[str, ModelShape], truth: CostModel,
                  policy_profiles: dict[str, ModelProfile], start: float = 0.0,
                  policy_cost: CostModel | None = None, host: HostOverheads = HostOverheads(),
-                 host_copies: set[str] | None = None):
+                 host_copies: set[str] | None = None, gpus: int = 1):
         dev = config.device
         pool = PagePool(CountingBackend(dev.page_size), dev.num_pages, num_spare_pages=0)
         cost = policy_cost or ProfileCostModel(defaults=card_defaults(dev.device))
@@ -46,7 +47,7 @@ class SimDevice(DeviceCore):
         self.cold = ColdShapes(host.cold_shape_s)  # kernels are loaded once per device process
         # Steps of several models in one turn are charged as one (concurrent_models > 1).
         concurrent = config.scheduler.concurrent_models > 1
-        self.turn = ConcurrentTurn(card_defaults(dev.device)) if concurrent else None
+        self.turn = ConcurrentTurn(card_defaults(dev.device), gpus) if concurrent else None
         self.device_id = dev.device_id
         # The models whose weights this device's node holds in host memory: one set shared by
         # the node's devices, as the node's workers share one copy (None: every copy at hand).

@@ -21,11 +21,17 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 def test_a_turn_takes_the_longest_step_or_the_sum_of_the_floors():
     turn = ConcurrentTurn(card_defaults("cuda:0"))
     assert turn.charge(0.004, 0.003) == 0.004  # alone: its own time
-    assert turn.charge(0.002, 0.003) == pytest.approx(0.002)  # floors 0.006 > longest 0.004
-    assert turn.charge(0.010, 0.0) == pytest.approx(0.004)  # longest 0.010 now
+    assert turn.charge(0.002, 0.0025) == pytest.approx(0.001)  # floors 0.003 + 0.002 (at most its time) > 0.004
+    assert turn.charge(0.010, 0.0) == pytest.approx(0.005)  # longest 0.010 now
     assert turn.charged == pytest.approx(0.010)
     turn.reset()
     assert turn.charge(0.001, 0.0005) == 0.001
+
+
+def test_a_group_of_gpus_has_their_rates_together():
+    one, four = card_defaults("cuda:0"), ConcurrentTurn(card_defaults("cuda:0"), gpus=4)
+    assert four.rates.memory_bytes_per_s == 4 * one.memory_bytes_per_s
+    assert four.floor(140 << 30, 0, 0, 1) == pytest.approx(ConcurrentTurn(one).floor(140 << 30, 0, 0, 1) / 4)
 
 
 def concurrent(cfg, n: int):
