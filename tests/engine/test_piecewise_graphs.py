@@ -59,16 +59,21 @@ def compare_with_plain_forward(engine, mixed: MixedGraphs, seed: int, atol: floa
             engine.blocks.free(seq)
 
 
+def check_pieces(engine, mixed: MixedGraphs, seed: int, atol: float) -> None:
+    """The pieces' logits equal the plain forward's on fresh random steps, and the runner,
+    given the pieces, generates the same tokens as without them."""
+    engine.runner.mixed_graphs = None  # logits_for and plain steps: eager
+    compare_with_plain_forward(engine, mixed, seed=seed, atol=atol)
+    prompts, params = mixed_requests(12, seed=seed + 2)
+    plain = engine.generate(prompts, params)
+    engine.runner.mixed_graphs = mixed
+    assert [o.token_ids for o in engine.generate(prompts, params)] == [o.token_ids for o in plain]
+
+
 def test_pieces_over_static_buffers_equal_the_forward_pass_on_cpu(folder):
     engine = engine_for(folder, max_num_batched_tokens=256)
     try:
-        mixed = MixedGraphs(engine.runner.model, engine.kv, engine.device, 256, capture=False)
-        compare_with_plain_forward(engine, mixed, seed=1, atol=1e-4)
-        # The runner takes the pieces for steps that fit, and generates the same tokens.
-        prompts, params = mixed_requests(12, seed=3)
-        plain = engine.generate(prompts, params)
-        engine.runner.mixed_graphs = mixed
-        assert [o.token_ids for o in engine.generate(prompts, params)] == [o.token_ids for o in plain]
+        check_pieces(engine, MixedGraphs(engine.runner.model, engine.kv, engine.device, 256, capture=False), 1, 1e-4)
     finally:
         engine.close()
 
@@ -79,11 +84,6 @@ def test_captured_pieces_equal_the_forward_pass_on_cuda(folder):
     try:
         mixed = engine.runner.mixed_graphs
         assert mixed is not None and mixed.buckets[-1] == 256
-        engine.runner.mixed_graphs = None  # logits_for and plain steps: eager
-        compare_with_plain_forward(engine, mixed, seed=2, atol=2e-3)
-        prompts, params = mixed_requests(12, seed=4)
-        plain = engine.generate(prompts, params)
-        engine.runner.mixed_graphs = mixed
-        assert [o.token_ids for o in engine.generate(prompts, params)] == [o.token_ids for o in plain]
+        check_pieces(engine, mixed, 2, 2e-3)
     finally:
         engine.close()
