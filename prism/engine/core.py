@@ -187,7 +187,7 @@ class EngineCore:
         overlap, the batch is launched and the previous one's tokens are read."""
         if self.overlap:
             return self._step_overlapped()
-        finished = self.take_finished_early() + self._read_in_flight()  # overlap was just turned off
+        finished = self.take_finished_early() + self.read_in_flight()  # overlap was just turned off
         plan = self._schedule(allow_preempt=True)
         if plan.is_empty:
             return finished
@@ -198,13 +198,13 @@ class EngineCore:
     def _step_overlapped(self) -> list[CompletionOutput]:
         finished = self.take_finished_early()
         if self._in_flight is not None and any(map(_needs_host_token, self._in_flight_seqs)):
-            finished += self._read_in_flight()
+            finished += self.read_in_flight()
         plan = self._schedule(allow_preempt=self._in_flight is None)
         if plan is None:  # room needs a preemption, which needs every token read first
-            finished += self._read_in_flight()
+            finished += self.read_in_flight()
             plan = self._schedule(allow_preempt=True)
         if plan.is_empty:
-            return finished + self._read_in_flight()
+            return finished + self.read_in_flight()
         previous = self._in_flight
         self._in_flight = self.executor.launch(plan, previous)
         self._in_flight_seqs = [c.seq for c in plan.chunks if c.samples]
@@ -248,12 +248,9 @@ class EngineCore:
         return self._in_flight is not None
 
     def read_in_flight(self) -> list[CompletionOutput]:
-        """Wait for the step in flight and process its tokens; the requests it finished. A
-        device running another model's step next reads this one's meanwhile."""
-        return self._read_in_flight()
-
-    def _read_in_flight(self) -> list[CompletionOutput]:
-        """Wait for the step in flight and process its tokens (nothing in flight: nothing)."""
+        """Wait for the step in flight and process its tokens; the requests it finished
+        (nothing in flight: nothing). A device that runs another model's step next reads
+        this one's meanwhile."""
         step = self._in_flight
         if step is None:
             return []
@@ -263,7 +260,7 @@ class EngineCore:
     def _settle(self) -> None:
         """Read the step in flight now (before eviction or close); its finished requests are
         returned by the next step()."""
-        self._finished_early += self._read_in_flight()
+        self._finished_early += self.read_in_flight()
 
     def take_finished_early(self) -> list[CompletionOutput]:
         """Requests that finished outside step() (read while evicting): the next step()
