@@ -159,8 +159,7 @@ class ModelRunner:
         )
 
     def _tensor(self, data, dtype) -> torch.Tensor:
-        # Small per-step tensors: a queued copy from pageable memory is cheaper than pinning
-        # host memory each time, and does not wait for the step in flight.
+        # Queued, not synchronous: building this step must not wait for the one in flight.
         return device_tensor(data, dtype, self.device)
 
     def _pending_inputs(self, hb: HostBatch, after: InFlightStep | None) -> tuple[torch.Tensor, torch.Tensor] | None:
