@@ -76,9 +76,11 @@ class SystemSpec:
         """The local and global scheduler settings this system runs with: prism shares memory
         elastically, arbitrates by SLO, evicts idle models and migrates; the baselines switch
         those off one by one."""
-        # kv_headroom_pages, admission_window and the global tuning knobs reach every system;
-        # the rest of the local config is what a baseline is.
-        tuning = {k: getattr(s, k) for k in ("kv_headroom_pages", "admission_window", "rate_window_s")}
+        # kv_headroom_pages, admission_window, concurrent_models (the device's mechanism for
+        # models side by side) and the global tuning knobs reach every system; the rest of the
+        # local config is what a baseline is.
+        tuning = {k: getattr(s, k) for k in ("kv_headroom_pages", "admission_window", "rate_window_s",
+                                             "concurrent_models")}
         if self.system is System.PRISM:
             local = LocalSchedulerConfig(**knobs_of(LocalSchedulerConfig, s))
             fixed = {}
