@@ -99,3 +99,13 @@ def test_the_worker_steps_models_side_by_side_with_the_same_tokens():
     one, two = run_worker(1), run_worker(2)
     assert len(one["outputs"]) == 6 and two["outputs"] == one["outputs"]
     assert two["turns_with_both"] >= 5  # both models decoded in the same turn
+
+
+@pytest.mark.parametrize("system", ["prism", "static", "muxserve", "serverless", "swap"])
+def test_every_system_gets_the_device_mechanism(system):
+    from prism.cluster.config import parse_config
+    from prism.cluster.systems import system_config
+
+    raw = {"devices": [{"device": "cpu", "memory": "1GiB"}], "models": [{"name": "a", "source": "tiny-llama:random"}],
+           "scheduler": {"concurrent_models": 3}}
+    assert parse_config(system_config(raw, system)).local.concurrent_models == 3
