@@ -109,3 +109,18 @@ def test_every_system_gets_the_device_mechanism(system):
     raw = {"devices": [{"device": "cpu", "memory": "1GiB"}], "models": [{"name": "a", "source": "tiny-llama:random"}],
            "scheduler": {"concurrent_models": 3}}
     assert parse_config(system_config(raw, system)).local.concurrent_models == 3
+
+
+def test_steps_side_by_side_do_not_calibrate_the_estimates():
+    """A side step's wall time is not its model's step time (the chip is shared, turns read
+    each other's tokens): with concurrent_models > 1 the estimates keep their profiles."""
+    from prism.sched.clock import MonotonicClock
+
+    for n, calibrated in ((1, True), (2, False)):
+        worker = DeviceWorker(concurrent(config("prism"), n), clock=MonotonicClock(), cost=LinearCost())
+        try:
+            two_models_decoding(worker)
+            worker.run_until_idle()
+            assert bool(worker.cost.factor) is calibrated
+        finally:
+            worker.close()
