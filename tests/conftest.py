@@ -104,6 +104,22 @@ def transformers_greedy(prompt: str, max_new_tokens: int) -> str:
 
 
 # ---- a real `prism serve` process on loopback --------------------------------------------
+def smollm2_cpu_config(smollm2_len: int = 512, tiny_len: int = 256, copy: bool = False, extra: str = "") -> str:
+    """The e2e tests' server: the real SmolLM2 (and, with `copy`, a second name for it) beside
+    a tiny random model on a 1 GiB CPU budget; `extra`: more YAML after the models."""
+    names = ["smollm2"] + (["smollm2-copy"] if copy else [])
+    models = "".join(f"  - name: {n}\n    source: smollm2-135m\n    max_model_len: {smollm2_len}\n" for n in names)
+    return ("devices:\n  - device: cpu\n    memory: 1GiB\n    page_size: 256KiB\nmodels:\n" + models
+            + f"  - name: tiny\n    source: tiny-llama:random\n    max_model_len: {tiny_len}\n" + extra)
+
+
+def openai_client(base: str, timeout: float = 120):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
+
 @contextlib.contextmanager
 def running_server(folder: Path, config_text: str, timeout_s: float = 300, args: tuple[str, ...] = ()):
     """Start `prism serve` with this YAML (and these extra arguments) on a free port; yield

@@ -82,7 +82,6 @@ class ClusterControl:
         # shares follow the measured rates instead, and where the models were placed.
         self._recap_at: float | None = None
         self._static_target: dict[str, str] = {}
-        self._measured_rates: dict[str, float] | None = None
         self._in_flight = in_flight  # requests in flight per model (waiting or running)
         self._pending_activation: dict[str, tuple[str, float]] = {}  # model -> (device, since)
         self._migrating: dict[str, _Migration] = {}  # model -> move whose target is not ready yet
@@ -142,11 +141,12 @@ class ClusterControl:
         (the simulator's trace); a static partition must hold that or each model's
         max_model_len, whichever is smaller, or the start is refused (ConfigError)."""
         self.placement_rates = placement_rates(self.specs, self.config.rates, measured_rates, window_s)
-        self._measured_rates = measured_rates
         self._infos = None
         target: dict[str, str] = {}
         if len(self.links) > 1 or self.config.system_spec.places_at_start:
             target = self._initial_placement(now, longest_request)
+        if self._static_target and measured_rates is None and set(self.config.rates) != set(self.specs):
+            self._recap_at = now + self.config.global_.placement_window_s  # shares follow what is measured
         for link in self.links.values():
             link.send(msg.ReportMemory())
         return target
@@ -166,8 +166,6 @@ class ClusterControl:
         if self.config.system_spec.static_kv_shares:
             caps = self._static_kv_caps(target, longest_request)
             self._static_target = target
-            if self._measured_rates is None and set(self.config.rates) != set(self.specs):
-                self._recap_at = now + self.config.global_.placement_window_s
         for device, link in self.links.items():
             for info in link.ready.models:
                 if info.resident and target.get(info.name) != device:

@@ -268,11 +268,7 @@ class _Frontend:
 
     async def tokenize(self, request: Request) -> Response:
         """POST /tokenize: {count, max_model_len, tokens} (vLLM's answer)."""
-        model = None
-        try:
-            body = await parse_body(request, P.TokenizeRequest, self.max_body_bytes)
-            model = body.model
-            tokenizer = self.backend.tokenizer(body.model)
+        async def answer(body: P.TokenizeRequest, tokenizer) -> dict:
             if body.messages is not None:
                 ids = await self._in_tokenize_thread(tokenizer.apply_chat_template, body.template_messages(),
                                                      None, body.add_generation_prompt)
@@ -280,20 +276,26 @@ class _Frontend:
                 ids = await self._in_tokenize_thread(tokenizer.encode, body.prompt, body.add_special_tokens)
             else:
                 raise bad_request("send a prompt (a string) or messages to tokenize", "prompt")
-            return JSONResponse({"count": len(ids), "max_model_len": self.backend.max_model_len(body.model),
-                                 "tokens": ids})
-        except Exception as e:
-            return to_api_error(e, model).response()
+            return {"count": len(ids), "max_model_len": self.backend.max_model_len(body.model), "tokens": ids}
+
+        return await self._with_tokenizer(request, P.TokenizeRequest, answer)
 
     async def detokenize(self, request: Request) -> Response:
         """POST /detokenize: {prompt} (vLLM's answer)."""
+        async def answer(body: P.DetokenizeRequest, tokenizer) -> dict:
+            check_token_ids(body.tokens, tokenizer.vocab_size, "tokens")
+            return {"prompt": await self._in_tokenize_thread(tokenizer.decode, body.tokens)}
+
+        return await self._with_tokenizer(request, P.DetokenizeRequest, answer)
+
+    async def _with_tokenizer(self, request: Request, kind: type, answer) -> Response:
+        """Parse a /tokenize or /detokenize body, answer it with its model's tokenizer; any
+        failure is an OpenAI error naming the model (once the body says which)."""
         model = None
         try:
-            body = await parse_body(request, P.DetokenizeRequest, self.max_body_bytes)
+            body = await parse_body(request, kind, self.max_body_bytes)
             model = body.model
-            tokenizer = self.backend.tokenizer(body.model)
-            check_token_ids(body.tokens, tokenizer.vocab_size, "tokens")
-            return JSONResponse({"prompt": await self._in_tokenize_thread(tokenizer.decode, body.tokens)})
+            return JSONResponse(await answer(body, self.backend.tokenizer(body.model)))
         except Exception as e:
             return to_api_error(e, model).response()
 

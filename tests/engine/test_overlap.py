@@ -36,7 +36,7 @@ def run(folder, prompts, params, overlap: bool, **engine_kw):
     return outputs, launches_behind[0], preemptions
 
 
-def same_outputs(a, b) -> None:
+def assert_same_outputs(a, b) -> None:
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert [o.finish_reason for o in a] == [o.finish_reason for o in b]
     assert all(PENDING not in o.token_ids for o in a)
@@ -55,7 +55,7 @@ def test_greedy_seeded_stops_and_lengths_equal_the_plain_engine(folder):
     ]
     plain, behind_plain, _ = run(folder, prompts, params, overlap=False)
     overlapped, behind, _ = run(folder, prompts, params, overlap=True)
-    same_outputs(overlapped, plain)
+    assert_same_outputs(overlapped, plain)
     # Batches differ by the rows of requests that just ended, so floats may differ in the last bits.
     for a, b in zip(overlapped, plain):
         assert (a.logprobs is None) == (b.logprobs is None)
@@ -74,7 +74,7 @@ def test_preemption_under_memory_pressure_equals_the_plain_engine(folder):
     tight = dict(memory_bytes=weight_pages * PAGE + 4 * PAGE)
     plain, _, preempted_plain = run(folder, prompts, params, overlap=False, **tight)
     overlapped, behind, preempted = run(folder, prompts, params, overlap=True, **tight)
-    same_outputs(overlapped, plain)
+    assert_same_outputs(overlapped, plain)
     assert preempted_plain > 0 and preempted > 0 and behind > 0
 
 
@@ -85,7 +85,7 @@ def test_penalties_and_mixed_lengths_equal_the_plain_engine(folder):
                              frequency_penalty=1.5 if i % 4 == 0 else 0.0) for i in range(len(prompts))]
     plain, _, _ = run(folder, prompts, params, overlap=False)
     overlapped, _, _ = run(folder, prompts, params, overlap=True)
-    same_outputs(overlapped, plain)
+    assert_same_outputs(overlapped, plain)
 
 
 def step_until_done(engine, finished: dict) -> None:
@@ -162,4 +162,4 @@ def test_on_cuda_the_launch_never_waits_for_the_device(folder):
         overlapped = engine.generate(prompts, params)
     finally:
         engine.close()
-    same_outputs(overlapped, plain)
+    assert_same_outputs(overlapped, plain)

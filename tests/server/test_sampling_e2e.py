@@ -4,21 +4,9 @@ import httpx
 import openai
 import pytest
 
-from conftest import running_server
+from conftest import openai_client, running_server, smollm2_cpu_config
 
-CONFIG = """
-devices:
-  - device: cpu
-    memory: 1GiB
-    page_size: 256KiB
-models:
-  - name: smollm2
-    source: smollm2-135m
-    max_model_len: 512
-  - name: tiny
-    source: tiny-llama:random
-    max_model_len: 256
-"""
+CONFIG = smollm2_cpu_config()
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"
@@ -27,7 +15,7 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("sampling"), CONFIG) as (_, base):
-        yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield base, openai_client(base)
 
 
 def test_chat_logprobs_greedy_are_consistent_streamed_or_not(server):

@@ -11,32 +11,15 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import running_server
+from conftest import openai_client, running_server, smollm2_cpu_config
 
-CONFIG = """
-devices:
-  - device: cpu
-    memory: 1GiB
-    page_size: 256KiB
-models:
-  - name: smollm2
-    source: smollm2-135m
-    max_model_len: 512
-  - name: smollm2-copy
-    source: smollm2-135m
-    max_model_len: 512
-  - name: tiny
-    source: tiny-llama:random
-    max_model_len: 256
-scheduler:
-  swap_idle_s: 0.5
-"""
+CONFIG = smollm2_cpu_config(copy=True, extra="scheduler:\n  swap_idle_s: 0.5\n")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("serve"), CONFIG) as (proc, base):
-        yield proc, base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield proc, base, openai_client(base)
 
 
 def test_models_listed(server):

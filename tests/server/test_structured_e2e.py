@@ -7,21 +7,9 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import running_server
+from conftest import openai_client, running_server, smollm2_cpu_config
 
-CONFIG = """
-devices:
-  - device: cpu
-    memory: 1GiB
-    page_size: 256KiB
-models:
-  - name: smollm2
-    source: smollm2-135m
-    max_model_len: 1024
-  - name: tiny
-    source: tiny-llama:random
-    max_model_len: 512
-"""
+CONFIG = smollm2_cpu_config(smollm2_len=1024, tiny_len=512)
 
 CAT = {
     "type": "object",
@@ -51,7 +39,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("structured"), CONFIG) as (_, base):
-        yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
+        yield openai_client(base, timeout=300)
 
 
 def schema_errors(instance, schema) -> list[str]:
