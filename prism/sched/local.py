@@ -11,8 +11,10 @@ Policy "prism":
   those go first in EDD order, then the still-feasible rest by deadline, then late ones by
   arrival. Nothing is dropped.
 - Run: least slack first among each resident model's decodes and the on-time prefills taken
-  in EDD order; late work fills the gaps it fits in, and contends like the rest once it has
-  waited `late_contender_ttft_multiple` x its TTFT SLO (see `_pick_model_prism`).
+  in EDD order (each prefill planned for its likely-worst time: the estimate times the
+  measured spread of past prefill steps, `CalibratedCost.prefill_margin`); late work fills the
+  gaps it fits in, and contends like the rest once it has waited
+  `late_contender_ttft_multiple` x its TTFT SLO (see `_pick_model_prism`).
 - Preemption victim: the request with most slack.
 Policy "fcfs" (baseline): arrival order everywhere; same residency rules. The device runs the
 model of its oldest unfinished request (decoding ones included): models take turns by arrival
@@ -356,12 +358,19 @@ class LocalScheduler:
         )
 
     def _pipeline_slack(self, pipeline: list[RequestView], est: _Estimates) -> float:
-        """How long prefills run back to back in this order could all wait and still be on time."""
+        """How long prefills run back to back in this order could all wait and still be on time,
+        each taking its likely-worst time (the estimate times the measured prefill margin:
+        calibration.py), so that a pipeline started just in time is not late whenever a step
+        runs longer than its estimate."""
         slack, finish = math.inf, est.now
         for r in pipeline:
-            finish += self._prefill_s(r, est)
+            finish += self._prefill_s(r, est) * self._prefill_margin(r.model_id)
             slack = min(slack, next_deadline(r) - finish)
         return slack
+
+    def _prefill_margin(self, model_id: str) -> float:
+        margin = getattr(self.cost, "prefill_margin", None)  # cost models that measure their spread
+        return 1.0 if margin is None else margin(model_id)
 
     def _pick_model_fcfs(self, view: DeviceView, est: _Estimates) -> str | None:
         runnable = [r for r in view.requests if r.model_id in est.resident]

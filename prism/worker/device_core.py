@@ -332,8 +332,7 @@ class DeviceCore(ABC):
             # Steps side by side share the chip and read each other's turns: their wall times
             # are not one model's step, so the estimates keep their profiles then.
             if self.config.scheduler.concurrent_models == 1:
-                predicted = self.cost.step_time(model_id, *plan.cost_terms())
-                self.cost.observe(model_id, predicted, now - start)
+                self.cost.observe_step(model_id, plan.cost_terms(), now - start)
         return finished, engine.last_step_num_tokens
 
     def _step_beside(self, run: str, candidates: list[str]) -> tuple[list, int, set[str]]:
