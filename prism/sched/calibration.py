@@ -79,6 +79,10 @@ class CalibratedCost:
         learnt from mixed steps would then shrink every estimate."""
         return step_seconds(self.base, model_id, num_decodes, num_context_tokens, num_prefill_tokens)
 
+    def step_estimate(self, model_id: str, num_decodes: int, num_context_tokens: int, num_prefill_tokens: int) -> float:
+        """`step_time`, corrected by what this device's steps measured."""
+        return self.step_time(model_id, num_decodes, num_context_tokens, num_prefill_tokens) * self._f(model_id)
+
     def _f(self, model_id: str) -> float:
         return self.factor.get(model_id, 1.0)
 

@@ -15,6 +15,10 @@ Policy "prism":
   measured spread of past prefill steps, `CalibratedCost.prefill_margin`); late work fills the
   gaps it fits in, and contends like the rest once it has waited
   `late_contender_ttft_multiple` x its TTFT SLO (see `_pick_model_prism`).
+- Step size: the model that runs batches its full token budget, unless a running decode of
+  it would then miss its TPOT as judged over the whole request; then the prefill chunk is cut
+  to what keeps it on time, never below the size where a step stops being weight-bound
+  (see step_budget.py).
 - Preemption victim: the request with most slack.
 Policy "fcfs" (baseline): arrival order everywhere; same residency rules. The device runs the
 model of its oldest unfinished request (decoding ones included): models take turns by arrival
@@ -33,10 +37,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from prism.config import NonNegFloat, NonNegInt, PosFloat, PosInt, check_fields
+from prism.config import EngineConfig, NonNegFloat, NonNegInt, PosFloat, PosInt, check_fields
 from prism.sched.adbs import Adbs
+from prism.sched.cost import step_seconds
 from prism.sched.moore_hodgson import Job, moore_hodgson
 from prism.sched.residency import IDLE_EVICT, IDLE_EVICT_S, IdleEvict, plan_residency
+from prism.sched.step_budget import step_token_budget, weight_bound_chunk
 from prism.sched.swap import plan_swap
 from prism.sched.view import CostModel, DeviceView, RequestView, StepDecision
 
@@ -148,9 +154,11 @@ class _Admission:
 
 
 class LocalScheduler:
-    def __init__(self, config: LocalSchedulerConfig, cost: CostModel) -> None:
+    def __init__(self, config: LocalSchedulerConfig, cost: CostModel,
+                 max_step_tokens: int = EngineConfig.max_num_batched_tokens) -> None:
         self.config = config
         self.cost = cost
+        self.max_step_tokens = max_step_tokens  # the engines' token budget per step
         self._adbs = Adbs(config.rate_window_s) if config.policy is LocalPolicy.ADBS else None
 
     @property
@@ -163,6 +171,7 @@ class LocalScheduler:
         est = _Estimates.of(view, self.cost)
         admission = self._admission(view, est)
         drain: tuple[str, ...] = ()
+        token_budget: dict[str, int] = {}
         if self.config.max_resident is not None:
             evict, activate, drain = plan_swap(view, self.config.max_resident, self.config.kv_headroom_pages)
         else:
@@ -176,6 +185,8 @@ class LocalScheduler:
             )
         if self.config.policy is LocalPolicy.PRISM:
             run_model = self._pick_model_prism(view, est, admission)
+            budget = None if run_model is None else self._token_budget(view, est, run_model)
+            token_budget = {} if budget is None else {run_model: budget}
         elif self.config.policy is LocalPolicy.ROUND_ROBIN:
             run_model = self._pick_model_round_robin(view, est)
         elif self._adbs is not None:
@@ -189,6 +200,7 @@ class LocalScheduler:
             activate=activate,
             evict=evict,
             drain=drain,
+            token_budget=token_budget,
         )
 
     # ---- public pieces (the simulator and tests use them too) ---------------------------
@@ -209,6 +221,30 @@ class LocalScheduler:
         est = _Estimates.of(view, self.cost)
         # Most slack can best afford a recompute; ties: lower priority, then newest arrival.
         return max(candidates, key=lambda r: (self._slack(r, est), -r.priority, r.arrival, r.req_id))
+
+    def step_token_budget(self, view: DeviceView, model_id: str) -> int | None:
+        """The most tokens `model_id`'s next step may batch under prism (None: the full budget)."""
+        return self._token_budget(view, _Estimates.of(view, self.cost), model_id)
+
+    # ---- step size ------------------------------------------------------------------------
+    def _token_budget(self, view: DeviceView, est: _Estimates, model_id: str) -> int | None:
+        decodes = [r for r in view.requests if r.model_id == model_id and _is_decoding(r)]
+        if not decodes:
+            return None
+        pending = sum(num_tokens_to_prefill(r) for r in view.requests
+                      if r.model_id == model_id and not _is_decoding(r))
+        context = sum(r.num_tokens for r in decodes)
+        floor = weight_bound_chunk(lambda n: self.cost.prefill_time(model_id, n), self.max_step_tokens)
+        return step_token_budget(
+            decodes, pending, est.now, est.decode_step_s[model_id],
+            lambda p: self._step_estimate(model_id, len(decodes), context, p), floor, self.max_step_tokens,
+        )
+
+    def _step_estimate(self, model_id: str, num_decodes: int, context: int, num_prefill: int) -> float:
+        estimate = getattr(self.cost, "step_estimate", None)  # a calibrated cost's own pricing
+        if estimate is not None:
+            return estimate(model_id, num_decodes, context, num_prefill)
+        return step_seconds(self.cost, model_id, num_decodes, context, num_prefill)
 
     # ---- estimates ----------------------------------------------------------------------
     def _prefill_s(self, r: RequestView, est: _Estimates) -> float:
