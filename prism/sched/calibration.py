@@ -25,6 +25,7 @@ from prism.sched.view import CostModel
 # steps of the model (a window, so a spread that has passed, say first-use costs, ages out).
 MARGIN_QUANTILE = 0.9
 MARGIN_WINDOW = 100
+EXACT_TOLERANCE = 1e-9
 
 
 class CalibratedCost:
@@ -64,7 +65,9 @@ class CalibratedCost:
             upper = window[0]
         else:
             upper = statistics.quantiles(window, n=100, method="inclusive")[round(100 * self.margin_quantile) - 1]
-        self._margin[model_id] = max(1.0, upper)
+        # Within float noise of 1 (a measured duration is a difference of clock readings) the
+        # estimates are exact: no margin, and plans stay exactly as without one.
+        self._margin[model_id] = upper if upper > 1.0 + EXACT_TOLERANCE else 1.0
 
     def prefill_margin(self, model_id: str) -> float:
         """How much longer than `prefill_time` a prefill of this model likely runs (>= 1): the
