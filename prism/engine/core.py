@@ -182,27 +182,28 @@ class EngineCore:
         self.scheduler.reorder_waiting(req_ids)
 
     # ---- stepping --------------------------------------------------------------------------
-    def step(self) -> list[CompletionOutput]:
+    def step(self, budget: int | None = None) -> list[CompletionOutput]:
         """Run one batch; return the requests that finished (token events: drain_events). With
-        overlap, the batch is launched and the previous one's tokens are read."""
+        overlap, the batch is launched and the previous one's tokens are read. `budget`: this
+        step's tokens (Scheduler.schedule; None: max_num_batched_tokens)."""
         if self.overlap:
-            return self._step_overlapped()
+            return self._step_overlapped(budget)
         finished = self.take_finished_early() + self.read_in_flight()  # overlap was just turned off
-        plan = self._schedule(allow_preempt=True)
+        plan = self._schedule(allow_preempt=True, budget=budget)
         if plan.is_empty:
             return finished
         sampled = self.executor.execute(plan, lambda: self.blocks.map_ahead(self._blocks_for_next_step(plan)))
         self.scheduler.commit(plan)
         return finished + self._after_step(self._process_tokens(sampled, self.clock()))
 
-    def _step_overlapped(self) -> list[CompletionOutput]:
+    def _step_overlapped(self, budget: int | None = None) -> list[CompletionOutput]:
         finished = self.take_finished_early()
         if self._in_flight is not None and any(map(_needs_host_token, self._in_flight_seqs)):
             finished += self.read_in_flight()
-        plan = self._schedule(allow_preempt=self._in_flight is None)
+        plan = self._schedule(allow_preempt=self._in_flight is None, budget=budget)
         if plan is None:  # room needs a preemption, which needs every token read first
             finished += self.read_in_flight()
-            plan = self._schedule(allow_preempt=True)
+            plan = self._schedule(allow_preempt=True, budget=budget)
         if plan.is_empty:
             return finished + self.read_in_flight()
         previous = self._in_flight
@@ -217,8 +218,8 @@ class EngineCore:
             finished += self._process_tokens(self._collect(previous), self.clock())
         return self._after_step(finished)
 
-    def _schedule(self, allow_preempt: bool) -> StepPlan | None:
-        plan = self.scheduler.schedule(allow_preempt)
+    def _schedule(self, allow_preempt: bool, budget: int | None = None) -> StepPlan | None:
+        plan = self.scheduler.schedule(allow_preempt, budget)
         if plan is None:
             return None
         self.last_plan = plan

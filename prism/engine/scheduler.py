@@ -54,11 +54,13 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
-    def schedule(self, allow_preempt: bool = True) -> StepPlan | None:
+    def schedule(self, allow_preempt: bool = True, budget: int | None = None) -> StepPlan | None:
         """The next step's plan. With `allow_preempt=False` (a step is in flight and its
-        tokens are not read yet, core.py), None when the plan would need a preemption."""
+        tokens are not read yet, core.py), None when the plan would need a preemption.
+        `budget`: this step's tokens, below max_num_batched_tokens (the device's local
+        scheduler keeps running decodes within their TPOT so); None: max_num_batched_tokens."""
         try:
-            return self._schedule(allow_preempt)
+            return self._schedule(allow_preempt, budget)
         except _WouldPreempt:
             return None
 
@@ -70,8 +72,12 @@ class Scheduler:
         limit = self.max_model_len
         return seq.num_output_tokens >= seq.params.max_tokens or (limit is not None and seq.num_tokens >= limit)
 
-    def _schedule(self, allow_preempt: bool) -> StepPlan:
-        budget = self.config.max_num_batched_tokens
+    def _schedule(self, allow_preempt: bool, limit: int | None = None) -> StepPlan:
+        budget = self.config.max_num_batched_tokens if limit is None else \
+            max(1, min(limit, self.config.max_num_batched_tokens))
+        # Under a given budget a running prefill chunk leaves a token for each running decode
+        # not yet scheduled, so a small budget never skips a decode.
+        decodes_left = 0 if limit is None else sum(s.num_uncomputed_tokens == 1 for s in self.running)
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
@@ -79,9 +85,14 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
+            is_decode = seq.num_uncomputed_tokens == 1
+            decodes_left -= is_decode and limit is not None
             if seq.status != SeqStatus.RUNNING or self._awaits_last_token(seq):  # preempted earlier in this loop, or done
                 continue
-            num = min(seq.num_uncomputed_tokens, budget)
+            room = budget if limit is None or is_decode else budget - decodes_left
+            if room <= 0:
+                continue
+            num = min(seq.num_uncomputed_tokens, room)
             if not self._grow_or_preempt(seq, num, preempted, scheduled, allow_preempt):
                 continue
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))

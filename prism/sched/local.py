@@ -11,8 +11,14 @@ Policy "prism":
   those go first in EDD order, then the still-feasible rest by deadline, then late ones by
   arrival. Nothing is dropped.
 - Run: least slack first among each resident model's decodes and the on-time prefills taken
-  in EDD order; late work fills the gaps it fits in, and contends like the rest once it has
-  waited `late_contender_ttft_multiple` x its TTFT SLO (see `_pick_model_prism`).
+  in EDD order (each prefill planned for its likely-worst time: the estimate times the
+  measured spread of past prefill steps, `CalibratedCost.prefill_margin`); late work fills the
+  gaps it fits in, and contends like the rest once it has waited
+  `late_contender_ttft_multiple` x its TTFT SLO (see `_pick_model_prism`).
+- Step size: the model that runs batches its full token budget, unless a running decode of
+  it would then miss its TPOT as judged over the whole request; then the prefill chunk is cut
+  to what keeps it on time, never below the size where a step stops being weight-bound
+  (see step_budget.py).
 - Preemption victim: the request with most slack.
 Policy "fcfs" (baseline): arrival order everywhere; same residency rules. The device runs the
 model of its oldest unfinished request (decoding ones included): models take turns by arrival
@@ -31,10 +37,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from prism.config import NonNegFloat, NonNegInt, PosFloat, PosInt, check_fields
+from prism.config import EngineConfig, NonNegFloat, NonNegInt, PosFloat, PosInt, check_fields
 from prism.sched.adbs import Adbs
+from prism.sched.cost import step_seconds
 from prism.sched.moore_hodgson import Job, moore_hodgson
 from prism.sched.residency import IDLE_EVICT, IDLE_EVICT_S, IdleEvict, plan_residency
+from prism.sched.step_budget import step_token_budget, weight_bound_chunk
 from prism.sched.swap import plan_swap
 from prism.sched.view import CostModel, DeviceView, RequestView, StepDecision
 
@@ -146,9 +154,11 @@ class _Admission:
 
 
 class LocalScheduler:
-    def __init__(self, config: LocalSchedulerConfig, cost: CostModel) -> None:
+    def __init__(self, config: LocalSchedulerConfig, cost: CostModel,
+                 max_step_tokens: int = EngineConfig.max_num_batched_tokens) -> None:
         self.config = config
         self.cost = cost
+        self.max_step_tokens = max_step_tokens  # the engines' token budget per step
         self._adbs = Adbs(config.rate_window_s) if config.policy is LocalPolicy.ADBS else None
 
     @property
@@ -161,6 +171,7 @@ class LocalScheduler:
         est = _Estimates.of(view, self.cost)
         admission = self._admission(view, est)
         drain: tuple[str, ...] = ()
+        token_budget: dict[str, int] = {}
         if self.config.max_resident is not None:
             evict, activate, drain = plan_swap(view, self.config.max_resident, self.config.kv_headroom_pages)
         else:
@@ -174,6 +185,8 @@ class LocalScheduler:
             )
         if self.config.policy is LocalPolicy.PRISM:
             run_model = self._pick_model_prism(view, est, admission)
+            budget = None if run_model is None else self._token_budget(view, est, run_model)
+            token_budget = {} if budget is None else {run_model: budget}
         elif self.config.policy is LocalPolicy.ROUND_ROBIN:
             run_model = self._pick_model_round_robin(view, est)
         elif self._adbs is not None:
@@ -187,6 +200,7 @@ class LocalScheduler:
             activate=activate,
             evict=evict,
             drain=drain,
+            token_budget=token_budget,
         )
 
     # ---- public pieces (the simulator and tests use them too) ---------------------------
@@ -207,6 +221,30 @@ class LocalScheduler:
         est = _Estimates.of(view, self.cost)
         # Most slack can best afford a recompute; ties: lower priority, then newest arrival.
         return max(candidates, key=lambda r: (self._slack(r, est), -r.priority, r.arrival, r.req_id))
+
+    def step_token_budget(self, view: DeviceView, model_id: str) -> int | None:
+        """The most tokens `model_id`'s next step may batch under prism (None: the full budget)."""
+        return self._token_budget(view, _Estimates.of(view, self.cost), model_id)
+
+    # ---- step size ------------------------------------------------------------------------
+    def _token_budget(self, view: DeviceView, est: _Estimates, model_id: str) -> int | None:
+        decodes = [r for r in view.requests if r.model_id == model_id and _is_decoding(r)]
+        if not decodes:
+            return None
+        pending = sum(num_tokens_to_prefill(r) for r in view.requests
+                      if r.model_id == model_id and not _is_decoding(r))
+        context = sum(r.num_tokens for r in decodes)
+        floor = weight_bound_chunk(lambda n: self.cost.prefill_time(model_id, n), self.max_step_tokens)
+        return step_token_budget(
+            decodes, pending, est.now, est.decode_step_s[model_id],
+            lambda p: self._step_estimate(model_id, len(decodes), context, p), floor, self.max_step_tokens,
+        )
+
+    def _step_estimate(self, model_id: str, num_decodes: int, context: int, num_prefill: int) -> float:
+        estimate = getattr(self.cost, "step_estimate", None)  # a calibrated cost's own pricing
+        if estimate is not None:
+            return estimate(model_id, num_decodes, context, num_prefill)
+        return step_seconds(self.cost, model_id, num_decodes, context, num_prefill)
 
     # ---- estimates ----------------------------------------------------------------------
     def _prefill_s(self, r: RequestView, est: _Estimates) -> float:
@@ -356,12 +394,19 @@ class LocalScheduler:
         )
 
     def _pipeline_slack(self, pipeline: list[RequestView], est: _Estimates) -> float:
-        """How long prefills run back to back in this order could all wait and still be on time."""
+        """How long prefills run back to back in this order could all wait and still be on time,
+        each taking its likely-worst time (the estimate times the measured prefill margin:
+        calibration.py), so that a pipeline started just in time is not late whenever a step
+        runs longer than its estimate."""
         slack, finish = math.inf, est.now
         for r in pipeline:
-            finish += self._prefill_s(r, est)
+            finish += self._prefill_s(r, est) * self._prefill_margin(r.model_id)
             slack = min(slack, next_deadline(r) - finish)
         return slack
+
+    def _prefill_margin(self, model_id: str) -> float:
+        margin = getattr(self.cost, "prefill_margin", None)  # cost models that measure their spread
+        return 1.0 if margin is None else margin(model_id)
 
     def _pick_model_fcfs(self, view: DeviceView, est: _Estimates) -> str | None:
         runnable = [r for r in view.requests if r.model_id in est.resident]

@@ -91,3 +91,6 @@ class StepDecision:
     activate: tuple[str, ...] = ()
     evict: tuple[str, ...] = ()
     drain: tuple[str, ...] = ()  # models that admit nothing new for now (their turn is over)
+    # model -> the most tokens its next step may batch (decodes and prefill chunks together),
+    # below its engine's max_num_batched_tokens; a model not named keeps that full budget.
+    token_budget: dict[str, int] = field(default_factory=dict)

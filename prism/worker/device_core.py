@@ -300,7 +300,7 @@ class DeviceCore(ABC):
             if not self.engines[model_id].resident:
                 continue
             # (With overlap a step that launches nothing may still read the last one's tokens.)
-            done, num_tokens = self._step_model(model_id)
+            done, num_tokens = self._step_model(model_id, decision.token_budget.get(model_id))
             finished += done
             if num_tokens:
                 run = model_id
@@ -317,11 +317,12 @@ class DeviceCore(ABC):
         self._maybe_sample()
         return StepOutput(events, finished, run, num_tokens)
 
-    def _step_model(self, model_id: str) -> tuple[list[tuple[str, CompletionOutput]], int]:
+    def _step_model(self, model_id: str, budget: int | None = None) -> tuple[list[tuple[str, CompletionOutput]], int]:
+        """One step of `model_id` (`budget`: its tokens, the local scheduler's; None: the engine's)."""
         engine = self.engines[model_id]
         before = engine.num_preemptions
         start = self.clock.now()
-        finished = [(model_id, out) for out in engine.step()]
+        finished = [(model_id, out) for out in (engine.step() if budget is None else engine.step(budget))]
         (self._in_flight.add if engine.has_in_flight else self._in_flight.discard)(model_id)
         self._after_engine_change(model_id, finished)
         self.counters.preemptions[model_id] += engine.num_preemptions - before
@@ -332,8 +333,7 @@ class DeviceCore(ABC):
             # Steps side by side share the chip and read each other's turns: their wall times
             # are not one model's step, so the estimates keep their profiles then.
             if self.config.scheduler.concurrent_models == 1:
-                predicted = self.cost.step_time(model_id, *plan.cost_terms())
-                self.cost.observe(model_id, predicted, now - start)
+                self.cost.observe_step(model_id, plan.cost_terms(), now - start)
         return finished, engine.last_step_num_tokens
 
     def _step_beside(self, run: str, candidates: list[str]) -> tuple[list, int, set[str]]:

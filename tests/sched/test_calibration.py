@@ -61,3 +61,30 @@ def test_a_device_that_runs_as_predicted_keeps_its_correction_at_one_through_mix
             cost.observe("a", cost.step_time("a", *terms), step_seconds(truth, "a", *terms))
     assert abs(cost.factor["a"] - 1.0) < 1e-9
     assert abs(cost.step_time("a", 8, 8000, 512) - (0.01 + 0.0001 * 520 + 0.008)) < 1e-12
+
+
+# ---- the prefill margin: the spread the correction leaves on prefill steps ----------------
+def test_exact_estimates_leave_no_prefill_margin():
+    truth = Roofline()
+    cost = CalibratedCost(truth)
+    for terms in ((8, 8000, 512), (8, 8000, 0), (0, 0, 2048)) * 20:
+        cost.observe_step("a", terms, step_seconds(truth, "a", *terms))
+    assert cost.prefill_margin("a") == 1.0
+    assert cost.prefill_margin("never-seen") == 1.0
+
+
+def test_the_margin_is_an_upper_quantile_of_prefill_residuals_and_ages_out():
+    cost = CalibratedCost(Fixed(), alpha=0.0, margin_quantile=0.9, margin_window=10)
+    cost.factor["a"] = 1.0  # alpha 0: the correction stays at 1, residuals are the ratios
+    for ratio in (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.5, 2.0):
+        cost.observe("a", 0.1, 0.1 * ratio, with_prefill=True)
+    assert 1.5 <= cost.prefill_margin("a") <= 2.0
+    for _ in range(4):  # decode steps do not count
+        cost.observe("a", 0.1, 0.3)
+    assert 1.5 <= cost.prefill_margin("a") <= 2.0
+    for _ in range(10):  # the slow steps leave the window
+        cost.observe("a", 0.1, 0.1, with_prefill=True)
+    assert cost.prefill_margin("a") == 1.0
+    for _ in range(10):  # faster than estimated: never a margin below 1
+        cost.observe("a", 0.1, 0.05, with_prefill=True)
+    assert cost.prefill_margin("a") == 1.0
