@@ -5,6 +5,7 @@ rates such turns reach and write them (`concurrency.yaml`, prism.sched.concurren
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 from prism.cli.common import default_memory, size_arg
@@ -92,41 +93,19 @@ def print_profile(profile) -> None:
 def run_pair_profile(args) -> int:
     import datetime
 
-    import torch
-
-    from prism.config import DeviceConfig, EngineConfig
     from prism.engine import pair_profiler as pairs
-    from prism.engine.llm_engine import LLMEngine
-    from prism.engine.profiler import device_name
     from prism.env import profile_dir
     from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile
     from prism.sim.costs import card_defaults
 
+    if args.out and not args.out.endswith((".yaml", ".yml")):
+        raise UserError(f"--out {args.out}: with --pair-with the rates go to a YAML file "
+                        f"(the simulator reads {CONCURRENCY_FILE} in the profile folder)")
     if args.quick:
         grid = (pairs.QUICK_PAIR_DECODES, pairs.QUICK_PAIR_PREFILLS, pairs.QUICK_BESIDE)
     else:
         grid = (pairs.DEFAULT_PAIR_DECODES, pairs.DEFAULT_PAIR_PREFILLS, pairs.DEFAULT_BESIDE)
-    cases = pairs.pair_cases(*grid)
-    device = DeviceConfig(device=args.device, memory_bytes=args.memory or default_memory(args.device))
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    # As a worker with concurrent_models runs them: a stream each (graphs in pools of their own).
-    max_batch = max(step.batch for case in cases for step in case)
-    engine_config = EngineConfig(max_num_batched_tokens=8192, max_num_seqs=max(64, max_batch), own_stream=True)
-    first = LLMEngine(args.model, engine_config, device, dtype=dtype, show_progress=True)
-    try:
-        # Both on one page pool, as on a worker (the same model twice needs two names).
-        second_id = args.pair_with + "#2" if args.pair_with == args.model else None
-        second = LLMEngine(args.pair_with, engine_config, device, pool=first.pool, dtype=dtype,
-                           model_id=second_id, show_progress=True)
-        try:
-            start = time.perf_counter()
-            turns = pairs.profile_pair(first, second, cases, repeats=args.repeats)
-            elapsed = time.perf_counter() - start
-        finally:
-            second.close()
-        card = device_name(first.device)
-    finally:
-        first.close()
+    turns, card, elapsed = measure_pair(args, pairs.pair_cases(*grid))
     if not turns:
         raise UserError("no case fits the two models' memory and context: give --memory more")
     command = (f"prism profile --model {args.model} --pair-with {args.pair_with} --device {args.device}"
@@ -139,6 +118,35 @@ def run_pair_profile(args) -> int:
     return 0
 
 
+def measure_pair(args, cases) -> tuple[list, str, float]:
+    """Both models on one page pool, each on a stream of its own, as a worker with
+    concurrent_models runs them; (the measured turns, the card, seconds measuring)."""
+    import torch
+
+    from prism.config import DeviceConfig, EngineConfig
+    from prism.engine.llm_engine import LLMEngine
+    from prism.engine.pair_profiler import profile_pair
+    from prism.engine.profiler import device_name
+
+    device = DeviceConfig(device=args.device, memory_bytes=args.memory or default_memory(args.device))
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    max_batch = max(step.batch for case in cases for step in case)
+    engine_config = EngineConfig(max_num_batched_tokens=8192, max_num_seqs=max(64, max_batch), own_stream=True)
+    first = LLMEngine(args.model, engine_config, device, dtype=dtype, show_progress=True)
+    try:
+        second_id = args.pair_with + "#2" if args.pair_with == args.model else None  # one name each
+        second = LLMEngine(args.pair_with, engine_config, device, pool=first.pool, dtype=dtype,
+                           model_id=second_id, show_progress=True)
+        try:
+            start = time.perf_counter()
+            turns = profile_pair(first, second, cases, repeats=args.repeats)
+            return turns, device_name(first.device), time.perf_counter() - start
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
 def print_turns(profile, nominal) -> None:
     """Each measured turn beside what the simulator charges for it, at the nominal and at the
     fitted rates."""
@@ -146,11 +154,14 @@ def print_turns(profile, nominal) -> None:
 
     fitted = profile.rates(nominal)
     print(f"steps side by side on {profile.device} ({profile.card}): memory "
-          f"{fitted.memory_bytes_per_s / 1e9:.1f} GB/s (nominal {nominal.memory_bytes_per_s / 1e9:.1f}), matmul "
-          f"{fitted.flops_per_s / 1e12:.2f} TFLOP/s (nominal {nominal.flops_per_s / 1e12:.2f})")
+          f"{fitted.memory_bytes_per_s / 1e9:.4g} GB/s (nominal {nominal.memory_bytes_per_s / 1e9:.4g}), matmul "
+          f"{fitted.flops_per_s / 1e12:.4g} TFLOP/s (nominal {nominal.flops_per_s / 1e12:.4g})")
     print(f"\n{'case':<34} {'alone ms':>17} {'turn ms':>9} {'nominal':>9} {'fitted':>9} {'error':>7}")
     for t in profile.turns:
         alone = " + ".join(f"{s.alone_s * 1e3:.2f}" for s in t.steps)
         at_nominal, at_fitted = predicted_turn(nominal, t.steps), predicted_turn(fitted, t.steps)
         print(f"{t.case:<34} {alone:>17} {t.turn_s * 1e3:>9.2f} {at_nominal * 1e3:>9.2f} "
               f"{at_fitted * 1e3:>9.2f} {at_fitted / t.turn_s - 1:>+7.1%}")
+    for name, rates in (("nominal", nominal), ("fitted", fitted)):
+        errors = [abs(predicted_turn(rates, t.steps) / t.turn_s - 1) for t in profile.turns]
+        print(f"{name} rates: median |error| {statistics.median(errors):.1%}, largest {max(errors):.1%}")
