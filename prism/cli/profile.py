@@ -148,20 +148,25 @@ def measure_pair(args, cases) -> tuple[list, str, float]:
 
 
 def print_turns(profile, nominal) -> None:
-    """Each measured turn beside what the simulator charges for it, at the nominal and at the
-    fitted rates."""
-    from prism.sched.concurrency import predicted_turn
-
     fitted = profile.rates(nominal)
     print(f"steps side by side on {profile.device} ({profile.card}): memory "
           f"{fitted.memory_bytes_per_s / 1e9:.4g} GB/s (nominal {nominal.memory_bytes_per_s / 1e9:.4g}), matmul "
           f"{fitted.flops_per_s / 1e12:.4g} TFLOP/s (nominal {nominal.flops_per_s / 1e12:.4g})")
-    print(f"\n{'case':<34} {'alone ms':>17} {'turn ms':>9} {'nominal':>9} {'fitted':>9} {'error':>7}")
-    for t in profile.turns:
+    print_turn_table(profile.turns, {"nominal": nominal, "fitted": fitted})
+
+
+def print_turn_table(turns, rates: dict) -> None:
+    """Each measured turn beside what the simulator charges for it at each of `rates` (by
+    name), and the error of the last of them; then each one's median and largest error."""
+    from prism.sched.concurrency import predicted_turn
+
+    names = list(rates)
+    print(f"\n{'case':<34} {'alone ms':>17} {'turn ms':>9} " + " ".join(f"{n[:9]:>9}" for n in names) + f" {'error':>7}")
+    for t in turns:
         alone = " + ".join(f"{s.alone_s * 1e3:.2f}" for s in t.steps)
-        at_nominal, at_fitted = predicted_turn(nominal, t.steps), predicted_turn(fitted, t.steps)
-        print(f"{t.case:<34} {alone:>17} {t.turn_s * 1e3:>9.2f} {at_nominal * 1e3:>9.2f} "
-              f"{at_fitted * 1e3:>9.2f} {at_fitted / t.turn_s - 1:>+7.1%}")
-    for name, rates in (("nominal", nominal), ("fitted", fitted)):
-        errors = [abs(predicted_turn(rates, t.steps) / t.turn_s - 1) for t in profile.turns]
+        charged = [predicted_turn(rates[n], t.steps) for n in names]
+        print(f"{t.case:<34} {alone:>17} {t.turn_s * 1e3:>9.2f} " + " ".join(f"{c * 1e3:>9.2f}" for c in charged)
+              + f" {charged[-1] / t.turn_s - 1:>+7.1%}")
+    for name in names:
+        errors = [abs(predicted_turn(rates[name], t.steps) / t.turn_s - 1) for t in turns]
         print(f"{name} rates: median |error| {statistics.median(errors):.1%}, largest {max(errors):.1%}")
