@@ -4,9 +4,9 @@ turn costs, the turns `prism profile --pair-with` measures, and the rates fitted
 A turn cannot end before the longest of its steps alone, nor before the sum of their floors:
 each step's bytes over the memory bandwidth or its FLOPs over the matmul rate, whichever is
 larger (what the kernels of all of them together must move or compute). It takes the larger
-of the two (`ConcurrentTurn`). With the card's nominal rates that rule came within 2-10% (under)
-of the H200's measured turns (docs/policies.md). The rates side-by-side kernels reach together
-are lower than a copy's or a large GEMM's, and they are measurable: `fit_rates` finds the
+of the two (`ConcurrentTurn`). With nominal rates the rule predicted somewhat less than the
+H200's measured turns (docs/policies.md has the figures): the rates side-by-side kernels reach
+together are not a copy's or a large GEMM's. They are measurable: `fit_rates` finds the
 bandwidth and matmul rate under which the rule best reproduces measured turns (`MeasuredTurn`:
 two models' steps alone and in one turn), and `ConcurrencyProfile` keeps them with the turns
 they were fitted to, as `concurrency.yaml` in a profile folder, where the simulator reads them.
