@@ -1,8 +1,11 @@
 """`prism profile`: measure a model's prefill and decode times on a device, write the profile
-JSON the cost model reads (prism.sched.cost), print a short table."""
+JSON the cost model reads (prism.sched.cost), print a short table. With `--pair-with B`:
+measure the model's steps and B's side by side instead (prism.engine.pair_profiler), fit the
+rates such turns reach and write them (`concurrency.yaml`, prism.sched.concurrency)."""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 from prism.cli.common import default_memory, size_arg
@@ -17,7 +20,10 @@ def add_profile_parser(sub) -> None:
                    help="device page budget (default: 4GiB on CPU, 90%% of free GPU memory)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--out", default=None, help="profile JSON to write (default: $PRISM_PROFILE_DIR or "
-                   "~/.cache/prism/profiles/<model>-<device>.json)")
+                   "~/.cache/prism/profiles/<model>-<device>.json; with --pair-with, concurrency.yaml there)")
+    p.add_argument("--pair-with", default=None, metavar="MODEL",
+                   help="measure --model's steps and this model's side by side (one turn, a stream each) "
+                   "and write the rates such turns reach, which the simulator charges them at")
     p.add_argument("--quick", action="store_true", help="fewer cases (a rough profile in seconds)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case, after one warm-up")
     p.set_defaults(func=run_profile)
@@ -36,6 +42,8 @@ def run_profile(args) -> int:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {args.device} asked for but CUDA is not available")
+    if args.pair_with:
+        return run_pair_profile(args)
     if args.quick:
         cases = (profiler.QUICK_PREFILL_LENGTHS, profiler.QUICK_BATCH_SIZES,
                  profiler.QUICK_CONTEXT_LENGTHS)
@@ -80,3 +88,85 @@ def print_profile(profile) -> None:
         print(f"\n{'mixed: prefill':>14} {'batch':>6} {'context':>8} {'step ms':>9}")
         for p, b, c, t in profile.mixed:
             print(f"{p:>14} {b:>6} {c:>8} {t * 1e3:>9.2f}")
+
+
+def run_pair_profile(args) -> int:
+    import datetime
+
+    from prism.engine import pair_profiler as pairs
+    from prism.env import profile_dir
+    from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile
+    from prism.sim.costs import card_defaults
+
+    if args.out and not args.out.endswith((".yaml", ".yml")):
+        raise UserError(f"--out {args.out}: with --pair-with the rates go to a YAML file "
+                        f"(the simulator reads {CONCURRENCY_FILE} in the profile folder)")
+    if args.quick:
+        grid = (pairs.QUICK_PAIR_DECODES, pairs.QUICK_PAIR_PREFILLS, pairs.QUICK_BESIDE)
+    else:
+        grid = (pairs.DEFAULT_PAIR_DECODES, pairs.DEFAULT_PAIR_PREFILLS, pairs.DEFAULT_BESIDE)
+    turns, card, elapsed = measure_pair(args, pairs.pair_cases(*grid))
+    if not turns:
+        raise UserError("no case fits the two models' memory and context: give --memory more")
+    command = (f"prism profile --model {args.model} --pair-with {args.pair_with} --device {args.device}"
+               + (" --quick" if args.quick else "") + f" --repeats {args.repeats}")
+    nominal = card_defaults(args.device)
+    profile = ConcurrencyProfile.fitted(turns, nominal, card, args.device, datetime.date.today().isoformat(), command)
+    out = profile.save(args.out or profile_dir() / CONCURRENCY_FILE)
+    print_turns(profile, nominal)
+    print(f"measured in {elapsed:.1f} s; wrote {out}")
+    return 0
+
+
+def measure_pair(args, cases) -> tuple[list, str, float]:
+    """Both models on one page pool, each on a stream of its own, as a worker with
+    concurrent_models runs them; (the measured turns, the card, seconds measuring)."""
+    import torch
+
+    from prism.config import DeviceConfig, EngineConfig
+    from prism.engine.llm_engine import LLMEngine
+    from prism.engine.pair_profiler import profile_pair
+    from prism.engine.profiler import device_name
+
+    device = DeviceConfig(device=args.device, memory_bytes=args.memory or default_memory(args.device))
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    max_batch = max(step.batch for case in cases for step in case)
+    engine_config = EngineConfig(max_num_batched_tokens=8192, max_num_seqs=max(64, max_batch), own_stream=True)
+    first = LLMEngine(args.model, engine_config, device, dtype=dtype, show_progress=True)
+    try:
+        second_id = args.pair_with + "#2" if args.pair_with == args.model else None  # one name each
+        second = LLMEngine(args.pair_with, engine_config, device, pool=first.pool, dtype=dtype,
+                           model_id=second_id, show_progress=True)
+        try:
+            start = time.perf_counter()
+            turns = profile_pair(first, second, cases, repeats=args.repeats)
+            return turns, device_name(first.device), time.perf_counter() - start
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
+def print_turns(profile, nominal) -> None:
+    fitted = profile.rates(nominal)
+    print(f"steps side by side on {profile.device} ({profile.card}): memory "
+          f"{fitted.memory_bytes_per_s / 1e9:.4g} GB/s (nominal {nominal.memory_bytes_per_s / 1e9:.4g}), matmul "
+          f"{fitted.flops_per_s / 1e12:.4g} TFLOP/s (nominal {nominal.flops_per_s / 1e12:.4g})")
+    print_turn_table(profile.turns, {"nominal": nominal, "fitted": fitted})
+
+
+def print_turn_table(turns, rates: dict) -> None:
+    """Each measured turn beside what the simulator charges for it at each of `rates` (by
+    name), and the error of the last of them; then each one's median and largest error."""
+    from prism.sched.concurrency import predicted_turn
+
+    names = list(rates)
+    print(f"\n{'case':<34} {'alone ms':>17} {'turn ms':>9} " + " ".join(f"{n[:9]:>9}" for n in names) + f" {'error':>7}")
+    for t in turns:
+        alone = " + ".join(f"{s.alone_s * 1e3:.2f}" for s in t.steps)
+        charged = [predicted_turn(rates[n], t.steps) for n in names]
+        print(f"{t.case:<34} {alone:>17} {t.turn_s * 1e3:>9.2f} " + " ".join(f"{c * 1e3:>9.2f}" for c in charged)
+              + f" {charged[-1] / t.turn_s - 1:>+7.1%}")
+    for name in names:
+        errors = [abs(predicted_turn(rates[name], t.steps) / t.turn_s - 1) for t in turns]
+        print(f"{name} rates: median |error| {statistics.median(errors):.1%}, largest {max(errors):.1%}")

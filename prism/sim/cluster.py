@@ -134,7 +134,8 @@ class SimCluster:
         wc = WorkerConfig(dev, specs, self.config.local, sample_interval_s=math.inf,
                           detokenize=False, metrics_keep_last=0)
         return SimDevice(wc, shapes, truth, policy, host=profiles.host,
-                         host_copies=self.host_copies.setdefault(dev.node, set()), gpus=gpus)
+                         host_copies=self.host_copies.setdefault(dev.node, set()), gpus=gpus,
+                         concurrent_rates=profiles.concurrent_rates(dev.device))
 
     # ---- messages ------------------------------------------------------------------------------
     def deliver(self, device_id: str, message) -> None:

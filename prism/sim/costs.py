@@ -21,6 +21,10 @@ pure prefill prefill_time(tokens); a mixed step what the profile's measured mixe
 (ProfileCostModel.mixed_step_time), and for profiles without any, one forward pass over all
 its tokens: prefill_time(prefill + decode tokens) plus the decodes' KV reads
 (decode_step_time(batch, context) - decode_step_time(batch, 0)).
+
+Steps of several models in one turn (concurrent_models > 1) are charged together by
+`ConcurrentTurn` (prism.sched.concurrency), at the rates `prism profile --pair-with` measured
+(`concurrency.yaml` in the profile folder), else at the card's nominal ones.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from prism.errors import UserError
+from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile, ConcurrentTurn, step_floor
 from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_profiles, step_seconds
 from prism.sched.global_view import TransferRates
 from prism.sched.view import CostModel
@@ -51,51 +56,6 @@ GRID_CONTEXT = (128, 1024, 4096)
 def card_defaults(device: str) -> DefaultCosts:
     """The nominal rates the real worker assumes for a device kind (prism.worker)."""
     return DefaultCosts.nvidia_h100() if device.startswith("cuda") else DefaultCosts()
-
-
-class ConcurrentTurn:
-    """The device time of the steps one turn runs side by side (concurrent_models > 1).
-
-    Steps that share the chip cannot end before the longest of them alone, nor before the sum
-    of their floors: each step's bytes over the memory bandwidth or its FLOPs over the matmul
-    rate, whichever is larger (what the kernels of all of them together must move or compute).
-    The turn takes the larger of the two. Checked against the H200 measurements of 2026-12-05
-    (docs/policies.md: six 1B decodes side by side, two 8B decodes on two streams): with the
-    bandwidth measured in the same run the rule predicts 2-10% less than was measured.
-    The steps are charged one after another as the clock's marginal moves, so the first
-    model's tokens come out at its own end, the later ones' at the turn's."""
-
-    def __init__(self, rates: DefaultCosts, gpus: int = 1):
-        """`rates`: one GPU's nominal bandwidth and matmul rate; `gpus`: the GPUs the device
-        stands for (a tensor-parallel group moves and computes k times as much at once)."""
-        self.rates = DefaultCosts(memory_bytes_per_s=rates.memory_bytes_per_s * gpus,
-                                  flops_per_s=rates.flops_per_s * gpus, h2d_bytes_per_s=rates.h2d_bytes_per_s * gpus)
-        self.reset()
-
-    def reset(self) -> None:
-        self.longest = self.floors = self.charged = 0.0
-
-    def floor(self, weight_bytes: int, kv_bytes_per_token: int, num_context: int, num_tokens: int) -> float:
-        return step_floor(self.rates, weight_bytes, kv_bytes_per_token, num_context, num_tokens)
-
-    def charge(self, seconds: float, floor: float) -> float:
-        """Add one step (its time alone, its floor); the time the clock moves for it now. A
-        floor above the step's own time (nominal rates below what the card does) counts as
-        that time: side by side, no step costs more than alone."""
-        self.longest = max(self.longest, seconds)
-        self.floors += min(floor, seconds)
-        total = max(self.longest, self.floors)
-        moved, self.charged = total - self.charged, total
-        return moved
-
-
-def step_floor(rates: DefaultCosts, weight_bytes: int, kv_bytes_per_token: int,
-               num_context: int, num_tokens: int) -> float:
-    """A step's least device time: its bytes (weights, the decodes' KV) over the memory
-    bandwidth or its matmul FLOPs over the matmul rate, whichever is larger."""
-    moved = (weight_bytes + kv_bytes_per_token * num_context) / rates.memory_bytes_per_s
-    computed = 2 * (weight_bytes / 2) * num_tokens / rates.flops_per_s  # 16-bit weights
-    return max(moved, computed)
 
 
 # ---- roofline ----------------------------------------------------------------------------------
@@ -294,11 +254,12 @@ class ColdShapes:
 @dataclass(frozen=True)
 class ProfileSet:
     """Measured profiles by model source, the shapes of the measured models (to scale from),
-    and the host overheads measured beside them."""
+    and the host overheads and the rates of steps side by side measured beside them."""
 
     measured: dict[str, ModelProfile]
     ref_shapes: dict[str, ModelShape]
     host: HostOverheads = HostOverheads()
+    concurrency: ConcurrencyProfile | None = None
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -318,8 +279,18 @@ class ProfileSet:
         for source, p in measured.items():
             shape = model_shape(ModelSpec(source, source, dtype=_spec_dtype(p)), p.device)
             shapes[source] = dataclasses.replace(shape, weight_bytes=p.weight_bytes)
-        host = folder / HOST_FILE
-        return cls(measured, shapes, HostOverheads.load(host) if host.is_file() else HostOverheads())
+        host, concurrency = folder / HOST_FILE, folder / CONCURRENCY_FILE
+        return cls(measured, shapes, HostOverheads.load(host) if host.is_file() else HostOverheads(),
+                   ConcurrencyProfile.load(concurrency) if concurrency.is_file() else None)
+
+    def concurrent_rates(self, device: str) -> DefaultCosts:
+        """The rates a turn of steps side by side is charged at on `device` (ConcurrentTurn):
+        those measured on its kind of device (concurrency.yaml), else the card's nominal ones."""
+        nominal = card_defaults(device)
+        c = self.concurrency
+        if c is None or c.device.split(":")[0] != device.split(":")[0]:
+            return nominal
+        return c.rates(nominal)
 
     def nearest(self, shape: ModelShape) -> str | None:
         """The measured source closest to `shape` in weight bytes (log scale)."""
@@ -365,7 +336,8 @@ def device_cost_model(profiles: dict[str, ModelProfile], device: str) -> Profile
 
 
 __all__ = [
-    "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL", "HOST_FILE", "HostOverheads", "ProfileSet", "TP_DECODE_PARALLEL_FRACTION",
-    "TP_PREFILL_PARALLEL_FRACTION", "card_defaults", "device_cost_model", "roofline_profile",
-    "scale_profile", "step_seconds", "tp_profile",
+    "CONCURRENCY_FILE", "ConcurrencyProfile", "ConcurrentTurn", "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL",
+    "HOST_FILE", "HostOverheads", "ProfileSet", "TP_DECODE_PARALLEL_FRACTION", "TP_PREFILL_PARALLEL_FRACTION",
+    "card_defaults", "device_cost_model", "roofline_profile", "scale_profile", "step_floor", "step_seconds",
+    "tp_profile",
 ]

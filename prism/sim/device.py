@@ -15,7 +15,7 @@ from prism.config import ModelSpec
 from prism.engine.core import EngineCore
 from prism.memory.page_pool import PagePool
 from prism.sched.clock import ManualClock
-from prism.sched.cost import ModelProfile, ProfileCostModel
+from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel
 from prism.sched.view import CostModel
 from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads, card_defaults
 from prism.sim.engine import sim_engine
@@ -31,12 +31,15 @@ class SimDevice(DeviceCore):
     without one are planned from the card's nominal rates, as on a real worker, and the
     calibration learns the difference from each step. `policy_cost` replaces all that with a
     given cost model (as DeviceWorker's `cost` argument does). `gpus`: the GPUs the device
-    stands for (a tensor-parallel group in the planner)."""
+    stands for (a tensor-parallel group in the planner). `concurrent_rates`: one GPU's rates
+    that steps side by side are charged at (ProfileSet.concurrent_rates; default the card's
+    nominal ones)."""
 
     def __init__(self, config: WorkerConfig, shapes: dict[str, ModelShape], truth: CostModel,
                  policy_profiles: dict[str, ModelProfile], start: float = 0.0,
                  policy_cost: CostModel | None = None, host: HostOverheads = HostOverheads(),
-                 host_copies: set[str] | None = None, gpus: int = 1):
+                 host_copies: set[str] | None = None, gpus: int = 1,
+                 concurrent_rates: DefaultCosts | None = None):
         dev = config.device
         pool = PagePool(CountingBackend(dev.page_size), dev.num_pages, num_spare_pages=0)
         cost = policy_cost or ProfileCostModel(defaults=card_defaults(dev.device))
@@ -47,7 +50,8 @@ class SimDevice(DeviceCore):
         self.cold = ColdShapes(host.cold_shape_s)  # kernels are loaded once per device process
         # Steps of several models in one turn are charged as one (concurrent_models > 1).
         concurrent = config.scheduler.concurrent_models > 1
-        self.turn = ConcurrentTurn(card_defaults(dev.device), gpus) if concurrent else None
+        rates = concurrent_rates or card_defaults(dev.device)
+        self.turn = ConcurrentTurn(rates, gpus) if concurrent else None
         self.device_id = dev.device_id
         # The models whose weights this device's node holds in host memory: one set shared by
         # the node's devices, as the node's workers share one copy (None: every copy at hand).

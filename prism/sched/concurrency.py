@@ -1,0 +1,209 @@
+"""Steps of several models run side by side in one turn (concurrent_models > 1): what such a
+turn costs, the turns `prism profile --pair-with` measures, and the rates fitted to them.
+
+A turn cannot end before the longest of its steps alone, nor before the sum of their floors:
+each step's bytes over the memory bandwidth or its FLOPs over the matmul rate, whichever is
+larger (what the kernels of all of them together must move or compute). It takes the larger
+of the two (`ConcurrentTurn`). With nominal rates the rule predicted somewhat less than the
+H200's measured turns (docs/policies.md has the figures): the rates side-by-side kernels reach
+together are not a copy's or a large GEMM's. They are measurable: `fit_rates` finds the
+bandwidth and matmul rate under which the rule best reproduces measured turns (`MeasuredTurn`:
+two models' steps alone and in one turn), and `ConcurrencyProfile` keeps them with the turns
+they were fitted to, as `concurrency.yaml` in a profile folder, where the simulator reads them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from prism.errors import UserError
+from prism.sched.cost import DefaultCosts
+
+CONCURRENCY_FILE = "concurrency.yaml"
+
+
+def step_floor(rates: DefaultCosts, weight_bytes: int, kv_bytes_per_token: int,
+               num_context: int, num_tokens: int) -> float:
+    """A step's least device time: its bytes (weights, the decodes' KV) over the memory
+    bandwidth or its matmul FLOPs over the matmul rate, whichever is larger."""
+    moved = (weight_bytes + kv_bytes_per_token * num_context) / rates.memory_bytes_per_s
+    computed = 2 * (weight_bytes / 2) * num_tokens / rates.flops_per_s  # 16-bit weights
+    return max(moved, computed)
+
+
+class ConcurrentTurn:
+    """The device time of the steps one turn runs side by side (concurrent_models > 1): the
+    larger of the longest step alone and the sum of the steps' floors (module docstring).
+    The steps are charged one after another as the clock's marginal moves, so the first
+    model's tokens come out at its own end, the later ones' at the turn's."""
+
+    def __init__(self, rates: DefaultCosts, gpus: int = 1):
+        """`rates`: one GPU's bandwidth and matmul rate (nominal, or fitted: ConcurrencyProfile);
+        `gpus`: the GPUs the device stands for (a tensor-parallel group moves and computes k
+        times as much at once)."""
+        self.rates = DefaultCosts(memory_bytes_per_s=rates.memory_bytes_per_s * gpus,
+                                  flops_per_s=rates.flops_per_s * gpus, h2d_bytes_per_s=rates.h2d_bytes_per_s * gpus)
+        self.reset()
+
+    def reset(self) -> None:
+        self.longest = self.floors = self.charged = 0.0
+
+    def floor(self, weight_bytes: int, kv_bytes_per_token: int, num_context: int, num_tokens: int) -> float:
+        return step_floor(self.rates, weight_bytes, kv_bytes_per_token, num_context, num_tokens)
+
+    def charge(self, seconds: float, floor: float) -> float:
+        """Add one step (its time alone, its floor); the time the clock moves for it now. A
+        floor above the step's own time (rates below what the card does) counts as that
+        time: side by side, no step costs more than alone."""
+        self.longest = max(self.longest, seconds)
+        self.floors += min(floor, seconds)
+        total = max(self.longest, self.floors)
+        moved, self.charged = total - self.charged, total
+        return moved
+
+
+# ---- measured turns -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SideStep:
+    """One model's step in a measured turn: its time alone and the work its floor counts
+    (the same terms the simulator charges it by: plan.cost_terms()'s context, its tokens)."""
+
+    model: str
+    alone_s: float
+    weight_bytes: int
+    kv_bytes_per_token: int
+    num_context: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class MeasuredTurn:
+    """Steps of several models launched in one turn, and the turn's measured time."""
+
+    case: str  # what ran, e.g. "decode 16x1024 | prefill 256"
+    steps: tuple[SideStep, ...]
+    turn_s: float
+
+
+def predicted_turn(rates: DefaultCosts, steps: Iterable[SideStep]) -> float:
+    """What `ConcurrentTurn` charges for these steps at these rates."""
+    turn = ConcurrentTurn(rates)
+    for s in steps:
+        turn.charge(s.alone_s, turn.floor(s.weight_bytes, s.kv_bytes_per_token, s.num_context, s.num_tokens))
+    return turn.charged
+
+
+# ---- the fit ------------------------------------------------------------------------------------
+# Rates are searched in octaves around the nominal ones: from 2^-16 (a CPU, where "side by
+# side" runs one after another) to 2^4 of them, coarse to fine, to 1/128 of an octave.
+_OCTAVES = (-16.0, 4.0)
+_REFINE = ((0.5, None), (1 / 16, 0.5), (1 / 128, 1 / 16))  # (step, half-width around the best; None: all)
+_TIE = 1e-9  # losses this close are equal: the rates nearer the nominal ones win
+
+
+def fit_rates(turns: Sequence[MeasuredTurn], nominal: DefaultCosts) -> DefaultCosts:
+    """The memory bandwidth and matmul rate under which `ConcurrentTurn` best reproduces the
+    measured turns (least mean squared log error). Where the turns do not pin a rate down
+    (no step of theirs is bound by it, or every turn took its longest step alone), the rate
+    stays nearest the nominal one that fits as well."""
+    if not turns:
+        raise ValueError("no measured turns to fit")
+
+    def loss(point: tuple[float, float]) -> float:
+        rates = _scaled(nominal, *point)
+        return sum(math.log(predicted_turn(rates, t.steps) / t.turn_s) ** 2 for t in turns) / len(turns)
+
+    best = (0.0, 0.0)
+    for step, half in _REFINE:
+        axes = [_axis(c, step, half) for c in best]
+        scored = [(loss((x, y)), x * x + y * y, (x, y)) for x in axes[0] for y in axes[1]]
+        least = min(s[0] for s in scored)
+        best = min((s for s in scored if s[0] <= least + _TIE), key=lambda s: s[1])[2]
+    return _scaled(nominal, *best)
+
+
+def _axis(center: float, step: float, half: float | None) -> list[float]:
+    lo, hi = _OCTAVES if half is None else (max(_OCTAVES[0], center - half), min(_OCTAVES[1], center + half))
+    n = round((hi - lo) / step)
+    return [lo + i * step for i in range(n + 1)]
+
+
+def _scaled(nominal: DefaultCosts, bw_octaves: float, flops_octaves: float) -> DefaultCosts:
+    return dataclasses.replace(nominal, memory_bytes_per_s=nominal.memory_bytes_per_s * 2 ** bw_octaves,
+                               flops_per_s=nominal.flops_per_s * 2 ** flops_octaves)
+
+
+# ---- the file -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConcurrencyProfile:
+    """The rates steps side by side reach on a card (per GPU), the turns they were fitted to,
+    and where they were measured. `prism profile --model A --pair-with B` writes one."""
+
+    card: str
+    device: str
+    date: str
+    command: str
+    memory_bytes_per_s: float
+    flops_per_s: float
+    turns: tuple[MeasuredTurn, ...] = ()
+
+    @classmethod
+    def fitted(cls, turns: Sequence[MeasuredTurn], nominal: DefaultCosts, card: str, device: str,
+               date: str, command: str) -> "ConcurrencyProfile":
+        rates = fit_rates(turns, nominal)
+        return cls(card, device, date, command, rates.memory_bytes_per_s, rates.flops_per_s, tuple(turns))
+
+    def rates(self, nominal: DefaultCosts) -> DefaultCosts:
+        """`nominal` with this profile's bandwidth and matmul rate."""
+        return dataclasses.replace(nominal, memory_bytes_per_s=self.memory_bytes_per_s, flops_per_s=self.flops_per_s)
+
+    def to_dict(self) -> dict:
+        return {
+            "card": self.card, "device": self.device, "date": self.date, "command": self.command,
+            "memory_gb_per_s": round(self.memory_bytes_per_s / 1e9, 6),
+            "matmul_tflop_per_s": round(self.flops_per_s / 1e12, 9),
+            "turns": [{"case": t.case, "turn_ms": round(t.turn_s * 1e3, 6),
+                       "steps": [{"model": s.model, "alone_ms": round(s.alone_s * 1e3, 6),
+                                  "weight_bytes": s.weight_bytes, "kv_bytes_per_token": s.kv_bytes_per_token,
+                                  "num_context": s.num_context, "num_tokens": s.num_tokens} for s in t.steps]}
+                      for t in self.turns],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ConcurrencyProfile":
+        turns = tuple(
+            MeasuredTurn(str(t["case"]), tuple(
+                SideStep(str(s["model"]), float(s["alone_ms"]) / 1e3, int(s["weight_bytes"]),
+                         int(s["kv_bytes_per_token"]), int(s["num_context"]), int(s["num_tokens"]))
+                for s in t["steps"]), float(t["turn_ms"]) / 1e3)
+            for t in raw.get("turns") or ())
+        profile = cls(str(raw.get("card", "")), str(raw.get("device", "")), str(raw.get("date", "")),
+                      str(raw.get("command", "")), float(raw["memory_gb_per_s"]) * 1e9,
+                      float(raw["matmul_tflop_per_s"]) * 1e12, turns)
+        if profile.memory_bytes_per_s <= 0 or profile.flops_per_s <= 0:
+            raise ValueError("rates must be positive")
+        return profile
+
+    def save(self, path: str | Path) -> Path:
+        import yaml
+
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("# The rates steps of several models reach side by side (prism.sched.concurrency)\n"
+                        + yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConcurrencyProfile":
+        import yaml
+
+        path = Path(path).expanduser()
+        try:
+            return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+        except FileNotFoundError:
+            raise UserError(f"concurrency profile not found: {path}") from None
+        except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{path}: not a concurrency profile ({type(e).__name__}: {e})") from None
