@@ -118,7 +118,6 @@ def measure_ceilings(device: torch.device, smoke: bool) -> dict:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     mm_us = time_us(lambda: torch.matmul(a, b), device, 300)
-    del src, dst
     return dict(copy_bytes_per_s=2 * elems * 2 / (copy_us * 1e-6), matmul_flops_per_s=2 * n**3 / (mm_us * 1e-6))
 
 

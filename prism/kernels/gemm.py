@@ -122,9 +122,11 @@ def _gemm_kernel(
         in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         tile_partials = partial_ptr + tile.to(tl.int64) * num_pieces * BLOCK_M * BLOCK_N
         tl.store(tile_partials + piece * BLOCK_M * BLOCK_N + in_tile, acc)
-        # acq_rel: this piece's partial is visible before its arrival is counted, and the
-        # last arrival sees every partial stored before the others' arrivals.
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        # One thread counts the arrival: the barrier orders every thread's partial stores
+        # before it, and acq_rel (gpu scope) publishes them to the last arrival and makes
+        # the others' partials visible to it (CUTLASS's serial split-K semaphore).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == num_pieces - 1:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for p in range(0, num_pieces):  # split order, so the sum does not depend on timing
@@ -162,15 +164,20 @@ def num_sms(device: torch.device) -> int:
 
 def default_config(m: int, n: int, k: int, sms: int = 132) -> GemmConfig:
     """A reasonable config with no measurements: tiles as small in M as the rows allow, and
-    split-K until there are two programs per multiprocessor (a memory-bound tile needs its
-    neighbours' loads in flight too), each piece keeping at least four K tiles so that its
-    partial costs little next to its weight reads."""
+    split-K until the programs fill the chip (two per multiprocessor for small tiles, whose
+    loads alone would not keep the memory busy; one for large ones). A piece must read at
+    least four times the bytes of its fp32 partial (stored once, read back once), so a split
+    never costs more traffic than a quarter of what it spreads."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     block_n = 64 if m <= 64 else 128
     block_k = 128 if m <= 64 else 64
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    target = sms * (2 if block_m <= 64 else 1)
+    k_tiles = triton.cdiv(k, block_k)
+    partial_bytes = 2 * 4 * block_m * block_n
+    min_k_tiles = max(4, triton.cdiv(4 * partial_bytes, 2 * (block_m + block_n) * block_k))
     split = 1
-    while tiles * split < 2 * sms and triton.cdiv(k, block_k) // (split * 2) >= 4:
+    while tiles * split < target and k_tiles // (split * 2) >= min_k_tiles:
         split *= 2
     warps = 8 if block_m * block_n >= 128 * 128 else 4
     return GemmConfig(block_m, block_n, block_k, split, warps, 4 if m <= 64 else 3)
