@@ -245,7 +245,7 @@ def print_table(model: str, cases: list[dict], ceilings: dict) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="two tile shapes per row class (under ~2 minutes)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes (on CPU through the Triton interpreter): checks that the script runs")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: Triton interpreter): checks that it runs")
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--rows", nargs="+", type=int, default=list(ROWS))
     p.add_argument("--budget-ms", type=float, default=None, help="do_bench repeat time per measurement")
