@@ -175,6 +175,7 @@ def run_case(m: int, layer: Layer, w: torch.Tensor, bias, ceilings: dict, sms: i
         model=layer.model, layer=layer.name, n=layer.n, k=layer.k, m=m, bias=layer.bias, floor_us=floor,
         cublas_us=cublas_us, cublas_rel_err=cublas_err[0], cublas_max_abs_err=cublas_err[1],
         best_config=best["config"] if best else None, best_us=best["us"] if best else None,
+        best_max_abs_err=best["max_abs_err"] if best else None,
         max_rel_err=max((t["rel_err"] for t in timed), default=None),
         failed=[t for t in tried if "us" not in t], configs=tried, residual=None,
     )
@@ -216,12 +217,13 @@ def smoke_layers() -> list[Layer]:
 def print_table(model: str, cases: list[dict], ceilings: dict) -> None:
     print(f"\n{model}: time in us (x = over its floor); floor = max(bytes / "
           f"{ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, flops / {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s)")
-    print(f"{'M':>4} {'layer':<8}{'N x K':>12} {'floor':>7} {'cuBLAS':>14} {'Triton':>14}  config")
+    print(f"{'M':>4} {'layer':<8}{'N x K':>12} {'floor':>7} {'cuBLAS':>14} {'Triton':>14}  {'config':<18} max|err|")
     for c in cases:
         fl = c["floor_us"]
         triton_cell = f"{c['best_us']:7.1f} ({c['best_us'] / fl:4.2f})" if c["best_us"] else f"{'-':>14}"
         print(f"{c['m']:>4} {c['layer']:<8}{c['n']:>6}x{c['k']:<5} {fl:7.1f} "
-              f"{c['cublas_us']:7.1f} ({c['cublas_us'] / fl:4.2f}) {triton_cell}  {c['best_config'] or '-'}")
+              f"{c['cublas_us']:7.1f} ({c['cublas_us'] / fl:4.2f}) {triton_cell}  {c['best_config'] or '-':<18} "
+              f"{c['best_max_abs_err'] if c['best_config'] else float('nan'):.1e}")
     for m in sorted({c["m"] for c in cases}):
         at_m = [c for c in cases if c["m"] == m]
         cublas = sum(c["cublas_us"] for c in at_m)
