@@ -40,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch.nn.functional as F  # noqa: E402
+from triton.compiler.errors import CompilationError  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from prism.config import ModelConfig  # noqa: E402
 from prism.kernels.gemm import GemmConfig, default_config, linear, num_sms  # noqa: E402
@@ -163,7 +165,11 @@ def run_case(m: int, layer: Layer, w: torch.Tensor, bias, ceilings: dict, sms: i
     for config in space[:2] if args.smoke else space:
         # fresh inputs for every config's check, then time it on the case's inputs
         cx, _ = fresh_inputs(m, layer, w, seed + 1 + len(tried))
-        err, max_abs = check(lambda x, w, b, r, out, c=config: linear(x, w, r, c, bias=b, out=out), cx, w, bias, None)
+        try:
+            err, max_abs = check(lambda x, w, b, r, out, c=config: linear(x, w, r, c, bias=b, out=out), cx, w, bias, None)
+        except (OutOfResources, CompilationError) as e:  # a tile too large for this card
+            tried.append(dict(config=str(config), error=f"{type(e).__name__}: {e}"[:200]))
+            continue
         entry = dict(config=str(config), rel_err=err, max_abs_err=max_abs)
         if err <= REL_TOL:
             entry["us"] = time_us(lambda c=config: linear(x, w, None, c, bias=bias), device, args.budget_ms)
