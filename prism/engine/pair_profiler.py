@@ -13,12 +13,11 @@ engines must be idle; every block is freed afterwards and each engine's KV pages
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Iterable
 
 from prism.engine.llm_engine import LLMEngine
-from prism.engine.profiler import _fits, _restore_kv_pages, _Session, _timed_execute, decode_plan, prefill_all, synchronize
+from prism.engine.profiler import _fits, _restore_kv_pages, _Session, _timed_execute, decode_plan, prefill_all, timed_steps
 from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
 from prism.sched.concurrency import MeasuredTurn, SideStep
 
@@ -131,14 +130,7 @@ def _prepare(session: _Session, step: StepCase, seqs: list[Sequence]) -> StepPla
 
 def _timed_side_by_side(engines: list[LLMEngine], plans: list[StepPlan]) -> float:
     """Both steps launched, then both collected, as DeviceCore steps models beside each other."""
-    device = engines[0].device
-    synchronize(device)
-    start = time.perf_counter()
-    launched = [e.runner.launch(p, None) for e, p in zip(engines, plans)]
-    for engine, step in zip(engines, launched):
-        engine.runner.collect(step)
-    synchronize(device)
-    return time.perf_counter() - start
+    return timed_steps(engines, plans)[0]
 
 
 def _side_step(engine: LLMEngine, plan: StepPlan, alone_s: float) -> SideStep:

@@ -3,8 +3,9 @@
 the cost model the schedulers plan with.
 
 Steps are driven directly through the engine's block manager, model runner and scheduler
-commit (as benchmarks/engine.py does), bypassing request bookkeeping, and timed around
-`runner.execute` (batch building, forward, sampling), synchronizing the device on CUDA.
+commit (as benchmarks/engine.py does), bypassing request bookkeeping. Each step is timed as
+a serving engine pays for it (`timed_steps`): with overlap on CUDA, the larger of its GPU
+time and its host time (batch building, launch); otherwise its wall time.
 The engine must be idle; every block is freed afterwards and the engine's KV pages are
 restored to exactly what it held before.
 """
@@ -34,6 +35,11 @@ QUICK_CONTEXT_LENGTHS = (256,)
 # beside a running batch, the step continuous batching makes whenever a request arrives.
 DEFAULT_MIXED = ((128, 16, 1024), (512, 4, 1024), (512, 16, 1024), (512, 64, 1024), (2048, 16, 1024))
 QUICK_MIXED = ((128, 8, 256),)
+
+# The spin that holds the GPU while a timed step is built and queued: about 25 ms at the
+# clocks of current data-center GPUs, longer than building any step takes (if it is not, the
+# host time, which the result also covers, is the larger anyway).
+_HOLD_CYCLES = 50_000_000
 
 _PARAMS = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 
@@ -206,11 +212,40 @@ def prefill_all(engine: LLMEngine, seqs: list[Sequence], context: int) -> None:
 
 
 def _timed_execute(engine: LLMEngine, plan: StepPlan) -> tuple[float, list]:
-    synchronize(engine.device)
+    seconds, (sampled,) = timed_steps([engine], [plan])
+    return seconds, sampled
+
+
+def timed_steps(engines: list[LLMEngine], plans: list[StepPlan]) -> tuple[float, list[list]]:
+    """The time of one turn (each engine's plan launched, then all collected, as DeviceCore
+    steps models beside each other) as a serving device sees it, and each engine's sampled
+    tokens. Without overlap (or off CUDA) that is the wall time of building, launching and
+    finishing the steps. With overlap the host builds the next turn while the GPU runs this
+    one, so a turn costs the larger of its GPU time and its host time: the GPU time is taken
+    with the device held busy (a spin kernel, which every engine's stream waits for) until
+    the whole turn is queued, so no host work lands inside it; the host time is what building
+    and queueing took."""
+    device = engines[0].device
+    synchronize(device)
+    if device.type != "cuda" or not all(e.overlap for e in engines):
+        start = time.perf_counter()
+        launched = [e.runner.launch(p, None) for e, p in zip(engines, plans)]
+        sampled = [e.runner.collect(step) for e, step in zip(engines, launched)]
+        synchronize(device)
+        return time.perf_counter() - start, sampled
+    current = torch.cuda.current_stream(device)
+    begin = torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(_HOLD_CYCLES)
+    begin.record(current)
     start = time.perf_counter()
-    sampled = engine.runner.execute(plan)
-    synchronize(engine.device)
-    return time.perf_counter() - start, sampled
+    launched = [e.runner.launch(p, None) for e, p in zip(engines, plans)]
+    host_s = time.perf_counter() - start
+    ends = [torch.cuda.Event(enable_timing=True) for _ in engines]
+    for engine, end in zip(engines, ends):
+        end.record(engine.runner.stream or current)
+    sampled = [e.runner.collect(step) for e, step in zip(engines, launched)]
+    synchronize(device)
+    return max(max(begin.elapsed_time(end) for end in ends) / 1e3, host_s), sampled
 
 
 def synchronize(device: torch.device) -> None:

@@ -99,3 +99,26 @@ def test_cli_error_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("prism: error:"), result.stderr
     assert "unknown model" in lines[0]
+
+
+@pytest.mark.gpu
+def test_overlapped_step_time_is_gpu_or_host_time_and_no_more_than_the_wall():
+    """With overlap a step is timed as max(GPU time with the host hidden, host time): never
+    above the synchronous wall time of the same step, and never below its host part."""
+    from prism.config import EngineConfig
+    from prism.engine.profiler import _Session, decode_plan, prefill_all, timed_steps
+
+    times = {}
+    for overlap in (False, True):
+        eng = LLMEngine("llama-3.2-1b:random", engine_config=EngineConfig(overlap=overlap),
+                        device_config=DeviceConfig("cuda:0", memory_bytes=8 << 30))
+        session = _Session(eng)
+        seqs = [session.new_seq(512) for _ in range(8)]
+        for seq in seqs:
+            assert eng.blocks.allocate(seq, 512 + 8)
+        prefill_all(eng, seqs, 512)
+        runs = [timed_steps([eng], [decode_plan(seqs)])[0] for _ in range(6)]
+        times[overlap] = sorted(runs)[len(runs) // 2]
+        session.free(seqs)
+        eng.close()
+    assert 0.3 * times[False] < times[True] <= 1.05 * times[False]
