@@ -194,6 +194,9 @@ class LocalScheduler:
             run_model, drain = plan.run_model, drain + plan.over_quota
         else:
             run_model = self._pick_model_fcfs(view, est)
+        beside = None
+        if self.config.policy is LocalPolicy.PRISM and self.config.concurrent_models > 1 and run_model is not None:
+            beside = self._rank_beside(view, est, run_model)
         return StepDecision(
             run_model=run_model,
             admit_order=_per_model(admission.order),
@@ -201,6 +204,7 @@ class LocalScheduler:
             evict=evict,
             drain=drain,
             token_budget=token_budget,
+            beside=beside,
         )
 
     # ---- public pieces (the simulator and tests use them too) ---------------------------
@@ -380,6 +384,30 @@ class LocalScheduler:
         if rest_head is not None and self._prefill_s(rest_head, est) <= spare:
             return rest_head.model_id
         return min(contenders)[2] if contenders else None
+
+    def _rank_beside(self, view: DeviceView, est: _Estimates, run_model: str) -> tuple[str, ...]:
+        """The other runnable models to step beside `run_model` when the device runs several per
+        turn: least slack first (ties: earliest arrival, then name), and only those whose step
+        makes no decode in the turn miss its next token. A turn lasts as long as its longest
+        step, so a long step beside a model's decodes delays them; a model left out runs in a
+        later turn."""
+        least: dict[str, tuple[float, float]] = {}
+        urgent: dict[str, RequestView] = {}
+        for r in view.requests:
+            if r.model_id in est.resident and r.model_id != run_model:
+                key = (self._slack(r, est), r.arrival)
+                if key < least.get(r.model_id, (math.inf, math.inf)):
+                    least[r.model_id], urgent[r.model_id] = key, r
+        decodes = _group_by_model(r for r in view.requests if _is_decoding(r))
+        in_turn, chosen = [run_model], []
+        for model_id in sorted(least, key=lambda m: (least[m], m)):
+            r = urgent[model_id]
+            step = est.decode_step_s.get(model_id, 0.0) if _is_decoding(r) else self._prefill_s(r, est)
+            delayed = [d for m in in_turn for d in decodes.get(m, ())]
+            if all(step - est.decode_step_s.get(d.model_id, 0.0) <= self._slack(d, est) for d in delayed):
+                chosen.append(model_id)
+                in_turn.append(model_id)
+        return tuple(chosen)
 
     def _overdue(self, runnable: list[RequestView], est: _Estimates,
                  admission: _Admission) -> dict[str, list[RequestView]]:

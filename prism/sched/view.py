@@ -94,3 +94,6 @@ class StepDecision:
     # model -> the most tokens its next step may batch (decodes and prefill chunks together),
     # below its engine's max_num_batched_tokens; a model not named keeps that full budget.
     token_budget: dict[str, int] = field(default_factory=dict)
+    # Under concurrent_models > 1: the other models to step beside run_model, most wanted
+    # first (only these); None: the device takes the models with work in turn.
+    beside: tuple[str, ...] | None = None

@@ -307,7 +307,7 @@ class DeviceCore(ABC):
                 break
         launched = {run}
         if run is not None and self.config.scheduler.concurrent_models > 1:
-            done, more, side = self._step_beside(run, candidates)
+            done, more, side = self._step_beside(run, candidates, decision.beside)
             finished, num_tokens, launched = finished + done, num_tokens + more, launched | side
         finished += self._read_others_in_flight(launched)
         events = [ev for m in self._in_order(self._with_events) for ev in self.engines[m].drain_events()]
@@ -336,16 +336,21 @@ class DeviceCore(ABC):
                 self.cost.observe_step(model_id, plan.cost_terms(), now - start)
         return finished, engine.last_step_num_tokens
 
-    def _step_beside(self, run: str, candidates: list[str]) -> tuple[list, int, set[str]]:
-        """Other models with work, stepped in the same turn as `run` (concurrent_models): in
-        turn after the last one that went beside, so every busy model gets its share."""
+    def _step_beside(self, run: str, candidates: list[str], chosen: tuple[str, ...] | None) -> tuple[list, int, set[str]]:
+        """Other models with work, stepped in the same turn as `run` (concurrent_models): those
+        the policy chose, in its order; if it chose none (None), in turn after the last one
+        that went beside, so every busy model gets its share."""
         # (Those before `run` in the candidates had nothing to run this turn.)
         others = [m for m in candidates[candidates.index(run) + 1:] if self.engines[m].resident]
         if not others:
             return [], 0, set()
-        start = next((i for i, m in enumerate(others) if self.views.rank(m) > self._beside_last), 0)
+        if chosen is None:
+            start = next((i for i, m in enumerate(others) if self.views.rank(m) > self._beside_last), 0)
+            order = others[start:] + others[:start]
+        else:
+            order = [m for m in chosen if m in others]
         finished, num_tokens, side = [], 0, set()
-        for model_id in (others[start:] + others[:start])[: self.config.scheduler.concurrent_models - 1]:
+        for model_id in order[: self.config.scheduler.concurrent_models - 1]:
             done, n = self._step_model(model_id)
             finished += done
             if n:

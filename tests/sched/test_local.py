@@ -448,3 +448,29 @@ def test_toy_overload_prism_meets_more_tight_ttft_deadlines_than_fcfs():
     fcfs_met, _ = toy_run("fcfs")
     assert prism_met > fcfs_met, f"B TTFT met: prism {prism_met}/{total}, fcfs {fcfs_met}/{total}"
     assert prism_met == total, f"B TTFT met: prism {prism_met}/{total}, fcfs {fcfs_met}/{total}"
+
+
+def test_models_beside_the_run_are_ranked_by_slack_under_concurrent_models():
+    """Several models per turn: prism names the others least slack first (A's decode is due
+    before C's); one model per turn, or a baseline, names none (the device takes them in
+    turn)."""
+    models = [model("A"), model("B"), model("C")]
+    waiting_b = req("wb", "B", 9.0, 1.55, prompt=100)  # its 0.1 s prefill fits every slack: runs
+    dec_a = decoding("da", "A", 9.5, last=9.915, tpot=0.5)  # 0.405 s of slack
+    dec_c = decoding("dc", "C", 9.6, last=9.95, tpot=0.6)  # 0.54 s of slack
+    v = view(10.0, models, [waiting_b, dec_a, dec_c])
+    decision = sched(concurrent_models=3).decide(v)
+    assert decision.run_model == "B" and decision.beside == ("A", "C")
+    assert sched().decide(v).beside is None
+    assert sched("rr", concurrent_models=3).decide(v).beside is None
+
+
+def test_a_model_whose_step_would_make_a_decode_in_the_turn_late_is_not_put_beside():
+    """B's 300-token prefill (0.3 s) beside A's decodes (due in 15 ms) would hold A's next
+    token back: B waits for a later turn; C's decode step (10 ms, as long as A's) goes beside."""
+    models = [model("A"), model("B"), model("C")]
+    dec_a = decoding("da", "A", 9.5, last=9.915, tpot=0.1)
+    waiting_b = req("wb", "B", 9.0, 0.5, prompt=300)  # 0.2 s of slack: ranked before C
+    dec_c = decoding("dc", "C", 9.6, last=9.95, tpot=0.3)  # 0.24 s of slack
+    decision = sched(concurrent_models=3).decide(view(10.0, models, [waiting_b, dec_a, dec_c]))
+    assert decision.run_model == "A" and decision.beside == ("C",)
