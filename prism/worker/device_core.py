@@ -248,8 +248,8 @@ class DeviceCore(ABC):
         arrival = now if arrival is None else min(arrival, now)
         req_id = engine.add_request(prompt, params, req_id=req_id, arrival_time=arrival, slo=slo,
                                     priority=priority)
-        self.last_used[model_id] = self.clock.now()
-        self.arrivals.record(model_id, self.clock.now(), 0)
+        self.last_used[model_id] = now
+        self.arrivals.record(model_id, now, 0)  # the rate of what reaches this device, in order
         self._touch(model_id)
         return req_id
 
