@@ -1,9 +1,12 @@
-"""Every system's attainment before and after, from two `sim_records_check.py run` folders.
+"""Every system's attainment before and after, from two folders of simulator records.
 
-    PYTHONPATH=. python benchmarks/results/arrival-age-2026-12-05/summarize.py BEFORE AFTER
+    PYTHONPATH=. python benchmarks/results/arrival-age-2026-12-05/summarize.py committed BEFORE AFTER
+    PYTHONPATH=. python benchmarks/results/arrival-age-2026-12-05/summarize.py unseen BEFORE AFTER
 
-One row per records file present on both sides (case, system, rate scale): both SLOs, TTFT and
-TPOT attainment, judged by the case's own config, and TTFT misses within 10% of the SLO.
+`committed`: two `sim_records_check.py run` folders, each case judged by its own config.
+`unseen`: one sub-folder per trace and profile set (see the README), judged by the E1 host
+config's SLOs. One row per records file present on both sides (case, system, rate scale): both
+SLOs, TTFT and TPOT attainment, and TTFT misses within 10% of the SLO.
 """
 from __future__ import annotations
 
@@ -28,11 +31,12 @@ def row(path: Path, tag: str) -> tuple[dict, int]:
     return overall, near
 
 
-def main(before: Path, after: Path) -> None:
+def main(kind: str, before: Path, after: Path) -> None:
+    cases = CASES if kind == "committed" else [(d.name, "e1-host") for d in sorted(before.iterdir()) if d.is_dir()]
     print("| case | system | both SLOs before → after | TTFT before → after | TPOT before → after "
           "| TTFT misses ≤1.1x SLO |")
     print("|---|---|---|---|---|---|")
-    for case, tag in CASES:
+    for case, tag in cases:
         for system in SYSTEMS:
             for b_path in sorted((before / case).glob(f"requests-{system}-x*.jsonl")):
                 a_path = after / case / b_path.name
@@ -45,4 +49,4 @@ def main(before: Path, after: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
