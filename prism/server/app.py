@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, TypeVar
 
@@ -186,6 +187,7 @@ class _Frontend:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     async def completions(self, request: Request) -> Response:
+        received = time.monotonic()  # the client's wait starts here: tokenizing counts
         model = None
         try:
             body = await parse_body(request, P.CompletionRequest, self.max_body_bytes)
@@ -212,7 +214,7 @@ class _Frontend:
                 echo = [p if isinstance(p, str) else tokenizer.decode(p, skip) for p in prompts]
             grammar = await self._response_format_grammar(body, model)
             req_id = P.completion_id()
-            reqs = self._choices(body, req_id, prompt_ids, body.max_tokens or 16, "prompt", grammar)
+            reqs = self._choices(body, req_id, prompt_ids, body.max_tokens or 16, "prompt", received, grammar)
             texts = TokenTexts(tokenizer) if body.logprobs is not None else None
             echo = [e for e in echo for _ in range(body.num_choices)] if echo else None
             shapes = CompletionShapes(req_id, model, len(reqs), texts, echo)
@@ -222,6 +224,7 @@ class _Frontend:
             return self._error(e, model)
 
     async def chat_completions(self, request: Request) -> Response:
+        received = time.monotonic()  # the client's wait starts here: templating counts
         model = None
         try:
             body = await parse_body(request, P.ChatCompletionRequest, self.max_body_bytes)
@@ -239,7 +242,8 @@ class _Frontend:
             prompt_ids = await self._in_tokenize_thread(tokenizer.apply_chat_template, messages, template_tools)
             grammar = await self._chat_grammar(body, tools, model)
             req_id = P.chat_completion_id()
-            reqs = self._choices(body, req_id, [prompt_ids], body.requested_max_tokens(), "messages", grammar)
+            reqs = self._choices(body, req_id, [prompt_ids], body.requested_max_tokens(), "messages", received,
+                                 grammar)
             texts = TokenTexts(tokenizer) if body.logprobs else None
             shapes = (ChatCompletionShapes(req_id, model, len(reqs), texts) if tools.mode == "none"
                       else ToolChatShapes(req_id, model, tools, len(reqs), texts))
@@ -248,9 +252,10 @@ class _Frontend:
             return self._error(e, model)
 
     def _choices(self, body: P._SamplingFields, req_id: str, prompts: list[list[int]], max_tokens: int | None,
-                 param: str, grammar: str | None = None) -> list[GenerationRequest]:
+                 param: str, received_s: float, grammar: str | None = None) -> list[GenerationRequest]:
         """One engine request per choice: n per prompt, in choice-index order (prompt i's
-        choice j is choice i * n + j, as vLLM numbers them). Each choice gets the grammar."""
+        choice j is choice i * n + j, as vLLM numbers them). Each choice gets the grammar,
+        and the time the HTTP request came in (`received_s`, time.monotonic())."""
         n = body.num_choices
         reqs = []
         for ids in prompts:
@@ -259,7 +264,8 @@ class _Frontend:
             for j in range(n):
                 # The first choice keeps the response's id: a single choice is as before.
                 choice_id = req_id if not reqs else f"{req_id}-{len(reqs)}"
-                reqs.append(body.generation_request(choice_id, ids, limit, choice=j, grammar=grammar))
+                reqs.append(body.generation_request(choice_id, ids, limit, choice=j, grammar=grammar,
+                                                    received_s=received_s))
         return reqs
 
     def _check_logit_bias(self, body: P._SamplingFields, tokenizer) -> None:

@@ -51,6 +51,9 @@ class GenerationRequest:
     ttft_slo_s: float | None = None  # per-request SLO overrides (None: the model's default)
     tpot_slo_s: float | None = None
     priority: int = 0
+    # When the HTTP request came in (time.monotonic()); None: when it is submitted. The
+    # device dates the request from then: the client's wait includes tokenizing and routing.
+    received_s: float | None = None
 
 
 @dataclass(frozen=True)

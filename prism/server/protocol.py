@@ -178,7 +178,8 @@ class _SamplingFields(BaseModel):
         )
 
     def generation_request(self, req_id: str, prompt_token_ids: list[int], max_tokens: int,
-                           choice: int = 0, grammar: str | None = None) -> GenerationRequest:
+                           choice: int = 0, grammar: str | None = None,
+                           received_s: float | None = None) -> GenerationRequest:
         return GenerationRequest(
             req_id=req_id,
             model=self.model,
@@ -187,6 +188,7 @@ class _SamplingFields(BaseModel):
             ttft_slo_s=None if self.ttft_slo_ms is None else self.ttft_slo_ms / 1000.0,
             tpot_slo_s=None if self.tpot_slo_ms is None else self.tpot_slo_ms / 1000.0,
             priority=self.priority or 0,
+            received_s=received_s,
         )
 
 

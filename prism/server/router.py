@@ -40,7 +40,7 @@ class _Stream:
     device: str
     detok: IncrementalDetokenizer | None
     stops: StopStringMatcher | None
-    arrival: float
+    arrival: float  # when the HTTP request came in (time.monotonic()): TTFT counts from here
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     num_output: int = 0
     first_token_time: float | None = None
@@ -177,20 +177,23 @@ class Router:
             raise self.supervisor.unavailable(request.model, e.devices) from None
         tok = self.tokenizers[request.model]
         p = request.params
+        received = now if request.received_s is None else min(request.received_s, now)
         stream = _Stream(
             request, device,
             IncrementalDetokenizer(tok, p.skip_special_tokens) if tok is not None else None,
-            StopStringMatcher(p.stop) if p.stop and tok is not None else None, now,
+            StopStringMatcher(p.stop) if p.stop and tok is not None else None, received,
         )
         link = self.links[device]
         if not link.alive:  # send() would drop the message: the request would wait forever
             raise WorkerFailed(f"the worker for {device} is not running")
         # Stop strings stay here: the frontend detokenizes and applies them (the worker sees ids).
         # The stream is registered only once its message is on its way: a message that cannot be
-        # encoded or sent leaves nothing in flight.
+        # encoded or sent leaves nothing in flight. Its age lets the device date it from when
+        # it came in here (tokenizing, a wait for a restarting device and routing included).
         link.send(msg.AddRequest(
             request.req_id, request.model, list(request.prompt_token_ids), msgspec.structs.replace(p, stop=()),
             ttft_slo_s=request.ttft_slo_s, tpot_slo_s=request.tpot_slo_s, priority=request.priority,
+            age_s=time.monotonic() - received,
         ))
         self._streams[request.req_id] = stream
         self.control.record_arrival(request.model, now, len(request.prompt_token_ids), p.max_tokens)

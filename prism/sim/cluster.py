@@ -8,7 +8,9 @@ Events, in time order (ties in the order they were scheduled):
 - tick: every 0.5 s, as the server does, memory reports are asked for and the global
   scheduler's periodic work runs (`ClusterControl.tick`);
 - deliver: a request reaches its device `request_latency_s` after its arrival (the host's
-  HTTP, routing and IPC time, measured with the profiles; 0 by default);
+  HTTP, routing and IPC time, measured with the profiles; 0 by default); its AddRequest
+  carries that hop as its age, so the device dates it from its arrival, as a real worker
+  dates a request from when the server received it;
 - timeout: a request still unfinished `request_timeout_s` after it was sent is given up, as
   the replay client does (an error, and an Abort to its device);
 - TTFT due (only with `EarlyStop`): a request's TTFT SLO has passed; if it had no first token
@@ -65,7 +67,7 @@ class SimLink:
 @dataclass
 class _DeviceState:
     device: SimDevice
-    inbox: list
+    inbox: list  # (message, when it reached the device), as a worker's inbox dates them
     wake_at: float | None = None  # the pending wake-up (None: asleep until a message)
     busy: bool = False  # the pending wake-up is the end of a step (cannot come earlier)
     token: int = 0  # which pending wake-up is current (older heap entries are stale)
@@ -141,7 +143,7 @@ class SimCluster:
     def deliver(self, device_id: str, message) -> None:
         """A message for a device: it handles it before its next step (now, if idle)."""
         st = self.devices[device_id]
-        st.inbox.append(message)
+        st.inbox.append((message, self.now))
         if not st.busy and (st.wake_at is None or st.wake_at > self.now):
             self._wake(device_id, self.now, busy=False)
 
@@ -257,7 +259,10 @@ class SimCluster:
         if self.early_stop is not None and r.model in self.early_stop.ttft_slo_s:
             self._push(self.now + self.early_stop.ttft_slo_s[r.model], _TTFT_DUE, req_id)
         params = SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
-        add = msg.AddRequest(req_id, r.model, [SAMPLED_TOKEN] * r.input_len, params)
+        # The whole hop counts as the frontend's time, so the request goes out as old as the
+        # hop and the device dates it from its arrival here, as the server's frontend does.
+        add = msg.AddRequest(req_id, r.model, [SAMPLED_TOKEN] * r.input_len, params,
+                             age_s=self.request_latency_s)
         if self.request_latency_s > 0:  # the HTTP and IPC hops, taken as one delay on the way in
             self._push(self.now + self.request_latency_s, _DELIVER, (device, add))
         else:

@@ -76,14 +76,15 @@ class SimDevice(DeviceCore):
 
     # ---- one wake-up ---------------------------------------------------------------------------
     def run(self, now: float, inbox: list, send) -> tuple[StepOutput, float | None]:
-        """Handle the messages that came since the last wake-up, then step once. Returns the
+        """Handle the messages that came since the last wake-up ((message, when it came),
+        as a worker's inbox dates them), then step once. Returns the
         step's output and when the device should wake next on its own (None: only when a
         message comes). The clock is at the step's end afterwards."""
         if now > self.clock.now():
             self.clock.set(now)
         start = self.clock.now()
-        for m in inbox:  # an activation among them keeps the device busy for the copy
-            handle(self, m, send)
+        for m, received_at in inbox:  # an activation among them keeps the device busy for the copy
+            handle(self, m, send, received_at)
         before = self._residency_marks()
         wall = time.perf_counter()
         out = self.step()

@@ -234,15 +234,22 @@ class DeviceCore(ABC):
     def add_request(
         self, model_id: str, prompt: str | list[int], params: SamplingParams = SamplingParams(),
         req_id: str | None = None, slo: SLO | None = None, priority: int = 0,
+        arrival: float | None = None,
     ) -> str:
+        """`arrival`: when the request reached the frontend, on this device's clock (None:
+        now); its deadlines, its place in arrival order and its TTFT count from then. Never
+        later than now."""
         engine = self._engine(model_id)
         spec = self.specs[model_id]
         slo = slo or SLO(spec.ttft_slo_s, spec.tpot_slo_s)
         if req_id is not None and any(e.has_request(req_id) for e in self.engines.values()):
             raise RequestError(f"request id {req_id!r} is already in use")
-        req_id = engine.add_request(prompt, params, req_id=req_id, slo=slo, priority=priority)
-        self.last_used[model_id] = self.clock.now()
-        self.arrivals.record(model_id, self.clock.now(), 0)
+        now = self.clock.now()
+        arrival = now if arrival is None else min(arrival, now)
+        req_id = engine.add_request(prompt, params, req_id=req_id, arrival_time=arrival, slo=slo,
+                                    priority=priority)
+        self.last_used[model_id] = now
+        self.arrivals.record(model_id, now, 0)  # the rate of what reaches this device, in order
         self._touch(model_id)
         return req_id
 

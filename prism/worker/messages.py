@@ -16,6 +16,11 @@ class AddRequest(msgspec.Struct, tag="add", frozen=True):
     ttft_slo_s: float | None = None  # None: the model's default
     tpot_slo_s: float | None = None
     priority: int = 0
+    # Seconds since the frontend received the request, as of sending this message: the device
+    # dates the request from (when this reached it - age), so deadlines count from the
+    # client's view, not from when the device got round to reading it. An age, not a
+    # timestamp: clocks of different nodes differ, durations do not. 0: unknown (older senders).
+    age_s: float = 0.0
 
 
 class Abort(msgspec.Struct, tag="abort", frozen=True):

@@ -2,7 +2,8 @@
 
 The parent binds two IPC sockets (requests out, results in) and spawns the child, which
 builds a DeviceWorker, says Ready (or Failed, with a one-line reason) and then loops:
-drain the inbox, run one step, send token events and finished requests. When idle it still
+drain the inbox, run one step, send token events and finished requests. A thread reads the
+inbox meanwhile and dates each message as it comes (prism.worker.inbox). When idle it still
 steps every `idle_tick_s` so idle models get evicted on time.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prism.worker import messages as msg
 from prism.worker.channel import ENCODER, WorkerChannel, WorkerStartError
 from prism.worker.commands import handle
 from prism.worker.device_core import WorkerConfig
+from prism.worker.inbox import StampedInbox
 
 SLOW_STEP_S = 0.5  # longer steps are logged: no healthy step takes this long
 
@@ -149,7 +151,15 @@ def _decode(decoder, raw: bytes, send):
         return None
 
 
-def _serve(worker, inbox, send, idle_tick_s: float) -> None:
+def _serve(worker, socket, send, idle_tick_s: float) -> None:
+    inbox = StampedInbox(socket, worker.clock.now)
+    try:
+        _loop(worker, inbox, send, idle_tick_s)
+    finally:
+        inbox.close()
+
+
+def _loop(worker, inbox: StampedInbox, send, idle_tick_s: float) -> None:
     decoder = msgspec.msgpack.Decoder(msg.ToWorker)
     step_log = _open_step_log(worker)
     parent = os.getppid()
@@ -157,12 +167,13 @@ def _serve(worker, inbox, send, idle_tick_s: float) -> None:
         if os.getppid() != parent:  # the frontend died without saying goodbye: do not linger
             return
         busy = worker.has_unfinished or bool(worker.draining)
-        timeout_ms = 0 if busy else int(idle_tick_s * 1000)
-        while inbox.poll(timeout_ms):
-            m = _decode(decoder, inbox.recv(), send)
-            if m is not None and not handle(worker, m, send):
+        timeout_s = 0.0 if busy else idle_tick_s
+        while (received := inbox.get(timeout_s)) is not None:
+            received_at, raw = received
+            m = _decode(decoder, raw, send)
+            if m is not None and not handle(worker, m, send, received_at):
                 return
-            timeout_ms = 0
+            timeout_s = 0.0
         started = time.perf_counter()
         out = worker.step()
         took = time.perf_counter() - started

@@ -232,6 +232,20 @@ def test_completion(backend, client):
     assert not backend.closed_early
 
 
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_requests_carry_when_the_http_request_came_in(backend, client, route):
+    # The device dates a request from then (the router sends its age): every choice the same.
+    before = time.monotonic()
+    if route == "completions":
+        client.completions.create(model="echo", prompt=PROMPT, max_tokens=2, n=2)
+    else:
+        client.chat.completions.create(model="echo", messages=MESSAGES, max_tokens=2, n=2)
+    after = time.monotonic()
+    stamps = {r.received_s for r in backend.requests}
+    assert len(backend.requests) == 2 and len(stamps) == 1
+    assert before <= stamps.pop() <= after
+
+
 def test_completion_length_and_default_max_tokens(backend, client):
     ids = backend.tok.encode(PROMPT)
     out = client.completions.create(model="echo", prompt=PROMPT, max_tokens=3)

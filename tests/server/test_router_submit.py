@@ -2,6 +2,8 @@
 that cannot be encoded (or a worker that is gone) leaves nothing in flight."""
 from __future__ import annotations
 
+import dataclasses
+import time
 from types import SimpleNamespace
 
 import msgspec
@@ -60,3 +62,14 @@ def test_a_dying_worker_fails_its_requests():
     router._on_message("cpu", msg.Failed("out of memory"))
     error = stream.queue.get_nowait()
     assert isinstance(error, WorkerFailed) and "out of memory" in str(error) and stream.done
+
+
+def test_the_message_carries_the_requests_age_since_the_http_request_came_in():
+    router, _, sent = bare_router()
+    decoder = msgspec.msgpack.Decoder(msg.ToWorker)
+    received = time.monotonic() - 0.3  # tokenizing and a wait for a device took 0.3 s
+    stream = router._submit(dataclasses.replace(request("r1"), received_s=received))
+    aged = decoder.decode(sent[-1])
+    assert 0.3 <= aged.age_s < 10 and stream.arrival == received  # the server's own TTFT counts from then
+    router._submit(request("r2"))  # no stamp (not from HTTP): it is as old as now
+    assert 0 <= decoder.decode(sent[-1]).age_s < aged.age_s
