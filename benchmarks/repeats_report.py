@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweep_report import load_runs  # noqa: E402
 
-from prism.bench.plots import plot_attainment_vs_rate  # noqa: E402
+from prism.bench.plots import plot_attainment_by_source  # noqa: E402
 from prism.bench.report import summarize  # noqa: E402
 from prism.bench.sweeps import sustained_rate  # noqa: E402
 from prism.bench.trace import load_trace  # noqa: E402
@@ -85,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         {"target": args.target, "sustained": sustained,
          "points": {label: {f"{s}-x{x:g}": v for (s, x), v in pts.items()}
                     for label, pts in [*runs.items(), ("sim", sim)]}}, indent=1, default=str))
-    curves = {f"{s} ({label})": sorted((v["rate_rps"], v["slo_attainment"]) for (sys_, _), v in pts.items() if sys_ == s)
-              for label, pts in [*runs.items(), ("sim", sim)] for s in sorted({k[0] for k in pts})}
-    plot_attainment_vs_rate(curves, out / "attainment_vs_rate.png")
+    curves: dict[str, dict[str, list]] = {}
+    for label, pts in [*runs.items(), ("sim", sim)]:
+        for (system, _), v in pts.items():
+            curves.setdefault(system, {}).setdefault(label, []).append((v["rate_rps"], v["slo_attainment"]))
+    plot_attainment_by_source(curves, out / "attainment_vs_rate.png")
     print(text)
     return 0
 

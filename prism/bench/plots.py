@@ -42,6 +42,25 @@ def plot_attainment_vs_rate(results: dict[str, list[tuple[float, float]]], path:
     save_figure(fig, path)
 
 
+def plot_attainment_by_source(results: dict[str, dict[str, list[tuple[float, float]]]], path: str | Path,
+                              title: str = "Both SLOs met vs request rate") -> None:
+    """results[system][source] = (rate in req/s, attainment in 0..1) points: one colour per
+    system, one line style per source (real repeats, the simulator), the legend beside."""
+    styles = ["-", "--", ":", "-."]
+    sources = sorted({src for by in results.values() for src in by})
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for i, (system, by) in enumerate(sorted(results.items())):
+        for src, pts in sorted(by.items()):
+            pts = sorted(pts)
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], color=f"C{i}", marker="o", markersize=3,
+                    linestyle=styles[sources.index(src) % len(styles)], label=f"{system} ({src})")
+    ax.set(xlabel="request rate (req/s)", ylabel="attainment (%)", ylim=(0, 102), title=title)
+    ax.grid(alpha=0.3)
+    if results:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+    save_figure(fig, path)
+
+
 def _metric_values(records: list[RequestRecord], metric: str) -> list[float]:
     ok = [r for r in records if r.ok]
     if metric == "ttft":
