@@ -96,7 +96,7 @@ def _time_case(sessions: list[_Session], case: tuple[StepCase, StepCase], repeat
                 seconds = _timed_execute(engine, plan)[0]
                 if i:
                     times[j].append(seconds)
-            seconds = _timed_side_by_side(engines, plans)
+            seconds = timed_steps(engines, plans)[0]  # both launched, then both collected, as DeviceCore does
             if i:
                 times[2].append(seconds)
         alone, turn = [statistics.median(t) for t in times[:2]], statistics.median(times[2])
@@ -126,11 +126,6 @@ def _prepare(session: _Session, step: StepCase, seqs: list[Sequence]) -> StepPla
             return None
     prefill_all(engine, seqs, step.context)
     return decode_plan(seqs)
-
-
-def _timed_side_by_side(engines: list[LLMEngine], plans: list[StepPlan]) -> float:
-    """Both steps launched, then both collected, as DeviceCore steps models beside each other."""
-    return timed_steps(engines, plans)[0]
 
 
 def _side_step(engine: LLMEngine, plan: StepPlan, alone_s: float) -> SideStep:
