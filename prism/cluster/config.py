@@ -141,7 +141,9 @@ ModelEntry = create_model(
     rate=(PosFloat | None, None),
 )
 SchedulerEntry = create_model(
-    "SchedulerEntry", __config__=_STRICT, **_fields_of(ClusterConfig, only=("system",)), **(_local | _global),
+    "SchedulerEntry", __config__=_STRICT, **_fields_of(ClusterConfig, only=("system",)),
+    # pace unset: the system's own (SystemSpec.pace)
+    **(_local | _global | {"pace": (_local["pace"][0] | None, None)}),
 )
 ServerEntry = create_model(
     "ServerEntry", __config__=_STRICT,

@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Protocol
 
 from prism.config import ConfigError
-from prism.sched.local import LocalPolicy, LocalSchedulerConfig
+from prism.sched.local import LocalPolicy, LocalSchedulerConfig, Pace
 from prism.sched.placement import GlobalSchedulerConfig
 
 NEVER = float("inf")
@@ -48,6 +48,8 @@ class SchedulerKnobs(Protocol):
     admission_window: int
     max_migrations_per_period: int
     kv_headroom_fraction: float
+    concurrent_models: int
+    pace: Pace | None  # None: the system's own (SystemSpec.pace)
 
 
 def knobs_of(cls, s: SchedulerKnobs, **fixed) -> dict:
@@ -71,18 +73,23 @@ class SystemSpec:
     # at start (see sched/placement.py: prism's KVPR greedy, or MuxServe's)
     policy: LocalPolicy = LocalPolicy.ROUND_ROBIN
     placement: str = "kvpr"
+    # When its models step unless the config says otherwise: `own` where the real system runs
+    # each model's engine at once on the device (separate engines under MPS, MuxServe's SM
+    # sharing), `turn` where models take turns (see LocalSchedulerConfig.pace).
+    pace: Pace = Pace.TURN
 
     def scheduler_configs(self, s: SchedulerKnobs) -> tuple[LocalSchedulerConfig, GlobalSchedulerConfig]:
         """The local and global scheduler settings this system runs with: prism shares memory
         elastically, arbitrates by SLO, evicts idle models and migrates; the baselines switch
         those off one by one."""
-        # kv_headroom_pages, admission_window, concurrent_models (the device's mechanism for
-        # models side by side) and the global tuning knobs reach every system; the rest of the
-        # local config is what a baseline is.
+        # kv_headroom_pages, admission_window, concurrent_models and pace (the device's
+        # mechanisms for models side by side) and the global tuning knobs reach every system;
+        # the rest of the local config is what a baseline is.
         tuning = {k: getattr(s, k) for k in ("kv_headroom_pages", "admission_window", "rate_window_s",
                                              "concurrent_models")}
+        tuning["pace"] = self.pace if s.pace is None else Pace(s.pace)
         if self.system is System.PRISM:
-            local = LocalSchedulerConfig(**knobs_of(LocalSchedulerConfig, s))
+            local = LocalSchedulerConfig(**knobs_of(LocalSchedulerConfig, s, pace=tuning["pace"]))
             fixed = {}
         elif self.system is System.SERVERLESS:
             # Loaded on demand where there is room; an idle model (nothing in flight) may be
@@ -95,7 +102,7 @@ class SystemSpec:
             local = LocalSchedulerConfig(policy=LocalPolicy.FCFS, idle_evict_s=s.idle_evict_s, swap_idle_s=0.0, max_resident=1,
                                          **tuning)
             fixed = dict(migration_threshold=NEVER, idle_evict="always")
-        else:  # placed once, pinned even when idle; arrival order per model, models take turns per step
+        else:  # placed once, pinned even when idle; arrival order per model, each its pace
             local = LocalSchedulerConfig(policy=self.policy, idle_evict_s=NEVER, swap_idle_s=NEVER, **tuning)
             fixed = dict(migration_threshold=NEVER, idle_evict_s=NEVER, idle_evict="always",
                          placement=self.placement)
@@ -107,11 +114,12 @@ SYSTEMS: dict[System, SystemSpec] = {s.system: s for s in (
     SystemSpec(System.PRISM, "elastic memory, SLO-aware local order, idle eviction, migration",
                places_at_start=False, keeps_all_resident=False, static_kv_shares=False, device_per_model=False),
     SystemSpec(System.STATIC, "S-Partition: models pinned, KV split by rate x KV bytes per token",
-               places_at_start=True, keeps_all_resident=True, static_kv_shares=True, device_per_model=False),
+               places_at_start=True, keeps_all_resident=True, static_kv_shares=True, device_per_model=False,
+               pace=Pace.OWN),
     SystemSpec(System.MUXSERVE, "MuxServe: models placed by popularity x size and pinned, one KV pool per "
                "device with quotas by rate, prefill and decode jobs multiplexed (ADBS)",
                places_at_start=True, keeps_all_resident=True, static_kv_shares=False, device_per_model=False,
-               policy=LocalPolicy.ADBS, placement="muxserve"),
+               policy=LocalPolicy.ADBS, placement="muxserve", pace=Pace.OWN),
     SystemSpec(System.SWAP, "time sharing: one resident model per device, served in arrival groups",
                places_at_start=True, keeps_all_resident=False, static_kv_shares=False, device_per_model=False,
                keeps_groups=True),

@@ -248,6 +248,12 @@ class EngineCore:
         """A launched step's tokens are still unread (overlap)."""
         return self._in_flight is not None
 
+    @property
+    def in_flight_done(self) -> bool:
+        """The launched step is over, or there is none: stepping now waits for nothing (a
+        device whose models step at their own pace steps only such models)."""
+        return self._in_flight is None or self.executor.is_done(self._in_flight)
+
     def read_in_flight(self) -> list[CompletionOutput]:
         """Wait for the step in flight and process its tokens; the requests it finished
         (nothing in flight: nothing). A device that runs another model's step next reads

@@ -202,6 +202,9 @@ class DeviceExecutor:
     def collect(self, step: InFlightStep) -> list[SampledToken]:
         return self.runner.collect(step)
 
+    def is_done(self, step: InFlightStep) -> bool:
+        return self.runner.is_done(step)
+
     def forget(self, seq: Sequence) -> None:
         self.runner.forget(seq)
 

@@ -57,6 +57,9 @@ class Executor(Protocol):
     def collect(self, step: object) -> list[SampledToken]:
         """Wait for a launched step's tokens: as `execute` returns them."""
 
+    def is_done(self, step: object) -> bool:
+        """Whether a launched step is over (`collect` would not wait), without waiting."""
+
     def forget(self, seq: Sequence) -> None:
         """A request ended: drop any per-request state (e.g. its random generator)."""
 

@@ -233,6 +233,11 @@ class ModelRunner:
         host_tokens = to_host_async(tokens)
         return InFlightStep(hb.sampled_seqs, tokens, host_tokens, logprobs, HostResult(self.device))
 
+    @staticmethod
+    def is_done(step: InFlightStep) -> bool:
+        """Whether a launched step's tokens are on the host, without waiting."""
+        return step.ready.query()
+
     def collect(self, step: InFlightStep) -> list[SampledToken]:
         """Wait for a launched step's tokens."""
         if not step.seqs:

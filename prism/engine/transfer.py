@@ -51,3 +51,7 @@ class HostResult:
     def wait(self) -> None:
         if self._event is not None:
             self._event.synchronize()
+
+    def query(self) -> bool:
+        """Whether the stream has passed this point, without waiting (on the CPU: always)."""
+        return self._event is None or self._event.query()

@@ -65,6 +65,90 @@ class ConcurrentTurn:
         return moved
 
 
+# ---- models stepping at their own pace ---------------------------------------------------------
+@dataclass(eq=False)
+class ChipStep:
+    """One model's step on a shared chip: it reaches the chip at `starts` (its launch plus the
+    host time of its own process), has `work` seconds of device time alone still to run and,
+    alone, keeps the chip's busiest resource `use` busy (its floor over its time alone, in
+    (0, 1]). `done`: when it ends given the steps launched so far (later launches may push it
+    back, never forward)."""
+
+    starts: float
+    work: float
+    use: float
+    done: float = math.inf
+
+
+class SharedChip:
+    """The device time of steps that models launch at their own pace (LocalSchedulerConfig
+    pace "own": separate engines, or MuxServe's processes, under MPS), each model on its own
+    timeline: fluid sharing of the chip. While the steps on the chip together ask for no more
+    than it has (the sum of their uses, each its floor over its time alone, is at most 1) each
+    runs as fast as alone; beyond that every one of them is slowed by that sum, so the floors
+    of what runs at once never exceed what the chip moves or computes. A step launched later
+    thus stretches the steps already running too, and a step running alone at the end of a
+    busy stretch gets its speed back.
+
+    The rates are those of `ConcurrentTurn` (nominal, or fitted to measured turns:
+    ConcurrencyProfile); for steps launched together the rule charges at least what a turn
+    charges (the longest step alone, the sum of the floors) and more when the shorter steps
+    slow the longer one while they last. What it leaves out: a step's use is of its binding
+    resource only (a bandwidth-bound decode and a compute-bound prefill count against one
+    budget, though they could overlap better); no SM caps (MPS's active thread percentage),
+    no time-slicing costs (contexts without MPS switch), no per-kernel launch gaps; a model's
+    host time overlaps everything (each engine has its own process), and its own consecutive
+    steps never overlap (it launches the next once the last is done)."""
+
+    def __init__(self, rates: DefaultCosts, gpus: int = 1):
+        self.turn = ConcurrentTurn(rates, gpus)  # the same rates and floors as a turn's
+        self._t = 0.0  # the state below is as of this time
+        self._steps: list[ChipStep] = []  # launched and not yet over at _t
+
+    def floor(self, weight_bytes: int, kv_bytes_per_token: int, num_context: int, num_tokens: int) -> float:
+        return self.turn.floor(weight_bytes, kv_bytes_per_token, num_context, num_tokens)
+
+    @property
+    def running(self) -> int:
+        """Steps launched and not over (as of the last launch)."""
+        return len(self._steps)
+
+    def launch(self, now: float, host_s: float, alone_s: float, floor: float) -> ChipStep:
+        """A step launched at `now`: `host_s` of its process's time, then `alone_s` of device
+        time alone whose floor is `floor`. Its `done` (and every running step's) is set."""
+        _share(self._steps, self._t, now)
+        self._t = max(self._t, now)
+        self._steps = [s for s in self._steps if s.work > 0]
+        if alone_s <= 0:  # nothing for the chip: done once its host time has passed
+            return ChipStep(now + host_s, 0.0, 0.0, now + host_s)
+        step = ChipStep(now + host_s, alone_s, min(max(floor, 0.0), alone_s) / alone_s)
+        self._steps.append(step)
+        future = [ChipStep(s.starts, s.work, s.use) for s in self._steps]
+        _share(future, self._t, math.inf)
+        for s, f in zip(self._steps, future):
+            s.done = f.done
+        return step
+
+
+def _share(steps: list[ChipStep], t: float, until: float) -> None:
+    """Run `steps` from `t` to `until` under fluid sharing (SharedChip): their work goes down,
+    and those that end get their `done`."""
+    while t < until:
+        on_chip = [s for s in steps if s.work > 0 and s.starts <= t]
+        pending = [s.starts for s in steps if s.work > 0 and s.starts > t]
+        if not on_chip and not pending:
+            return
+        slowdown = max(1.0, sum(s.use for s in on_chip))
+        ends = {id(s): t + s.work * slowdown for s in on_chip}
+        event = min([*ends.values(), *pending, until])
+        for s in on_chip:
+            if ends[id(s)] <= event:
+                s.work, s.done = 0.0, ends[id(s)]
+            else:
+                s.work -= (event - t) / slowdown
+        t = event
+
+
 # ---- measured turns -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SideStep:

@@ -57,6 +57,13 @@ class LocalPolicy(str, Enum):
 POLICIES = tuple(p.value for p in LocalPolicy)
 
 
+class Pace(str, Enum):
+    """When a device's models step (a mechanism: DeviceCore carries it out)."""
+
+    TURN = "turn"  # models take turns: a turn's steps all end before the next turn begins
+    OWN = "own"  # each model steps again as soon as its own last step is done (separate engines, MPS)
+
+
 @dataclass(frozen=True)
 class LocalSchedulerConfig:
     policy: LocalPolicy = LocalPolicy.PRISM
@@ -86,6 +93,11 @@ class LocalSchedulerConfig:
     # steps go to a stream of its own, so their kernels share the chip): the policy's model,
     # then other models with work in turn. 1: one model per step.
     concurrent_models: PosInt = 1
+    # turn: the device steps in turns (one model, or concurrent_models side by side), a turn
+    # ending with its longest step. own: every resident model with work steps again as soon
+    # as its own previous step is done, never waiting for another model's (each on a stream
+    # of its own on CUDA; concurrent_models is then moot), as separate engines under MPS do.
+    pace: Pace = Pace.TURN
 
     def __post_init__(self) -> None:
         check_fields(self)  # the bounds and choices of the field types above

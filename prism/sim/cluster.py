@@ -281,13 +281,17 @@ class SimCluster:
         inbox, st.inbox = st.inbox, []
         out, next_t = st.device.run(self.now, inbox, lambda m: self._reply(device_id, m))
         st.finished = out.finished or None
+        if st.finished and st.device.clock.now() <= self.now:  # read now (models at their own pace)
+            for _, done in st.finished:
+                self._finish(done)
+            st.finished = None
         if next_t is None:
             st.zero_time_steps = 0
             return  # asleep until a message comes
         st.zero_time_steps = st.zero_time_steps + 1 if next_t <= self.now else 0
         if st.zero_time_steps > MAX_ZERO_TIME_STEPS:
             st.zero_time_steps = 0
-            next_t = st.device._next_timer()  # decisions churn without time passing: wait
+            next_t = st.device.quiet_wake()  # decisions churn without time passing: wait
             if next_t is None:
                 return
         # Busy until the step's end (messages wait for it); a timer is no step: a message wakes

@@ -24,7 +24,8 @@ its tokens: prefill_time(prefill + decode tokens) plus the decodes' KV reads
 
 Steps of several models in one turn (concurrent_models > 1) are charged together by
 `ConcurrentTurn` (prism.sched.concurrency), at the rates `prism profile --pair-with` measured
-(`concurrency.yaml` in the profile folder), else at the card's nominal ones.
+(`concurrency.yaml` in the profile folder), else at the card's nominal ones. Models stepping
+at their own pace (pace "own") share the chip at the same rates by `SharedChip`'s fluid rule.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from pathlib import Path
 from typing import Callable
 
 from prism.errors import UserError
-from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile, ConcurrentTurn, step_floor
+from prism.sched.concurrency import (CONCURRENCY_FILE, ChipStep, ConcurrencyProfile, ConcurrentTurn, SharedChip,
+                                     step_floor)
 from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_profiles, step_seconds
 from prism.sched.global_view import TransferRates
 from prism.sched.view import CostModel
@@ -336,7 +338,7 @@ def device_cost_model(profiles: dict[str, ModelProfile], device: str) -> Profile
 
 
 __all__ = [
-    "CONCURRENCY_FILE", "ConcurrencyProfile", "ConcurrentTurn", "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL",
+    "CONCURRENCY_FILE", "ChipStep", "ConcurrencyProfile", "ConcurrentTurn", "SharedChip", "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL",
     "HOST_FILE", "HostOverheads", "ProfileSet", "TP_DECODE_PARALLEL_FRACTION", "TP_PREFILL_PARALLEL_FRACTION",
     "card_defaults", "device_cost_model", "roofline_profile", "scale_profile", "step_floor", "step_seconds",
     "tp_profile",

@@ -5,6 +5,11 @@ Like a worker process it drains its inbox (the same message handler, prism.worke
 then runs one step; unlike one, its clock is its own ManualClock, which an activation's copy
 and each step's forward pass move forward. The cluster (prism.sim.cluster) wakes it when the
 step ends, when a message comes, or when a scheduling timer (idle eviction) falls due.
+
+With models stepping at their own pace (pace "own"), a step does not move the device's clock:
+each model's step is done on its own timeline (its host time, then its device time shared with
+the other models' steps: SharedChip), and the device wakes when the first of them is done, to
+read its tokens and launch that model's next step.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from prism.memory.page_pool import PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel
 from prism.sched.view import CostModel
-from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads, card_defaults
+from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads, SharedChip, card_defaults
 from prism.sim.engine import sim_engine
 from prism.sim.executor import CountingBackend
 from prism.sim.shapes import ModelShape
@@ -48,10 +53,13 @@ class SimDevice(DeviceCore):
         self.truth = truth
         self.host = host
         self.cold = ColdShapes(host.cold_shape_s)  # kernels are loaded once per device process
-        # Steps of several models in one turn are charged as one (concurrent_models > 1).
-        concurrent = config.scheduler.concurrent_models > 1
+        # Steps of several models in one turn are charged as one (concurrent_models > 1); at
+        # their own pace, models share the chip step by step instead.
+        own = self.own_pace
+        concurrent = config.scheduler.concurrent_models > 1 and not own
         rates = concurrent_rates or card_defaults(dev.device)
         self.turn = ConcurrentTurn(rates, gpus) if concurrent else None
+        self.chip = SharedChip(rates, gpus) if own else None
         self.device_id = dev.device_id
         # The models whose weights this device's node holds in host memory: one set shared by
         # the node's devices, as the node's workers share one copy (None: every copy at hand).
@@ -64,7 +72,8 @@ class SimDevice(DeviceCore):
 
     def _new_engine(self, spec: ModelSpec) -> EngineCore:
         return sim_engine(spec, self.shapes[spec.name], self.pool, self.clock, self.truth,
-                          self._victim_chooser(spec.name), self.host, self.cold, self.host_copies, self.turn)
+                          self._victim_chooser(spec.name), self.host, self.cold, self.host_copies, self.turn,
+                          self.chip)
 
     def _begin_turn(self) -> None:
         if self.turn is not None:
@@ -92,9 +101,28 @@ class SimDevice(DeviceCore):
             send(notice)
         if self.host.scheduling_scale and out.num_tokens:
             self.clock.advance(self.host.scheduling_scale * (time.perf_counter() - wall))
-        if out.num_tokens or self.clock.now() > start or self._residency_marks() != before:
+        progressed = self.clock.now() > start or self._residency_marks() != before
+        if self.chip is not None:
+            progressed = progressed or bool(out.num_tokens or out.events or out.finished)
+            return out, self.clock.now() if progressed and self._ready_with_work() else self.quiet_wake()
+        if out.num_tokens or progressed:
             return out, self.clock.now()  # it worked (or made room): go on at once
         return out, self._next_timer()
+
+    def quiet_wake(self) -> float | None:
+        """When the device should next wake with nothing to do now: when a scheduling timer
+        falls due or, at their own pace, when the first model's step in flight is done."""
+        timer = self._next_timer()
+        if self.chip is None:
+            return timer
+        done = [e.executor.last_launched.done for e in self.engines.values() if e.has_in_flight]
+        due = min(done + ([] if timer is None else [timer]), default=None)
+        return None if due is None else max(due, self.clock.now())
+
+    def _ready_with_work(self) -> bool:
+        """Some resident model with work has no step running (at their own pace)."""
+        self.views.refresh()
+        return any(self.engines[m].resident and self.engines[m].in_flight_done for m in self.views.busy)
 
     def _residency_marks(self) -> tuple:
         c = self.counters

@@ -16,7 +16,7 @@ from prism.engine.scheduler import VictimChooser
 from prism.memory.page_pool import PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.view import CostModel
-from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads
+from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads, SharedChip
 from prism.sim.executor import SimExecutor
 from prism.sim.shapes import ModelShape
 
@@ -24,8 +24,9 @@ from prism.sim.shapes import ModelShape
 def sim_engine(spec: ModelSpec, shape: ModelShape, pool: PagePool, clock: ManualClock, cost: CostModel,
                choose_victim: VictimChooser | None = None, host: HostOverheads = HostOverheads(),
                cold: ColdShapes | None = None, host_copies: set[str] | None = None,
-               turn: ConcurrentTurn | None = None) -> EngineCore:
+               turn: ConcurrentTurn | None = None, chip: SharedChip | None = None) -> EngineCore:
     """`cost`: what a step takes on this device (the simulation's truth); `host_copies`: the
-    node's, `turn`: the device's steps side by side (prism.sim.executor.SimExecutor)."""
-    executor = SimExecutor(spec, shape, pool, clock, cost, host, cold, host_copies, turn)
+    node's, `turn`: the device's steps side by side, `chip`: the device its models share at
+    their own pace (prism.sim.executor.SimExecutor)."""
+    executor = SimExecutor(spec, shape, pool, clock, cost, host, cold, host_copies, turn, chip)
     return EngineCore(executor, spec.engine, clock.now, choose_victim, eos_token_ids=())

@@ -10,6 +10,7 @@ the real ones.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Callable
 
 from prism.config import ModelSpec
@@ -20,7 +21,7 @@ from prism.memory.backend import PhysicalChunk
 from prism.memory.page_pool import Owner, PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.view import CostModel
-from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads, step_seconds
+from prism.sim.costs import ChipStep, ColdShapes, ConcurrentTurn, HostOverheads, SharedChip, step_seconds
 from prism.sim.shapes import ModelShape
 
 SAMPLED_TOKEN = 0  # what a simulated step "samples"; its engines have no EOS (see sim/engine.py)
@@ -95,6 +96,19 @@ class CountingKV:
             self.unmap_page(page)
 
 
+@dataclass(frozen=True)
+class SimStep:
+    """A step launched at its model's own pace: where it is on the shared chip, and the
+    sequences it samples."""
+
+    on_chip: ChipStep
+    samples: tuple[Sequence, ...]
+
+    @property
+    def done(self) -> float:
+        return self.on_chip.done
+
+
 class SimExecutor:
     """The Executor (prism.engine.executor) of a simulated device. `cost` is what a step takes
     on this device (the simulation's truth); `host` the host time per step beyond the forward
@@ -102,10 +116,13 @@ class SimExecutor:
 
     def __init__(self, spec: ModelSpec, shape: ModelShape, pool: PagePool, clock: ManualClock,
                  cost: CostModel, host: HostOverheads = HostOverheads(), cold: ColdShapes | None = None,
-                 host_copies: set[str] | None = None, turn: ConcurrentTurn | None = None):
+                 host_copies: set[str] | None = None, turn: ConcurrentTurn | None = None,
+                 chip: SharedChip | None = None):
         """`host_copies`: the models whose weights the device's node holds in host memory,
         shared by the node's devices (None: a copy of this model is always at hand). `turn`:
-        the device's account of the steps it runs side by side (None: one model per step)."""
+        the device's account of the steps it runs side by side (None: one model per step).
+        `chip`: the device shared by models stepping at their own pace, each on its own
+        timeline (None: steps move the device's clock)."""
         self.model_id = spec.name
         self.shape = shape
         self.config = shape.config
@@ -129,6 +146,12 @@ class SimExecutor:
                                 shape.config.vocab_size)
         self.host_copies = host_copies
         self.turn = turn
+        self.chip = chip
+        # At its own pace a model's steps are launched and read later (the engine's overlap),
+        # each done on the model's own timeline; in turn the host's time is charged per step
+        # (HostOverheads) and a step moves the device's clock.
+        self.supports_overlap = chip is not None
+        self.last_launched: SimStep | None = None
         self.num_storage_reads = 0  # activations that read storage first (the node had no copy)
         self._add_host_copy()  # the weights were read from the source: the node keeps a copy
 
@@ -140,19 +163,42 @@ class SimExecutor:
     def num_kv_pages(self) -> int:
         return self.kv.num_mapped_pages * self.kv.pages_per_kv_page
 
-    supports_overlap = False  # steps in turn: the host's time is charged per step (HostOverheads)
-
     def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[SampledToken]:
         """The step's time passes on the device's clock; every sampling chunk gets SAMPLED_TOKEN.
         A step run beside others (`turn`) moves it only by what it adds to their turn."""
-        terms = plan.cost_terms()
-        device_s = step_seconds(self.cost, self.model_id, *terms) + self.cold.charge(self.shape.kernel_key, terms)
+        device_s = self._device_seconds(plan)
         if self.turn is not None:
-            floor = self.turn.floor(self.shape.weight_bytes, self.shape.kv_bytes_per_token, terms[1], plan.num_tokens)
-            device_s = self.turn.charge(device_s, floor)
+            device_s = self.turn.charge(device_s, self._floor(plan, self.turn))
         self.clock.advance(self.host.step_time(len(plan.chunks)) + device_s)
         while_running()
         return [SampledToken(chunk.seq, SAMPLED_TOKEN) for chunk in plan.chunks if chunk.samples]
+
+    def _device_seconds(self, plan: StepPlan) -> float:
+        """The step's device time alone (a fresh server's first shapes included)."""
+        terms = plan.cost_terms()
+        return step_seconds(self.cost, self.model_id, *terms) + self.cold.charge(self.shape.kernel_key, terms)
+
+    def _floor(self, plan: StepPlan, rates: ConcurrentTurn | SharedChip) -> float:
+        return rates.floor(self.shape.weight_bytes, self.shape.kv_bytes_per_token, plan.cost_terms()[1], plan.num_tokens)
+
+    # ---- at the model's own pace (chip) ----------------------------------------------------------
+    def launch(self, plan: StepPlan, after: SimStep | None) -> SimStep:
+        """The step starts now on the model's own timeline: its host time, then its device time
+        shared with the other models' steps on the chip (SharedChip). The clock does not move."""
+        device_s = self._device_seconds(plan)
+        on_chip = self.chip.launch(self.clock.now(), self.host.step_time(len(plan.chunks)), device_s,
+                                   self._floor(plan, self.chip))
+        self.last_launched = SimStep(on_chip, tuple(c.seq for c in plan.chunks if c.samples))
+        return self.last_launched
+
+    def is_done(self, step: SimStep) -> bool:
+        return step.done <= self.clock.now()
+
+    def collect(self, step: SimStep) -> list[SampledToken]:
+        """The step's tokens; a read before it is done waits for it (the clock moves to its end)."""
+        if step.done > self.clock.now():
+            self.clock.set(step.done)
+        return [SampledToken(seq, SAMPLED_TOKEN) for seq in step.samples]
 
     def forget(self, seq: Sequence) -> None:
         pass  # no per-request state

@@ -21,9 +21,9 @@ from prism.memory.page_pool import Owner, PagePool
 from prism.sched.calibration import CalibratedCost
 from prism.sched.clock import Clock
 from prism.sched.cost import ModelProfile, ProfileCostModel
-from prism.sched.local import LocalScheduler, LocalSchedulerConfig
+from prism.sched.local import LocalScheduler, LocalSchedulerConfig, Pace
 from prism.sched.rates import TokenRateTracker
-from prism.sched.view import SLO, CostModel, DeviceView
+from prism.sched.view import SLO, CostModel, DeviceView, StepDecision
 from prism.types import CompletionOutput, RequestError, SamplingParams
 from prism.worker import messages as msg
 from prism.worker.engine_protocol import DeviceEngine
@@ -294,14 +294,32 @@ class DeviceCore(ABC):
         for model_id, order in decision.admit_order.items():
             self.engines[model_id].reorder_waiting(list(order))
         finished, self._finished_early = self._finished_early, []
-        num_tokens = 0
-        run = decision.run_model
         # The policy cannot see whether a model's next batch fits in memory: if the chosen
         # model can do nothing now (say its prefill waits for pages), the step goes to another
         # model with work, so the device never idles (or livelocks) while work exists.
         self.views.refresh()
+        run = decision.run_model
         candidates = [run] if run is not None else []
         candidates += [m for m in self._in_order(self.views.busy) if m != run and self.engines[m].resident]
+        steps = self._step_at_own_pace if self.own_pace else self._step_in_turn
+        done, run, num_tokens = steps(candidates, decision)
+        finished += done
+        events = [ev for m in self._in_order(self._with_events) for ev in self.engines[m].drain_events()]
+        self._with_events.clear()
+        for model_id, out in finished:
+            self.metrics.record_request(model_id, out.req_id, out.finish_reason.value, out.metrics)
+        self._maybe_sample()
+        return StepOutput(events, finished, run, num_tokens)
+
+    @property
+    def own_pace(self) -> bool:
+        """Each model steps again as soon as its own last step is done (LocalSchedulerConfig.pace)."""
+        return self.config.scheduler.pace is Pace.OWN
+
+    def _step_in_turn(self, candidates: list[str], decision: StepDecision) -> tuple[list, str | None, int]:
+        """One turn: the first candidate with work steps (and, with concurrent_models > 1, others
+        beside it); the other models' steps still in flight are read. (finished, ran, tokens)"""
+        finished, num_tokens, run = [], 0, decision.run_model
         self._begin_turn()
         for model_id in candidates:
             if not self.engines[model_id].resident:
@@ -317,12 +335,23 @@ class DeviceCore(ABC):
             done, more, side = self._step_beside(run, candidates, decision.beside)
             finished, num_tokens, launched = finished + done, num_tokens + more, launched | side
         finished += self._read_others_in_flight(launched)
-        events = [ev for m in self._in_order(self._with_events) for ev in self.engines[m].drain_events()]
-        self._with_events.clear()
-        for model_id, out in finished:
-            self.metrics.record_request(model_id, out.req_id, out.finish_reason.value, out.metrics)
-        self._maybe_sample()
-        return StepOutput(events, finished, run, num_tokens)
+        return finished, run, num_tokens
+
+    def _step_at_own_pace(self, candidates: list[str], decision: StepDecision) -> tuple[list, str | None, int]:
+        """Every candidate whose last step is over steps now (its tokens read, its next step
+        launched), in the policy's order; one whose step still runs is passed over, never
+        waited for. (finished, the first model that launched tokens, tokens launched)"""
+        finished, ran, num_tokens = [], None, 0
+        for model_id in candidates:
+            engine = self.engines[model_id]
+            if not engine.resident or not engine.in_flight_done:
+                continue
+            done, n = self._step_model(model_id, decision.token_budget.get(model_id))
+            finished += done
+            if n:
+                num_tokens += n
+                ran = ran or model_id
+        return finished, ran, num_tokens
 
     def _step_model(self, model_id: str, budget: int | None = None) -> tuple[list[tuple[str, CompletionOutput]], int]:
         """One step of `model_id` (`budget`: its tokens, the local scheduler's; None: the engine's)."""
@@ -338,8 +367,9 @@ class DeviceCore(ABC):
             now = self.clock.now()
             self.last_used[model_id] = self.last_step[model_id] = now
             # Steps side by side share the chip and read each other's turns: their wall times
-            # are not one model's step, so the estimates keep their profiles then.
-            if self.config.scheduler.concurrent_models == 1:
+            # are not one model's step, so the estimates keep their profiles then (at its own
+            # pace a step is read only once done: its call is its host time alone).
+            if self.config.scheduler.concurrent_models == 1 and not self.own_pace:
                 self.cost.observe_step(model_id, plan.cost_terms(), now - start)
         return finished, engine.last_step_num_tokens
 

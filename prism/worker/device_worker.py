@@ -63,7 +63,7 @@ class DeviceWorker(DeviceCore):
 
     def _new_engine(self, spec: ModelSpec) -> LLMEngine:
         engine_config = spec.engine
-        if self.config.scheduler.concurrent_models > 1:  # its steps may run beside others'
+        if self.config.scheduler.concurrent_models > 1 or self.own_pace:  # its steps may run beside others'
             engine_config = dataclasses.replace(engine_config, own_stream=True)
         return LLMEngine(
             resolve_model(spec.source), engine_config, self.config.device, pool=self.pool,

@@ -30,6 +30,10 @@ from prism.worker.device_core import WorkerConfig
 from prism.worker.inbox import StampedInbox
 
 SLOW_STEP_S = 0.5  # longer steps are logged: no healthy step takes this long
+# Models stepping at their own pace, every one's step still running: the loop looks again
+# after this long (or at once when a message comes), neither spinning a core nor leaving a
+# finished step unread for long (a small model's decode step takes a few milliseconds).
+PACE_POLL_S = 50e-6
 
 
 class WorkerProcess:
@@ -163,11 +167,12 @@ def _loop(worker, inbox: StampedInbox, send, idle_tick_s: float) -> None:
     decoder = msgspec.msgpack.Decoder(msg.ToWorker)
     step_log = _open_step_log(worker)
     parent = os.getppid()
+    waiting_on_steps = False  # the last step found every model's step still running
     while True:
         if os.getppid() != parent:  # the frontend died without saying goodbye: do not linger
             return
         busy = worker.has_unfinished or bool(worker.draining)
-        timeout_s = 0.0 if busy else idle_tick_s
+        timeout_s = (PACE_POLL_S if waiting_on_steps else 0.0) if busy else idle_tick_s
         while (received := inbox.get(timeout_s)) is not None:
             received_at, raw = received
             m = _decode(decoder, raw, send)
@@ -177,6 +182,7 @@ def _loop(worker, inbox: StampedInbox, send, idle_tick_s: float) -> None:
         started = time.perf_counter()
         out = worker.step()
         took = time.perf_counter() - started
+        waiting_on_steps = worker.own_pace and not (out.num_tokens or out.events or out.finished)
         for notice in worker.take_notices():  # activations and evictions, ordered or local
             send(notice)
         if step_log is not None and out.ran_model is not None:
