@@ -338,8 +338,8 @@ def device_cost_model(profiles: dict[str, ModelProfile], device: str) -> Profile
 
 
 __all__ = [
-    "CONCURRENCY_FILE", "ChipStep", "ConcurrencyProfile", "ConcurrentTurn", "SharedChip", "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL",
-    "HOST_FILE", "HostOverheads", "ProfileSet", "TP_DECODE_PARALLEL_FRACTION", "TP_PREFILL_PARALLEL_FRACTION",
+    "CONCURRENCY_FILE", "ChipStep", "ConcurrencyProfile", "ConcurrentTurn", "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL",
+    "HOST_FILE", "SharedChip", "HostOverheads", "ProfileSet", "TP_DECODE_PARALLEL_FRACTION", "TP_PREFILL_PARALLEL_FRACTION",
     "card_defaults", "device_cost_model", "roofline_profile", "scale_profile", "step_floor", "step_seconds",
     "tp_profile",
 ]
