@@ -165,7 +165,13 @@ class SimExecutor:
 
     def execute(self, plan: StepPlan, while_running: Callable[[], None]) -> list[SampledToken]:
         """The step's time passes on the device's clock; every sampling chunk gets SAMPLED_TOKEN.
-        A step run beside others (`turn`) moves it only by what it adds to their turn."""
+        A step run beside others (`turn`) moves it only by what it adds to their turn; at the
+        model's own pace (`chip`, an engine without overlap) the host waits for its step while
+        other models' steps go on."""
+        if self.chip is not None:
+            step = self.launch(plan, None)
+            while_running()
+            return self.collect(step)
         device_s = self._device_seconds(plan)
         if self.turn is not None:
             device_s = self.turn.charge(device_s, self._floor(plan, self.turn))

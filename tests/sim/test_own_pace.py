@@ -1,0 +1,129 @@
+"""Models that step at their own pace on one device (LocalSchedulerConfig.pace "own"): each
+model steps again as soon as its own last step is done, as separate engines under MPS do, the
+chip shared step by step (SharedChip); under "turn" a small model's decode waits for the big
+model's step. The static and muxserve baselines run this way by default (docs/policies.md)."""
+import statistics
+
+import pytest
+
+from prism.bench.trace import TraceRequest
+from prism.cluster.config import parse_config
+from prism.cluster.systems import system_config
+from prism.sched.concurrency import ConcurrentTurn, SharedChip
+from prism.sched.local import Pace
+from prism.sim.costs import ProfileSet, card_defaults
+from prism.sim.run import config_for, simulate
+
+ROOFLINE = ProfileSet({}, {})  # H100 nominal rates
+RATES = card_defaults("cuda:0")
+BIG = {"name": "big", "source": "llama-3.1-8b:random", "rate": 1}
+SMALL = {"name": "small", "source": "llama-3.2-1b:random", "rate": 1}
+SMALL_OUT = 200
+
+
+# ---- the contention rule's arithmetic -----------------------------------------------------------
+def test_a_step_alone_takes_its_host_time_then_its_device_time():
+    chip = SharedChip(RATES)
+    step = chip.launch(1.0, 0.001, 0.004, 0.002)
+    assert step.done == pytest.approx(1.005)
+
+
+def test_steps_that_together_ask_less_than_the_chip_run_as_fast_as_alone():
+    chip = SharedChip(RATES)
+    a = chip.launch(0.0, 0.0, 0.010, 0.006)  # uses 0.6 of the chip
+    b = chip.launch(0.002, 0.0, 0.004, 0.0016)  # 0.4: together 1.0
+    assert (a.done, b.done) == (pytest.approx(0.010), pytest.approx(0.006))
+
+
+def test_beyond_the_chip_every_running_step_is_slowed_by_the_sum_of_their_uses():
+    chip = SharedChip(RATES)
+    a = chip.launch(0.0, 0.0, 0.010, 0.009)  # use 0.9
+    assert a.done == pytest.approx(0.010)
+    b = chip.launch(0.002, 0.0, 0.002, 0.001)  # use 0.5: both at 1 / 1.4 of their speed
+    # b: 2 ms of work at 1/1.4 -> ends at 0.002 + 2.8 ms; a did 2 ms alone, 2 ms of work in
+    # b's 2.8 ms, then its last 6 ms alone again.
+    assert b.done == pytest.approx(0.0048)
+    assert a.done == pytest.approx(0.0108)  # pushed back by the later launch
+
+
+def test_host_time_keeps_a_step_off_the_chip():
+    chip = SharedChip(RATES)
+    a = chip.launch(0.0, 0.005, 0.002, 0.002)  # on the chip only from 5 ms
+    b = chip.launch(0.0, 0.0, 0.004, 0.004)  # alone until then
+    assert (b.done, a.done) == (pytest.approx(0.004), pytest.approx(0.007))
+
+
+def test_a_floor_above_the_steps_time_counts_as_its_time():
+    chip = SharedChip(RATES)
+    a = chip.launch(0.0, 0.0, 0.004, 0.040)
+    b = chip.launch(0.0, 0.0, 0.004, 0.040)
+    assert a.done == b.done == pytest.approx(0.008)  # each takes the whole chip: one after the other's worth
+
+
+@pytest.mark.parametrize("steps", [((0.004, 0.003), (0.002, 0.0025)), ((0.010, 0.002), (0.003, 0.003)),
+                                   ((0.006, 0.006), (0.006, 0.006), (0.001, 0.0002))])
+def test_steps_launched_together_take_at_least_what_a_turn_charges(steps):
+    chip, turn = SharedChip(RATES), ConcurrentTurn(RATES)
+    done = [chip.launch(0.0, 0.0, alone, floor) for alone, floor in steps]
+    for alone, floor in steps:
+        turn.charge(alone, floor)
+    assert max(s.done for s in done) >= turn.charged - 1e-12
+    assert max(s.done for s in done) <= sum(alone for alone, _ in steps) + 1e-12  # never worse than in turn
+
+
+# ---- the knob ------------------------------------------------------------------------------------
+RAW = {"devices": [{"device": "cuda:0", "memory": "80GiB"}], "models": [BIG, SMALL]}
+
+
+@pytest.mark.parametrize("system, pace", [("prism", "turn"), ("static", "own"), ("muxserve", "own"),
+                                          ("swap", "turn"), ("serverless", "turn"), ("dedicated", "turn")])
+def test_each_system_has_its_pace_and_a_config_may_set_any(system, pace):
+    assert parse_config(system_config(RAW, system)).local.pace is Pace(pace)
+    for given in ("turn", "own"):
+        raw = dict(RAW, scheduler={"pace": given})
+        assert parse_config(system_config(raw, system)).local.pace is Pace(given)
+
+
+# ---- a two-model micro-trace ---------------------------------------------------------------------
+def micro_trace() -> list[TraceRequest]:
+    """The 8B model prefills 2,000-token prompts every 100 ms (long steps, then a growing decode
+    batch) while the 1B model decodes one long request."""
+    big = [TraceRequest(0.1 * i, "big", 2000, 100) for i in range(20)]
+    return sorted(big + [TraceRequest(0.3, "small", 64, SMALL_OUT)], key=lambda t: t.arrival_s)
+
+
+def run(trace, pace: str, models=(BIG, SMALL)):
+    raw = {"devices": RAW["devices"], "models": list(models), "scheduler": {"pace": pace}}
+    records = simulate(config_for(raw, "static"), trace, ROOFLINE).records
+    assert all(r.ok for r in records)
+    return records
+
+
+def small_gaps(records) -> list[float]:
+    small = next(r for r in records if r.model == "small")
+    assert len(small.token_s) == SMALL_OUT
+    return [b - a for a, b in zip(small.token_s, small.token_s[1:])]
+
+
+def test_a_small_models_decode_keeps_its_own_pace_beside_a_big_models_long_steps():
+    trace = micro_trace()
+    alone = statistics.median(small_gaps(run([r for r in trace if r.model == "small"], "own", (SMALL,))))
+    own, turn = run(trace, "own"), run(trace, "turn")
+    big_step = statistics.median(r.tpot for r in turn if r.model == "big")
+    own_tpot, turn_tpot = statistics.mean(small_gaps(own)), statistics.mean(small_gaps(turn))
+    print(f"\nsmall's step alone {alone * 1e3:.2f} ms; its TPOT beside big: own pace {own_tpot * 1e3:.2f} ms, "
+          f"in turn {turn_tpot * 1e3:.2f} ms (big's TPOT {big_step * 1e3:.1f} ms)")
+    assert turn_tpot > big_step / 2  # in turn it waits for big's steps
+    assert own_tpot < 2.5 * alone < big_step / 2  # at its own pace only the shared chip slows it
+    # Its tokens never come sooner than its step alone takes (read once done, never before).
+    assert min(small_gaps(own)) >= alone * (1 - 1e-9)
+
+
+def test_at_its_own_pace_the_big_model_is_not_starved():
+    trace = micro_trace()
+    own = {r.index: r for r in run(trace, "own")}
+    alone = {r.index: r for r in run([r for r in trace if r.model == "big"], "own", (BIG,))}
+    finish_own = max(r.finish_s for r in own.values() if r.model == "big")
+    finish_alone = max(r.finish_s for r in alone.values())
+    # small's decode shares the chip: big's last request is late by a share of it, not more
+    assert finish_alone <= finish_own < finish_alone * 1.5
