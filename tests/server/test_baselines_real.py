@@ -1,7 +1,8 @@
 """Each baseline's defining behaviour on a real `prism serve` (CPU, tiny random models), the
 same two-model micro-trace as tests/sim/test_baselines.py: a long decode on model a, then a
 short request to model b. Under static and muxserve b is served beside a's decode (separate
-engines time-sliced, MuxServe's multiplexed jobs); under swap b waits for a's group to drain;
+engines, MuxServe's multiplexed jobs: both step at their own pace, scheduler.pace own, their
+default); under swap b waits for a's group to drain;
 under dedicated each model has its own device."""
 import subprocess
 import sys
