@@ -1,5 +1,6 @@
 """Held-out check of the rates `prism profile --pair-with` fits: the turns of one pair's file
-charged at the rates fitted to another pair's (and at the nominal rates, and at its own fit).
+charged at the rates and under the contention rule fitted to another pair's (and at the nominal
+rates under that rule, and at its own fit).
 
     python3 benchmarks/concurrency_check.py FITTED.yaml HELD_OUT.yaml
 
@@ -25,8 +26,9 @@ def main() -> int:
     nominal = card_defaults(held_out.device)
     print(f"turns of {held_out.command!r} ({held_out.card}, {held_out.date})\n"
           f"at the rates of {fitted.command!r} ({fitted.card}, {fitted.date})")
-    print_turn_table(held_out.turns, {"nominal": nominal, "own fit": held_out.rates(nominal),
-                                      "other fit": fitted.rates(nominal)})
+    print_turn_table(held_out.turns, {"nominal": (nominal, fitted.rule),
+                                      "own fit": (held_out.rates(nominal), held_out.rule),
+                                      "other fit": (fitted.rates(nominal), fitted.rule)})
     return 0
 
 

@@ -7,7 +7,8 @@
 # Defaults: fitted on llama-3.2-1b + llama-3.1-8b, checked on llama-3.1-8b twice (session 7 of
 # benchmarks/results/engine-notes.md measured that pair's decode turns). Writes to $OUT (default
 # .): concurrency.yaml (copy it into the card's profile folder, e.g. benchmarks/profiles/nvidia-h200/),
-# concurrency-held-out.yaml, check.log and each run's stdout (.log) and stderr (.err).
+# concurrency-held-out.yaml, check.log, contention-rules.md (each turn under both contention
+# rules, the rule each file picks) and each run's stdout (.log) and stderr (.err).
 # DEVICE (default cuda:0) and PAIR_ARGS (e.g. "--quick --memory 512MiB") for a try on CPU.
 set -uo pipefail
 fit_a=${1:-llama-3.2-1b:random} fit_b=${2:-llama-3.1-8b:random}
@@ -29,3 +30,4 @@ for pair in "fit $fit_a $fit_b concurrency" "held-out $held_a $held_b concurrenc
     echo "$1 pair $2 + $3: $(( $(date +%s) - start )) s" | tee -a "$out/$4.log"
 done
 python3 benchmarks/concurrency_check.py "$out/concurrency.yaml" "$out/concurrency-held-out.yaml" | tee "$out/check.log"
+python3 benchmarks/contention_rules.py "$out/concurrency.yaml" "$out/concurrency-held-out.yaml" | tee "$out/contention-rules.md"

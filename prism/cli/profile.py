@@ -1,7 +1,8 @@
 """`prism profile`: measure a model's prefill and decode times on a device, write the profile
 JSON the cost model reads (prism.sched.cost), print a short table. With `--pair-with B`:
 measure the model's steps and B's side by side instead (prism.engine.pair_profiler), fit the
-rates such turns reach and write them (`concurrency.yaml`, prism.sched.concurrency)."""
+rates such turns reach under each contention rule, keep the rule that reproduces them better and
+write it with its rates (`concurrency.yaml`, prism.sched.concurrency)."""
 from __future__ import annotations
 
 import dataclasses
@@ -152,21 +153,24 @@ def print_turns(profile, nominal) -> None:
     print(f"steps side by side on {profile.device} ({profile.card}): memory "
           f"{fitted.memory_bytes_per_s / 1e9:.4g} GB/s (nominal {nominal.memory_bytes_per_s / 1e9:.4g}), matmul "
           f"{fitted.flops_per_s / 1e12:.4g} TFLOP/s (nominal {nominal.flops_per_s / 1e12:.4g})")
-    print_turn_table(profile.turns, {"nominal": nominal, "fitted": fitted})
+    losses = ", ".join(f"{rule.value} {loss:.3g}" for rule, loss in profile.losses.items()) or "not recorded"
+    print(f"contention rule: {profile.rule.value} (mean squared log error of each rule's fit: {losses})")
+    print_turn_table(profile.turns, {"nominal": (nominal, profile.rule), "fitted": (fitted, profile.rule)})
 
 
-def print_turn_table(turns, rates: dict) -> None:
-    """Each measured turn beside what the simulator charges for it at each of `rates` (by
-    name), and the error of the last of them; then each one's median and largest error."""
+def print_turn_table(turns, charges: dict) -> None:
+    """Each measured turn beside what the simulator charges for it under each of `charges`
+    (by name: rates and contention rule), and the error of the last of them; then each one's
+    median and largest error."""
     from prism.sched.concurrency import predicted_turn
 
-    names = list(rates)
+    names = list(charges)
     print(f"\n{'case':<34} {'alone ms':>17} {'turn ms':>9} " + " ".join(f"{n[:9]:>9}" for n in names) + f" {'error':>7}")
     for t in turns:
         alone = " + ".join(f"{s.alone_s * 1e3:.2f}" for s in t.steps)
-        charged = [predicted_turn(rates[n], t.steps) for n in names]
+        charged = [predicted_turn(charges[n][0], t.steps, charges[n][1]) for n in names]
         print(f"{t.case:<34} {alone:>17} {t.turn_s * 1e3:>9.2f} " + " ".join(f"{c * 1e3:>9.2f}" for c in charged)
               + f" {charged[-1] / t.turn_s - 1:>+7.1%}")
     for name in names:
-        errors = [abs(predicted_turn(rates[name], t.steps) / t.turn_s - 1) for t in turns]
-        print(f"{name} rates: median |error| {statistics.median(errors):.1%}, largest {max(errors):.1%}")
+        errors = [abs(predicted_turn(charges[name][0], t.steps, charges[name][1]) / t.turn_s - 1) for t in turns]
+        print(f"{name} ({charges[name][1].value}): median |error| {statistics.median(errors):.1%}, largest {max(errors):.1%}")

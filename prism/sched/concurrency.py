@@ -1,23 +1,34 @@
-"""Steps of several models run side by side in one turn (concurrent_models > 1): what such a
-turn costs, the turns `prism profile --pair-with` measures, and the rates fitted to them.
+"""Steps of several models on one GPU: what they cost side by side, launched in one turn
+(concurrent_models > 1: `ConcurrentTurn`) or each at its model's own pace (`SharedChip`); the
+turns `prism profile --pair-with` measures, and the rates and the contention rule fitted to them.
 
-A turn cannot end before the longest of its steps alone, nor before the sum of their floors:
-each step's bytes over the memory bandwidth or its FLOPs over the matmul rate, whichever is
-larger (what the kernels of all of them together must move or compute). It takes the larger
-of the two (`ConcurrentTurn`). With nominal rates the rule predicted somewhat less than the
-H200's measured turns (docs/policies.md has the figures): the rates side-by-side kernels reach
-together are not a copy's or a large GEMM's. They are measurable: `fit_rates` finds the
-bandwidth and matmul rate under which the rule best reproduces measured turns (`MeasuredTurn`:
-two models' steps alone and in one turn), and `ConcurrencyProfile` keeps them with the turns
-they were fitted to, as `concurrency.yaml` in a profile folder, where the simulator reads them.
+A step's floor is its least device time per resource: its bytes (weights, the decodes' KV) over
+the memory bandwidth, and its matmul FLOPs over the matmul rate (`StepFloor`). What steps side
+by side cannot beat is a budget of those floors, and there are two accounts of it
+(`ContentionRule`):
+
+- one budget (ONE_BUDGET): each step counts its binding resource's floor (the larger of the two)
+  against one budget: a bandwidth-bound decode and a compute-bound prefill take turns.
+- per resource (PER_RESOURCE): bandwidth floors and compute floors count against a budget each:
+  a bandwidth-bound decode beside a compute-bound prefill may overlap all the way.
+
+A turn cannot end before its longest step alone, nor before any budget's sum of floors. With
+nominal rates the one-budget rule predicted somewhat less than the H200's measured turns
+(docs/policies.md has the figures): the rates side-by-side kernels reach together are not a
+copy's or a large GEMM's. They are measurable, and so is the rule: `fit_contention` finds, for
+each rule, the bandwidth and matmul rate under which it best reproduces measured turns
+(`MeasuredTurn`: two models' steps alone and in one turn), and keeps the rule that reproduces
+them better; `ConcurrencyProfile` keeps the rule, its rates, both rules' losses and the turns, as
+`concurrency.yaml` in a profile folder, where the simulator reads them.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from prism.errors import UserError
 from prism.sched.cost import DefaultCosts
@@ -25,42 +36,84 @@ from prism.sched.cost import DefaultCosts
 CONCURRENCY_FILE = "concurrency.yaml"
 
 
+class ContentionRule(str, enum.Enum):
+    """How steps side by side contend for the chip (module docstring)."""
+
+    ONE_BUDGET = "one-budget"
+    PER_RESOURCE = "per-resource"
+
+    def budgets(self, floor: StepFloor | float, seconds: float) -> tuple[float, ...]:
+        """What a step of `seconds` alone with this floor counts against each budget: each
+        part of the floor at most the step's own time (rates below what the card does must
+        not make a step side by side cost more than alone). A bare number is a floor of both
+        resources: a step whose split is unknown contends as under one budget."""
+        if not isinstance(floor, StepFloor):
+            floor = StepFloor(floor, floor)
+        if self is ContentionRule.ONE_BUDGET:
+            return (min(floor.binding, seconds),)
+        return (min(floor.moved, seconds), min(floor.computed, seconds))
+
+
+@dataclass(frozen=True)
+class StepFloor:
+    """A step's least device time per resource: `moved` (its bytes over the memory bandwidth)
+    and `computed` (its matmul FLOPs over the matmul rate)."""
+
+    moved: float
+    computed: float
+
+    @property
+    def binding(self) -> float:
+        """The floor of the step's binding resource."""
+        return max(self.moved, self.computed)
+
+
+def step_floors(rates: DefaultCosts, weight_bytes: int, kv_bytes_per_token: int,
+                num_context: int, num_tokens: int) -> StepFloor:
+    """A step's floor per resource: weights and the decodes' KV over the memory bandwidth, its
+    matmul FLOPs (16-bit weights: two per parameter per token) over the matmul rate."""
+    moved = (weight_bytes + kv_bytes_per_token * num_context) / rates.memory_bytes_per_s
+    computed = 2 * (weight_bytes / 2) * num_tokens / rates.flops_per_s
+    return StepFloor(moved, computed)
+
+
 def step_floor(rates: DefaultCosts, weight_bytes: int, kv_bytes_per_token: int,
                num_context: int, num_tokens: int) -> float:
-    """A step's least device time: its bytes (weights, the decodes' KV) over the memory
-    bandwidth or its matmul FLOPs over the matmul rate, whichever is larger."""
-    moved = (weight_bytes + kv_bytes_per_token * num_context) / rates.memory_bytes_per_s
-    computed = 2 * (weight_bytes / 2) * num_tokens / rates.flops_per_s  # 16-bit weights
-    return max(moved, computed)
+    """A step's least device time: the floor of its binding resource (`step_floors`)."""
+    return step_floors(rates, weight_bytes, kv_bytes_per_token, num_context, num_tokens).binding
 
 
 class ConcurrentTurn:
     """The device time of the steps one turn runs side by side (concurrent_models > 1): the
-    larger of the longest step alone and the sum of the steps' floors (module docstring).
-    The steps are charged one after another as the clock's marginal moves, so the first
-    model's tokens come out at its own end, the later ones' at the turn's."""
+    larger of the longest step alone and each budget's sum of the steps' floors (under
+    `rule`: module docstring). The steps are charged one after another as the clock's
+    marginal moves, so the first model's tokens come out at its own end, the later ones' at
+    the turn's."""
 
-    def __init__(self, rates: DefaultCosts, gpus: int = 1):
+    def __init__(self, rates: DefaultCosts, gpus: int = 1, rule: ContentionRule = ContentionRule.ONE_BUDGET):
         """`rates`: one GPU's bandwidth and matmul rate (nominal, or fitted: ConcurrencyProfile);
         `gpus`: the GPUs the device stands for (a tensor-parallel group moves and computes k
-        times as much at once)."""
+        times as much at once); `rule`: how the steps' floors contend."""
         self.rates = DefaultCosts(memory_bytes_per_s=rates.memory_bytes_per_s * gpus,
                                   flops_per_s=rates.flops_per_s * gpus, h2d_bytes_per_s=rates.h2d_bytes_per_s * gpus)
+        self.rule = rule
         self.reset()
 
     def reset(self) -> None:
-        self.longest = self.floors = self.charged = 0.0
+        self.longest = self.charged = 0.0
+        self.floors: list[float] = []  # each budget's sum so far
 
-    def floor(self, weight_bytes: int, kv_bytes_per_token: int, num_context: int, num_tokens: int) -> float:
-        return step_floor(self.rates, weight_bytes, kv_bytes_per_token, num_context, num_tokens)
+    def floor(self, weight_bytes: int, kv_bytes_per_token: int, num_context: int, num_tokens: int) -> StepFloor:
+        return step_floors(self.rates, weight_bytes, kv_bytes_per_token, num_context, num_tokens)
 
-    def charge(self, seconds: float, floor: float) -> float:
+    def charge(self, seconds: float, floor: StepFloor | float) -> float:
         """Add one step (its time alone, its floor); the time the clock moves for it now. A
         floor above the step's own time (rates below what the card does) counts as that
         time: side by side, no step costs more than alone."""
         self.longest = max(self.longest, seconds)
-        self.floors += min(floor, seconds)
-        total = max(self.longest, self.floors)
+        counted = self.rule.budgets(floor, seconds)
+        self.floors = [a + b for a, b in zip(self.floors, counted)] if self.floors else list(counted)
+        total = max(self.longest, *self.floors)
         moved, self.charged = total - self.charged, total
         return moved
 
@@ -70,42 +123,48 @@ class ConcurrentTurn:
 class ChipStep:
     """One model's step on a shared chip: it reaches the chip at `starts` (its launch plus the
     host time of its own process), has `work` seconds of device time alone still to run and,
-    alone, keeps the chip's busiest resource `use` busy (its floor over its time alone, in
-    (0, 1]). `done`: when it ends given the steps launched so far (later launches may push it
-    back, never forward)."""
+    alone, keeps each budget of the chip busy by its `uses` (its floor against that budget
+    over its time alone, each in [0, 1]: one budget, or bandwidth and matmul; ContentionRule).
+    `done`: when it ends given the steps launched so far (later launches may push it back,
+    never forward)."""
 
     starts: float
     work: float
-    use: float
+    uses: tuple[float, ...]
     done: float = math.inf
 
 
 class SharedChip:
     """The device time of steps that models launch at their own pace (LocalSchedulerConfig
     pace "own": separate engines, or MuxServe's processes, under MPS), each model on its own
-    timeline: fluid sharing of the chip. While the steps on the chip together ask for no more
-    than it has (the sum of their uses, each its floor over its time alone, is at most 1) each
-    runs as fast as alone; beyond that every one of them is slowed by that sum, so the floors
-    of what runs at once never exceed what the chip moves or computes. A step launched later
-    thus stretches the steps already running too, and a step running alone at the end of a
-    busy stretch gets its speed back.
+    timeline: fluid sharing of the chip. While the steps on the chip together ask no budget
+    for more than it has (the sum of their uses of it, each a floor over its step's time
+    alone, is at most 1) each runs as fast as alone; beyond that every one of them is slowed
+    by the largest such sum, so the floors of what runs at once never exceed what the chip
+    moves or computes. Under ONE_BUDGET a step's use is its binding resource's floor over its
+    time alone; under PER_RESOURCE it has a bandwidth use and a matmul use, and a
+    bandwidth-bound decode slows a compute-bound prefill only by what it computes (module
+    docstring). A step launched later thus stretches the steps already running too, and a
+    step running alone at the end of a busy stretch gets its speed back.
 
-    The rates are those of `ConcurrentTurn` (nominal, or fitted to measured turns:
+    The rates and rule are those of `ConcurrentTurn` (nominal, or fitted to measured turns:
     ConcurrencyProfile); for steps launched together the rule charges at least what a turn
-    charges (the longest step alone, the sum of the floors) and more when the shorter steps
-    slow the longer one while they last. What it leaves out: a step's use is of its binding
-    resource only (a bandwidth-bound decode and a compute-bound prefill count against one
-    budget, though they could overlap better); no SM caps (MPS's active thread percentage),
-    no time-slicing costs (contexts without MPS switch), no per-kernel launch gaps; a model's
-    host time overlaps everything (each engine has its own process), and its own consecutive
-    steps never overlap (it launches the next once the last is done)."""
+    charges (the longest step alone, each budget's sum of floors) and more when the shorter
+    steps slow the longer one while they last. What it leaves out: no SM caps (MPS's active
+    thread percentage), no time-slicing costs (contexts without MPS switch), no per-kernel
+    launch gaps; a model's host time overlaps everything (each engine has its own process),
+    and its own consecutive steps never overlap (it launches the next once the last is done)."""
 
-    def __init__(self, rates: DefaultCosts, gpus: int = 1):
-        self.turn = ConcurrentTurn(rates, gpus)  # the same rates and floors as a turn's
+    def __init__(self, rates: DefaultCosts, gpus: int = 1, rule: ContentionRule = ContentionRule.ONE_BUDGET):
+        self.turn = ConcurrentTurn(rates, gpus, rule)  # the same rates, floors and rule as a turn's
         self._t = 0.0  # the state below is as of this time
         self._steps: list[ChipStep] = []  # launched and not yet over at _t
 
-    def floor(self, weight_bytes: int, kv_bytes_per_token: int, num_context: int, num_tokens: int) -> float:
+    @property
+    def rule(self) -> ContentionRule:
+        return self.turn.rule
+
+    def floor(self, weight_bytes: int, kv_bytes_per_token: int, num_context: int, num_tokens: int) -> StepFloor:
         return self.turn.floor(weight_bytes, kv_bytes_per_token, num_context, num_tokens)
 
     @property
@@ -113,17 +172,18 @@ class SharedChip:
         """Steps launched and not over (as of the last launch)."""
         return len(self._steps)
 
-    def launch(self, now: float, host_s: float, alone_s: float, floor: float) -> ChipStep:
+    def launch(self, now: float, host_s: float, alone_s: float, floor: StepFloor | float) -> ChipStep:
         """A step launched at `now`: `host_s` of its process's time, then `alone_s` of device
         time alone whose floor is `floor`. Its `done` (and every running step's) is set."""
         _share(self._steps, self._t, now)
         self._t = max(self._t, now)
         self._steps = [s for s in self._steps if s.work > 0]
         if alone_s <= 0:  # nothing for the chip: done once its host time has passed
-            return ChipStep(now + host_s, 0.0, 0.0, now + host_s)
-        step = ChipStep(now + host_s, alone_s, min(max(floor, 0.0), alone_s) / alone_s)
+            return ChipStep(now + host_s, 0.0, (), now + host_s)
+        uses = tuple(max(b, 0.0) / alone_s for b in self.rule.budgets(floor, alone_s))
+        step = ChipStep(now + host_s, alone_s, uses)
         self._steps.append(step)
-        future = [ChipStep(s.starts, s.work, s.use) for s in self._steps]
+        future = [ChipStep(s.starts, s.work, s.uses) for s in self._steps]
         _share(future, self._t, math.inf)
         for s, f in zip(self._steps, future):
             s.done = f.done
@@ -138,7 +198,7 @@ def _share(steps: list[ChipStep], t: float, until: float) -> None:
         pending = [s.starts for s in steps if s.work > 0 and s.starts > t]
         if not on_chip and not pending:
             return
-        slowdown = max(1.0, sum(s.use for s in on_chip))
+        slowdown = max([1.0, *(sum(budget) for budget in zip(*(s.uses for s in on_chip)))])
         ends = {id(s): t + s.work * slowdown for s in on_chip}
         event = min([*ends.values(), *pending, until])
         for s in on_chip:
@@ -172,12 +232,18 @@ class MeasuredTurn:
     turn_s: float
 
 
-def predicted_turn(rates: DefaultCosts, steps: Iterable[SideStep]) -> float:
-    """What `ConcurrentTurn` charges for these steps at these rates."""
-    turn = ConcurrentTurn(rates)
+def predicted_turn(rates: DefaultCosts, steps: Iterable[SideStep],
+                   rule: ContentionRule = ContentionRule.ONE_BUDGET) -> float:
+    """What `ConcurrentTurn` charges for these steps at these rates under `rule`."""
+    turn = ConcurrentTurn(rates, rule=rule)
     for s in steps:
         turn.charge(s.alone_s, turn.floor(s.weight_bytes, s.kv_bytes_per_token, s.num_context, s.num_tokens))
     return turn.charged
+
+
+def turn_loss(rates: DefaultCosts, turns: Sequence[MeasuredTurn], rule: ContentionRule) -> float:
+    """The mean squared log error of the turns `rule` charges at `rates` against the measured ones."""
+    return sum(math.log(predicted_turn(rates, t.steps, rule) / t.turn_s) ** 2 for t in turns) / len(turns)
 
 
 # ---- the fit ------------------------------------------------------------------------------------
@@ -185,20 +251,20 @@ def predicted_turn(rates: DefaultCosts, steps: Iterable[SideStep]) -> float:
 # side" runs one after another) to 2^4 of them, coarse to fine, to 1/128 of an octave.
 _OCTAVES = (-16.0, 4.0)
 _REFINE = ((0.5, None), (1 / 16, 0.5), (1 / 128, 1 / 16))  # (step, half-width around the best; None: all)
-_TIE = 1e-9  # losses this close are equal: the rates nearer the nominal ones win
+_TIE = 1e-9  # losses this close are equal: the rates nearer the nominal ones win, and one budget over two
 
 
-def fit_rates(turns: Sequence[MeasuredTurn], nominal: DefaultCosts) -> DefaultCosts:
-    """The memory bandwidth and matmul rate under which `ConcurrentTurn` best reproduces the
-    measured turns (least mean squared log error). Where the turns do not pin a rate down
-    (no step of theirs is bound by it, or every turn took its longest step alone), the rate
-    stays nearest the nominal one that fits as well."""
+def fit_rates(turns: Sequence[MeasuredTurn], nominal: DefaultCosts,
+              rule: ContentionRule = ContentionRule.ONE_BUDGET) -> DefaultCosts:
+    """The memory bandwidth and matmul rate under which `ConcurrentTurn` with `rule` best
+    reproduces the measured turns (least mean squared log error). Where the turns do not pin
+    a rate down (no step of theirs is bound by it, or every turn took its longest step
+    alone), the rate stays nearest the nominal one that fits as well."""
     if not turns:
         raise ValueError("no measured turns to fit")
 
     def loss(point: tuple[float, float]) -> float:
-        rates = _scaled(nominal, *point)
-        return sum(math.log(predicted_turn(rates, t.steps) / t.turn_s) ** 2 for t in turns) / len(turns)
+        return turn_loss(_scaled(nominal, *point), turns, rule)
 
     best = (0.0, 0.0)
     for step, half in _REFINE:
@@ -207,6 +273,26 @@ def fit_rates(turns: Sequence[MeasuredTurn], nominal: DefaultCosts) -> DefaultCo
         least = min(s[0] for s in scored)
         best = min((s for s in scored if s[0] <= least + _TIE), key=lambda s: s[1])[2]
     return _scaled(nominal, *best)
+
+
+@dataclass(frozen=True)
+class ContentionFit:
+    """Each rule's rates fitted to the same measured turns, each one's loss there (mean
+    squared log error), and the rule kept: the lower loss, one budget where they tie."""
+
+    rates: Mapping[ContentionRule, DefaultCosts]
+    losses: Mapping[ContentionRule, float]
+
+    @property
+    def rule(self) -> ContentionRule:
+        one, per = (self.losses[r] for r in (ContentionRule.ONE_BUDGET, ContentionRule.PER_RESOURCE))
+        return ContentionRule.PER_RESOURCE if per < one - _TIE else ContentionRule.ONE_BUDGET
+
+
+def fit_contention(turns: Sequence[MeasuredTurn], nominal: DefaultCosts) -> ContentionFit:
+    """Fit the rates under each contention rule (`fit_rates`); the measurement picks the rule."""
+    rates = {rule: fit_rates(turns, nominal, rule) for rule in ContentionRule}
+    return ContentionFit(rates, {rule: turn_loss(r, turns, rule) for rule, r in rates.items()})
 
 
 def _axis(center: float, step: float, half: float | None) -> list[float]:
@@ -223,8 +309,9 @@ def _scaled(nominal: DefaultCosts, bw_octaves: float, flops_octaves: float) -> D
 # ---- the file -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ConcurrencyProfile:
-    """The rates steps side by side reach on a card (per GPU), the turns they were fitted to,
-    and where they were measured. `prism profile --model A --pair-with B` writes one."""
+    """The rates steps side by side reach on a card (per GPU) and the contention rule they
+    reach them under, the turns they were fitted to (and each rule's loss there), and where
+    they were measured. `prism profile --model A --pair-with B` writes one."""
 
     card: str
     device: str
@@ -233,20 +320,27 @@ class ConcurrencyProfile:
     memory_bytes_per_s: float
     flops_per_s: float
     turns: tuple[MeasuredTurn, ...] = ()
+    rule: ContentionRule = ContentionRule.ONE_BUDGET  # a file without one: what every file had before
+    losses: Mapping[ContentionRule, float] = field(default_factory=dict)  # each rule's, where fitted
 
     @classmethod
     def fitted(cls, turns: Sequence[MeasuredTurn], nominal: DefaultCosts, card: str, device: str,
                date: str, command: str) -> "ConcurrencyProfile":
-        rates = fit_rates(turns, nominal)
-        return cls(card, device, date, command, rates.memory_bytes_per_s, rates.flops_per_s, tuple(turns))
+        """The rule the turns pick and its rates (`fit_contention`), both rules' losses."""
+        fit = fit_contention(turns, nominal)
+        rates = fit.rates[fit.rule]
+        return cls(card, device, date, command, rates.memory_bytes_per_s, rates.flops_per_s, tuple(turns),
+                   fit.rule, dict(fit.losses))
 
     def rates(self, nominal: DefaultCosts) -> DefaultCosts:
         """`nominal` with this profile's bandwidth and matmul rate."""
         return dataclasses.replace(nominal, memory_bytes_per_s=self.memory_bytes_per_s, flops_per_s=self.flops_per_s)
 
     def to_dict(self) -> dict:
+        losses = {"loss": {rule.value: round(loss, 9) for rule, loss in self.losses.items()}} if self.losses else {}
         return {
             "card": self.card, "device": self.device, "date": self.date, "command": self.command,
+            "rule": self.rule.value, **losses,
             "memory_gb_per_s": round(self.memory_bytes_per_s / 1e9, 6),
             "matmul_tflop_per_s": round(self.flops_per_s / 1e12, 9),
             "turns": [{"case": t.case, "turn_ms": round(t.turn_s * 1e3, 6),
@@ -266,7 +360,9 @@ class ConcurrencyProfile:
             for t in raw.get("turns") or ())
         profile = cls(str(raw.get("card", "")), str(raw.get("device", "")), str(raw.get("date", "")),
                       str(raw.get("command", "")), float(raw["memory_gb_per_s"]) * 1e9,
-                      float(raw["matmul_tflop_per_s"]) * 1e12, turns)
+                      float(raw["matmul_tflop_per_s"]) * 1e12, turns,
+                      ContentionRule(raw.get("rule", ContentionRule.ONE_BUDGET)),
+                      {ContentionRule(k): float(v) for k, v in (raw.get("loss") or {}).items()})
         if profile.memory_bytes_per_s <= 0 or profile.flops_per_s <= 0:
             raise ValueError("rates must be positive")
         return profile

@@ -137,7 +137,8 @@ class SimCluster:
                           detokenize=False, metrics_keep_last=0)
         return SimDevice(wc, shapes, truth, policy, host=profiles.host,
                          host_copies=self.host_copies.setdefault(dev.node, set()), gpus=gpus,
-                         concurrent_rates=profiles.concurrent_rates(dev.device))
+                         concurrent_rates=profiles.concurrent_rates(dev.device),
+                         contention_rule=profiles.contention_rule(dev.device))
 
     # ---- messages ------------------------------------------------------------------------------
     def deliver(self, device_id: str, message) -> None:

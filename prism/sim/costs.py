@@ -23,9 +23,10 @@ its tokens: prefill_time(prefill + decode tokens) plus the decodes' KV reads
 (decode_step_time(batch, context) - decode_step_time(batch, 0)).
 
 Steps of several models in one turn (concurrent_models > 1) are charged together by
-`ConcurrentTurn` (prism.sched.concurrency), at the rates `prism profile --pair-with` measured
-(`concurrency.yaml` in the profile folder), else at the card's nominal ones. Models stepping
-at their own pace (pace "own") share the chip at the same rates by `SharedChip`'s fluid rule.
+`ConcurrentTurn` (prism.sched.concurrency), at the rates and under the contention rule (one
+budget, or one per resource) that `prism profile --pair-with` measured (`concurrency.yaml` in
+the profile folder), else at the card's nominal ones under one budget. Models stepping at their
+own pace (pace "own") share the chip at the same rates and rule by `SharedChip`'s fluid rule.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ from pathlib import Path
 from typing import Callable
 
 from prism.errors import UserError
-from prism.sched.concurrency import (CONCURRENCY_FILE, ChipStep, ConcurrencyProfile, ConcurrentTurn, SharedChip,
-                                     step_floor)
+from prism.sched.concurrency import (CONCURRENCY_FILE, ChipStep, ConcurrencyProfile, ConcurrentTurn, ContentionRule,
+                                     SharedChip, step_floor)
 from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_profiles, step_seconds
 from prism.sched.global_view import TransferRates
 from prism.sched.view import CostModel
@@ -289,10 +290,18 @@ class ProfileSet:
         """The rates a turn of steps side by side is charged at on `device` (ConcurrentTurn):
         those measured on its kind of device (concurrency.yaml), else the card's nominal ones."""
         nominal = card_defaults(device)
+        c = self._concurrency_on(device)
+        return nominal if c is None else c.rates(nominal)
+
+    def contention_rule(self, device: str) -> ContentionRule:
+        """How steps side by side contend on `device` (ConcurrentTurn, SharedChip): the rule
+        the turns measured on its kind of device picked (concurrency.yaml), else one budget."""
+        c = self._concurrency_on(device)
+        return ContentionRule.ONE_BUDGET if c is None else c.rule
+
+    def _concurrency_on(self, device: str) -> ConcurrencyProfile | None:
         c = self.concurrency
-        if c is None or c.device.split(":")[0] != device.split(":")[0]:
-            return nominal
-        return c.rates(nominal)
+        return c if c is not None and c.device.split(":")[0] == device.split(":")[0] else None
 
     def nearest(self, shape: ModelShape) -> str | None:
         """The measured source closest to `shape` in weight bytes (log scale)."""
@@ -338,7 +347,8 @@ def device_cost_model(profiles: dict[str, ModelProfile], device: str) -> Profile
 
 
 __all__ = [
-    "CONCURRENCY_FILE", "ChipStep", "ConcurrencyProfile", "ConcurrentTurn", "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL",
+    "CONCURRENCY_FILE", "ChipStep", "ConcurrencyProfile", "ConcurrentTurn", "ContentionRule",
+    "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL",
     "HOST_FILE", "SharedChip", "HostOverheads", "ProfileSet", "TP_DECODE_PARALLEL_FRACTION", "TP_PREFILL_PARALLEL_FRACTION",
     "card_defaults", "device_cost_model", "roofline_profile", "scale_profile", "step_floor", "step_seconds",
     "tp_profile",

@@ -22,7 +22,7 @@ from prism.memory.page_pool import PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel
 from prism.sched.view import CostModel
-from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads, SharedChip, card_defaults
+from prism.sim.costs import ColdShapes, ConcurrentTurn, ContentionRule, HostOverheads, SharedChip, card_defaults
 from prism.sim.engine import sim_engine
 from prism.sim.executor import CountingBackend
 from prism.sim.shapes import ModelShape
@@ -38,13 +38,14 @@ class SimDevice(DeviceCore):
     given cost model (as DeviceWorker's `cost` argument does). `gpus`: the GPUs the device
     stands for (a tensor-parallel group in the planner). `concurrent_rates`: one GPU's rates
     that steps side by side are charged at (ProfileSet.concurrent_rates; default the card's
-    nominal ones)."""
+    nominal ones), and `contention_rule` how they contend (ProfileSet.contention_rule)."""
 
     def __init__(self, config: WorkerConfig, shapes: dict[str, ModelShape], truth: CostModel,
                  policy_profiles: dict[str, ModelProfile], start: float = 0.0,
                  policy_cost: CostModel | None = None, host: HostOverheads = HostOverheads(),
                  host_copies: set[str] | None = None, gpus: int = 1,
-                 concurrent_rates: DefaultCosts | None = None):
+                 concurrent_rates: DefaultCosts | None = None,
+                 contention_rule: ContentionRule = ContentionRule.ONE_BUDGET):
         dev = config.device
         pool = PagePool(CountingBackend(dev.page_size), dev.num_pages, num_spare_pages=0)
         cost = policy_cost or ProfileCostModel(defaults=card_defaults(dev.device))
@@ -58,8 +59,8 @@ class SimDevice(DeviceCore):
         own = self.own_pace
         concurrent = config.scheduler.concurrent_models > 1 and not own
         rates = concurrent_rates or card_defaults(dev.device)
-        self.turn = ConcurrentTurn(rates, gpus) if concurrent else None
-        self.chip = SharedChip(rates, gpus) if own else None
+        self.turn = ConcurrentTurn(rates, gpus, contention_rule) if concurrent else None
+        self.chip = SharedChip(rates, gpus, contention_rule) if own else None
         self.device_id = dev.device_id
         # The models whose weights this device's node holds in host memory: one set shared by
         # the node's devices, as the node's workers share one copy (None: every copy at hand).

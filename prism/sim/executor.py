@@ -21,6 +21,7 @@ from prism.memory.backend import PhysicalChunk
 from prism.memory.page_pool import Owner, PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.view import CostModel
+from prism.sched.concurrency import StepFloor
 from prism.sim.costs import ChipStep, ColdShapes, ConcurrentTurn, HostOverheads, SharedChip, step_seconds
 from prism.sim.shapes import ModelShape
 
@@ -184,7 +185,7 @@ class SimExecutor:
         terms = plan.cost_terms()
         return step_seconds(self.cost, self.model_id, *terms) + self.cold.charge(self.shape.kernel_key, terms)
 
-    def _floor(self, plan: StepPlan, rates: ConcurrentTurn | SharedChip) -> float:
+    def _floor(self, plan: StepPlan, rates: ConcurrentTurn | SharedChip) -> StepFloor:
         return rates.floor(self.shape.weight_bytes, self.shape.kv_bytes_per_token, plan.cost_terms()[1], plan.num_tokens)
 
     # ---- at the model's own pace (chip) ----------------------------------------------------------

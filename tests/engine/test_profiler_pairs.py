@@ -10,7 +10,7 @@ import pytest
 from prism.config import DeviceConfig, EngineConfig
 from prism.engine.llm_engine import LLMEngine
 from prism.engine.pair_profiler import StepCase, pair_cases, profile_pair
-from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile
+from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile, ContentionRule
 from prism.sim.costs import ProfileSet
 from prism.types import SamplingParams
 
@@ -86,10 +86,13 @@ def test_cli_writes_rates_the_simulator_loads(tmp_path):
                              "tiny-llama:random", "--memory", "256MiB", "--quick", "--repeats", "1", "--out", str(out)],
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert result.returncode == 0, result.stderr
-    assert str(out) in result.stdout and "fitted" in result.stdout
+    assert str(out) in result.stdout and "fitted" in result.stdout and "contention rule:" in result.stdout
     profile = ConcurrencyProfile.load(out)
+    assert set(profile.losses) == set(ContentionRule)  # both rules fitted; the file keeps the better
+    assert profile.losses[profile.rule] == min(profile.losses.values())
     assert profile.device == "cpu" and profile.card and profile.date
     assert "--pair-with tiny-llama:random" in profile.command
     assert [t.case for t in profile.turns][:2] == ["decode 1x128 | decode 1x128", "decode 8x128 | decode 8x128"]
     rates = ProfileSet.load(tmp_path).concurrent_rates("cpu")
     assert (rates.memory_bytes_per_s, rates.flops_per_s) == (profile.memory_bytes_per_s, profile.flops_per_s)
+    assert ProfileSet.load(tmp_path).contention_rule("cpu") is profile.rule

@@ -31,7 +31,7 @@ def test_a_turn_takes_the_longest_step_or_the_sum_of_the_floors():
 def test_a_group_of_gpus_has_their_rates_together():
     one, four = card_defaults("cuda:0"), ConcurrentTurn(card_defaults("cuda:0"), gpus=4)
     assert four.rates.memory_bytes_per_s == 4 * one.memory_bytes_per_s
-    assert four.floor(140 << 30, 0, 0, 1) == pytest.approx(ConcurrentTurn(one).floor(140 << 30, 0, 0, 1) / 4)
+    assert four.floor(140 << 30, 0, 0, 1).binding == pytest.approx(ConcurrentTurn(one).floor(140 << 30, 0, 0, 1).binding / 4)
 
 
 def concurrent(cfg, n: int):

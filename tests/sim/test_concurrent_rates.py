@@ -9,8 +9,8 @@ import pytest
 
 from prism.bench.trace import TraceRequest
 from prism.errors import UserError
-from prism.sched.concurrency import (CONCURRENCY_FILE, ConcurrencyProfile, MeasuredTurn, SideStep, fit_rates,
-                                     predicted_turn, step_floor)
+from prism.sched.concurrency import (CONCURRENCY_FILE, ConcurrencyProfile, ContentionRule, MeasuredTurn, SideStep,
+                                     fit_rates, predicted_turn, step_floor)
 from prism.sched.cost import DefaultCosts
 from prism.sim.costs import ProfileSet, card_defaults, step_seconds
 from prism.sim.device import SimDevice
@@ -139,11 +139,11 @@ def median_tpot(folder: Path | None) -> float:
     return statistics.median(r.tpot for r in records)
 
 
-def write_rates(folder: Path, device: str, factor: float) -> Path:
+def write_rates(folder: Path, device: str, factor: float, rule: ContentionRule = ContentionRule.ONE_BUDGET) -> Path:
     folder.mkdir(exist_ok=True)
     nominal = card_defaults(device)
     ConcurrencyProfile("test", device, "-", "-", nominal.memory_bytes_per_s * factor,
-                       nominal.flops_per_s * factor).save(folder / CONCURRENCY_FILE)
+                       nominal.flops_per_s * factor, rule=rule).save(folder / CONCURRENCY_FILE)
     return folder
 
 
@@ -160,6 +160,27 @@ def test_a_concurrent_micro_trace_takes_the_rates_of_the_profile_folder(tmp_path
     twice = write_rates(tmp_path / "twice", "cuda:0", 2.0)
     assert ProfileSet.load(twice).concurrent_rates("cuda:3").memory_bytes_per_s == 2 * H100.memory_bytes_per_s
     assert median_tpot(twice) / without == pytest.approx(0.5, rel=0.05)
+
+
+def test_turns_take_the_contention_rule_of_the_profile_folder(tmp_path):
+    """Model a decodes while b prefills long prompts: per resource a turn of a's decode and
+    b's prompt chunk is nearer the longer step alone than the sum of their floors. Rules
+    measured on another kind of device do not apply."""
+    trace = sorted([TraceRequest(0.0, "a", 64, 200)] + [TraceRequest(0.05 * i, "b", 4000, 2) for i in range(8)],
+                   key=lambda t: t.arrival_s)
+
+    def a_tpot(folder: Path) -> float:
+        records = simulate(config_for(RAW, "prism"), trace, ProfileSet.load(folder)).records
+        return next(r.tpot for r in records if r.model == "a")
+
+    per = write_rates(tmp_path / "per", "cuda:0", 1.0, ContentionRule.PER_RESOURCE)
+    assert ProfileSet.load(per).contention_rule("cuda:1") is ContentionRule.PER_RESOURCE
+    assert ProfileSet.load(per).contention_rule("cpu") is ContentionRule.ONE_BUDGET
+    one = a_tpot(write_rates(tmp_path / "one", "cuda:0", 1.0))
+    assert a_tpot(write_rates(tmp_path / "cpu", "cpu", 1.0, ContentionRule.PER_RESOURCE)) == one
+    per_tpot = a_tpot(per)
+    print(f"\na's TPOT beside b's prompts in turns: one budget {one * 1e3:.2f} ms, per resource {per_tpot * 1e3:.2f} ms")
+    assert per_tpot < one
 
 
 def test_measured_profiles_and_the_concurrency_file_load_side_by_side(tmp_path):

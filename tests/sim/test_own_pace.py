@@ -9,7 +9,7 @@ import pytest
 from prism.bench.trace import TraceRequest
 from prism.cluster.config import parse_config
 from prism.cluster.systems import system_config
-from prism.sched.concurrency import ConcurrentTurn, SharedChip
+from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile, ConcurrentTurn, ContentionRule, SharedChip
 from prism.sched.local import Pace
 from prism.sim.costs import ProfileSet, card_defaults
 from prism.sim.run import config_for, simulate
@@ -92,9 +92,9 @@ def micro_trace() -> list[TraceRequest]:
     return sorted(big + [TraceRequest(0.3, "small", 64, SMALL_OUT)], key=lambda t: t.arrival_s)
 
 
-def run(trace, pace: str, models=(BIG, SMALL)):
+def run(trace, pace: str, models=(BIG, SMALL), profiles=ROOFLINE):
     raw = {"devices": RAW["devices"], "models": list(models), "scheduler": {"pace": pace}}
-    records = simulate(config_for(raw, "static"), trace, ROOFLINE).records
+    records = simulate(config_for(raw, "static"), trace, profiles).records
     assert all(r.ok for r in records)
     return records
 
@@ -127,3 +127,23 @@ def test_at_its_own_pace_the_big_model_is_not_starved():
     finish_alone = max(r.finish_s for r in alone.values())
     # small's decode shares the chip: big's last request is late by a share of it, not more
     assert finish_alone <= finish_own < finish_alone * 1.5
+
+
+def nominal_rates_under(rule: ContentionRule, folder) -> ProfileSet:
+    folder.mkdir()
+    ConcurrencyProfile("test", "cuda:0", "-", "-", RATES.memory_bytes_per_s, RATES.flops_per_s,
+                       rule=rule).save(folder / CONCURRENCY_FILE)
+    return ProfileSet.load(folder)
+
+
+def test_the_contention_rule_of_the_profile_folder_reaches_the_shared_chip(tmp_path):
+    """Per resource, the small model's bandwidth-bound decode is slowed by the big model's
+    prefills only through what it computes; under one budget, as before any rule was fitted."""
+    trace = micro_trace()
+    one = run(trace, "own", profiles=nominal_rates_under(ContentionRule.ONE_BUDGET, tmp_path / "one"))
+    per = run(trace, "own", profiles=nominal_rates_under(ContentionRule.PER_RESOURCE, tmp_path / "per"))
+    assert small_gaps(one) == small_gaps(run(trace, "own"))  # one budget: what no file charges
+    one_tpot, per_tpot = statistics.mean(small_gaps(one)), statistics.mean(small_gaps(per))
+    print(f"\nsmall's TPOT beside big at its own pace: one budget {one_tpot * 1e3:.2f} ms, "
+          f"per resource {per_tpot * 1e3:.2f} ms")
+    assert per_tpot < one_tpot

@@ -1,0 +1,38 @@
+"""benchmarks/contention_rules.py on concurrency.yaml files of turns made under each rule: the
+table charges every turn under both rules, and the rule the turns were made under fits them."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile, ContentionRule, MeasuredTurn, predicted_turn
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests" / "sched"))
+
+import contention_rules  # noqa: E402
+from test_contention import CASES, H100, TRUE  # noqa: E402
+
+
+@pytest.mark.parametrize("rule", list(ContentionRule))
+def test_the_table_shows_each_turn_under_both_rules_and_picks_the_one_they_were_made_under(rule, tmp_path):
+    turns = [MeasuredTurn(f"case {i} | x", steps, predicted_turn(TRUE, steps, rule)) for i, steps in enumerate(CASES)]
+    # the file's own fit at the nominal rates under one budget: the script fits again
+    path = ConcurrencyProfile("H100", "cuda:0", "-", "prism profile", H100.memory_bytes_per_s, H100.flops_per_s,
+                              tuple(turns)).save(tmp_path / CONCURRENCY_FILE)
+    table = contention_rules.report(path)
+    print(table)
+    rows = [line for line in table.splitlines() if line.startswith("| case ") and " / x |" in line]
+    assert len(rows) == len(CASES)
+    assert all(line.count("|") == 6 for line in rows)  # the case's own "|" does not split it
+    errors = {r: [error(line, 4 + i) for line in rows] for i, r in enumerate(ContentionRule)}
+    other = next(r for r in ContentionRule if r is not rule)
+    assert max(map(abs, errors[rule])) < 0.01  # within the fit's grid of rates
+    assert max(map(abs, errors[other])) > 0.03
+    assert f"picked: **{rule.value}** (the file says one-budget)" in table
+
+
+def error(row: str, column: int) -> float:
+    """The relative error in a cell "12.34 (+5.6%)"."""
+    return float(row.split("|")[column].split("(")[1].rstrip("%) ")) / 100
