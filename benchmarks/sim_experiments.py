@@ -194,7 +194,7 @@ def run_e1(args) -> None:
     trace, config = inputs(args, "e1")
     commands = []
     variants = [] if args.no_variants else list(VARIANTS)
-    runs = [(out, config, ALL_SYSTEMS)] + [(out / v, variant_config(config, v), ["prism"]) for v in variants]
+    runs = [(out, config, args.policies.split(","))] + [(out / v, variant_config(config, v), ["prism"]) for v in variants]
     for folder, cfg, policies in runs:
         cmd = ["simulate", "--config", rel(cfg), "--trace", rel(trace), "--policy", ",".join(policies),
                "--rate-scales", args.scales, *profiles_args(args), "--out", rel(folder)]
@@ -230,7 +230,8 @@ def run_plan(args, tag: str, out_name: str, max_gpus: int) -> None:
     variants = [] if args.no_variants else list(VARIANTS)
     for target in TARGETS:
         folder = out / f"target-{round(100 * target)}"
-        runs = [(folder, config, ALL_SYSTEMS)] + [(folder / v, variant_config(config, v), ["prism"]) for v in variants]
+        runs = [(folder, config, args.policies.split(","))]
+        runs += [(folder / v, variant_config(config, v), ["prism"]) for v in variants]
         for where, cfg, policies in runs:
             cmd = ["plan", "--config", rel(cfg), "--trace", rel(trace), "--policies", ",".join(policies),
                    "--max-gpus", str(max_gpus), "--target", str(target), "--no-early-stop", *profiles_args(args),
@@ -321,6 +322,7 @@ def main(argv=None) -> int:
     p.add_argument("--rate-e1", type=float, default=0.25)
     p.add_argument("--rate-e2", type=float, default=1.0)
     p.add_argument("--rate-e3", type=float, default=1.0)
+    p.add_argument("--policies", default=",".join(ALL_SYSTEMS), help="e1-e3: the systems to run")
     p.add_argument("--systems", default="prism,static,muxserve,swap", help="speed: systems to time")
     p.add_argument("--speed-scales", default="1,4", help="speed: rate scales of the e3 trace")
     args = p.parse_args(argv)
