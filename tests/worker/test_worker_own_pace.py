@@ -2,7 +2,7 @@
 every model whose last step is over steps again, none waits for another's step, and each
 computes the tokens it computes alone. On the CPU steps are synchronous (always over); on CUDA
 each model has a stream of its own and a small model's steps complete while a big one's run."""
-import dataclasses
+import msgspec
 
 import pytest
 
@@ -82,8 +82,8 @@ def cuda_worker(sources: dict[str, str], pace: Pace) -> DeviceWorker:
 
 def cuda_requests(model: str) -> list[tuple[list[int], SamplingParams]]:
     if model == "big":  # long prefills (2,048-token steps), then a decode batch of 8
-        return [([7 + i] * 1900, dataclasses.replace(GREEDY, max_tokens=16)) for i in range(8)]
-    return [([9 + i] * 40, dataclasses.replace(GREEDY, max_tokens=64)) for i in range(2)]
+        return [([7 + i] * 1900, msgspec.structs.replace(GREEDY, max_tokens=16)) for i in range(8)]
+    return [([9 + i] * 40, msgspec.structs.replace(GREEDY, max_tokens=64)) for i in range(2)]
 
 
 @pytest.mark.gpu
