@@ -55,12 +55,18 @@ def table(runs: dict[str, dict], sim: dict, target: float) -> tuple[str, dict]:
         for system in sorted({s for s, _ in source}):
             mine = [(p["rate_rps"], p["slo_attainment"]) for (s, _), p in source.items() if s == system]
             sustained.setdefault(system, {})[label] = sustained_rate(mine, target)
-    lines += ["", f"Highest rate (req/s) with both SLOs at >= {target:.0%} (none: not even the lowest):", "",
+    lines += ["", f"Highest rate (req/s) with both SLOs at >= {target:.0%} (none: not even the lowest; "
+              "-: the system is not in that run):", "",
               "| system | " + " | ".join([*labels, "sim"]) + " |", "|---|" + "---:|" * (len(labels) + 1)]
     for system, by in sorted(sustained.items()):
-        lines.append(f"| {system} | " + " | ".join("none" if by.get(x) is None else f"{by[x]:.2f}"
-                                                    for x in [*labels, "sim"]) + " |")
+        lines.append(f"| {system} | " + " | ".join(_rate_cell(by, x) for x in [*labels, "sim"]) + " |")
     return "\n".join(lines) + "\n", sustained
+
+
+def _rate_cell(by: dict, label: str) -> str:
+    if label not in by:
+        return "-"
+    return "none" if by[label] is None else f"{by[label]:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
