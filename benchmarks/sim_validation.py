@@ -117,7 +117,8 @@ def validate(real_dir: Path, raw: dict, trace, slos, profiles: ProfileSet, out: 
                        "scheduling_scale": profiles.host.scheduling_scale,
                        "seq_overhead_us": 1e6 * profiles.host.seq_s,
                        "cold_shape_ms": 1e3 * profiles.host.cold_shape_s,
-                       "server_has_profiles": profiles.host.server_has_profiles},
+                       "server_has_profiles": profiles.host.server_has_profiles,
+                       **_launch_report(profiles.host)},
               "same_order": {"ttft_att": same_order(rows, "ttft_att"), "slo_att": same_order(rows, "slo_att")}}
     (out / "validation.json").write_text(json.dumps(report, indent=1))
     (out / "validation.md").write_text(markdown(report))
@@ -174,11 +175,27 @@ def with_host_overheads(profiles: ProfileSet, args, raw: dict) -> ProfileSet:
         profiles = calibrated(profiles, raw, load_records(args.calibrate_host), bool(args.host_steps), solo_steps)
         notes.append(f"request latency{'' if args.host_steps else ' and step time'} from the requests served alone "
                      f"in {args.calibrate_host}" + (f" against their steps in {solo_steps}" if solo_steps else ""))
+    if args.launch_steps:
+        import step_log
+
+        launch = step_log.fit_launch(step_log.log_files(args.launch_steps), step_log.config_launch_models(args.config))
+        profiles = dataclasses.replace(profiles, host=launch.host(profiles.host), _memo={})
+        notes.append(f"launch model fitted to {launch.num_steps} steps of {', '.join(args.launch_steps)}, "
+                     "the models of a device on one host thread")
     if notes:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         profiles.host.save(out / HOST_FILE, note="; ".join(notes) + " (benchmarks/sim_validation.py)")
     return profiles
+
+
+def _launch_report(host: HostOverheads) -> dict:
+    """The launch model in the report, where one is on (reports without it stay as they were)."""
+    if not host.one_host_thread:
+        return {}
+    return {"one_host_thread": True, "launch_ms": 1e3 * host.launch_s, "launch_seq_us": 1e6 * host.launch_seq_s,
+            "launch_prefill_layer_us": 1e6 * host.launch_prefill_layer_s,
+            "launch_eager_layer_us": 1e6 * host.launch_eager_layer_s}
 
 
 def _sources(raw, trace, profiles) -> dict:
@@ -223,7 +240,13 @@ def markdown(report: dict) -> str:
               f"scheduling time charged x"
               f"{report['host']['scheduling_scale']:g}; the servers " +
               ('planned with these profiles' if report['host']['server_has_profiles']
-               else 'had no profiles to plan with') + ".", ""]
+               else 'had no profiles to plan with') + "."]
+    h = report["host"]
+    if h.get("one_host_thread"):
+        lines.append(f"Launches on one host thread per device: {h['launch_ms']:.3f} ms + {h['launch_seq_us']:.1f} us "
+                     f"per sequence + {h['launch_prefill_layer_us']:.1f} us per layer with prefill tokens "
+                     f"+ {h['launch_eager_layer_us']:.1f} us per layer beyond the graph cap.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -247,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host-steps", nargs="+", metavar="DIR", default=None,
                    help="step logs of the real runs (PRISM_STEP_LOG folders or files): fit the per-step, "
                         "per-sequence and cold-shape host time to them (benchmarks/step_log.py) instead of the solo figure")
+    p.add_argument("--launch-steps", nargs="+", metavar="DIR", default=None,
+                   help="step logs of real runs at their own pace: fit the launch model to them (benchmarks/step_log.py "
+                        "fit_launch) and simulate each device's models on one host thread (HostOverheads.one_host_thread)")
     p.add_argument("--out", required=True)
     p.add_argument("--jobs", type=int, default=None)
     add_slo_options(p, required=False)

@@ -17,6 +17,7 @@ prism.sim.costs.ColdShapes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prism.bench.records import read_text  # noqa: E402
 from prism.sched.cost import ProfileCostModel  # noqa: E402
-from prism.sim.costs import ColdShapes, ProfileSet, served_alone, step_seconds  # noqa: E402
+from prism.sim.costs import ColdShapes, HostOverheads, ProfileSet, served_alone, step_seconds  # noqa: E402
 from prism.sim.shapes import ModelShape  # noqa: E402
 
 BUSY_GAP_S = 0.02  # a longer gap between two steps is the worker waiting for work
@@ -85,6 +86,69 @@ def fit_host(steps: list[Step]) -> tuple[float, float]:
     if slope < 0:
         return max(0.0, float(np.median(y))), 0.0
     return max(0.0, float(intercept)), float(slope)
+
+
+@dataclass(frozen=True)
+class LaunchFit:
+    """A step's launch time on the worker's host thread (its call's wall time at its own pace),
+    as HostOverheads.launch_time charges it: per step, per sequence, and per model layer for
+    steps with prefill tokens and on top for those beyond the piecewise graphs' cap."""
+
+    step_s: float
+    seq_s: float
+    prefill_layer_s: float
+    eager_layer_s: float
+    num_steps: int
+
+    def host(self, host: HostOverheads) -> HostOverheads:
+        """`host` with this launch model, its models on one host thread."""
+        return dataclasses.replace(host, one_host_thread=True, launch_s=self.step_s, launch_seq_s=self.seq_s,
+                                   launch_prefill_layer_s=self.prefill_layer_s,
+                                   launch_eager_layer_s=self.eager_layer_s)
+
+
+def launch_features(seqs: int, terms: list[int], num_layers: int, graph_max_tokens: int) -> list[float]:
+    """The launch model's terms of a step (LaunchFit): 1, sequences, layers if it carries
+    prefill tokens, layers if it is also beyond the graph cap (eager)."""
+    decodes, _, prefill = terms
+    eager = bool(prefill) and decodes + prefill > graph_max_tokens
+    return [1.0, float(seqs), float(num_layers if prefill else 0), float(num_layers if eager else 0)]
+
+
+def fit_launch(files: list[Path], models: dict[str, tuple[int, int]]) -> LaunchFit:
+    """The launch model fitted to step logs of a worker at its own pace (where a call's wall
+    time is its host time alone: it never waits for the device), by least squares with every
+    coefficient >= 0 (a negative one is dropped and the rest refitted). `models`: each model's
+    (layers, graph cap: EngineConfig.mixed_graph_max_tokens). Steps that activated a model are
+    left out."""
+    rows, walls = [], []
+    for path in files:
+        lines = _read_lines(path)
+        for before, step in zip([{}] + lines, lines):
+            if step["terms"] is None or _activated(before, step):
+                continue
+            rows.append(launch_features(step["seqs"], step["terms"], *models[step["model"]]))
+            walls.append(step["wall_s"])
+    if len(rows) < 4:
+        raise ValueError("too few steps in the log to fit a launch model")
+    x, y = np.array(rows), np.array(walls)
+    keep = [i for i in range(x.shape[1]) if np.ptp(x[:, i]) > 0 or i == 0]
+    while True:
+        coef = np.linalg.lstsq(x[:, keep], y, rcond=None)[0]
+        if (coef >= 0).all():
+            break
+        keep = [k for k, c in zip(keep, coef) if c >= 0]
+    full = dict(zip(keep, coef))
+    return LaunchFit(*(float(full.get(i, 0.0)) for i in range(x.shape[1])), len(rows))
+
+
+def config_launch_models(config_path: str) -> dict[str, tuple[int, int]]:
+    """Each model's (layers, graph cap) in the config, by name (fit_launch)."""
+    from prism.cluster.config import load_config
+
+    config = load_config(config_path)
+    shapes = config_shapes(config_path)[1]
+    return {m.name: (shapes[m.name].num_layers, m.engine.mixed_graph_max_tokens) for m in config.models}
 
 
 def fit_cold_shapes(files: list[Path], cost: ProfileCostModel, shape_keys: dict[str, object]
@@ -195,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", nargs="+", required=True, help="PRISM_STEP_LOG folders, or step log files")
     p.add_argument("--config", required=True)
     p.add_argument("--profiles", required=True)
+    p.add_argument("--launch", action="store_true",
+                   help="also fit the launch model (HostOverheads.launch_time) to the logs: at their own pace only")
     args = p.parse_args(argv)
     try:
         files = log_files(args.steps)
@@ -202,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = read_steps(files, cost)
         step_s, seq_s = fit_host(steps)
         cold_s, num_first, num_repeat = fit_cold_shapes(files, cost, shape_keys(args.config))
+        launch = fit_launch(files, config_launch_models(args.config)) if args.launch else None
     except (ValueError, OSError) as e:
         print(f"step_log: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -212,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{seq_s * 1e6:.1f} us x sequences in the step")
     print(f"first eager step of a shape class: {cold_s * 1e3:.1f} ms more than a repeat "
           f"({num_first} first, {num_repeat} repeat prefill or mixed steps)")
+    if launch is not None:
+        print(f"launch time = {launch.step_s * 1e3:.3f} ms + {launch.seq_s * 1e6:.1f} us x sequences "
+              f"+ {launch.prefill_layer_s * 1e6:.1f} us x layers (prefill steps) "
+              f"+ {launch.eager_layer_s * 1e6:.1f} us x layers (beyond the graph cap), {launch.num_steps} steps")
     return 0
 
 

@@ -126,12 +126,13 @@ class ChipStep:
     alone, keeps each budget of the chip busy by its `uses` (its floor against that budget
     over its time alone, each in [0, 1]: one budget, or bandwidth and matmul; ContentionRule).
     `done`: when it ends given the steps launched so far (later launches may push it back,
-    never forward)."""
+    never forward, nor before `launched`, when its launch lets go of the host thread)."""
 
     starts: float
     work: float
     uses: tuple[float, ...]
     done: float = math.inf
+    launched: float = 0.0
 
 
 class SharedChip:
@@ -152,11 +153,19 @@ class SharedChip:
     charges (the longest step alone, each budget's sum of floors) and more when the shorter
     steps slow the longer one while they last. What it leaves out: no SM caps (MPS's active
     thread percentage), no time-slicing costs (contexts without MPS switch), no per-kernel
-    launch gaps; a model's host time overlaps everything (each engine has its own process),
-    and its own consecutive steps never overlap (it launches the next once the last is done)."""
+    launch gaps; and a model's own consecutive steps never overlap (it launches the next once
+    the last is done). A model's host time overlaps everything (each engine has its own
+    process) unless `one_host_thread`: the models are one worker process's, whose launches take
+    turns on its one host thread. A launch then starts when the thread is free, holds it for
+    its launch time (`hold_s`) and puts its step on the chip after its host time: the kernels
+    of a step run while later ones of the same step are still being launched, but no other
+    model launches meanwhile, and the step ends no earlier than its launch."""
 
-    def __init__(self, rates: DefaultCosts, gpus: int = 1, rule: ContentionRule = ContentionRule.ONE_BUDGET):
+    def __init__(self, rates: DefaultCosts, gpus: int = 1, rule: ContentionRule = ContentionRule.ONE_BUDGET,
+                 one_host_thread: bool = False):
         self.turn = ConcurrentTurn(rates, gpus, rule)  # the same rates, floors and rule as a turn's
+        self.one_host_thread = one_host_thread
+        self.host_free = 0.0  # when the worker's host thread is next free (one_host_thread)
         self._t = 0.0  # the state below is as of this time
         self._steps: list[ChipStep] = []  # launched and not yet over at _t
 
@@ -172,21 +181,28 @@ class SharedChip:
         """Steps launched and not over (as of the last launch)."""
         return len(self._steps)
 
-    def launch(self, now: float, host_s: float, alone_s: float, floor: StepFloor | float) -> ChipStep:
+    def launch(self, now: float, host_s: float, alone_s: float, floor: StepFloor | float,
+               hold_s: float = 0.0) -> ChipStep:
         """A step launched at `now`: `host_s` of its process's time, then `alone_s` of device
-        time alone whose floor is `floor`. Its `done` (and every running step's) is set."""
+        time alone whose floor is `floor`; with `one_host_thread`, from when the host thread is
+        free, holding it for `hold_s` (otherwise `hold_s` is not charged). Its `done` (and
+        every running step's) is set."""
         _share(self._steps, self._t, now)
         self._t = max(self._t, now)
         self._steps = [s for s in self._steps if s.work > 0]
+        start, launched = now, 0.0
+        if self.one_host_thread:
+            start = max(now, self.host_free)
+            launched = self.host_free = start + hold_s
         if alone_s <= 0:  # nothing for the chip: done once its host time has passed
-            return ChipStep(now + host_s, 0.0, (), now + host_s)
+            return ChipStep(start + host_s, 0.0, (), max(start + host_s, launched), launched)
         uses = tuple(max(b, 0.0) / alone_s for b in self.rule.budgets(floor, alone_s))
-        step = ChipStep(now + host_s, alone_s, uses)
+        step = ChipStep(start + host_s, alone_s, uses, launched=launched)
         self._steps.append(step)
         future = [ChipStep(s.starts, s.work, s.uses) for s in self._steps]
         _share(future, self._t, math.inf)
         for s, f in zip(self._steps, future):
-            s.done = f.done
+            s.done = max(f.done, s.launched)
         return step
 
 

@@ -165,6 +165,19 @@ class HostOverheads:
     # model it activates (host_copies.py). Not measured yet: the default is a local NVMe SSD's
     # sustained read (a few GB/s), less what deserializing costs.
     storage_bytes_per_s: float = STORAGE_BYTES_PER_S
+    # The worker is one process (prism's own worker running every model of the device): at
+    # their own pace its models' launches take turns on its one host thread, each holding it for
+    # its launch time (`launch_time`), and a step cannot end before its last kernel is launched.
+    # Off: each model's host time on a timeline of its own, as separate engine processes.
+    one_host_thread: bool = False
+    # A launch's host time (a step call's wall time at its own pace), fitted to step logs
+    # (benchmarks/step_log.py fit_launch): per step and per sequence in it, and per model layer
+    # for steps that carry prefill tokens (attention launched eagerly between graph pieces) and
+    # on top for those beyond the piecewise graphs' token cap (every kernel launched eagerly).
+    launch_s: float = 0.0
+    launch_seq_s: float = 0.0
+    launch_prefill_layer_s: float = 0.0
+    launch_eager_layer_s: float = 0.0
 
     @classmethod
     def load(cls, path: Path) -> "HostOverheads":
@@ -175,7 +188,10 @@ class HostOverheads:
             return cls(float(raw.get("step_overhead_ms", 0)) / 1e3, float(raw.get("request_latency_ms", 0)) / 1e3,
                        float(raw.get("scheduling_scale", 0)), float(raw.get("seq_overhead_us", 0)) / 1e6,
                        bool(raw.get("server_has_profiles", True)), float(raw.get("cold_shape_ms", 0)) / 1e3,
-                       float(raw.get("storage_gb_per_s", STORAGE_BYTES_PER_S / 1e9)) * 1e9)
+                       float(raw.get("storage_gb_per_s", STORAGE_BYTES_PER_S / 1e9)) * 1e9,
+                       bool(raw.get("one_host_thread", False)), float(raw.get("launch_ms", 0)) / 1e3,
+                       float(raw.get("launch_seq_us", 0)) / 1e6, float(raw.get("launch_prefill_layer_us", 0)) / 1e6,
+                       float(raw.get("launch_eager_layer_us", 0)) / 1e6)
         except (TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{path}: not host overheads ({e})") from None
 
@@ -186,11 +202,32 @@ class HostOverheads:
                         f"scheduling_scale: {self.scheduling_scale:g}\n"
                         f"server_has_profiles: {str(self.server_has_profiles).lower()}\n"
                         f"cold_shape_ms: {1e3 * self.cold_shape_s:.3f}\n"
-                        f"storage_gb_per_s: {self.storage_bytes_per_s / 1e9:g}\n")
+                        f"storage_gb_per_s: {self.storage_bytes_per_s / 1e9:g}\n" + self._launch_yaml())
+
+    def _launch_yaml(self) -> str:
+        """The launch model's lines, only where one is set (files without it stay as they were)."""
+        if not (self.one_host_thread or self.launch_s or self.launch_seq_s or self.launch_prefill_layer_s
+                or self.launch_eager_layer_s):
+            return ""
+        return (f"one_host_thread: {str(self.one_host_thread).lower()}\n"
+                f"launch_ms: {1e3 * self.launch_s:.4f}\n"
+                f"launch_seq_us: {1e6 * self.launch_seq_s:.3f}\n"
+                f"launch_prefill_layer_us: {1e6 * self.launch_prefill_layer_s:.3f}\n"
+                f"launch_eager_layer_us: {1e6 * self.launch_eager_layer_s:.3f}\n")
 
     def step_time(self, num_seqs: int) -> float:
         """Host time of one step of `num_seqs` sequences, beyond its forward pass."""
         return self.step_s + self.seq_s * num_seqs
+
+    def launch_time(self, num_seqs: int, num_tokens: int, num_prefill: int, num_layers: int,
+                    graph_max_tokens: int) -> float:
+        """A step's launch time on the worker's host thread (the launch model's fields): a step
+        of `num_tokens` with `num_prefill` prefill tokens runs as piecewise graphs up to
+        `graph_max_tokens` (EngineConfig.mixed_graph_max_tokens), eagerly beyond."""
+        per_layer = 0.0
+        if num_prefill:
+            per_layer = self.launch_prefill_layer_s + (self.launch_eager_layer_s if num_tokens > graph_max_tokens else 0.0)
+        return self.launch_s + self.launch_seq_s * num_seqs + per_layer * num_layers
 
     @classmethod
     def from_solo(cls, records, cost: CostModel, cold_shape_s: float = 0.0,

@@ -60,7 +60,7 @@ class SimDevice(DeviceCore):
         concurrent = config.scheduler.concurrent_models > 1 and not own
         rates = concurrent_rates or card_defaults(dev.device)
         self.turn = ConcurrentTurn(rates, gpus, contention_rule) if concurrent else None
-        self.chip = SharedChip(rates, gpus, contention_rule) if own else None
+        self.chip = SharedChip(rates, gpus, contention_rule, host.one_host_thread) if own else None
         self.device_id = dev.device_id
         # The models whose weights this device's node holds in host memory: one set shared by
         # the node's devices, as the node's workers share one copy (None: every copy at hand).

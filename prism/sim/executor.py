@@ -126,6 +126,7 @@ class SimExecutor:
         timeline (None: steps move the device's clock)."""
         self.model_id = spec.name
         self.shape = shape
+        self.graph_max_tokens = spec.engine.mixed_graph_max_tokens  # eager launches beyond (launch_time)
         self.config = shape.config
         self.pool = pool
         self.clock = clock
@@ -193,8 +194,11 @@ class SimExecutor:
         """The step starts now on the model's own timeline: its host time, then its device time
         shared with the other models' steps on the chip (SharedChip). The clock does not move."""
         device_s = self._device_seconds(plan)
+        num_decodes, _, num_prefill = plan.cost_terms()
+        hold_s = self.host.launch_time(len(plan.chunks), num_decodes + num_prefill, num_prefill,
+                                       self.shape.num_layers, self.graph_max_tokens)
         on_chip = self.chip.launch(self.clock.now(), self.host.step_time(len(plan.chunks)), device_s,
-                                   self._floor(plan, self.chip))
+                                   self._floor(plan, self.chip), hold_s)
         self.last_launched = SimStep(on_chip, tuple(c.seq for c in plan.chunks if c.samples))
         return self.last_launched
 

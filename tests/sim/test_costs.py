@@ -146,3 +146,20 @@ def test_a_fresh_simulated_device_pays_each_shape_class_once():
 
     warm, cold = ttfts(0.0), ttfts(0.05)
     assert [c - w for c, w in zip(cold, warm)] == pytest.approx([0.05, 0.0, 0.0, 0.05], abs=1e-9)
+
+
+def test_the_launch_model_round_trips_and_a_file_without_it_is_unchanged(tmp_path):
+    from prism.sim.costs import HostOverheads
+
+    host = HostOverheads(step_s=0.2e-3, one_host_thread=True, launch_s=0.6e-3, launch_seq_s=15e-6,
+                         launch_prefill_layer_s=120e-6, launch_eager_layer_s=230e-6)
+    host.save(tmp_path / "host.yaml")
+    assert HostOverheads.load(tmp_path / "host.yaml") == host
+    plain = HostOverheads(step_s=0.2e-3)
+    plain.save(tmp_path / "plain.yaml")
+    assert "launch" not in (tmp_path / "plain.yaml").read_text()
+    assert HostOverheads.load(tmp_path / "plain.yaml") == plain
+    # eager beyond the cap, piecewise graphs up to it, decodes pay neither
+    assert host.launch_time(2, 300, 298, 32, 256) == pytest.approx(0.6e-3 + 30e-6 + 32 * 350e-6)
+    assert host.launch_time(2, 256, 254, 32, 256) == pytest.approx(0.6e-3 + 30e-6 + 32 * 120e-6)
+    assert host.launch_time(2, 2, 0, 32, 256) == pytest.approx(0.6e-3 + 30e-6)

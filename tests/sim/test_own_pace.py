@@ -147,3 +147,47 @@ def test_the_contention_rule_of_the_profile_folder_reaches_the_shared_chip(tmp_p
     print(f"\nsmall's TPOT beside big at its own pace: one budget {one_tpot * 1e3:.2f} ms, "
           f"per resource {per_tpot * 1e3:.2f} ms")
     assert per_tpot < one_tpot
+
+
+# ---- one worker process: launches take turns on its host thread ----------------------------------
+def test_on_one_host_thread_a_launch_waits_while_another_holds_it():
+    """Two models launch at 0: big's 12 ms launch (an eager prefill) holds the thread, so
+    small's decode starts its host time only at 12 ms; with a process each, at once."""
+    one, apart = SharedChip(RATES, one_host_thread=True), SharedChip(RATES)
+    steps = {}
+    for name, chip in (("one", one), ("apart", apart)):
+        big = chip.launch(0.0, 0.001, 0.050, 0.001, hold_s=0.012)  # use 0.02: no contention to speak of
+        small = chip.launch(0.0, 0.001, 0.002, 0.0001, hold_s=0.0007)
+        steps[name] = big, small
+    big, small = steps["one"]
+    assert one.host_free == pytest.approx(0.0127)
+    assert small.starts == pytest.approx(0.013) and small.done == pytest.approx(0.015)
+    assert big.starts == pytest.approx(0.001)  # its kernels run while it is still launching
+    big, small = steps["apart"]
+    assert small.starts == pytest.approx(0.001) and small.done == pytest.approx(0.003)
+
+
+def test_on_one_host_thread_a_step_ends_no_earlier_than_its_launch():
+    chip = SharedChip(RATES, one_host_thread=True)
+    step = chip.launch(1.0, 0.0005, 0.004, 0.002, hold_s=0.012)  # its device work outruns its launch
+    assert step.done == pytest.approx(1.012)
+    later = chip.launch(1.001, 0.0, 0.001, 0.0005, hold_s=0.001)  # the thread is free at 1.012
+    assert later.done == pytest.approx(1.014)
+    assert step.done == pytest.approx(1.012)  # a later launch keeps the floor of the earlier one
+
+
+def test_a_launch_model_without_one_host_thread_charges_nothing():
+    """The launch model's fields alone change no record: only `one_host_thread` turns it on."""
+    import dataclasses
+
+    from prism.sim.costs import HostOverheads
+
+    trace = micro_trace()
+    launch = HostOverheads(launch_s=0.5e-3, launch_seq_s=20e-6, launch_prefill_layer_s=200e-6,
+                           launch_eager_layer_s=300e-6)
+    plain = run(trace, "own")
+    assert run(trace, "own", profiles=ProfileSet({}, {}, launch)) == plain
+    one = run(trace, "own", profiles=ProfileSet({}, {}, dataclasses.replace(launch, one_host_thread=True)))
+    assert one != plain
+    # the small model's decodes wait behind big's eager prefill launches (32 layers x 0.5 ms)
+    assert max(small_gaps(one)) > max(small_gaps(plain)) + 0.010

@@ -96,3 +96,43 @@ def test_solo_calibration_subtracts_the_cold_cost_from_first_of_class_requests()
     assert with_cold.request_s == pytest.approx(0.004, abs=1e-4)
     assert with_cold.cold_shape_s == 0.010
     assert without.request_s > 0.008  # the cold steps' cost taken for request latency
+
+
+def test_the_launch_fit_recovers_the_terms_a_log_was_made_with(tmp_path):
+    """Steps of two models (28 and 16 layers, graph cap 256) whose wall time is 0.5 ms + 20 us
+    per sequence + 150 us per layer with prefill tokens + 250 us more per layer beyond the cap,
+    with a deterministic +-0.1 ms wobble; an activation step (2 s) is left out."""
+    models = {"qwen2.5-7b": (28, 256), "llama-3.2-1b": (16, 256)}
+    truth = step_log.LaunchFit(0.5e-3, 20e-6, 150e-6, 250e-6, 0)
+    steps, t = [], 0.0
+    for i in range(400):
+        model = "qwen2.5-7b" if i % 3 else "llama-3.2-1b"
+        seqs = 1 + i % 9
+        prefill = (0, 0, 100, 900)[i % 4]
+        terms = (seqs - (prefill > 0), 1000, prefill)
+        x = step_log.launch_features(seqs, list(terms), *models[model])
+        wall = sum(c * f for c, f in zip((truth.step_s, truth.seq_s, truth.prefill_layer_s, truth.eager_layer_s), x))
+        s = step(t, model, terms, wall + (1e-4 if i % 2 else -1e-4))
+        s["seqs"] = seqs
+        steps.append(s)
+        t += 0.05
+    steps.append(dict(step(t, "qwen2.5-7b", (0, 0, 10), 2.0, activations=1), seqs=1))
+    fit = step_log.fit_launch([write_log(tmp_path / "steps-a.jsonl", steps)], models)
+    assert fit.num_steps == 400
+    for got, want in ((fit.step_s, truth.step_s), (fit.seq_s, truth.seq_s),
+                      (fit.prefill_layer_s, truth.prefill_layer_s), (fit.eager_layer_s, truth.eager_layer_s)):
+        assert got == pytest.approx(want, rel=0.1, abs=2e-6)
+    host = fit.host(HostOverheads())
+    assert host.one_host_thread
+    assert host.launch_time(4, 904, 900, 28, 256) == pytest.approx(0.5e-3 + 80e-6 + 28 * 400e-6, rel=0.1)
+    assert host.launch_time(4, 104, 100, 28, 256) == pytest.approx(0.5e-3 + 80e-6 + 28 * 150e-6, rel=0.1)
+
+
+def test_a_launch_term_the_log_does_not_support_is_dropped_not_negative(tmp_path):
+    """Wall time falls with the sequences here (nothing real does that): the fit keeps that
+    coefficient at 0 rather than charging a negative launch time."""
+    models = {"qwen2.5-7b": (28, 256)}
+    steps = [dict(step(0.01 * i, "qwen2.5-7b", (i % 5, 100, 0), 1e-3 - 1e-5 * (i % 5 + 1)), seqs=i % 5 + 1)
+             for i in range(50)]
+    fit = step_log.fit_launch([write_log(tmp_path / "steps-a.jsonl", steps)], models)
+    assert fit.seq_s == 0.0 and fit.step_s > 0
