@@ -9,7 +9,9 @@ predict (prism.sim.costs.step_seconds, as the simulator charges it); the rest is
 fitted here as step_s + seq_s x sequences in the step (least squares over busy steps). A
 fresh server's first eager step of each model shape and token-count class also takes longer
 than later ones (kernels loaded on first use): that difference is fitted too (cold_shape_s,
-prism.sim.costs.ColdShapes).
+prism.sim.costs.ColdShapes). With --launch (logs of a worker at its own pace, whose step calls
+never wait for the device) it also fits each call's wall time, the step's launch on the worker's
+one host thread (fit_launch: HostOverheads.launch_time, used with one_host_thread).
 
     python3 benchmarks/step_log.py --steps DIR [DIR...] --config examples/h100-6models.yaml \
         --profiles benchmarks/profiles/nvidia-h100
