@@ -107,6 +107,33 @@ def _online_softmax_step(s, v, m_i, l_i, acc, dot_ty: tl.constexpr, PRECISION: t
     return m_new, l_i, acc
 
 
+@triton.jit
+def _tile_of(pid, tiles_ptr, qstart_ptr, ctx_ptr, NUM_KV_HEADS: tl.constexpr, TOKENS_PER_TILE: tl.constexpr):
+    """Program `pid`'s work: (KV head, sequence, first new token of the tile within it, the
+    sequence's first row in q, the position of its first new token, the tile's new tokens)."""
+    tile = pid // NUM_KV_HEADS
+    seq = tl.load(tiles_ptr + 2 * tile)
+    first = tl.load(tiles_ptr + 2 * tile + 1)
+    q_begin = tl.load(qstart_ptr + seq)
+    q_len = tl.load(qstart_ptr + seq + 1) - q_begin
+    past = tl.load(ctx_ptr + seq) - q_len
+    return pid % NUM_KV_HEADS, seq, first, q_begin, past, tl.minimum(q_len - first, TOKENS_PER_TILE)
+
+
+@triton.jit
+def _cache_offsets(page, slot, dims, stride_p, stride_s, stride_d):
+    """Offsets of a KV tile's rows (cache slots) and head dimensions in a paged cache."""
+    return page[:, None] * stride_p + slot[:, None] * stride_s + dims[None, :] * stride_d
+
+
+@triton.jit
+def _load_unmasked_rows(ptrs, dim_ok, FULL_HEAD: tl.constexpr):
+    """A tile whose rows are all valid: no mask at all when it spans the whole head."""
+    if FULL_HEAD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=dim_ok[None, :], other=0.0)
+
+
 # The block-table row stride changes with the longest sequence of a batch; Triton would compile
 # a variant for each of its value classes (1, multiple of 16, other), a pause of about a second
 # in the middle of serving each time a new class turns up.
@@ -124,16 +151,8 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCKS_PER_PAGE: tl.constexpr, PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tile = pid // NUM_KV_HEADS
-    kv_head = pid % NUM_KV_HEADS
-    seq = tl.load(tiles_ptr + 2 * tile)
-    first = tl.load(tiles_ptr + 2 * tile + 1)  # first new token of the tile, within its sequence
-    q_begin = tl.load(qstart_ptr + seq)
-    q_len = tl.load(qstart_ptr + seq + 1) - q_begin
-    ctx = tl.load(ctx_ptr + seq)
-    past = ctx - q_len  # position of the sequence's first new token
-    n_tok = tl.minimum(q_len - first, TOKENS_PER_TILE)
+    kv_head, seq, first, q_begin, past, n_tok = _tile_of(tl.program_id(0), tiles_ptr, qstart_ptr, ctx_ptr,
+                                                          NUM_KV_HEADS, TOKENS_PER_TILE)
 
     rows = tl.arange(0, BLOCK_M)
     tok = first + rows // GROUP
@@ -166,17 +185,11 @@ def _prefill_kernel(
     for start in range(0, full_end, BLOCK_N):
         pos = start + cols
         page, slot = _slots(table, pos, cols < BLOCK_N, stride_bb, BLOCK_SIZE, BLOCKS_PER_PAGE)  # all true
-        k_rows = page[:, None] * stride_kp + slot[:, None] * stride_ks + dims[None, :] * stride_kd
-        v_rows = page[:, None] * stride_vp + slot[:, None] * stride_vs + dims[None, :] * stride_vd
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_head + k_rows)
-        else:
-            k = tl.load(k_head + k_rows, mask=dim_ok[None, :], other=0.0)
+        k_rows = _cache_offsets(page, slot, dims, stride_kp, stride_ks, stride_kd)
+        v_rows = _cache_offsets(page, slot, dims, stride_vp, stride_vs, stride_vd)
+        k = _load_unmasked_rows(k_head + k_rows, dim_ok, BLOCK_D == HEAD_DIM)
         s = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION) * scale_log2
-        if BLOCK_D == HEAD_DIM:
-            v = tl.load(v_head + v_rows)
-        else:
-            v = tl.load(v_head + v_rows, mask=dim_ok[None, :], other=0.0)
+        v = _load_unmasked_rows(v_head + v_rows, dim_ok, BLOCK_D == HEAD_DIM)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, dot_ty, PRECISION)
 
     # The diagonal band: causal mask, and never a position at or past kv_end (<= ctx).
@@ -185,8 +198,8 @@ def _prefill_kernel(
         pos_ok = pos < kv_end
         page, slot = _slots(table, pos, pos_ok, stride_bb, BLOCK_SIZE, BLOCKS_PER_PAGE)
         kv_mask = pos_ok[:, None] & dim_ok[None, :]
-        k_rows = page[:, None] * stride_kp + slot[:, None] * stride_ks + dims[None, :] * stride_kd
-        v_rows = page[:, None] * stride_vp + slot[:, None] * stride_vs + dims[None, :] * stride_vd
+        k_rows = _cache_offsets(page, slot, dims, stride_kp, stride_ks, stride_kd)
+        v_rows = _cache_offsets(page, slot, dims, stride_vp, stride_vs, stride_vd)
         k = tl.load(k_head + k_rows, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION)
         visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]

@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from prism.errors import UserError
-from prism.sched.concurrency import (CONCURRENCY_FILE, ChipStep, ConcurrencyProfile, ConcurrentTurn, ContentionRule,
-                                     SharedChip, step_floor)
+from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile, ConcurrentTurn, ContentionRule, step_floor
 from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_profiles, step_seconds
 from prism.sched.global_view import TransferRates
 from prism.sched.view import CostModel
@@ -384,9 +383,9 @@ def device_cost_model(profiles: dict[str, ModelProfile], device: str) -> Profile
 
 
 __all__ = [
-    "CONCURRENCY_FILE", "ChipStep", "ConcurrencyProfile", "ConcurrentTurn", "ContentionRule",
+    "CONCURRENCY_FILE", "ConcurrencyProfile", "ConcurrentTurn", "ContentionRule",
     "GRID_BATCH", "GRID_CONTEXT", "GRID_PREFILL",
-    "HOST_FILE", "SharedChip", "HostOverheads", "ProfileSet", "TP_DECODE_PARALLEL_FRACTION", "TP_PREFILL_PARALLEL_FRACTION",
+    "HOST_FILE", "HostOverheads", "ProfileSet", "TP_DECODE_PARALLEL_FRACTION", "TP_PREFILL_PARALLEL_FRACTION",
     "card_defaults", "device_cost_model", "roofline_profile", "scale_profile", "step_floor", "step_seconds",
     "tp_profile",
 ]

@@ -22,7 +22,8 @@ from prism.memory.page_pool import PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel
 from prism.sched.view import CostModel
-from prism.sim.costs import ColdShapes, ConcurrentTurn, ContentionRule, HostOverheads, SharedChip, card_defaults
+from prism.sched.concurrency import ContentionRule, SharedChip
+from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads, card_defaults
 from prism.sim.engine import sim_engine
 from prism.sim.executor import CountingBackend
 from prism.sim.shapes import ModelShape

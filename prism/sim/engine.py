@@ -16,7 +16,8 @@ from prism.engine.scheduler import VictimChooser
 from prism.memory.page_pool import PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.view import CostModel
-from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads, SharedChip
+from prism.sched.concurrency import SharedChip
+from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads
 from prism.sim.executor import SimExecutor
 from prism.sim.shapes import ModelShape
 

@@ -21,8 +21,8 @@ from prism.memory.backend import PhysicalChunk
 from prism.memory.page_pool import Owner, PagePool
 from prism.sched.clock import ManualClock
 from prism.sched.view import CostModel
-from prism.sched.concurrency import StepFloor
-from prism.sim.costs import ChipStep, ColdShapes, ConcurrentTurn, HostOverheads, SharedChip, step_seconds
+from prism.sched.concurrency import ChipStep, SharedChip, StepFloor
+from prism.sim.costs import ColdShapes, ConcurrentTurn, HostOverheads, step_seconds
 from prism.sim.shapes import ModelShape
 
 SAMPLED_TOKEN = 0  # what a simulated step "samples"; its engines have no EOS (see sim/engine.py)
@@ -174,31 +174,31 @@ class SimExecutor:
             step = self.launch(plan, None)
             while_running()
             return self.collect(step)
-        device_s = self._device_seconds(plan)
+        terms = plan.cost_terms()
+        device_s = self._device_seconds(terms)
         if self.turn is not None:
-            device_s = self.turn.charge(device_s, self._floor(plan, self.turn))
+            device_s = self.turn.charge(device_s, self._floor(terms, plan.num_tokens, self.turn))
         self.clock.advance(self.host.step_time(len(plan.chunks)) + device_s)
         while_running()
         return [SampledToken(chunk.seq, SAMPLED_TOKEN) for chunk in plan.chunks if chunk.samples]
 
-    def _device_seconds(self, plan: StepPlan) -> float:
-        """The step's device time alone (a fresh server's first shapes included)."""
-        terms = plan.cost_terms()
+    def _device_seconds(self, terms: tuple[int, int, int]) -> float:
+        """The step's device time alone (a fresh server's first shapes included); `terms`: its
+        plan's cost_terms()."""
         return step_seconds(self.cost, self.model_id, *terms) + self.cold.charge(self.shape.kernel_key, terms)
 
-    def _floor(self, plan: StepPlan, rates: ConcurrentTurn | SharedChip) -> StepFloor:
-        return rates.floor(self.shape.weight_bytes, self.shape.kv_bytes_per_token, plan.cost_terms()[1], plan.num_tokens)
+    def _floor(self, terms: tuple[int, int, int], num_tokens: int, rates: ConcurrentTurn | SharedChip) -> StepFloor:
+        return rates.floor(self.shape.weight_bytes, self.shape.kv_bytes_per_token, terms[1], num_tokens)
 
     # ---- at the model's own pace (chip) ----------------------------------------------------------
     def launch(self, plan: StepPlan, after: SimStep | None) -> SimStep:
         """The step starts now on the model's own timeline: its host time, then its device time
         shared with the other models' steps on the chip (SharedChip). The clock does not move."""
-        device_s = self._device_seconds(plan)
-        num_decodes, _, num_prefill = plan.cost_terms()
-        hold_s = self.host.launch_time(len(plan.chunks), num_decodes + num_prefill, num_prefill,
+        terms = plan.cost_terms()
+        hold_s = self.host.launch_time(len(plan.chunks), plan.num_tokens, terms[2],
                                        self.shape.num_layers, self.graph_max_tokens)
-        on_chip = self.chip.launch(self.clock.now(), self.host.step_time(len(plan.chunks)), device_s,
-                                   self._floor(plan, self.chip), hold_s)
+        on_chip = self.chip.launch(self.clock.now(), self.host.step_time(len(plan.chunks)), self._device_seconds(terms),
+                                   self._floor(terms, plan.num_tokens, self.chip), hold_s)
         self.last_launched = SimStep(on_chip, tuple(c.seq for c in plan.chunks if c.samples))
         return self.last_launched
 
