@@ -30,7 +30,7 @@ run() {  # NAME ESTIMATE_S COMMAND...: run unless it would pass the deadline; lo
 steps=${*:-tests gemm qwen kernels pairs}
 for step in $steps; do
     case $step in
-        tests) run tests 90 python3 -m pytest -q -m gpu tests/kernels/test_gemm.py tests/engine/test_profiler.py tests/worker/test_worker_own_pace.py ;;
+        tests) run tests 120 python3 -m pytest -q -s -m gpu tests/kernels tests/engine/test_profiler.py tests/worker/test_worker_own_pace.py ;;
         gemm) run gemm 150 python3 benchmarks/gemm_shapes.py --quick --out "$out/gemm-shapes.json" ;;
         qwen) run qwen 150 python3 benchmarks/engine.py --model qwen2.5-7b:random --offline 1000 \
                   --mixed 32:0 64:32 --out "$out/engine-qwen2.5-7b.json" ;;

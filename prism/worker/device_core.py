@@ -56,6 +56,17 @@ class StepOutput:
     num_tokens: int = 0  # tokens the step computed
 
 
+@dataclass
+class Launch:
+    """One model's step launched at its own pace: when, how long its call held the host
+    thread, and its cost terms (a worker's step log has a line per launch)."""
+    model_id: str
+    started: float
+    took_s: float
+    terms: tuple[int, ...]
+    seqs: int
+
+
 class DeviceCore(ABC):
     """Many engines on one PagePool, driven by the local scheduler. Subclasses say how an
     engine is built (`_new_engine`, preempting through `_victim_chooser`) and how big a
@@ -93,6 +104,7 @@ class DeviceCore(ABC):
                                  config.device.device_id)
         self._paused: set[str] = set()  # models whose admission is paused
         self._with_events: set[str] = set()  # engines that may hold undrained token events
+        self._launches: list[Launch] = []  # at its own pace: each step launched, for the step log
         self._finished_early: list[tuple[str, CompletionOutput]] = []  # read while evicting: next step's
         self._in_flight: set[str] = set()  # models whose last launched step is unread (overlap)
         self._beside_last = -1  # registration rank of the last model stepped beside another
@@ -212,6 +224,11 @@ class DeviceCore(ABC):
         self.counters.activation_seconds[model_id] += self.clock.now() - start
         self._notices.append(msg.Activated(model_id))
         return True
+
+    def take_launches(self) -> list[Launch]:
+        """The steps launched at their own pace since the last call, in order (the step log)."""
+        launches, self._launches = self._launches, []
+        return launches
 
     def take_notices(self) -> list[msg.Activated | msg.Evicted]:
         """The residency changes since the last call, in order (for the frontend)."""
@@ -366,6 +383,8 @@ class DeviceCore(ABC):
         if plan is not None and not plan.is_empty:
             now = self.clock.now()
             self.last_used[model_id] = self.last_step[model_id] = now
+            if self.own_pace:
+                self._launches.append(Launch(model_id, start, now - start, tuple(plan.cost_terms()), len(plan.chunks)))
             # Steps side by side share the chip and read each other's turns: their wall times
             # are not one model's step, so the estimates keep their profiles then (at its own
             # pace a step is read only once done: its call is its host time alone).

@@ -130,17 +130,24 @@ def _open_step_log(worker):
     return open(path, "w", buffering=1)  # line by line: what was logged survives a killed worker
 
 
-def _log_step(log, worker, out, started: float, took: float) -> None:
-    engine = worker.engines[out.ran_model]
-    plan = engine.last_plan
+def _log_step(log, worker, out, launches: list, started: float, took: float) -> None:
+    """A line per step; at its own pace a line per launch, whose wall time is its call alone
+    (a worker call there launches several models' steps, none waited for)."""
     running = sum(e.num_running for e in worker.engines.values())
     waiting = sum(e.num_waiting for e in worker.engines.values())
-    log.write(json.dumps({"t": round(started, 6), "wall_s": round(took, 6), "model": out.ran_model,
-                          "terms": list(plan.cost_terms()) if plan else None,
-                          "seqs": len(plan.chunks) if plan else 0,
-                          "running": running, "waiting": waiting,
-                          # so far: a step that activated a model holds its weight copy
-                          "activations": sum(worker.counters.activations.values())}) + "\n")
+    # so far: a step that activated a model holds its weight copy
+    activations = sum(worker.counters.activations.values())
+    if worker.own_pace:
+        lines = [(launch.started, launch.took_s, launch.model_id, list(launch.terms), launch.seqs)
+                 for launch in launches]
+    else:
+        plan = worker.engines[out.ran_model].last_plan
+        lines = [(started, took, out.ran_model, list(plan.cost_terms()) if plan else None,
+                  len(plan.chunks) if plan else 0)]
+    for t, wall_s, model, terms, seqs in lines:
+        log.write(json.dumps({"t": round(t, 6), "wall_s": round(wall_s, 6), "model": model, "terms": terms,
+                              "seqs": seqs, "running": running, "waiting": waiting,
+                              "activations": activations}) + "\n")
 
 
 def _decode(decoder, raw: bytes, send):
@@ -185,8 +192,9 @@ def _loop(worker, inbox: StampedInbox, send, idle_tick_s: float) -> None:
         waiting_on_steps = worker.own_pace and not (out.num_tokens or out.events or out.finished)
         for notice in worker.take_notices():  # activations and evictions, ordered or local
             send(notice)
+        launches = worker.take_launches()  # at its own pace; taken even when not logged
         if step_log is not None and out.ran_model is not None:
-            _log_step(step_log, worker, out, started, took)
+            _log_step(step_log, worker, out, launches, started, took)
         if took > SLOW_STEP_S:  # a whole-device pause: say what the step did (server log)
             print(f"prism worker {worker.config.device.device_id}: slow step {took:.2f} s "
                   f"(ran {out.ran_model or '-'}, {out.num_tokens} tokens; "

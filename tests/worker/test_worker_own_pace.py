@@ -31,10 +31,10 @@ def serve(worker: DeviceWorker, requests: dict[str, list[tuple[list[int], Sampli
     outputs, all_stepped = {}, 0
     while worker.has_unfinished:
         busy = [m for m, e in worker.engines.items() if e.has_unfinished]
-        before = {m: worker.engines[m].last_plan for m in busy}
         out = worker.step()
-        launched = [m for m in busy if (p := worker.engines[m].last_plan) is not before[m] and not p.is_empty]
-        all_stepped += len(busy) > 1 and len(launched) == len(busy)
+        launches = worker.take_launches()  # at its own pace only
+        assert all(launch.took_s >= 0 and launch.seqs > 0 for launch in launches)
+        all_stepped += len(busy) > 1 and sorted(launch.model_id for launch in launches) == sorted(busy)
         outputs.update((o.req_id, o.token_ids) for _, o in out.finished)
     return {"outputs": outputs, "all_stepped": all_stepped}
 

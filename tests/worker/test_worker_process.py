@@ -6,6 +6,7 @@ import psutil
 import pytest
 
 from prism.config import DeviceConfig, EngineConfig, ModelSpec
+from prism.sched.local import LocalSchedulerConfig, Pace
 from prism.types import SamplingParams
 from prism.worker import messages as msg
 from prism.worker.device_worker import WorkerConfig
@@ -18,9 +19,9 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
-def config(*sources, memory=128 << 20):
+def config(*sources, memory=128 << 20, pace: Pace = Pace.TURN):
     models = tuple(ModelSpec(f"m{i}", s, engine=ENGINE) for i, s in enumerate(sources))
-    return WorkerConfig(DeviceConfig("cpu", memory, 64 << 10), models)
+    return WorkerConfig(DeviceConfig("cpu", memory, 64 << 10), models, LocalSchedulerConfig(pace=pace))
 
 
 def collect(worker: WorkerProcess, req_ids: set[str], timeout_s: float = 60):
@@ -126,6 +127,27 @@ def test_step_log_records_every_step_and_fits_host_time(tmp_path, monkeypatch):
     assert steps and all(s.cycle_s > 0 for s in steps)
     step_s, seq_s = step_log.fit_host(steps)
     assert step_s >= 0 and seq_s >= 0
+
+
+def test_at_their_own_pace_the_step_log_has_a_line_per_launch(tmp_path, monkeypatch):
+    """Under pace "own" one worker call launches several models' steps: each gets its own line,
+    its wall time the launch's call alone (what step_log.fit_launch fits)."""
+    monkeypatch.setenv("PRISM_STEP_LOG", str(tmp_path))
+    w = WorkerProcess(config("tiny-llama:random", "tiny-qwen3:random", pace=Pace.OWN))
+    try:
+        for i, model in enumerate(["m0", "m1", "m0", "m1"]):
+            w.send(msg.AddRequest(f"r{i}", model, [5, 6, 7, 8 + i], greedy(12)))
+        collect(w, {f"r{i}" for i in range(4)})
+    finally:
+        w.close()
+    (log,) = tmp_path.glob("steps-cpu-*.jsonl")
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line]
+    # 12 tokens each: at least 12 launches per model, whatever the worker calls batched together
+    assert all(sum(line["model"] == m for line in lines) >= 12 for m in ("m0", "m1"))
+    assert all(line["seqs"] > 0 and line["terms"] and line["wall_s"] >= 0 for line in lines)
+    # launches of one call start one after another, each after the last one's call ended
+    times = [(line["t"], line["wall_s"]) for line in lines]
+    assert all(t1 >= t0 + w0 - 1e-6 for (t0, w0), (t1, _) in zip(times, times[1:]))
 
 
 def test_a_silent_worker_is_taken_for_lost():
