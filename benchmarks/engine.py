@@ -166,6 +166,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--many-batch", type=int, default=8)
     ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"])
     ap.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    ap.add_argument("--graph-tokens", type=int, default=EngineConfig().mixed_graph_max_tokens,
+                    help="steps with prefill up to this many tokens run as piecewise CUDA graphs")
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="print where one decode step's time goes")
     return ap.parse_args()
@@ -252,7 +254,7 @@ def build_engine(model: str, args, max_seqs: int, pool=None, model_id=None, own_
         model, EngineConfig(block_size=16, max_num_seqs=max_seqs,
                             max_num_batched_tokens=max([8192, *args.prefill]), kernels=args.kernels,
                             cuda_graph_max_batch=0 if args.no_graphs else max(256, max_seqs),
-                            mixed_graph_max_tokens=0 if args.no_graphs else 256, own_stream=own_stream),
+                            mixed_graph_max_tokens=0 if args.no_graphs else args.graph_tokens, own_stream=own_stream),
         DeviceConfig("cuda:0", int(args.memory_gib * 2**30)), pool=pool, model_id=model_id,
         show_progress=True, keep_host_copy=args.activation,
     )
@@ -325,7 +327,9 @@ def print_table(result: dict) -> None:
             what, batch, ctx = f"elastic {c['load']} {c['metric'][:4]}", "", ""
         elif what == "mixed_step":
             what, batch, rate = f"mixed {c['prefill_tokens']}+{c['batch']}", c["batch"], \
-                f"graphs vs eager (ceiling column); same tokens: {c['same_tokens']}"
+                (f"{'graphs' if c['graphs'] else 'eager (over the graph cap)'} vs eager (ceiling column); "
+                 f"launch holds the host {c['launch_ms']:.2f} ms (eager {c['eager_launch_ms']:.2f}); "
+                 f"same tokens: {c['same_tokens']}")
         elif what == "many_models":
             what, batch, rate = f"{c['models']} models: {c['mode']}", c["batch"], \
                 f"{c['tokens_per_s']:.0f} tok/s, {c['vs_one_model_per_step']:.2f}x one model per step"
