@@ -9,6 +9,8 @@
 # .): concurrency.yaml (copy it into the card's profile folder, e.g. benchmarks/profiles/nvidia-h200/),
 # concurrency-held-out.yaml, check.log, contention-rules.md (each turn under both contention
 # rules, the rule each file picks) and each run's stdout (.log) and stderr (.err).
+# Each case is also run as models at their own pace run it (--streams: each step relaunched once
+# done, alone and side by side, PAIR_STREAMS_S seconds each, default 0.4; 0: not).
 # DEVICE (default cuda:0) and PAIR_ARGS (e.g. "--quick --memory 512MiB") for a try on CPU.
 set -uo pipefail
 fit_a=${1:-llama-3.2-1b:random} fit_b=${2:-llama-3.1-8b:random}
@@ -23,7 +25,7 @@ for pair in "fit $fit_a $fit_b concurrency" "held-out $held_a $held_b concurrenc
     start=$(date +%s)
     # shellcheck disable=SC2086 (PAIR_ARGS is several arguments)
     if ! python3 -m prism.cli profile --model "$2" --pair-with "$3" --device "$device" --out "$out/$4.yaml" \
-            ${PAIR_ARGS:-} 2>"$out/$4.err" | tee "$out/$4.log"; then
+            --streams "${PAIR_STREAMS_S:-0.4}" ${PAIR_ARGS:-} 2>"$out/$4.err" | tee "$out/$4.log"; then
         tail -20 "$out/$4.err"
         exit 1
     fi

@@ -25,6 +25,9 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--pair-with", default=None, metavar="MODEL",
                    help="measure --model's steps and this model's side by side (one turn, a stream each) "
                    "and write the rates such turns reach, which the simulator charges them at")
+    p.add_argument("--streams", type=float, default=0.0, metavar="SECONDS",
+                   help="with --pair-with: also run each case as models at their own pace do (each step "
+                   "relaunched once done, alone and side by side, SECONDS each) and show what each rule predicts")
     p.add_argument("--quick", action="store_true", help="fewer cases (a rough profile in seconds)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case, after one warm-up")
     p.set_defaults(func=run_profile)
@@ -106,27 +109,34 @@ def run_pair_profile(args) -> int:
         grid = (pairs.QUICK_PAIR_DECODES, pairs.QUICK_PAIR_PREFILLS, pairs.QUICK_BESIDE)
     else:
         grid = (pairs.DEFAULT_PAIR_DECODES, pairs.DEFAULT_PAIR_PREFILLS, pairs.DEFAULT_BESIDE)
-    turns, card, elapsed = measure_pair(args, pairs.pair_cases(*grid))
+    if args.streams < 0:
+        raise UserError(f"--streams must be >= 0 seconds, got {args.streams}")
+    turns, streams, card, elapsed = measure_pair(args, pairs.pair_cases(*grid))
     if not turns:
         raise UserError("no case fits the two models' memory and context: give --memory more")
     command = (f"prism profile --model {args.model} --pair-with {args.pair_with} --device {args.device}"
-               + (" --quick" if args.quick else "") + f" --repeats {args.repeats}")
+               + (" --quick" if args.quick else "") + f" --repeats {args.repeats}"
+               + (f" --streams {args.streams:g}" if args.streams else ""))
     nominal = card_defaults(args.device)
-    profile = ConcurrencyProfile.fitted(turns, nominal, card, args.device, datetime.date.today().isoformat(), command)
+    profile = ConcurrencyProfile.fitted(turns, nominal, card, args.device, datetime.date.today().isoformat(),
+                                        command, streams)
     out = profile.save(args.out or profile_dir() / CONCURRENCY_FILE)
     print_turns(profile, nominal)
+    if streams:
+        print_streams(profile, nominal)
     print(f"measured in {elapsed:.1f} s; wrote {out}")
     return 0
 
 
-def measure_pair(args, cases) -> tuple[list, str, float]:
+def measure_pair(args, cases) -> tuple[list, list, str, float]:
     """Both models on one page pool, each on a stream of its own, as a worker with
-    concurrent_models runs them; (the measured turns, the card, seconds measuring)."""
+    concurrent_models runs them; (the measured turns, the measured streams (--streams), the
+    card, seconds measuring)."""
     import torch
 
     from prism.config import DeviceConfig, EngineConfig
     from prism.engine.llm_engine import LLMEngine
-    from prism.engine.pair_profiler import profile_pair
+    from prism.engine.pair_profiler import profile_pair, profile_streams
     from prism.engine.profiler import device_name
 
     device = DeviceConfig(device=args.device, memory_bytes=args.memory or default_memory(args.device))
@@ -141,7 +151,8 @@ def measure_pair(args, cases) -> tuple[list, str, float]:
         try:
             start = time.perf_counter()
             turns = profile_pair(first, second, cases, repeats=args.repeats)
-            return turns, device_name(first.device), time.perf_counter() - start
+            streams = profile_streams(first, second, cases, args.streams) if args.streams else []
+            return turns, streams, device_name(first.device), time.perf_counter() - start
         finally:
             second.close()
     finally:
@@ -156,6 +167,25 @@ def print_turns(profile, nominal) -> None:
     losses = ", ".join(f"{rule.value} {loss:.3g}" for rule, loss in profile.losses.items()) or "not recorded"
     print(f"contention rule: {profile.rule.value} (mean squared log error of each rule's fit: {losses})")
     print_turn_table(profile.turns, {"nominal": (nominal, profile.rule), "fitted": (fitted, profile.rule)})
+
+
+def print_streams(profile, nominal) -> None:
+    """Each step's period relaunched side by side, measured and as each rule predicts it at
+    the rates fitted to the turns under that rule (and at nominal rates)."""
+    from prism.sched.concurrency import ContentionRule, fit_contention, predicted_streams, streams_loss
+
+    fit = fit_contention(profile.turns, nominal)
+    charges = {f"{rule.value} fitted": (fit.rates[rule], rule) for rule in ContentionRule}
+    charges.update({f"{rule.value} nominal": (nominal, rule) for rule in ContentionRule})
+    print("\nsteps relaunched at their own pace: period side by side (ms), measured and predicted")
+    print(f"{'case':<34} {'step':>14} {'alone':>8} {'side':>8} " + " ".join(f"{n[:16]:>16}" for n in charges))
+    for m in profile.streams:
+        predicted = {n: predicted_streams(rates, m.steps, rule) for n, (rates, rule) in charges.items()}
+        for i, step in enumerate(m.steps):
+            print(f"{m.case if i == 0 else '':<34} {step.model[:14]:>14} {step.alone_s * 1e3:>8.2f} "
+                  f"{m.side_s[i] * 1e3:>8.2f} " + " ".join(f"{predicted[n][i] * 1e3:>16.2f}" for n in charges))
+    for name, (rates, rule) in charges.items():
+        print(f"{name}: mean squared log error {streams_loss(rates, profile.streams, rule):.4f}")
 
 
 def print_turn_table(turns, charges: dict) -> None:

@@ -2,7 +2,9 @@
 one turn as a device worker launches them with concurrent_models > 1 (the first model's step,
 then the other's, each on the engine's own stream; then their tokens collected). The result is
 a list of `MeasuredTurn` (prism.sched.concurrency), which `fit_rates` turns into the rates the
-simulator charges such turns at.
+simulator charges such turns at. `profile_streams` runs the same cases as models at their own
+pace do (each step relaunched as soon as its last one is done): `MeasuredStreams`, the check of
+the rule on what pace "own" runs.
 
 Cases: both models decoding (batch x context each), one model's prompt chunk beside the
 other's decode batch (both ways round), and both prefilling. Every repetition of a case does the
@@ -13,13 +15,15 @@ engines must be idle; every block is freed afterwards and each engine's KV pages
 from __future__ import annotations
 
 import statistics
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from prism.engine.llm_engine import LLMEngine
 from prism.engine.profiler import _fits, _restore_kv_pages, _Session, _timed_execute, decode_plan, prefill_all, timed_steps
 from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
-from prism.sched.concurrency import MeasuredTurn, SideStep
+from prism.sched.concurrency import MeasuredStreams, MeasuredTurn, SideStep
 
 # (batch, context per sequence) of the decode batch each model runs
 DEFAULT_PAIR_DECODES = ((1, 1024), (16, 1024), (64, 1024), (16, 4096))
@@ -80,15 +84,74 @@ def profile_pair(first: LLMEngine, second: LLMEngine, cases: Iterable[tuple[Step
             _restore_kv_pages(session.engine, pages)
 
 
-def _time_case(sessions: list[_Session], case: tuple[StepCase, StepCase], repeats: int) -> MeasuredTurn | None:
+def profile_streams(first: LLMEngine, second: LLMEngine, cases: Iterable[tuple[StepCase, StepCase]],
+                    seconds: float = 0.5) -> list[MeasuredStreams]:
+    """Time every case (that fits) as models at their own pace run it: each model's step
+    relaunched as soon as its last one is done (one host thread polling both, as a device
+    worker at pace "own" does), alone and side by side, `seconds` each; each step's mean
+    period. Steps launched together once (`profile_pair`) cannot tell whether a long prefill
+    beside a stream of short decodes is slowed by all of them or barely; this can."""
+    if seconds <= 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    sessions = [_Session(first), _Session(second)]
+    pages_before = [e.blocks.num_mapped_pages for e in (first, second)]
+    try:
+        measured = []
+        for case in cases:
+            with _prepared(sessions, case) as plans:
+                if plans is None:
+                    continue
+                engines = [s.engine for s in sessions]
+                alone = [_relaunched([e], [p], seconds)[0] for e, p in zip(engines, plans)]
+                side = tuple(_relaunched(engines, plans, seconds))
+                steps = tuple(_side_step(e, p, t) for e, p, t in zip(engines, plans, alone))
+                measured.append(MeasuredStreams(_label(case), steps, side))
+        return measured
+    finally:
+        for session, pages in zip(sessions, pages_before):
+            session.free(session.seqs)
+            _restore_kv_pages(session.engine, pages)
+
+
+def _relaunched(engines: list[LLMEngine], plans: list[StepPlan], seconds: float) -> list[float]:
+    """Each engine's plan relaunched once its last launch is done, for about `seconds` (after
+    one warm-up launch each): each one's mean period, from its first to its last completion."""
+    for engine, plan in zip(engines, plans):
+        engine.runner.collect(engine.runner.launch(plan, None))
+    done_at: list[list[float]] = [[] for _ in engines]
+    in_flight = [e.runner.launch(p, None) for e, p in zip(engines, plans)]
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or any(len(d) < 3 for d in done_at):
+        for j, (engine, plan) in enumerate(zip(engines, plans)):
+            if engine.runner.is_done(in_flight[j]):
+                engine.runner.collect(in_flight[j])
+                done_at[j].append(time.perf_counter())
+                in_flight[j] = engine.runner.launch(plan, None)
+    for engine, step in zip(engines, in_flight):
+        engine.runner.collect(step)
+    return [(d[-1] - d[0]) / (len(d) - 1) for d in done_at]
+
+
+def _label(case: tuple[StepCase, StepCase]) -> str:
+    return " | ".join(step.label for step in case)
+
+
+@contextmanager
+def _prepared(sessions: list[_Session], case: tuple[StepCase, StepCase]) -> Iterator[list[StepPlan] | None]:
+    """Each session's plan of the case (None: one does not fit); its sequences freed after."""
     made: list[list[Sequence]] = [[], []]
     try:
-        plans = []
-        for session, step, seqs in zip(sessions, case, made):
-            plan = _prepare(session, step, seqs)
-            if plan is None:
-                return None
-            plans.append(plan)
+        plans = [_prepare(session, step, seqs) for session, step, seqs in zip(sessions, case, made)]
+        yield None if any(p is None for p in plans) else plans
+    finally:
+        for session, seqs in zip(sessions, made):
+            session.free(seqs)
+
+
+def _time_case(sessions: list[_Session], case: tuple[StepCase, StepCase], repeats: int) -> MeasuredTurn | None:
+    with _prepared(sessions, case) as plans:
+        if plans is None:
+            return None
         engines = [s.engine for s in sessions]
         times: list[list[float]] = [[], [], []]
         for i in range(1 + repeats):
@@ -101,10 +164,7 @@ def _time_case(sessions: list[_Session], case: tuple[StepCase, StepCase], repeat
                 times[2].append(seconds)
         alone, turn = [statistics.median(t) for t in times[:2]], statistics.median(times[2])
         steps = tuple(_side_step(e, p, t) for e, p, t in zip(engines, plans, alone))
-        return MeasuredTurn(" | ".join(step.label for step in case), steps, turn)
-    finally:
-        for session, seqs in zip(sessions, made):
-            session.free(seqs)
+        return MeasuredTurn(_label(case), steps, turn)
 
 
 def _prepare(session: _Session, step: StepCase, seqs: list[Sequence]) -> StepPlan | None:

@@ -262,6 +262,43 @@ def turn_loss(rates: DefaultCosts, turns: Sequence[MeasuredTurn], rule: Contenti
     return sum(math.log(predicted_turn(rates, t.steps, rule) / t.turn_s) ** 2 for t in turns) / len(turns)
 
 
+@dataclass(frozen=True)
+class MeasuredStreams:
+    """Steps of several models, each relaunched as soon as its last one is done (models at their
+    own pace): each step's period alone (`steps[i].alone_s`) and side by side (`side_s[i]`)."""
+
+    case: str
+    steps: tuple[SideStep, ...]
+    side_s: tuple[float, ...]
+
+
+def predicted_streams(rates: DefaultCosts, steps: Sequence[SideStep],
+                      rule: ContentionRule = ContentionRule.ONE_BUDGET, periods: int = 40) -> tuple[float, ...]:
+    """Each step's mean period when every one is relaunched as soon as it is done on a
+    `SharedChip` at these rates under `rule` (over `periods` of the longest step alone)."""
+    chip = SharedChip(rates, rule=rule)
+    floors = [chip.floor(s.weight_bytes, s.kv_bytes_per_token, s.num_context, s.num_tokens) for s in steps]
+    running = [chip.launch(0.0, 0.0, s.alone_s, f) for s, f in zip(steps, floors)]
+    done_at: list[list[float]] = [[] for _ in steps]
+    horizon = periods * max(s.alone_s for s in steps)
+    while True:
+        j = min(range(len(steps)), key=lambda i: running[i].done)
+        now = running[j].done
+        if now > horizon:
+            break
+        done_at[j].append(now)
+        running[j] = chip.launch(now, 0.0, steps[j].alone_s, floors[j])
+    return tuple((d[-1] - d[0]) / (len(d) - 1) if len(d) > 1 else horizon for d in done_at)
+
+
+def streams_loss(rates: DefaultCosts, streams: Sequence[MeasuredStreams], rule: ContentionRule) -> float:
+    """The mean squared log error of each step's period side by side that `rule` predicts at
+    `rates` against the measured ones."""
+    errors = [math.log(p / m) ** 2 for s in streams
+              for p, m in zip(predicted_streams(rates, s.steps, rule), s.side_s)]
+    return sum(errors) / len(errors)
+
+
 # ---- the fit ------------------------------------------------------------------------------------
 # Rates are searched in octaves around the nominal ones: from 2^-16 (a CPU, where "side by
 # side" runs one after another) to 2^4 of them, coarse to fine, to 1/128 of an octave.
@@ -338,15 +375,18 @@ class ConcurrencyProfile:
     turns: tuple[MeasuredTurn, ...] = ()
     rule: ContentionRule = ContentionRule.ONE_BUDGET  # a file without one: what every file had before
     losses: Mapping[ContentionRule, float] = field(default_factory=dict)  # each rule's, where fitted
+    # Steps relaunched at their own pace side by side (`prism profile --streams`), where measured:
+    # a check of the rule on what pace "own" runs, beside the turns it is fitted to.
+    streams: tuple[MeasuredStreams, ...] = ()
 
     @classmethod
     def fitted(cls, turns: Sequence[MeasuredTurn], nominal: DefaultCosts, card: str, device: str,
-               date: str, command: str) -> "ConcurrencyProfile":
+               date: str, command: str, streams: Sequence[MeasuredStreams] = ()) -> "ConcurrencyProfile":
         """The rule the turns pick and its rates (`fit_contention`), both rules' losses."""
         fit = fit_contention(turns, nominal)
         rates = fit.rates[fit.rule]
         return cls(card, device, date, command, rates.memory_bytes_per_s, rates.flops_per_s, tuple(turns),
-                   fit.rule, dict(fit.losses))
+                   fit.rule, dict(fit.losses), tuple(streams))
 
     def rates(self, nominal: DefaultCosts) -> DefaultCosts:
         """`nominal` with this profile's bandwidth and matmul rate."""
@@ -360,25 +400,24 @@ class ConcurrencyProfile:
             "memory_gb_per_s": round(self.memory_bytes_per_s / 1e9, 6),
             "matmul_tflop_per_s": round(self.flops_per_s / 1e12, 9),
             "turns": [{"case": t.case, "turn_ms": round(t.turn_s * 1e3, 6),
-                       "steps": [{"model": s.model, "alone_ms": round(s.alone_s * 1e3, 6),
-                                  "weight_bytes": s.weight_bytes, "kv_bytes_per_token": s.kv_bytes_per_token,
-                                  "num_context": s.num_context, "num_tokens": s.num_tokens} for s in t.steps]}
+                       "steps": [_step_dict(s) for s in t.steps]}
                       for t in self.turns],
+            **({"streams": [{"case": m.case, "side_ms": [round(x * 1e3, 6) for x in m.side_s],
+                             "steps": [_step_dict(x) for x in m.steps]} for m in self.streams]} if self.streams else {}),
         }
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ConcurrencyProfile":
-        turns = tuple(
-            MeasuredTurn(str(t["case"]), tuple(
-                SideStep(str(s["model"]), float(s["alone_ms"]) / 1e3, int(s["weight_bytes"]),
-                         int(s["kv_bytes_per_token"]), int(s["num_context"]), int(s["num_tokens"]))
-                for s in t["steps"]), float(t["turn_ms"]) / 1e3)
-            for t in raw.get("turns") or ())
+        turns = tuple(MeasuredTurn(str(t["case"]), tuple(_step_of(s) for s in t["steps"]), float(t["turn_ms"]) / 1e3)
+                      for t in raw.get("turns") or ())
+        streams = tuple(MeasuredStreams(str(m["case"]), tuple(_step_of(s) for s in m["steps"]),
+                                        tuple(float(x) / 1e3 for x in m["side_ms"]))
+                        for m in raw.get("streams") or ())
         profile = cls(str(raw.get("card", "")), str(raw.get("device", "")), str(raw.get("date", "")),
                       str(raw.get("command", "")), float(raw["memory_gb_per_s"]) * 1e9,
                       float(raw["matmul_tflop_per_s"]) * 1e12, turns,
                       ContentionRule(raw.get("rule", ContentionRule.ONE_BUDGET)),
-                      {ContentionRule(k): float(v) for k, v in (raw.get("loss") or {}).items()})
+                      {ContentionRule(k): float(v) for k, v in (raw.get("loss") or {}).items()}, streams)
         if profile.memory_bytes_per_s <= 0 or profile.flops_per_s <= 0:
             raise ValueError("rates must be positive")
         return profile
@@ -403,3 +442,13 @@ class ConcurrencyProfile:
             raise UserError(f"concurrency profile not found: {path}") from None
         except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{path}: not a concurrency profile ({type(e).__name__}: {e})") from None
+
+
+def _step_dict(s: SideStep) -> dict:
+    return {"model": s.model, "alone_ms": round(s.alone_s * 1e3, 6), "weight_bytes": s.weight_bytes,
+            "kv_bytes_per_token": s.kv_bytes_per_token, "num_context": s.num_context, "num_tokens": s.num_tokens}
+
+
+def _step_of(raw: dict) -> SideStep:
+    return SideStep(str(raw["model"]), float(raw["alone_ms"]) / 1e3, int(raw["weight_bytes"]),
+                    int(raw["kv_bytes_per_token"]), int(raw["num_context"]), int(raw["num_tokens"]))

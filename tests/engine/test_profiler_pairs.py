@@ -9,7 +9,7 @@ import pytest
 
 from prism.config import DeviceConfig, EngineConfig
 from prism.engine.llm_engine import LLMEngine
-from prism.engine.pair_profiler import StepCase, pair_cases, profile_pair
+from prism.engine.pair_profiler import StepCase, pair_cases, profile_pair, profile_streams
 from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile, ContentionRule
 from prism.sim.costs import ProfileSet
 from prism.types import SamplingParams
@@ -63,6 +63,23 @@ def test_every_case_that_fits_is_timed_alone_and_side_by_side(engines):
     assert [(s.num_tokens, s.num_context) for s in prompt_beside] == [(24, 0), (2, 2 * 17)]
 
 
+def test_steps_relaunched_at_their_own_pace_are_timed_alone_and_side_by_side(engines):
+    first, second = engines
+    before = state(first, second)
+    cases = pair_cases([(2, 24)], [16], (2, 16))[:2]  # both decoding; a prompt beside a decode batch
+    streams = profile_streams(first, second, cases, seconds=0.05)
+    assert state(first, second) == before
+    assert [m.case for m in streams] == ["decode 2x24 | decode 2x24", "prefill 16 | decode 2x16"]
+    for m in streams:
+        assert all(s.alone_s > 0 for s in m.steps) and all(t > 0 for t in m.side_s)
+        assert [s.model for s in m.steps] == ["tiny-llama:random", "tiny-qwen2:random"]
+    # on CPU both run on one thread one after another: side by side each period is about both steps
+    m = streams[0]
+    assert all(t > 0.5 * min(s.alone_s for s in m.steps) for t in m.side_s)
+    with pytest.raises(ValueError, match="seconds"):
+        profile_streams(first, second, cases, seconds=0)
+
+
 def test_busy_engines_and_a_bad_repeat_count_are_refused(engines):
     first, second = engines
     one = [(StepCase(1, 8), StepCase(1, 8))]
@@ -83,15 +100,18 @@ def test_cli_writes_rates_the_simulator_loads(tmp_path):
     code = "import sys; from prism.cli import main; sys.exit(main(['profile'] + sys.argv[1:]))"
     out = tmp_path / CONCURRENCY_FILE
     result = subprocess.run([sys.executable, "-c", code, "--model", "tiny-llama:random", "--pair-with",
-                             "tiny-llama:random", "--memory", "256MiB", "--quick", "--repeats", "1", "--out", str(out)],
+                             "tiny-llama:random", "--memory", "256MiB", "--quick", "--repeats", "1",
+                             "--streams", "0.02", "--out", str(out)],
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert result.returncode == 0, result.stderr
     assert str(out) in result.stdout and "fitted" in result.stdout and "contention rule:" in result.stdout
+    assert "relaunched at their own pace" in result.stdout
     profile = ConcurrencyProfile.load(out)
     assert set(profile.losses) == set(ContentionRule)  # both rules fitted; the file keeps the better
     assert profile.losses[profile.rule] == min(profile.losses.values())
     assert profile.device == "cpu" and profile.card and profile.date
-    assert "--pair-with tiny-llama:random" in profile.command
+    assert "--pair-with tiny-llama:random" in profile.command and "--streams 0.02" in profile.command
+    assert [m.case for m in profile.streams] == [t.case for t in profile.turns]
     assert [t.case for t in profile.turns][:2] == ["decode 1x128 | decode 1x128", "decode 8x128 | decode 8x128"]
     rates = ProfileSet.load(tmp_path).concurrent_rates("cpu")
     assert (rates.memory_bytes_per_s, rates.flops_per_s) == (profile.memory_bytes_per_s, profile.flops_per_s)

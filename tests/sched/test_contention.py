@@ -8,8 +8,8 @@ import yaml
 
 from prism.errors import UserError
 from prism.sched.concurrency import (CONCURRENCY_FILE, ConcurrencyProfile, ConcurrentTurn, ContentionRule,
-                                     MeasuredTurn, SharedChip, SideStep, StepFloor, fit_contention, predicted_turn,
-                                     step_floor, step_floors)
+                                     MeasuredStreams, MeasuredTurn, SharedChip, SideStep, StepFloor, fit_contention,
+                                     predicted_streams, predicted_turn, step_floor, step_floors, streams_loss)
 from prism.sched.cost import DefaultCosts
 
 ONE, PER = ContentionRule.ONE_BUDGET, ContentionRule.PER_RESOURCE
@@ -155,6 +155,34 @@ def test_turns_that_cannot_tell_the_rules_apart_keep_one_budget():
     assert fit.rule is ONE
 
 
+# ---- steps relaunched at their own pace --------------------------------------------------------
+def side_steps() -> tuple[SideStep, SideStep]:
+    """A 1B decode of one sequence and a 2,000-token prompt of the same model, as measured steps
+    whose floors at RATES are DECODE_FLOOR-like and PREFILL_FLOOR-like."""
+    decode = SideStep("1b", DECODE_S, ONE_B, 0, 0, 1)
+    prefill = SideStep("1b", PREFILL_S, ONE_B, 0, 0, 2000)
+    return decode, prefill
+
+
+def test_relaunched_side_by_side_one_budget_slows_the_prefill_by_the_stream_of_decodes():
+    decode, prefill = side_steps()
+    floors = [step_floors(RATES, s.weight_bytes, 0, 0, s.num_tokens) for s in (decode, prefill)]
+    use = [f.binding / s.alone_s for f, s in zip(floors, (decode, prefill))]
+    periods = predicted_streams(RATES, (decode, prefill), ONE)
+    # both always on the chip: each slowed by the summed uses
+    assert periods == pytest.approx(tuple(s.alone_s * sum(use) for s in (decode, prefill)), rel=0.02)
+    # per resource the decode's bandwidth and the prefill's matmuls overlap: each as alone
+    assert predicted_streams(RATES, (decode, prefill), PER) == pytest.approx((DECODE_S, PREFILL_S), rel=0.02)
+
+
+def test_a_stream_alone_keeps_its_period_and_the_loss_is_zero_where_predicted():
+    decode, prefill = side_steps()
+    assert predicted_streams(RATES, (decode,), ONE) == pytest.approx((DECODE_S,))
+    exact = MeasuredStreams("d | p", (decode, prefill), predicted_streams(RATES, (decode, prefill), ONE))
+    assert streams_loss(RATES, [exact], ONE) == pytest.approx(0.0, abs=1e-12)
+    assert streams_loss(RATES, [exact], PER) > 0.01
+
+
 # ---- the file ------------------------------------------------------------------------------------
 def test_the_rule_and_both_losses_go_through_the_file(tmp_path):
     profile = ConcurrencyProfile.fitted(turns_under(PER), H100, "H100", "cuda:0", "2026-12-06", "prism profile")
@@ -165,7 +193,15 @@ def test_the_rule_and_both_losses_go_through_the_file(tmp_path):
     again = ConcurrencyProfile.load(path)
     assert again.rule is PER
     assert again.losses[ONE] == pytest.approx(profile.losses[ONE], rel=1e-6)
-    assert again.to_dict() == profile.to_dict()
+    assert again.to_dict() == profile.to_dict() and again.streams == () and "streams" not in raw
+
+
+def test_measured_streams_go_through_the_file(tmp_path):
+    streams = (MeasuredStreams("decode 1 | prefill 2000", side_steps(), (4.1e-3, 60e-3)),)
+    profile = ConcurrencyProfile.fitted(turns_under(ONE), H100, "H100", "cuda:0", "-", "-", streams)
+    (again,) = ConcurrencyProfile.load(profile.save(tmp_path / CONCURRENCY_FILE)).streams
+    assert (again.case, again.steps) == (streams[0].case, streams[0].steps)
+    assert again.side_s == pytest.approx(streams[0].side_s)
 
 
 def test_a_file_without_a_rule_is_one_budget(tmp_path):
