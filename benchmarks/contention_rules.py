@@ -1,7 +1,9 @@
 """Which contention rule the measured turns of side-by-side steps pick (prism.sched.concurrency):
 for each concurrency.yaml, each turn measured and as charged under each rule at that rule's own
 fitted rates, and each rule's loss (mean squared log error over the turns). A short Markdown
-table per file.
+table per file; where the file has steps relaunched at their own pace (`prism profile
+--streams`), a second one: each step's period side by side, measured and as each rule predicts
+it on a SharedChip at the same rates (the check of the rule on what pace "own" runs).
 
     python3 benchmarks/contention_rules.py CONCURRENCY_YAML...
 """
@@ -11,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from prism.sched.concurrency import ConcurrencyProfile, ContentionFit, ContentionRule, fit_contention, predicted_turn
+from prism.sched.concurrency import (ConcurrencyProfile, ContentionFit, ContentionRule, fit_contention,
+                                     predicted_streams, predicted_turn, streams_loss)
 from prism.sim.costs import card_defaults
 
 
@@ -29,7 +32,25 @@ def report(path: Path) -> str:
         charged = [predicted_turn(fit.rates[r], t.steps, r) for r in rules]
         lines.append(f"| {t.case.replace('|', '/')} | {alone} | {t.turn_s * 1e3:.2f} | "
                      + " | ".join(f"{c * 1e3:.2f} ({c / t.turn_s - 1:+.1%})" for c in charged) + " |")
-    return "\n".join([*lines, "", *summary(fit, profile), ""])
+    return "\n".join([*lines, "", *summary(fit, profile), "", *streams_table(fit, profile)])
+
+
+def streams_table(fit: ContentionFit, profile: ConcurrencyProfile) -> list[str]:
+    if not profile.streams:
+        return []
+    rules = list(ContentionRule)
+    lines = ["Steps relaunched at their own pace: each one's period (ms) alone, side by side, and as predicted",
+             "", "| case | step | alone | measured | " + " | ".join(r.value for r in rules) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(rules)]
+    for m in profile.streams:
+        predicted = [predicted_streams(fit.rates[r], m.steps, r) for r in rules]
+        for i, step in enumerate(m.steps):
+            lines.append(f"| {m.case.replace('|', '/') if i == 0 else ''} | {step.model} | {step.alone_s * 1e3:.2f} | "
+                         f"{m.side_s[i] * 1e3:.2f} | "
+                         + " | ".join(f"{p[i] * 1e3:.2f} ({p[i] / m.side_s[i] - 1:+.0%})" for p in predicted) + " |")
+    lines += ["", *(f"- {r.value}: loss over the periods {streams_loss(fit.rates[r], profile.streams, r):.4g}"
+                    for r in rules), ""]
+    return lines
 
 
 def summary(fit: ContentionFit, profile: ConcurrencyProfile) -> list[str]:
