@@ -10,16 +10,33 @@ it on a SharedChip at the same rates (the check of the rule on what pace "own" r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from prism.sched.concurrency import (ConcurrencyProfile, ContentionFit, ContentionRule, fit_contention,
-                                     predicted_streams, predicted_turn, streams_loss)
+from prism.sched.concurrency import (ConcurrencyProfile, ContentionFit, ContentionRule, fit_contention, fit_pace,
+                                     pace_accounts, predicted_turn)
 from prism.sim.costs import card_defaults
 
 
+def with_layers(profile: ConcurrencyProfile) -> ConcurrencyProfile:
+    """The profile with every measured step's layer count, from the model catalog where the
+    file has none (files measured before `prism profile` recorded them)."""
+    from prism.config import ModelSpec
+    from prism.sim.shapes import model_shape
+
+    def filled(step):
+        if step.num_layers:
+            return step
+        return dataclasses.replace(step, num_layers=model_shape(ModelSpec(step.model, step.model), profile.device).num_layers)
+
+    return dataclasses.replace(
+        profile, turns=tuple(dataclasses.replace(t, steps=tuple(map(filled, t.steps))) for t in profile.turns),
+        streams=tuple(dataclasses.replace(m, steps=tuple(map(filled, m.steps))) for m in profile.streams))
+
+
 def report(path: Path) -> str:
-    profile = ConcurrencyProfile.load(path)
+    profile = with_layers(ConcurrencyProfile.load(path))
     if not profile.turns:
         return f"## {path}\n\nno measured turns\n"
     fit = fit_contention(profile.turns, card_defaults(profile.device))
@@ -38,19 +55,28 @@ def report(path: Path) -> str:
 def streams_table(fit: ContentionFit, profile: ConcurrencyProfile) -> list[str]:
     if not profile.streams:
         return []
-    rules = list(ContentionRule)
+    pace = fit_pace(profile.streams, fit)
+    accounts = pace_accounts(fit, pace)
     lines = ["Steps relaunched at their own pace: each one's period (ms) alone, side by side, and as predicted",
-             "", "| case | step | alone | measured | " + " | ".join(r.value for r in rules) + " |",
-             "|---|---|---:|---:|" + "---:|" * len(rules)]
+             "", "| case | step | alone | measured | " + " | ".join(accounts) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(accounts)]
     for m in profile.streams:
-        predicted = [predicted_streams(fit.rates[r], m.steps, r) for r in rules]
+        predicted = [periods(m.steps) for periods in accounts.values()]
         for i, step in enumerate(m.steps):
             lines.append(f"| {m.case.replace('|', '/') if i == 0 else ''} | {step.model} | {step.alone_s * 1e3:.2f} | "
                          f"{m.side_s[i] * 1e3:.2f} | "
                          + " | ".join(f"{p[i] * 1e3:.2f} ({p[i] / m.side_s[i] - 1:+.0%})" for p in predicted) + " |")
-    lines += ["", *(f"- {r.value}: loss over the periods {streams_loss(fit.rates[r], profile.streams, r):.4g}"
-                    for r in rules), ""]
+    lines += ["", *(f"- {name}: loss over the periods {loss:.4g}" for name, loss in pace.losses.items()),
+              f"- at their own pace: **{dataclasses.replace(profile, interleave=pace.interleave).pace_account}**", ""]
     return lines
+
+
+def refit(path: Path, out: Path) -> Path:
+    """The file fitted again from its own measurements, layer counts filled in (`with_layers`)."""
+    p = with_layers(ConcurrencyProfile.load(path))
+    again = ConcurrencyProfile.fitted(p.turns, card_defaults(p.device), p.card, p.device, p.date,
+                                      p.command + " (refitted: benchmarks/contention_rules.py --refit)", p.streams)
+    return again.save(out)
 
 
 def summary(fit: ContentionFit, profile: ConcurrencyProfile) -> list[str]:
@@ -63,8 +89,12 @@ def summary(fit: ContentionFit, profile: ConcurrencyProfile) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", type=Path, nargs="+", help="concurrency.yaml written by prism profile --pair-with")
+    p.add_argument("--refit", type=Path, default=None, metavar="DIR",
+                   help="write each file fitted again (layer counts filled in, own pace fitted) into DIR")
     args = p.parse_args()
     print("\n".join(report(path) for path in args.files))
+    for path in args.files if args.refit else ():
+        print(f"wrote {refit(path, args.refit / path.name)}")
     return 0
 
 

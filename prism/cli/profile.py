@@ -170,22 +170,23 @@ def print_turns(profile, nominal) -> None:
 
 
 def print_streams(profile, nominal) -> None:
-    """Each step's period relaunched side by side, measured and as each rule predicts it at
-    the rates fitted to the turns under that rule (and at nominal rates)."""
-    from prism.sched.concurrency import ContentionRule, fit_contention, predicted_streams, streams_loss
+    """Each step's period relaunched side by side, measured and as each account predicts it
+    (each fluid rule at its rates fitted to the turns; interleaving at its fitted wait)."""
+    from prism.sched.concurrency import fit_contention, fit_pace, pace_accounts
 
     fit = fit_contention(profile.turns, nominal)
-    charges = {f"{rule.value} fitted": (fit.rates[rule], rule) for rule in ContentionRule}
-    charges.update({f"{rule.value} nominal": (nominal, rule) for rule in ContentionRule})
+    pace = fit_pace(profile.streams, fit)
+    accounts = pace_accounts(fit, pace)
     print("\nsteps relaunched at their own pace: period side by side (ms), measured and predicted")
-    print(f"{'case':<34} {'step':>14} {'alone':>8} {'side':>8} " + " ".join(f"{n[:16]:>16}" for n in charges))
+    print(f"{'case':<34} {'step':>14} {'alone':>8} {'side':>8} " + " ".join(f"{n[:16]:>16}" for n in accounts))
     for m in profile.streams:
-        predicted = {n: predicted_streams(rates, m.steps, rule) for n, (rates, rule) in charges.items()}
+        predicted = [periods(m.steps) for periods in accounts.values()]
         for i, step in enumerate(m.steps):
             print(f"{m.case if i == 0 else '':<34} {step.model[:14]:>14} {step.alone_s * 1e3:>8.2f} "
-                  f"{m.side_s[i] * 1e3:>8.2f} " + " ".join(f"{predicted[n][i] * 1e3:>16.2f}" for n in charges))
-    for name, (rates, rule) in charges.items():
-        print(f"{name}: mean squared log error {streams_loss(rates, profile.streams, rule):.4f}")
+                  f"{m.side_s[i] * 1e3:>8.2f} " + " ".join(f"{p[i] * 1e3:>16.2f}" for p in predicted))
+    for name, loss in pace.losses.items():
+        print(f"{name}: mean squared log error {loss:.4f}")
+    print(f"at their own pace: {profile.pace_account}")
 
 
 def print_turn_table(turns, charges: dict) -> None:

@@ -191,4 +191,5 @@ def _prepare(session: _Session, step: StepCase, seqs: list[Sequence]) -> StepPla
 def _side_step(engine: LLMEngine, plan: StepPlan, alone_s: float) -> SideStep:
     _, num_context, _ = plan.cost_terms()
     return SideStep(engine.source.name, alone_s, engine.weights.num_bytes,
-                    engine.config.kv_bytes_per_token(engine.dtype.itemsize), num_context, plan.num_tokens)
+                    engine.config.kv_bytes_per_token(engine.dtype.itemsize), num_context, plan.num_tokens,
+                    engine.config.num_layers)

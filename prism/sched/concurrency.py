@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from prism.errors import UserError
 from prism.sched.cost import DefaultCosts
@@ -126,13 +127,15 @@ class ChipStep:
     alone, keeps each budget of the chip busy by its `uses` (its floor against that budget
     over its time alone, each in [0, 1]: one budget, or bandwidth and matmul; ContentionRule).
     `done`: when it ends given the steps launched so far (later launches may push it back,
-    never forward, nor before `launched`, when its launch lets go of the host thread)."""
+    never forward, nor before `launched`, when its launch lets go of the host thread).
+    `layer_s`: its time alone per model layer (under interleaving, SharedChip)."""
 
     starts: float
     work: float
     uses: tuple[float, ...]
     done: float = math.inf
     launched: float = 0.0
+    layer_s: float = 0.0
 
 
 class SharedChip:
@@ -159,11 +162,22 @@ class SharedChip:
     turns on its one host thread. A launch then starts when the thread is free, holds it for
     its launch time (`hold_s`) and puts its step on the chip after its host time: the kernels
     of a step run while later ones of the same step are still being launched, but no other
-    model launches meanwhile, and the step ends no earlier than its launch."""
+    model launches meanwhile, and the step ends no earlier than its launch.
+
+    Interleaving (`interleave`, a number): instead of the fluid rule, the steps' layers take
+    turns. Steps relaunched side by side do not slow each other alike: a stream of short decodes
+    beside a long prefill barely slows it and is itself slowed several times over (measured:
+    `prism profile --streams`). The GPU runs the kernels of concurrent streams roughly in turn,
+    a kernel of each, and a kernel of another step partly overlaps one's own; so a step whose
+    layers take `layer_s` each alone waits `interleave` of the others' layer times for each of
+    its own: it is slowed by 1 + interleave x (sum of the others' layer_s) / its layer_s.
+    Layers stand for kernels (the kernels per layer of one architecture are alike), so a step
+    of few heavy layers gains on one of many light ones."""
 
     def __init__(self, rates: DefaultCosts, gpus: int = 1, rule: ContentionRule = ContentionRule.ONE_BUDGET,
-                 one_host_thread: bool = False):
+                 one_host_thread: bool = False, interleave: float | None = None):
         self.turn = ConcurrentTurn(rates, gpus, rule)  # the same rates, floors and rule as a turn's
+        self.interleave = interleave
         self.one_host_thread = one_host_thread
         self.host_free = 0.0  # when the worker's host thread is next free (one_host_thread)
         self._t = 0.0  # the state below is as of this time
@@ -182,12 +196,12 @@ class SharedChip:
         return len(self._steps)
 
     def launch(self, now: float, host_s: float, alone_s: float, floor: StepFloor | float,
-               hold_s: float = 0.0) -> ChipStep:
+               hold_s: float = 0.0, layers: int = 1) -> ChipStep:
         """A step launched at `now`: `host_s` of its process's time, then `alone_s` of device
-        time alone whose floor is `floor`; with `one_host_thread`, from when the host thread is
-        free, holding it for `hold_s` (otherwise `hold_s` is not charged). Its `done` (and
-        every running step's) is set."""
-        _share(self._steps, self._t, now)
+        time alone whose floor is `floor` over `layers` model layers; with `one_host_thread`,
+        from when the host thread is free, holding it for `hold_s` (otherwise `hold_s` is not
+        charged). Its `done` (and every running step's) is set."""
+        _share(self._steps, self._t, now, self.interleave)
         self._t = max(self._t, now)
         self._steps = [s for s in self._steps if s.work > 0]
         start, launched = now, 0.0
@@ -197,32 +211,42 @@ class SharedChip:
         if alone_s <= 0:  # nothing for the chip: done once its host time has passed
             return ChipStep(start + host_s, 0.0, (), max(start + host_s, launched), launched)
         uses = tuple(max(b, 0.0) / alone_s for b in self.rule.budgets(floor, alone_s))
-        step = ChipStep(start + host_s, alone_s, uses, launched=launched)
+        step = ChipStep(start + host_s, alone_s, uses, launched=launched, layer_s=alone_s / max(1, layers))
         self._steps.append(step)
-        future = [ChipStep(s.starts, s.work, s.uses) for s in self._steps]
-        _share(future, self._t, math.inf)
+        future = [ChipStep(s.starts, s.work, s.uses, layer_s=s.layer_s) for s in self._steps]
+        _share(future, self._t, math.inf, self.interleave)
         for s, f in zip(self._steps, future):
             s.done = max(f.done, s.launched)
         return step
 
 
-def _share(steps: list[ChipStep], t: float, until: float) -> None:
-    """Run `steps` from `t` to `until` under fluid sharing (SharedChip): their work goes down,
-    and those that end get their `done`."""
+def _share(steps: list[ChipStep], t: float, until: float, interleave: float | None = None) -> None:
+    """Run `steps` from `t` to `until` on a SharedChip (its fluid rule, or interleaving): their
+    work goes down, and those that end get their `done`."""
     while t < until:
         on_chip = [s for s in steps if s.work > 0 and s.starts <= t]
         pending = [s.starts for s in steps if s.work > 0 and s.starts > t]
         if not on_chip and not pending:
             return
-        slowdown = max([1.0, *(sum(budget) for budget in zip(*(s.uses for s in on_chip)))])
-        ends = {id(s): t + s.work * slowdown for s in on_chip}
-        event = min([*ends.values(), *pending, until])
-        for s in on_chip:
-            if ends[id(s)] <= event:
-                s.work, s.done = 0.0, ends[id(s)]
+        slowdowns = _slowdowns(on_chip, interleave)
+        ends = [t + s.work * slow for s, slow in zip(on_chip, slowdowns)]
+        event = min([*ends, *pending, until])
+        for s, slow, end in zip(on_chip, slowdowns, ends):
+            if end <= event:
+                s.work, s.done = 0.0, end
             else:
-                s.work -= (event - t) / slowdown
+                s.work -= (event - t) / slow
         t = event
+
+
+def _slowdowns(on_chip: list[ChipStep], interleave: float | None) -> list[float]:
+    """Each step's slowdown on the chip: under the fluid rule all alike, the largest sum of
+    uses of a budget (at least 1); interleaving, each by the others' layer times (SharedChip)."""
+    if interleave is None:
+        slowdown = max([1.0, *(sum(budget) for budget in zip(*(s.uses for s in on_chip)))])
+        return [slowdown] * len(on_chip)
+    total = sum(s.layer_s for s in on_chip)
+    return [1.0 + interleave * (total - s.layer_s) / s.layer_s if s.layer_s > 0 else 1.0 for s in on_chip]
 
 
 # ---- measured turns -----------------------------------------------------------------------------
@@ -237,6 +261,7 @@ class SideStep:
     kv_bytes_per_token: int
     num_context: int
     num_tokens: int
+    num_layers: int = 0  # 0: not recorded (files written before interleaving was measured)
 
 
 @dataclass(frozen=True)
@@ -273,12 +298,18 @@ class MeasuredStreams:
 
 
 def predicted_streams(rates: DefaultCosts, steps: Sequence[SideStep],
-                      rule: ContentionRule = ContentionRule.ONE_BUDGET, periods: int = 40) -> tuple[float, ...]:
+                      rule: ContentionRule = ContentionRule.ONE_BUDGET, periods: int = 40,
+                      interleave: float | None = None) -> tuple[float, ...]:
     """Each step's mean period when every one is relaunched as soon as it is done on a
-    `SharedChip` at these rates under `rule` (over `periods` of the longest step alone)."""
-    chip = SharedChip(rates, rule=rule)
+    `SharedChip` at these rates under `rule` (or `interleave`), over `periods` of the longest
+    step alone."""
+    chip = SharedChip(rates, rule=rule, interleave=interleave)
     floors = [chip.floor(s.weight_bytes, s.kv_bytes_per_token, s.num_context, s.num_tokens) for s in steps]
-    running = [chip.launch(0.0, 0.0, s.alone_s, f) for s, f in zip(steps, floors)]
+
+    def launch(now: float, i: int) -> ChipStep:
+        return chip.launch(now, 0.0, steps[i].alone_s, floors[i], layers=max(1, steps[i].num_layers))
+
+    running = [launch(0.0, i) for i in range(len(steps))]
     done_at: list[list[float]] = [[] for _ in steps]
     horizon = periods * max(s.alone_s for s in steps)
     while True:
@@ -287,15 +318,16 @@ def predicted_streams(rates: DefaultCosts, steps: Sequence[SideStep],
         if now > horizon:
             break
         done_at[j].append(now)
-        running[j] = chip.launch(now, 0.0, steps[j].alone_s, floors[j])
+        running[j] = launch(now, j)
     return tuple((d[-1] - d[0]) / (len(d) - 1) if len(d) > 1 else horizon for d in done_at)
 
 
-def streams_loss(rates: DefaultCosts, streams: Sequence[MeasuredStreams], rule: ContentionRule) -> float:
-    """The mean squared log error of each step's period side by side that `rule` predicts at
-    `rates` against the measured ones."""
+def streams_loss(rates: DefaultCosts, streams: Sequence[MeasuredStreams], rule: ContentionRule,
+                 interleave: float | None = None) -> float:
+    """The mean squared log error of each step's period side by side that `rule` (or
+    `interleave`) predicts at `rates` against the measured ones."""
     errors = [math.log(p / m) ** 2 for s in streams
-              for p, m in zip(predicted_streams(rates, s.steps, rule), s.side_s)]
+              for p, m in zip(predicted_streams(rates, s.steps, rule, interleave=interleave), s.side_s)]
     return sum(errors) / len(errors)
 
 
@@ -359,6 +391,53 @@ def _scaled(nominal: DefaultCosts, bw_octaves: float, flops_octaves: float) -> D
                                flops_per_s=nominal.flops_per_s * 2 ** flops_octaves)
 
 
+INTERLEAVED = "interleaved"  # the own-pace account by layers taking turns (SharedChip `interleave`)
+_INTERLEAVE_GRID = [i / 100 for i in range(5, 301)]  # the wait per layer, in others' layer times
+
+
+@dataclass(frozen=True)
+class PaceFit:
+    """How steps relaunched at their own pace share the chip, as their measured periods pick:
+    each account's loss over the periods (the fluid rules at the turns' rates, by name, and
+    INTERLEAVED at its fitted `wait`; None where the steps' layer counts are unknown)."""
+
+    wait: float | None
+    losses: Mapping[str, float]
+
+    @property
+    def interleave(self) -> float | None:
+        """Interleaving's wait if it reproduces the periods best, else None (the fluid rule)."""
+        if self.wait is None:
+            return None
+        return self.wait if self.losses[INTERLEAVED] < min(self.losses[r.value] for r in ContentionRule) else None
+
+
+def pace_accounts(fit: ContentionFit, pace: PaceFit) -> dict[str, Callable[[Sequence[SideStep]], tuple[float, ...]]]:
+    """Each account of steps relaunched side by side, by name: the steps' predicted periods
+    (each fluid rule at its fitted rates; interleaving at its wait, where fitted)."""
+    accounts = {rule.value: functools.partial(_fluid_periods, fit.rates[rule], rule) for rule in ContentionRule}
+    if pace.wait is not None:
+        accounts[f"{INTERLEAVED} {pace.wait:g}"] = functools.partial(
+            _fluid_periods, fit.rates[fit.rule], fit.rule, interleave=pace.wait)
+    return accounts
+
+
+def _fluid_periods(rates: DefaultCosts, rule: ContentionRule, steps: Sequence[SideStep],
+                   interleave: float | None = None) -> tuple[float, ...]:
+    return predicted_streams(rates, steps, rule, interleave=interleave)
+
+
+def fit_pace(streams: Sequence[MeasuredStreams], fit: ContentionFit) -> PaceFit:
+    """Each fluid rule at its turn-fitted rates, and interleaving at the wait that best
+    reproduces the periods (a grid of 1/100). Interleaving needs every step's layer count."""
+    losses = {rule.value: streams_loss(fit.rates[rule], streams, rule) for rule in ContentionRule}
+    if not all(step.num_layers > 0 for s in streams for step in s.steps):
+        return PaceFit(None, losses)
+    rates = fit.rates[fit.rule]  # interleaving does not use them
+    wait = min(_INTERLEAVE_GRID, key=lambda w: streams_loss(rates, streams, fit.rule, w))
+    return PaceFit(wait, {**losses, INTERLEAVED: streams_loss(rates, streams, fit.rule, wait)})
+
+
 # ---- the file -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ConcurrencyProfile:
@@ -375,9 +454,11 @@ class ConcurrencyProfile:
     turns: tuple[MeasuredTurn, ...] = ()
     rule: ContentionRule = ContentionRule.ONE_BUDGET  # a file without one: what every file had before
     losses: Mapping[ContentionRule, float] = field(default_factory=dict)  # each rule's, where fitted
-    # Steps relaunched at their own pace side by side (`prism profile --streams`), where measured:
-    # a check of the rule on what pace "own" runs, beside the turns it is fitted to.
+    # Steps relaunched at their own pace side by side (`prism profile --streams`), where measured,
+    # and the account of pace "own" they pick (PaceFit): interleaving's wait, or None (the rule).
     streams: tuple[MeasuredStreams, ...] = ()
+    interleave: float | None = None
+    pace_losses: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def fitted(cls, turns: Sequence[MeasuredTurn], nominal: DefaultCosts, card: str, device: str,
@@ -385,8 +466,14 @@ class ConcurrencyProfile:
         """The rule the turns pick and its rates (`fit_contention`), both rules' losses."""
         fit = fit_contention(turns, nominal)
         rates = fit.rates[fit.rule]
+        pace = fit_pace(streams, fit) if streams else PaceFit(None, {})
         return cls(card, device, date, command, rates.memory_bytes_per_s, rates.flops_per_s, tuple(turns),
-                   fit.rule, dict(fit.losses), tuple(streams))
+                   fit.rule, dict(fit.losses), tuple(streams), pace.interleave, dict(pace.losses))
+
+    @property
+    def pace_account(self) -> str:
+        """How models at their own pace share the chip, in words (SharedChip)."""
+        return f"{INTERLEAVED}, wait {self.interleave:g}" if self.interleave is not None else f"{self.rule.value} (fluid)"
 
     def rates(self, nominal: DefaultCosts) -> DefaultCosts:
         """`nominal` with this profile's bandwidth and matmul rate."""
@@ -402,6 +489,8 @@ class ConcurrencyProfile:
             "turns": [{"case": t.case, "turn_ms": round(t.turn_s * 1e3, 6),
                        "steps": [_step_dict(s) for s in t.steps]}
                       for t in self.turns],
+            **({"own_pace": {"interleave": self.interleave,
+                             "loss": {k: round(v, 9) for k, v in self.pace_losses.items()}}} if self.pace_losses else {}),
             **({"streams": [{"case": m.case, "side_ms": [round(x * 1e3, 6) for x in m.side_s],
                              "steps": [_step_dict(x) for x in m.steps]} for m in self.streams]} if self.streams else {}),
         }
@@ -413,13 +502,18 @@ class ConcurrencyProfile:
         streams = tuple(MeasuredStreams(str(m["case"]), tuple(_step_of(s) for s in m["steps"]),
                                         tuple(float(x) / 1e3 for x in m["side_ms"]))
                         for m in raw.get("streams") or ())
+        pace = raw.get("own_pace") or {}
+        interleave = None if pace.get("interleave") is None else float(pace["interleave"])
         profile = cls(str(raw.get("card", "")), str(raw.get("device", "")), str(raw.get("date", "")),
                       str(raw.get("command", "")), float(raw["memory_gb_per_s"]) * 1e9,
                       float(raw["matmul_tflop_per_s"]) * 1e12, turns,
                       ContentionRule(raw.get("rule", ContentionRule.ONE_BUDGET)),
-                      {ContentionRule(k): float(v) for k, v in (raw.get("loss") or {}).items()}, streams)
+                      {ContentionRule(k): float(v) for k, v in (raw.get("loss") or {}).items()}, streams,
+                      interleave, {str(k): float(v) for k, v in (pace.get("loss") or {}).items()})
         if profile.memory_bytes_per_s <= 0 or profile.flops_per_s <= 0:
             raise ValueError("rates must be positive")
+        if interleave is not None and interleave < 0:
+            raise ValueError("interleave must be >= 0")
         return profile
 
     def save(self, path: str | Path) -> Path:
@@ -446,9 +540,11 @@ class ConcurrencyProfile:
 
 def _step_dict(s: SideStep) -> dict:
     return {"model": s.model, "alone_ms": round(s.alone_s * 1e3, 6), "weight_bytes": s.weight_bytes,
-            "kv_bytes_per_token": s.kv_bytes_per_token, "num_context": s.num_context, "num_tokens": s.num_tokens}
+            "kv_bytes_per_token": s.kv_bytes_per_token, "num_context": s.num_context, "num_tokens": s.num_tokens,
+            **({"num_layers": s.num_layers} if s.num_layers else {})}
 
 
 def _step_of(raw: dict) -> SideStep:
     return SideStep(str(raw["model"]), float(raw["alone_ms"]) / 1e3, int(raw["weight_bytes"]),
-                    int(raw["kv_bytes_per_token"]), int(raw["num_context"]), int(raw["num_tokens"]))
+                    int(raw["kv_bytes_per_token"]), int(raw["num_context"]), int(raw["num_tokens"]),
+                    int(raw.get("num_layers", 0)))

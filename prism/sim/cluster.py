@@ -138,7 +138,8 @@ class SimCluster:
         return SimDevice(wc, shapes, truth, policy, host=profiles.host,
                          host_copies=self.host_copies.setdefault(dev.node, set()), gpus=gpus,
                          concurrent_rates=profiles.concurrent_rates(dev.device),
-                         contention_rule=profiles.contention_rule(dev.device))
+                         contention_rule=profiles.contention_rule(dev.device),
+                         interleave=profiles.interleave(dev.device))
 
     # ---- messages ------------------------------------------------------------------------------
     def deliver(self, device_id: str, message) -> None:

@@ -335,6 +335,14 @@ class ProfileSet:
         c = self._concurrency_on(device)
         return ContentionRule.ONE_BUDGET if c is None else c.rule
 
+    def interleave(self, device: str) -> float | None:
+        """How models at their own pace share `device` (SharedChip): their steps' layers take
+        turns with this wait, where steps relaunched side by side were measured on its kind of
+        device and picked it (concurrency.yaml's own_pace); None: the contention rule's fluid
+        sharing."""
+        c = self._concurrency_on(device)
+        return None if c is None else c.interleave
+
     def _concurrency_on(self, device: str) -> ConcurrencyProfile | None:
         c = self.concurrency
         return c if c is not None and c.device.split(":")[0] == device.split(":")[0] else None

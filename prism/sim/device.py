@@ -39,14 +39,15 @@ class SimDevice(DeviceCore):
     given cost model (as DeviceWorker's `cost` argument does). `gpus`: the GPUs the device
     stands for (a tensor-parallel group in the planner). `concurrent_rates`: one GPU's rates
     that steps side by side are charged at (ProfileSet.concurrent_rates; default the card's
-    nominal ones), and `contention_rule` how they contend (ProfileSet.contention_rule)."""
+    nominal ones), and `contention_rule` how they contend (ProfileSet.contention_rule);
+    `interleave`: at their own pace, steps' layers take turns instead (ProfileSet.interleave)."""
 
     def __init__(self, config: WorkerConfig, shapes: dict[str, ModelShape], truth: CostModel,
                  policy_profiles: dict[str, ModelProfile], start: float = 0.0,
                  policy_cost: CostModel | None = None, host: HostOverheads = HostOverheads(),
                  host_copies: set[str] | None = None, gpus: int = 1,
                  concurrent_rates: DefaultCosts | None = None,
-                 contention_rule: ContentionRule = ContentionRule.ONE_BUDGET):
+                 contention_rule: ContentionRule = ContentionRule.ONE_BUDGET, interleave: float | None = None):
         dev = config.device
         pool = PagePool(CountingBackend(dev.page_size), dev.num_pages, num_spare_pages=0)
         cost = policy_cost or ProfileCostModel(defaults=card_defaults(dev.device))
@@ -61,7 +62,7 @@ class SimDevice(DeviceCore):
         concurrent = config.scheduler.concurrent_models > 1 and not own
         rates = concurrent_rates or card_defaults(dev.device)
         self.turn = ConcurrentTurn(rates, gpus, contention_rule) if concurrent else None
-        self.chip = SharedChip(rates, gpus, contention_rule, host.one_host_thread) if own else None
+        self.chip = SharedChip(rates, gpus, contention_rule, host.one_host_thread, interleave) if own else None
         self.device_id = dev.device_id
         # The models whose weights this device's node holds in host memory: one set shared by
         # the node's devices, as the node's workers share one copy (None: every copy at hand).

@@ -198,7 +198,7 @@ class SimExecutor:
         hold_s = self.host.launch_time(len(plan.chunks), plan.num_tokens, terms[2],
                                        self.shape.num_layers, self.graph_max_tokens)
         on_chip = self.chip.launch(self.clock.now(), self.host.step_time(len(plan.chunks)), self._device_seconds(terms),
-                                   self._floor(terms, plan.num_tokens, self.chip), hold_s)
+                                   self._floor(terms, plan.num_tokens, self.chip), hold_s, self.shape.num_layers)
         self.last_launched = SimStep(on_chip, tuple(c.seq for c in plan.chunks if c.samples))
         return self.last_launched
 
