@@ -20,19 +20,20 @@ from prism.sim.costs import card_defaults
 
 
 def with_layers(profile: ConcurrencyProfile) -> ConcurrencyProfile:
-    """The profile with every measured step's layer count, from the model catalog where the
-    file has none (files measured before `prism profile` recorded them)."""
-    from prism.config import ModelSpec
+    """The profile with its relaunched steps' layer counts from the model catalog where the file
+    has none (files measured before `prism profile` recorded them); unknown models keep none."""
+    from prism.config import ConfigError, ModelSpec
     from prism.sim.shapes import model_shape
 
     def filled(step):
-        if step.num_layers:
+        try:
+            layers = step.num_layers or model_shape(ModelSpec(step.model, step.model), profile.device).num_layers
+        except ConfigError:
             return step
-        return dataclasses.replace(step, num_layers=model_shape(ModelSpec(step.model, step.model), profile.device).num_layers)
+        return dataclasses.replace(step, num_layers=layers)
 
-    return dataclasses.replace(
-        profile, turns=tuple(dataclasses.replace(t, steps=tuple(map(filled, t.steps))) for t in profile.turns),
-        streams=tuple(dataclasses.replace(m, steps=tuple(map(filled, m.steps))) for m in profile.streams))
+    return dataclasses.replace(profile, streams=tuple(dataclasses.replace(m, steps=tuple(map(filled, m.steps)))
+                                                      for m in profile.streams))
 
 
 def report(path: Path) -> str:
