@@ -490,7 +490,8 @@ class ConcurrencyProfile:
                        "steps": [_step_dict(s) for s in t.steps]}
                       for t in self.turns],
             **({"own_pace": {"interleave": self.interleave,
-                             "loss": {k: round(v, 9) for k, v in self.pace_losses.items()}}} if self.pace_losses else {}),
+                             "loss": {k: round(v, 9) for k, v in self.pace_losses.items()}}}
+               if self.pace_losses or self.interleave is not None else {}),
             **({"streams": [{"case": m.case, "side_ms": [round(x * 1e3, 6) for x in m.side_s],
                              "steps": [_step_dict(x) for x in m.steps]} for m in self.streams]} if self.streams else {}),
         }

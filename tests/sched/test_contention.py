@@ -196,12 +196,42 @@ def test_the_rule_and_both_losses_go_through_the_file(tmp_path):
     assert again.to_dict() == profile.to_dict() and again.streams == () and "streams" not in raw
 
 
+def layered(steps, layers):
+    return tuple(dataclasses.replace(s, num_layers=n) for s, n in zip(steps, layers))
+
+
+def test_periods_made_by_interleaving_pick_it_and_its_wait():
+    from prism.sched.concurrency import INTERLEAVED, fit_pace
+
+    cases = [layered(side_steps(), (16, 16)), layered(side_steps(), (16, 32)),
+             layered((side_steps()[0], side_steps()[0]), (16, 32))]
+    streams = [MeasuredStreams(f"case {i}", steps, predicted_streams(RATES, steps, ONE, interleave=0.37))
+               for i, steps in enumerate(cases)]
+    fit = fit_contention(turns_under(ONE), H100)
+    pace = fit_pace(streams, fit)
+    assert pace.wait == pytest.approx(0.37) and pace.interleave == pace.wait
+    assert pace.losses[INTERLEAVED] < 1e-9 < min(pace.losses[r.value] for r in ContentionRule)
+    # without layer counts there is no interleaving to fit: the fluid rule stays
+    bare = [MeasuredStreams(m.case, side_steps(), m.side_s) for m in streams]
+    assert fit_pace(bare, fit).wait is None and fit_pace(bare, fit).interleave is None
+    # periods the fluid rule made keep it
+    fluid = [MeasuredStreams(m.case, m.steps, predicted_streams(fit.rates[ONE], m.steps, ONE)) for m in streams]
+    assert fit_pace(fluid, fit).interleave is None
+
+
 def test_measured_streams_go_through_the_file(tmp_path):
     streams = (MeasuredStreams("decode 1 | prefill 2000", side_steps(), (4.1e-3, 60e-3)),)
     profile = ConcurrencyProfile.fitted(turns_under(ONE), H100, "H100", "cuda:0", "-", "-", streams)
     (again,) = ConcurrencyProfile.load(profile.save(tmp_path / CONCURRENCY_FILE)).streams
     assert (again.case, again.steps) == (streams[0].case, streams[0].steps)
     assert again.side_s == pytest.approx(streams[0].side_s)
+    steps = layered(side_steps(), (16, 16))
+    made = (MeasuredStreams("interleaved", steps, predicted_streams(RATES, steps, ONE, interleave=0.5)),)
+    profile = ConcurrencyProfile.fitted(turns_under(ONE), H100, "H100", "cuda:0", "-", "-", made)
+    again = ConcurrencyProfile.load(profile.save(tmp_path / "again.yaml"))
+    assert again.interleave == pytest.approx(0.5) and again.streams[0].steps == steps
+    assert set(again.pace_losses) == {"one-budget", "per-resource", "interleaved"}
+    assert again.pace_account == "interleaved, wait 0.5"
 
 
 def test_a_file_without_a_rule_is_one_budget(tmp_path):

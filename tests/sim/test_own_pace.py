@@ -149,6 +149,35 @@ def test_the_contention_rule_of_the_profile_folder_reaches_the_shared_chip(tmp_p
     assert per_tpot < one_tpot
 
 
+def test_interleaving_from_the_profile_folder_reaches_the_shared_chip(tmp_path):
+    """Layers taking turns: the small model's many light decode steps wait behind the big
+    model's heavy prefill layers, more than fluid sharing charges them."""
+    folder = tmp_path / "interleaved"
+    folder.mkdir()
+    ConcurrencyProfile("test", "cuda:0", "-", "-", RATES.memory_bytes_per_s, RATES.flops_per_s,
+                       interleave=0.6).save(folder / CONCURRENCY_FILE)
+    profiles = ProfileSet.load(folder)
+    assert profiles.interleave("cuda:1") == 0.6 and profiles.interleave("cpu") is None
+    trace = micro_trace()
+    fluid, interleaved = small_gaps(run(trace, "own")), small_gaps(run(trace, "own", profiles=profiles))
+    print(f"\nsmall's TPOT beside big at its own pace: fluid {statistics.mean(fluid) * 1e3:.2f} ms, "
+          f"interleaved {statistics.mean(interleaved) * 1e3:.2f} ms")
+    assert statistics.mean(interleaved) > statistics.mean(fluid)
+
+
+def test_interleaved_each_step_waits_a_share_of_the_others_layers_per_layer_of_its_own():
+    chip = SharedChip(RATES, interleave=0.5)
+    prefill = chip.launch(0.0, 0.0, 0.032, 0.03, layers=32)  # 1 ms a layer
+    decode = chip.launch(0.0, 0.0, 0.0016, 0.001, layers=16)  # 0.1 ms a layer
+    # decode: 1 + 0.5 x 1 / 0.1 = 6x slower while the prefill runs; prefill: 1 + 0.5 x 0.1 / 1 = 1.05x
+    assert decode.done == pytest.approx(0.0016 * 6)
+    beside = 0.0016 * 6  # the prefill's 9.6 ms beside the decode did 9.6 / 1.05 ms of its work
+    assert prefill.done == pytest.approx(beside + (0.032 - beside / 1.05))
+    # with no wait it is as alone; floors play no part
+    free = SharedChip(RATES, interleave=0.0)
+    assert free.launch(0.0, 0.0, 0.004, 0.040, layers=4).done == pytest.approx(0.004)
+
+
 # ---- one worker process: launches take turns on its host thread ----------------------------------
 def test_on_one_host_thread_a_launch_waits_while_another_holds_it():
     """Two models launch at 0: big's 12 ms launch (an eager prefill) holds the thread, so
