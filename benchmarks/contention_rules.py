@@ -95,7 +95,7 @@ def main() -> int:
     args = p.parse_args()
     print("\n".join(report(path) for path in args.files))
     for path in args.files if args.refit else ():
-        print(f"wrote {refit(path, args.refit / path.name)}")
+        print(f"wrote {refit(path, args.refit / path.name)}", file=sys.stderr)
     return 0
 
 
