@@ -173,6 +173,8 @@ TARGETS = (0.99, 0.95)
 VARIANTS = {
     "prism-without-migration": {"migration_threshold": float("inf")},
     "prism-without-migration-or-idle-eviction": {"migration_threshold": float("inf"), "idle_evict_s": float("inf")},
+    # Prism's models stepping at their own pace, as the static and muxserve baselines do
+    "prism-own-pace": {"pace": "own"},
 }
 
 
@@ -185,6 +187,16 @@ def variant_config(config: Path, name: str) -> Path:
     return path
 
 
+def chosen_variants(args) -> list[str]:
+    if args.no_variants:
+        return []
+    names = args.variants.split(",") if args.variants else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s): {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    return names
+
+
 def rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
@@ -193,7 +205,7 @@ def run_e1(args) -> None:
     out = RESULTS / f"sim-e1-8models-2gpus{args.suffix}{args.out_suffix}"
     trace, config = inputs(args, "e1")
     commands = []
-    variants = [] if args.no_variants else list(VARIANTS)
+    variants = chosen_variants(args)
     runs = [(out, config, args.policies.split(","))] + [(out / v, variant_config(config, v), ["prism"]) for v in variants]
     for folder, cfg, policies in runs:
         cmd = ["simulate", "--config", rel(cfg), "--trace", rel(trace), "--policy", ",".join(policies),
@@ -227,7 +239,7 @@ def run_plan(args, tag: str, out_name: str, max_gpus: int) -> None:
     trace, config = inputs(args, tag)
     lines, commands = [], []
     start = time.perf_counter()
-    variants = [] if args.no_variants else list(VARIANTS)
+    variants = chosen_variants(args)
     for target in TARGETS:
         folder = out / f"target-{round(100 * target)}"
         runs = [(folder, config, args.policies.split(","))]
@@ -318,6 +330,7 @@ def main(argv=None) -> int:
     p.add_argument("--scales", default="1,2,4,8", help="e1 rate scales")
     p.add_argument("--out-suffix", default="", help="e1-e3: appended to the result folder's name (e.g. a date)")
     p.add_argument("--no-variants", action="store_true", help="e1-e3: skip the prism variants")
+    p.add_argument("--variants", default=None, help="e1-e3: the prism variants to run (comma-separated; default all)")
     # Shares of the squeezed busiest day: e2 and e3 replay it whole; e1 sweeps from a quarter.
     p.add_argument("--rate-e1", type=float, default=0.25)
     p.add_argument("--rate-e2", type=float, default=1.0)

@@ -297,8 +297,11 @@ class SimCluster:
             if next_t is None:
                 return
         # Busy until the step's end (messages wait for it); a timer is no step: a message wakes
-        # the device sooner.
-        self._wake(device_id, next_t, busy=st.device.clock.now() > self.now)
+        # the device sooner. A device whose clock moved (an activation's copy, a step waited
+        # for) and that then waits for later (a timer, at their own pace a step in flight) is
+        # busy only until its clock: it wakes then, and messages that came meanwhile are read.
+        end = st.device.clock.now()
+        self._wake(device_id, min(next_t, end) if end > self.now else next_t, busy=end > self.now)
 
     def _finish(self, out) -> None:
         rec = self._records.pop(out.req_id, None)

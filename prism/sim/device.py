@@ -107,7 +107,7 @@ class SimDevice(DeviceCore):
         progressed = self.clock.now() > start or self._residency_marks() != before
         if self.chip is not None:
             progressed = progressed or bool(out.num_tokens or out.events or out.finished)
-            return out, self.clock.now() if progressed and self._ready_with_work() else self.quiet_wake()
+            return out, self.clock.now() if progressed and not self._waiting_on_steps() else self.quiet_wake()
         if out.num_tokens or progressed:
             return out, self.clock.now()  # it worked (or made room): go on at once
         return out, self._next_timer()
@@ -122,10 +122,12 @@ class SimDevice(DeviceCore):
         due = min(done + ([] if timer is None else [timer]), default=None)
         return None if due is None else max(due, self.clock.now())
 
-    def _ready_with_work(self) -> bool:
-        """Some resident model with work has no step running (at their own pace)."""
+    def _waiting_on_steps(self) -> bool:
+        """Every model with work is resident with a step running (at their own pace): nothing
+        to do before the first of them is done. A model with work that is not resident may
+        be activated now that something changed (an eviction made room)."""
         self.views.refresh()
-        return any(self.engines[m].resident and self.engines[m].in_flight_done for m in self.views.busy)
+        return all(self.engines[m].resident and not self.engines[m].in_flight_done for m in self.views.busy)
 
     def _residency_marks(self) -> tuple:
         c = self.counters

@@ -178,6 +178,29 @@ def test_interleaved_each_step_waits_a_share_of_the_others_layers_per_layer_of_i
     assert free.launch(0.0, 0.0, 0.004, 0.040, layers=4).done == pytest.approx(0.004)
 
 
+def test_a_device_busy_with_a_copy_wakes_at_its_end_not_at_its_next_timer():
+    """At their own pace a device that activates a model (its clock moves by the weight copy)
+    with nothing else to do waits for its next idle timer; until the copy is over it is busy
+    (messages wait), and then it wakes, so what came meanwhile (the request the activation was
+    for) is read at once, not when the timer falls due."""
+    from prism.sim.cluster import SimCluster
+    from prism.worker import messages as msg
+
+    raw = {"devices": RAW["devices"], "models": [BIG, SMALL], "scheduler": {"pace": "own", "idle_evict_s": 60}}
+    cluster = SimCluster(config_for(raw, "prism"), ROOFLINE)
+    cluster.run([])  # the start settles
+    st = cluster.devices["cuda:0"]
+    cluster.deliver("cuda:0", msg.Evict("big"))
+    cluster._run_device("cuda:0", st.token)
+    assert not st.device.engines["big"].resident
+    cluster.now = st.device.clock.now() + 1.0
+    cluster.deliver("cuda:0", msg.Activate("big"))
+    cluster._run_device("cuda:0", st.token)
+    copy_end = st.device.clock.now()
+    assert st.device.engines["big"].resident and copy_end > cluster.now  # the copy took time
+    assert st.busy and st.wake_at == copy_end  # not the idle timer, 60 s away
+
+
 # ---- one worker process: launches take turns on its host thread ----------------------------------
 def test_on_one_host_thread_a_launch_waits_while_another_holds_it():
     """Two models launch at 0: big's 12 ms launch (an eager prefill) holds the thread, so
