@@ -64,24 +64,9 @@ def profile_pair(first: LLMEngine, second: LLMEngine, cases: Iterable[tuple[Step
     both in one turn, medians of `repeats` runs after one warm-up of each."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if first.device != second.device:
-        raise ValueError(f"side by side needs one device, not {first.device} and {second.device}")
-    for engine in (first, second):
-        if engine.has_unfinished:
-            raise RuntimeError(f"{engine.model_id} has requests in flight: profile an idle engine")
-    sessions = [_Session(first), _Session(second)]
-    pages_before = [e.blocks.num_mapped_pages for e in (first, second)]
-    try:
-        turns = []
-        for case in cases:
-            turn = _time_case(sessions, case, repeats)
-            if turn is not None:
-                turns.append(turn)
-        return turns
-    finally:
-        for session, pages in zip(sessions, pages_before):
-            session.free(session.seqs)
-            _restore_kv_pages(session.engine, pages)
+    with _pair_sessions(first, second) as sessions:
+        turns = [_time_case(sessions, case, repeats) for case in cases]
+        return [t for t in turns if t is not None]
 
 
 def profile_streams(first: LLMEngine, second: LLMEngine, cases: Iterable[tuple[StepCase, StepCase]],
@@ -93,20 +78,33 @@ def profile_streams(first: LLMEngine, second: LLMEngine, cases: Iterable[tuple[S
     beside a stream of short decodes is slowed by all of them or barely; this can."""
     if seconds <= 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
-    sessions = [_Session(first), _Session(second)]
-    pages_before = [e.blocks.num_mapped_pages for e in (first, second)]
-    try:
-        measured = []
+    measured = []
+    with _pair_sessions(first, second) as sessions:
+        engines = [s.engine for s in sessions]
         for case in cases:
             with _prepared(sessions, case) as plans:
                 if plans is None:
                     continue
-                engines = [s.engine for s in sessions]
                 alone = [_relaunched([e], [p], seconds)[0] for e, p in zip(engines, plans)]
                 side = tuple(_relaunched(engines, plans, seconds))
                 steps = tuple(_side_step(e, p, t) for e, p, t in zip(engines, plans, alone))
                 measured.append(MeasuredStreams(_label(case), steps, side))
-        return measured
+    return measured
+
+
+@contextmanager
+def _pair_sessions(first: LLMEngine, second: LLMEngine) -> Iterator[list[_Session]]:
+    """Both engines' profiling sessions (idle engines on one device); every block freed and
+    each engine's KV pages restored afterwards."""
+    if first.device != second.device:
+        raise ValueError(f"side by side needs one device, not {first.device} and {second.device}")
+    for engine in (first, second):
+        if engine.has_unfinished:
+            raise RuntimeError(f"{engine.model_id} has requests in flight: profile an idle engine")
+    sessions = [_Session(first), _Session(second)]
+    pages_before = [e.blocks.num_mapped_pages for e in (first, second)]
+    try:
+        yield sessions
     finally:
         for session, pages in zip(sessions, pages_before):
             session.free(session.seqs)

@@ -100,6 +100,21 @@ def test_a_worker_that_cannot_start_says_why():
         WorkerProcess(config("no-such-model"))
 
 
+def step_log_of_four_requests(folder, monkeypatch, pace: Pace):
+    """A real worker process of two models at `pace` with PRISM_STEP_LOG on, two requests of
+    12 tokens each per model served: its step log."""
+    monkeypatch.setenv("PRISM_STEP_LOG", str(folder))
+    w = WorkerProcess(config("tiny-llama:random", "tiny-qwen3:random", pace=pace))
+    try:
+        for i, model in enumerate(["m0", "m1", "m0", "m1"]):
+            w.send(msg.AddRequest(f"r{i}", model, [5, 6, 7, 8 + i], greedy(12)))
+        collect(w, {f"r{i}" for i in range(4)})
+    finally:
+        w.close()
+    (log,) = folder.glob("steps-cpu-*.jsonl")
+    return log
+
+
 def test_step_log_records_every_step_and_fits_host_time(tmp_path, monkeypatch):
     """PRISM_STEP_LOG: the worker writes one line per step; benchmarks/step_log.py reads the
     busy steps back against a cost model and fits the host time beyond it."""
@@ -111,15 +126,7 @@ def test_step_log_records_every_step_and_fits_host_time(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import step_log
 
-    monkeypatch.setenv("PRISM_STEP_LOG", str(tmp_path))
-    w = WorkerProcess(config("tiny-llama:random", "tiny-qwen3:random"))
-    try:
-        for i, model in enumerate(["m0", "m1", "m0", "m1"]):
-            w.send(msg.AddRequest(f"r{i}", model, [5, 6, 7, 8 + i], greedy(12)))
-        collect(w, {f"r{i}" for i in range(4)})
-    finally:
-        w.close()
-    (log,) = tmp_path.glob("steps-cpu-*.jsonl")
+    log = step_log_of_four_requests(tmp_path, monkeypatch, Pace.TURN)
     lines = [line for line in log.read_text().splitlines() if line]
     assert len(lines) >= 12 and {json.loads(line)["model"] for line in lines} == {"m0", "m1"}
     assert all(json.loads(line)["activations"] == 0 for line in lines)  # both resident from the start
@@ -132,15 +139,7 @@ def test_step_log_records_every_step_and_fits_host_time(tmp_path, monkeypatch):
 def test_at_their_own_pace_the_step_log_has_a_line_per_launch(tmp_path, monkeypatch):
     """Under pace "own" one worker call launches several models' steps: each gets its own line,
     its wall time the launch's call alone (what step_log.fit_launch fits)."""
-    monkeypatch.setenv("PRISM_STEP_LOG", str(tmp_path))
-    w = WorkerProcess(config("tiny-llama:random", "tiny-qwen3:random", pace=Pace.OWN))
-    try:
-        for i, model in enumerate(["m0", "m1", "m0", "m1"]):
-            w.send(msg.AddRequest(f"r{i}", model, [5, 6, 7, 8 + i], greedy(12)))
-        collect(w, {f"r{i}" for i in range(4)})
-    finally:
-        w.close()
-    (log,) = tmp_path.glob("steps-cpu-*.jsonl")
+    log = step_log_of_four_requests(tmp_path, monkeypatch, Pace.OWN)
     lines = [json.loads(line) for line in log.read_text().splitlines() if line]
     # 12 tokens each: at least 12 launches per model, whatever the worker calls batched together
     assert all(sum(line["model"] == m for line in lines) >= 12 for m in ("m0", "m1"))
