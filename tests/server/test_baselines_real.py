@@ -104,3 +104,23 @@ def test_serverless_loads_each_model_on_demand_evicting_the_idle_one(tmp_path):
             while (placement := httpx.get(f"{base}/admin/state").json()["placement"]) != {model: ["cpu:0"]}:
                 assert time.monotonic() < deadline, placement  # reports lag a tick
                 time.sleep(0.2)
+
+
+def test_prism_at_its_own_pace_activates_models_on_demand_without_stalling(tmp_path):
+    """Prism with `scheduler.pace: own` (as static and muxserve step) where the device holds one
+    model at a time: each request's model is activated (the other evicted) and answered at once,
+    as the simulator now says too (a device busy with a weight copy reads what came meanwhile)."""
+    models = MODELS.replace("tiny-qwen2:random", "tiny-llama:random:7")
+    text = ONE_DEVICE.replace("64MiB", "40MiB") + models + "scheduler: {system: prism, pace: own}\n"
+    with running_server(tmp_path, text) as (_, base):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        for model in ("a", "b", "a", "b"):
+            start = time.monotonic()
+            out = client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=4, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            assert out.usage.completion_tokens == 4
+            assert time.monotonic() - start < 20, f"{model}: a request waited on an own-pace device"
+        deadline = time.monotonic() + 10  # one model resident at a time (reports lag a tick)
+        while (placement := httpx.get(f"{base}/admin/state").json()["placement"]) != {"b": ["cpu:0"]}:
+            assert time.monotonic() < deadline, placement
+            time.sleep(0.2)
