@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from prism.cli.profile import print_turn_table
-from prism.sched.concurrency import ConcurrencyProfile
+from prism.sched.concurrency_profile import ConcurrencyProfile
 from prism.sim.costs import card_defaults
 
 

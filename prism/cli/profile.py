@@ -99,7 +99,7 @@ def run_pair_profile(args) -> int:
 
     from prism.engine import pair_profiler as pairs
     from prism.env import profile_dir
-    from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile
+    from prism.sched.concurrency_profile import CONCURRENCY_FILE, ConcurrencyProfile
     from prism.sim.costs import card_defaults
 
     if args.out and not args.out.endswith((".yaml", ".yml")):
@@ -172,7 +172,7 @@ def print_turns(profile, nominal) -> None:
 def print_streams(profile, nominal) -> None:
     """Each step's period relaunched side by side, measured and as each account predicts it
     (each fluid rule at its rates fitted to the turns; interleaving at its fitted wait)."""
-    from prism.sched.concurrency import fit_contention, fit_pace, pace_accounts
+    from prism.sched.concurrency_profile import fit_contention, fit_pace, pace_accounts
 
     fit = fit_contention(profile.turns, nominal)
     pace = fit_pace(profile.streams, fit)
@@ -193,7 +193,7 @@ def print_turn_table(turns, charges: dict) -> None:
     """Each measured turn beside what the simulator charges for it under each of `charges`
     (by name: rates and contention rule), and the error of the last of them; then each one's
     median and largest error."""
-    from prism.sched.concurrency import predicted_turn
+    from prism.sched.concurrency_profile import predicted_turn
 
     names = list(charges)
     print(f"\n{'case':<34} {'alone ms':>17} {'turn ms':>9} " + " ".join(f"{n[:9]:>9}" for n in names) + f" {'error':>7}")

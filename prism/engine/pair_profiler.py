@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 from prism.engine.llm_engine import LLMEngine
 from prism.engine.profiler import _fits, _restore_kv_pages, _Session, _timed_execute, decode_plan, prefill_all, timed_steps
 from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan
-from prism.sched.concurrency import MeasuredStreams, MeasuredTurn, SideStep
+from prism.sched.concurrency_profile import MeasuredStreams, MeasuredTurn, SideStep
 
 # (batch, context per sequence) of the decode batch each model runs
 DEFAULT_PAIR_DECODES = ((1, 1024), (16, 1024), (64, 1024), (16, 4096))

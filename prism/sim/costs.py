@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Callable
 
 from prism.errors import UserError
-from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile, ConcurrentTurn, ContentionRule, step_floor
+from prism.sched.concurrency import ConcurrentTurn, ContentionRule, step_floor
+from prism.sched.concurrency_profile import CONCURRENCY_FILE, ConcurrencyProfile
 from prism.sched.cost import DefaultCosts, ModelProfile, ProfileCostModel, load_profiles, step_seconds
 from prism.sched.global_view import TransferRates
 from prism.sched.view import CostModel

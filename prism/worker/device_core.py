@@ -104,7 +104,9 @@ class DeviceCore(ABC):
                                  config.device.device_id)
         self._paused: set[str] = set()  # models whose admission is paused
         self._with_events: set[str] = set()  # engines that may hold undrained token events
-        self._launches: list[Launch] = []  # at its own pace: each step launched, for the step log
+        # At its own pace, each step launched (its cost terms), kept only for a step log that asks
+        self.record_launches = False
+        self._launches: list[Launch] = []
         self._finished_early: list[tuple[str, CompletionOutput]] = []  # read while evicting: next step's
         self._in_flight: set[str] = set()  # models whose last launched step is unread (overlap)
         self._beside_last = -1  # registration rank of the last model stepped beside another
@@ -226,7 +228,8 @@ class DeviceCore(ABC):
         return True
 
     def take_launches(self) -> list[Launch]:
-        """The steps launched at their own pace since the last call, in order (the step log)."""
+        """The steps launched at their own pace since the last call, in order, while
+        `record_launches` is on (the step log)."""
         launches, self._launches = self._launches, []
         return launches
 
@@ -383,7 +386,7 @@ class DeviceCore(ABC):
         if plan is not None and not plan.is_empty:
             now = self.clock.now()
             self.last_used[model_id] = self.last_step[model_id] = now
-            if self.own_pace:
+            if self.own_pace and self.record_launches:
                 self._launches.append(Launch(model_id, start, now - start, tuple(plan.cost_terms()), len(plan.chunks)))
             # Steps side by side share the chip and read each other's turns: their wall times
             # are not one model's step, so the estimates keep their profiles then (at its own

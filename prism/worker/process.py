@@ -173,6 +173,7 @@ def _serve(worker, socket, send, idle_tick_s: float) -> None:
 def _loop(worker, inbox: StampedInbox, send, idle_tick_s: float) -> None:
     decoder = msgspec.msgpack.Decoder(msg.ToWorker)
     step_log = _open_step_log(worker)
+    worker.record_launches = step_log is not None
     parent = os.getppid()
     waiting_on_steps = False  # the last step found every model's step still running
     while True:
@@ -192,9 +193,8 @@ def _loop(worker, inbox: StampedInbox, send, idle_tick_s: float) -> None:
         waiting_on_steps = worker.own_pace and not (out.num_tokens or out.events or out.finished)
         for notice in worker.take_notices():  # activations and evictions, ordered or local
             send(notice)
-        launches = worker.take_launches()  # at its own pace; taken even when not logged
         if step_log is not None and out.ran_model is not None:
-            _log_step(step_log, worker, out, launches, started, took)
+            _log_step(step_log, worker, out, worker.take_launches(), started, took)
         if took > SLOW_STEP_S:  # a whole-device pause: say what the step did (server log)
             print(f"prism worker {worker.config.device.device_id}: slow step {took:.2f} s "
                   f"(ran {out.ran_model or '-'}, {out.num_tokens} tokens; "

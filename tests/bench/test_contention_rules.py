@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile, ContentionRule, MeasuredTurn, predicted_turn
+from prism.sched.concurrency import ContentionRule
+
+from prism.sched.concurrency_profile import CONCURRENCY_FILE, ConcurrencyProfile, MeasuredTurn, predicted_turn
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -40,7 +42,7 @@ def error(row: str, column: int) -> float:
 
 def test_streams_relaunched_at_their_own_pace_get_a_table_of_their_own(tmp_path):
     """Periods made under one budget at the fitted rates: that rule's column is exact."""
-    from prism.sched.concurrency import MeasuredStreams, fit_contention, predicted_streams
+    from prism.sched.concurrency_profile import MeasuredStreams, fit_contention, predicted_streams
 
     turns = [MeasuredTurn(f"case {i} | x", steps, predicted_turn(TRUE, steps, ContentionRule.ONE_BUDGET))
              for i, steps in enumerate(CASES)]

@@ -10,7 +10,8 @@ import pytest
 from prism.config import DeviceConfig, EngineConfig
 from prism.engine.llm_engine import LLMEngine
 from prism.engine.pair_profiler import StepCase, pair_cases, profile_pair, profile_streams
-from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile, ContentionRule
+from prism.sched.concurrency import ContentionRule
+from prism.sched.concurrency_profile import CONCURRENCY_FILE, ConcurrencyProfile
 from prism.sim.costs import ProfileSet
 from prism.types import SamplingParams
 

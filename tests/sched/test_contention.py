@@ -7,9 +7,10 @@ import pytest
 import yaml
 
 from prism.errors import UserError
-from prism.sched.concurrency import (CONCURRENCY_FILE, ConcurrencyProfile, ConcurrentTurn, ContentionRule,
-                                     MeasuredStreams, MeasuredTurn, SharedChip, SideStep, StepFloor, fit_contention,
-                                     predicted_streams, predicted_turn, step_floor, step_floors, streams_loss)
+from prism.sched.concurrency import ConcurrentTurn, ContentionRule, SharedChip, StepFloor, step_floor, step_floors
+from prism.sched.concurrency_profile import (CONCURRENCY_FILE, ConcurrencyProfile, MeasuredStreams, MeasuredTurn,
+                                             SideStep, fit_contention, predicted_streams, predicted_turn,
+                                             streams_loss)
 from prism.sched.cost import DefaultCosts
 
 ONE, PER = ContentionRule.ONE_BUDGET, ContentionRule.PER_RESOURCE
@@ -201,7 +202,7 @@ def layered(steps, layers):
 
 
 def test_periods_made_by_interleaving_pick_it_and_its_wait():
-    from prism.sched.concurrency import INTERLEAVED, fit_pace
+    from prism.sched.concurrency_profile import INTERLEAVED, fit_pace
 
     cases = [layered(side_steps(), (16, 16)), layered(side_steps(), (16, 32)),
              layered((side_steps()[0], side_steps()[0]), (16, 32))]

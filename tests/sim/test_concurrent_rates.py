@@ -9,8 +9,9 @@ import pytest
 
 from prism.bench.trace import TraceRequest
 from prism.errors import UserError
-from prism.sched.concurrency import (CONCURRENCY_FILE, ConcurrencyProfile, ContentionRule, MeasuredTurn, SideStep,
-                                     fit_rates, predicted_turn, step_floor)
+from prism.sched.concurrency import ContentionRule, step_floor
+from prism.sched.concurrency_profile import (CONCURRENCY_FILE, ConcurrencyProfile, MeasuredTurn, SideStep, fit_rates,
+                                             predicted_turn)
 from prism.sched.cost import DefaultCosts
 from prism.sim.costs import ProfileSet, card_defaults, step_seconds
 from prism.sim.device import SimDevice

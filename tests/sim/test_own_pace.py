@@ -9,7 +9,8 @@ import pytest
 from prism.bench.trace import TraceRequest
 from prism.cluster.config import parse_config
 from prism.cluster.systems import system_config
-from prism.sched.concurrency import CONCURRENCY_FILE, ConcurrencyProfile, ConcurrentTurn, ContentionRule, SharedChip
+from prism.sched.concurrency import ConcurrentTurn, ContentionRule, SharedChip
+from prism.sched.concurrency_profile import CONCURRENCY_FILE, ConcurrencyProfile
 from prism.sched.local import Pace
 from prism.sim.costs import ProfileSet, card_defaults
 from prism.sim.run import config_for, simulate

@@ -29,6 +29,7 @@ def serve(worker: DeviceWorker, requests: dict[str, list[tuple[list[int], Sampli
         for i, (prompt, params) in enumerate(reqs):
             worker.add_request(model, prompt, params, req_id=f"{model}-{i}")
     outputs, all_stepped = {}, 0
+    worker.record_launches = True
     while worker.has_unfinished:
         busy = [m for m, e in worker.engines.items() if e.has_unfinished]
         out = worker.step()
