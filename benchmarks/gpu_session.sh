@@ -13,8 +13,10 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' '
 export PRISM_PROFILE_DIR=benchmarks/profiles/$card-$(date -u +%F)
 echo "card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader) $(date -u +%F)"
 if [ "$pairs_s" -gt 0 ]; then
-    mkdir -p "$OUT/pairs"
-    OUT="$OUT/pairs" timeout "$pairs_s" bash benchmarks/gpu_pairs.sh | tail -30
+    pairs=$(mktemp -d)
+    OUT="$pairs" timeout "$pairs_s" bash benchmarks/gpu_pairs.sh | tail -30
+    # one file: the device tool brings back a bounded number of files
+    tar czf "$OUT/pairs-$(date -u +%F).tgz" -C "$pairs" .
     echo "pairs: $(( $(date +%s) - t0 )) s"
 fi
 PROFILE_MODELS="llama-3.1-8b:random qwen2.5-7b:random llama-3.2-3b:random llama-3.2-1b:random" \
