@@ -15,10 +15,10 @@ Policy "prism":
   measured spread of past prefill steps, `CalibratedCost.prefill_margin`); late work fills the
   gaps it fits in, and contends like the rest once it has waited
   `late_contender_ttft_multiple` x its TTFT SLO (see `_pick_model_prism`).
-- Step size: the model that runs batches its full token budget, unless a running decode of
-  it would then miss its TPOT as judged over the whole request; then the prefill chunk is cut
-  to what keeps it on time, never below the size where a step stops being weight-bound
-  (see step_budget.py).
+- Step size: the model that runs (at their own pace: every model) batches its full token
+  budget, unless a running decode of it would then miss its TPOT as judged over the whole
+  request; then the prefill chunk is cut to what keeps it on time, never below the size where
+  a step stops being weight-bound (see step_budget.py).
 - Preemption victim: the request with most slack.
 Policy "fcfs" (baseline): arrival order everywhere; same residency rules. The device runs the
 model of its oldest unfinished request (decoding ones included): models take turns by arrival
@@ -197,8 +197,11 @@ class LocalScheduler:
             )
         if self.config.policy is LocalPolicy.PRISM:
             run_model = self._pick_model_prism(view, est, admission)
-            budget = None if run_model is None else self._token_budget(view, est, run_model)
-            token_budget = {} if budget is None else {run_model: budget}
+            if self.config.pace is Pace.OWN:  # every model with work steps: each keeps its decodes within TPOT
+                token_budget = {m: b for m in sorted(est.resident) if (b := self._token_budget(view, est, m)) is not None}
+            else:
+                budget = None if run_model is None else self._token_budget(view, est, run_model)
+                token_budget = {} if budget is None else {run_model: budget}
         elif self.config.policy is LocalPolicy.ROUND_ROBIN:
             run_model = self._pick_model_round_robin(view, est)
         elif self._adbs is not None:

@@ -474,3 +474,18 @@ def test_a_model_whose_step_would_make_a_decode_in_the_turn_late_is_not_put_besi
     dec_c = decoding("dc", "C", 9.6, last=9.95, tpot=0.3)  # 0.24 s of slack
     decision = sched(concurrent_models=3).decide(view(10.0, models, [waiting_b, dec_a, dec_c]))
     assert decision.run_model == "A" and decision.beside == ("C",)
+
+
+def test_at_their_own_pace_every_model_keeps_its_decodes_within_tpot():
+    """In turn only the model that runs steps, so only its prefill chunk is cut for its
+    decodes' TPOT; at their own pace every model with work steps, so each gets its cut."""
+    def with_long_prompt(m):  # a decode just after its first token (no TPOT credit) and 2,000 tokens waiting
+        return [decoding(f"d{m}", m, 9.0, last=10.0, tpot=0.011), req(f"w{m}", m, 9.9, 30.0, prompt=2000)]
+
+    v = view(10.0, AB, with_long_prompt("A") + with_long_prompt("B"))
+    turn = sched().decide(v)
+    own = sched(pace="own").decide(v)
+    assert set(turn.token_budget) == {turn.run_model}
+    assert set(own.token_budget) == {"A", "B"}
+    assert all(1 < budget < 2001 for budget in own.token_budget.values())  # a decode and a cut chunk
+    assert own.token_budget[turn.run_model] == turn.token_budget[turn.run_model]
