@@ -3,7 +3,7 @@
 - decode: for each batch size, B sequences with `--context` tokens already in the KV cache
   (prefilled for real), then timed decode steps of the whole engine path (batch building,
   forward over paged KV, sampling). Ceiling: bytes of weights plus KV read per step over the
-  device copy bandwidth.
+  device copy bandwidth; and, as a roofline for large batches, per operation (`decode_ceilings`).
 - prefill: one `--prefill` token prompt in one step. Ceiling: its matmul FLOPs (weights and
   causal attention) at the dense bf16 matmul rate.
 - offline: `--offline N` requests of `--offline-lens IN OUT` tokens (and with `--offline-azure`
@@ -73,14 +73,28 @@ def matmul_rate(device: torch.device, n: int = 8192, repeats: int = 10) -> float
     return 2 * n**3 * repeats / (start.elapsed_time(end) / 1e3)
 
 
+def layer_params(c) -> int:
+    """Weights one token multiplies in one layer (q, k, v, o, gate, up, down projections)."""
+    return c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+
+
 def prefill_flops(engine: LLMEngine, n: int) -> float:
     """Matmul FLOPs of one n-token prompt: every layer's projections for n tokens, causal
     attention (QK^T and PV over the lower triangle) and the LM head for the sampled row."""
     c = engine.config
-    per_token = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size \
-        + 3 * c.hidden_size * c.intermediate_size
     attention = 4 * c.num_heads * c.head_dim * n * (n + 1) / 2
-    return c.num_layers * (2 * per_token * n + attention) + 2 * c.hidden_size * c.vocab_size
+    return c.num_layers * (2 * layer_params(c) * n + attention) + 2 * c.hidden_size * c.vocab_size
+
+
+def decode_ceilings(c, weight_bytes: float, kv_bytes: float, batch: int, bandwidth: float, rate: float) -> tuple[float, float]:
+    """Two floors of one decode step, in seconds: every byte (weights and KV) at the copy
+    bandwidth; and per operation, attention reading its KV at the bandwidth plus the GEMMs
+    at the slower of their weights' bytes and their FLOPs (projections and LM head for every
+    sequence) at the matmul rate. They agree while the GEMMs are bound by bytes; at large
+    batches the GEMMs are bound by FLOPs and only the second is a roofline."""
+    gemm_flops = 2 * batch * (c.num_layers * layer_params(c) + c.hidden_size * c.vocab_size)
+    by_bytes = (weight_bytes + kv_bytes) / bandwidth
+    return by_bytes, kv_bytes / bandwidth + max(weight_bytes / bandwidth, gemm_flops / rate)
 
 
 def run_prefill_case(engine: LLMEngine, n: int, rate: float, repeats: int = 5) -> dict:
@@ -109,12 +123,12 @@ def time_decode(engine: LLMEngine, seqs: list[Sequence], steps: int, warmup: int
     return timed_decode_steps(engine, seqs, warmup + steps)[warmup:]
 
 
-def run_case(engine, batch, context, steps, bandwidth) -> dict:
+def run_case(engine, batch, context, steps, bandwidth, rate) -> dict:
     seqs = cases_mod.prefilled(engine, batch, context)
     times = time_decode(engine, seqs, steps)
     cases_mod.free(engine, seqs)
     kv_bytes = batch * (context + 1) * engine.config.kv_bytes_per_token(engine.dtype.itemsize)
-    roofline_s = (engine.weights.num_bytes + kv_bytes) / bandwidth
+    roofline_s, per_op_s = decode_ceilings(engine.config, engine.weights.num_bytes, kv_bytes, batch, bandwidth, rate)
     time_s = statistics.median(times)
     return dict(
         phase="decode", model=engine.source.name, batch=batch, context=context,
@@ -122,6 +136,7 @@ def run_case(engine, batch, context, steps, bandwidth) -> dict:
         time_ms=time_s * 1e3, p90_ms=sorted(times)[int(0.9 * (len(times) - 1))] * 1e3,
         weight_bytes=engine.weights.num_bytes, kv_bytes=kv_bytes,
         roofline_ms=roofline_s * 1e3, roofline_ratio=time_s / roofline_s,
+        per_op_roofline_ms=per_op_s * 1e3, per_op_ratio=time_s / per_op_s,
         tokens_per_s=batch / time_s,
     )
 
@@ -224,7 +239,7 @@ def run_cases(engine: LLMEngine, args, ceilings: dict) -> tuple[list[dict], dict
                 engine, max(args.batches), args.context, bandwidth)):
             extra["decode_kernel_sweep"] = sweep
             use_fastest_decode_config(engine, sweep)
-    cases += [run_case(engine, b, args.context, args.steps, bandwidth) for b in args.batches]
+    cases += [run_case(engine, b, args.context, args.steps, bandwidth, rate) for b in args.batches]
     cases += [run_prefill_case(engine, n, rate) for n in args.prefill]
     for spec in args.mixed:
         prefill, decodes = map(int, spec.split(":"))
@@ -336,7 +351,7 @@ def print_table(result: dict) -> None:
         elif what == "activation":
             batch, ctx, rate = "", "", f"{c['GBps']:.1f} GB/s"
         elif "tokens_per_s" in c:
-            rate = f"{c['tokens_per_s']:.0f} tok/s"
+            rate = f"{c['tokens_per_s']:.0f} tok/s" + (f", {c['per_op_ratio']:.2f}x per operation" if "per_op_ratio" in c else "")
         ceiling = f"{c['roofline_ms']:>10.2f} {c['roofline_ratio']:>6.2f}" if "roofline_ms" in c else f"{'':>17}"
         print(f"{what:>18} {batch:>5} {ctx:>9} {c['time_ms']:>9.2f} {ceiling}  {rate}")
 

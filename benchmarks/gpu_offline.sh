@@ -5,7 +5,7 @@
 # table for llama-3.2-1b and qwen2.5-7b at the larger cap. Each run under its own time limit;
 # logs and JSON tarred into $OUT after each (the device tool returns a bounded number of files).
 #
-#   benchmarks/gpu_offline.sh            # MEMORY_GIB (default 120: an H200's pool for 1,024 x 512 tokens)
+#   benchmarks/gpu_offline.sh    # MEMORY_GIB: the engines' page budget (default 120, sized for an H200)
 set -u
 out=${OUT:-.}
 work=$(mktemp -d)
