@@ -2,8 +2,9 @@
 every model whose last step is over steps again, none waits for another's step, and each
 computes the tokens it computes alone. On the CPU steps are synchronous (always over); on CUDA
 each model has a stream of its own and a small model's steps complete while a big one's run."""
-import msgspec
+import dataclasses
 
+import msgspec
 import pytest
 
 from prism.config import DeviceConfig, EngineConfig, ModelSpec
@@ -68,6 +69,27 @@ def test_at_their_own_pace_every_model_steps_and_computes_what_it_does_in_turn()
     own, turn = results[Pace.OWN], results[Pace.TURN]
     assert len(own["outputs"]) == 6 and own["outputs"] == turn["outputs"]
     assert own["all_stepped"] >= 10 and turn["all_stepped"] == 0  # in turn one model per step
+
+
+def test_at_its_own_pace_a_model_reads_its_last_step_before_launching_the_next():
+    """Its tokens go out before the next launch (an eager prefill's launch holds the host for
+    milliseconds), and the scheduler sees them: with one seat, a request that just finished
+    gives its seat to the next one in the same step, so no step launches nothing."""
+    one_seat = dataclasses.replace(ENGINE, max_num_seqs=1)
+    config = WorkerConfig(DeviceConfig("cpu", 64 << 20, 256 << 10), (ModelSpec("a", "tiny-llama:random", engine=one_seat),),
+                          LocalSchedulerConfig(policy="rr", pace=Pace.OWN), detokenize=False)
+    worker = DeviceWorker(config, clock=ManualClock())
+    try:
+        for i in range(3):
+            worker.add_request("a", [5 + i] * 10, msgspec.structs.replace(GREEDY, max_tokens=4), req_id=f"r{i}")
+        worker.record_launches = True
+        calls = launches = 0
+        while worker.has_unfinished:
+            worker.step()
+            calls, launches = calls + 1, launches + len(worker.take_launches())
+    finally:
+        worker.close()
+    assert launches == 12 and calls == launches + 1  # the last call reads the last tokens
 
 
 # ---- CUDA ----------------------------------------------------------------------------------------
