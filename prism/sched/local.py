@@ -197,11 +197,11 @@ class LocalScheduler:
             )
         if self.config.policy is LocalPolicy.PRISM:
             run_model = self._pick_model_prism(view, est, admission)
-            if self.config.pace is Pace.OWN:  # every model with work steps: each keeps its decodes within TPOT
-                token_budget = {m: b for m in sorted(est.resident) if (b := self._token_budget(view, est, m)) is not None}
-            else:
-                budget = None if run_model is None else self._token_budget(view, est, run_model)
-                token_budget = {} if budget is None else {run_model: budget}
+            # The models that step keep their decodes within TPOT: at their own pace every one
+            # with decodes, in turn the one that runs.
+            stepping = sorted(est.resident & est.decode_step_s.keys()) if self.config.pace is Pace.OWN \
+                else [run_model] if run_model is not None else []
+            token_budget = {m: b for m in stepping if (b := self._token_budget(view, est, m)) is not None}
         elif self.config.policy is LocalPolicy.ROUND_ROBIN:
             run_model = self._pick_model_round_robin(view, est)
         elif self._adbs is not None:

@@ -366,23 +366,22 @@ class DeviceCore(ABC):
             engine = self.engines[model_id]
             if not engine.resident or not engine.in_flight_done:
                 continue
-            done, n = self._step_model(model_id, decision.token_budget.get(model_id), read_first=True)
+            done, n = self._step_model(model_id, decision.token_budget.get(model_id))
             finished += done
             if n:
                 num_tokens += n
                 ran = ran or model_id
         return finished, ran, num_tokens
 
-    def _step_model(self, model_id: str, budget: int | None = None,
-                    read_first: bool = False) -> tuple[list[tuple[str, CompletionOutput]], int]:
+    def _step_model(self, model_id: str, budget: int | None = None) -> tuple[list[tuple[str, CompletionOutput]], int]:
         """One step of `model_id` (`budget`: its tokens, the local scheduler's; None: the engine's).
-        `read_first`: its last step is over, so its tokens are read before the next one is
-        launched. Launch first and they would go out only once that launch returns (an eager
-        prefill holds the host for milliseconds); in turn that launch overlaps the running
-        step, at its own pace a model launches only after its last step is done."""
+        At its own pace its last step is over (only such models step), so its tokens are read
+        before the next one is launched: launched first, they would go out only once that
+        launch returns (an eager prefill holds the host for milliseconds). In turn the launch
+        comes first and overlaps the step still running."""
         engine = self.engines[model_id]
         before = engine.num_preemptions
-        early = engine.read_in_flight() if read_first else []
+        early = engine.read_in_flight() if self.own_pace else []
         start = self.clock.now()
         finished = [(model_id, out) for out in early + (engine.step() if budget is None else engine.step(budget))]
         (self._in_flight.add if engine.has_in_flight else self._in_flight.discard)(model_id)
