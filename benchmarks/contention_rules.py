@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from prism.sched.concurrency import ContentionRule
-
 from prism.sched.concurrency_profile import (ConcurrencyProfile, ContentionFit, fit_contention, fit_pace,
                                              pace_accounts, predicted_turn)
 from prism.sim.costs import card_defaults
