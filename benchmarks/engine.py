@@ -165,6 +165,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--offline-lens", type=int, nargs=2, default=[256, 256], metavar=("IN", "OUT"))
     ap.add_argument("--offline-azure", default=None, metavar="JSON",
                     help="also run offline with these (input, output) lengths (benchmarks/traces/azure-conv-lengths-1000.json)")
+    ap.add_argument("--host-profile", type=int, default=0, metavar="N",
+                    help="offline: also the host's N slowest functions (own wall time, cProfile) in a run with overlap")
     ap.add_argument("--max-seqs", type=int, default=256, help="engine's max_num_seqs (and CUDA graph batch) for offline")
     ap.add_argument("--decode-sweep", action="store_true",
                     help="first time the decode kernel's tile configurations at the largest batch; use the fastest")
@@ -251,7 +253,8 @@ def run_cases(engine: LLMEngine, args, ceilings: dict) -> tuple[list[dict], dict
         cases += attempt("activation", lambda: cases_mod.activation_case(engine, h2d))
     if args.offline:
         lens = [tuple(args.offline_lens)] * args.offline
-        cases += attempt("offline", lambda: cases_mod.offline_case(engine, lens, f"{lens[0][0]}+{lens[0][1]}"))
+        cases += attempt("offline", lambda: cases_mod.offline_case(engine, lens, f"{lens[0][0]}+{lens[0][1]}",
+                                                                                 args.host_profile))
     if args.offline_azure:
         pairs = [tuple(p) for p in json.loads(Path(args.offline_azure).read_text())["pairs"]]
         cases += attempt("offline azure", lambda: cases_mod.offline_case(engine, pairs, "azure conv"))

@@ -6,10 +6,13 @@ measured in the same run with its ratio).
 """
 from __future__ import annotations
 
+import cProfile
+import pstats
 import statistics
 import time
 from collections import defaultdict
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -301,8 +304,10 @@ class StepTimes:
         self._wrap(engine.runner, "collect", "waiting for tokens")
         self._wrap(engine.scheduler, "commit", "commit")
         self._wrap(engine, "step", "engine.step (all of the above and bookkeeping)")
+        self._wrap(engine.kv, "map_page", "KV pages mapped", count=True)
+        self._wrap(engine.kv, "unmap_page", "KV pages unmapped", count=True)
 
-    def _wrap(self, obj, name: str, label: str, count_kind: bool = False) -> None:
+    def _wrap(self, obj, name: str, label: str, count_kind: bool = False, count: bool = False) -> None:
         inner = getattr(obj, name)
 
         def timed(*args, **kwargs):
@@ -324,6 +329,11 @@ class StepTimes:
                         self.events.append((started, ended))
                 else:
                     self.seconds[label] += time.perf_counter() - t0
+                    if count:
+                        self.steps[label] += 1
+
+        if count:
+            self.steps[label] = self.seconds[label] = 0  # reported when never called too
 
         setattr(obj, name, timed)
         self._undo.append((obj, name))
@@ -342,10 +352,13 @@ class StepTimes:
             delattr(obj, name)  # back to the class's method
 
 
-def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str) -> list[dict]:
+def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str,
+                 host_profile: int = 0) -> list[dict]:
     """All requests submitted at once to engine.generate (continuous batching); output tokens
     per second, where the wall time went and the GPU's idle time between steps: with overlap
-    (the engine's default) and without, on the same engine."""
+    (the engine's default) and without, on the same engine. `host_profile` > 0: that many of
+    the host's functions by own wall time (cProfile) in a third run with overlap, which shows
+    what the host waits in (a call that waits for the device is slow in itself)."""
     prompts = random_prompts(engine.config.vocab_size, [n for n, _ in lengths])
     params = [SamplingParams(temperature=0, max_tokens=out, ignore_eos=True) for _, out in lengths]
     engine.generate(prompts[:8], params[:8])  # warm-up
@@ -360,7 +373,25 @@ def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str) 
         engine.overlap = default
     if len(tokens) == 2:  # the same greedy tokens either way
         rows[0]["same_tokens_as_without_overlap"] = tokens[True] == tokens[False]
+    if host_profile:
+        rows[0]["host_profile"] = _host_profile(engine, prompts, params, lengths, label, host_profile)
     return rows
+
+
+def _host_profile(engine, prompts, params, lengths, label, top: int) -> list[dict]:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        _offline_run(engine, prompts, params, lengths, label)
+    finally:
+        profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive, own s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    found = [dict(function=f"{Path(f).name}:{line}:{name}", calls=calls, own_s=round(own, 4), cumulative_s=round(cum, 4))
+             for (f, line, name), (_, calls, own, cum, _) in rows]
+    for r in found:
+        print(f"  {r['own_s']:8.3f} s own {r['cumulative_s']:8.3f} s cum {r['calls']:7d}x  {r['function']}", flush=True)
+    return found
 
 
 def _offline_run(engine, prompts, params, lengths, label) -> tuple[dict, list]:

@@ -10,8 +10,10 @@
 # Every output is tarred into $OUT/measure-DATE.tgz after each step (the device tool brings back
 # a bounded number of files, and a call stopped at its limit still returns what $OUT holds).
 #
-#   benchmarks/gpu_measure.sh [STEP...]     # STEP: tests gemm qwen kernels graphs pairs offline
-#                                           # (default: all but offline)
+#   benchmarks/gpu_measure.sh [STEP...]     # STEP: tests gemm qwen kernels graphs pairs offline hostwaits
+#                                           # (default: all but offline and hostwaits)
+# hostwaits: the offline runs of the 8B and the 1B at cap 1,024 with the host's slowest functions
+# (cProfile, --host-profile): what the host waits in while the GPU idles between steps.
 set -uo pipefail
 out=$(mktemp -d)
 deadline=${MEASURE_DEADLINE_S:-570}
@@ -58,6 +60,11 @@ for step in $steps; do
                 engine "$model-seqs1024" 130 --memory-gib "$mem" --model "$model:random" --batches 1 64 256 1024 \
                     --offline 1000 --max-seqs 1024
             done ;;
+        hostwaits)
+            engine 8b-hostwaits 150 --memory-gib "$mem" --model llama-3.1-8b:random --batches 1 --prefill \
+                --offline 1000 --max-seqs 1024 --host-profile 40
+            engine 1b-hostwaits 90 --memory-gib "$mem" --model llama-3.2-1b:random --batches 1 --prefill \
+                --offline 1000 --max-seqs 1024 --host-profile 40 ;;
         *) echo "unknown step: $step" >&2; exit 2 ;;
     esac
 done

@@ -25,16 +25,19 @@ def tiny_engine(tiny_checkpoint, **kw):
 def test_offline_case_counts_tokens_and_splits_the_wall_time(tiny_checkpoint):
     engine = tiny_engine(tiny_checkpoint)
     try:
-        with_overlap, without = engine_cases.offline_case(engine, [(20, 5), (7, 3), (33, 4)], "mixed")
+        with_overlap, without = engine_cases.offline_case(engine, [(20, 5), (7, 3), (33, 4)], "mixed", host_profile=5)
         assert (with_overlap["overlap"], without["overlap"]) == (True, False) and engine.overlap
+        profile = with_overlap["host_profile"]
+        assert len(profile) == 5 and profile[0]["own_s"] >= profile[-1]["own_s"] and profile[0]["calls"] >= 1
         assert with_overlap["same_tokens_as_without_overlap"]
         for case in (with_overlap, without):
             assert case["output_tokens"] == 12 and case["requests"] == 3
             assert case["steps"]["mixed"] >= 1 and case["steps"]["decode"] >= 1
+            assert {"KV pages mapped", "KV pages unmapped"} <= case["steps"].keys() & case["seconds"].keys()
             assert 0 < case["seconds"]["schedule"] < case["time_ms"] / 1e3
             assert case["gpu_idle_between_steps_us"] == {}  # no events on the CPU
         engine.generate([[1, 2, 3]])  # the engine's own methods are back after the case
-        assert "step" not in vars(engine) and "launch" not in vars(engine.runner)
+        assert "step" not in vars(engine) and "launch" not in vars(engine.runner) and "map_page" not in vars(engine.kv)
     finally:
         engine.close()
 
