@@ -335,12 +335,14 @@ def print_table(result: dict) -> None:
             sec, steps = c["seconds"], c["steps"]
             what += " overlap" if c.get("overlap") else " no overlap"
             idle = c.get("gpu_idle_between_steps_us") or {}
+            counts = {k: steps.get(k, steps.get(k.removesuffix(" steps"))) for k in sec}
             rate = (f"{c['output_tokens_per_s']:.0f} output tok/s; of the wall time: "
-                    + ", ".join(f"{k} {sec.get(k + ' steps', 0):.1f} s in {n} steps" for k, n in steps.items())
-                    + f", scheduling {sec.get('schedule', 0):.1f} s, "
-                    f"host batches {sec.get('host batch (inside the steps)', 0):.1f} s, "
-                    f"waiting for tokens {sec.get('waiting for tokens', 0):.1f} s"
-                    + (f"; GPU idle between steps {idle['mean']:.0f} us mean, {idle['median']:.0f} median" if idle else ""))
+                    + ", ".join(f"{k} {v:.2f} s" + (f" ({counts[k]}x)" if counts[k] is not None else "")
+                                for k, v in sec.items()))
+            if idle:
+                rate += f"; GPU idle between steps {idle['mean']:.0f} us mean, {idle['median']:.0f} median" + "".join(
+                    f"; before {k} steps {v['idle_before_ms']:.0f} ms ({v['idle_over_1ms']} over 1 ms), "
+                    f"their device time {v['device_ms']:.0f} ms" for k, v in idle.get("by_next_step", {}).items())
         elif what == "elastic_overhead":
             what, batch, ctx = f"elastic {c['load']} {c['metric'][:4]}", "", ""
         elif what == "mixed_step":

@@ -295,7 +295,7 @@ class StepTimes:
     def __init__(self, engine: LLMEngine):
         self.seconds: dict[str, float] = defaultdict(float)
         self.steps: dict[str, int] = defaultdict(int)
-        self.events: list[tuple] = []  # (started, ended) of each step's device work
+        self.events: list[tuple] = []  # (started, ended, kind) of each step's device work
         self.cuda = engine.device.type == "cuda"
         self._undo = []
         self._wrap(engine.scheduler, "schedule", "schedule")
@@ -304,6 +304,8 @@ class StepTimes:
         self._wrap(engine.runner, "collect", "waiting for tokens")
         self._wrap(engine.scheduler, "commit", "commit")
         self._wrap(engine, "step", "engine.step (all of the above and bookkeeping)")
+        self._wrap(engine, "_process_tokens", "processing tokens")
+        self._wrap(engine.blocks, "map_ahead", "mapping ahead")
         self._wrap(engine.kv, "map_page", "KV pages mapped", count=True)
         self._wrap(engine.kv, "unmap_page", "KV pages unmapped", count=True)
 
@@ -326,7 +328,7 @@ class StepTimes:
                     if self.cuda:
                         ended = torch.cuda.Event(enable_timing=True)
                         ended.record()
-                        self.events.append((started, ended))
+                        self.events.append((started, ended, kind))
                 else:
                     self.seconds[label] += time.perf_counter() - t0
                     if count:
@@ -340,12 +342,20 @@ class StepTimes:
 
     def gpu_idle_between_steps_us(self) -> dict:
         """The GPU's idle time from the end of one step's work to the start of the next's
-        (an event is timed when the GPU reaches it): the host time the GPU waited for."""
+        (an event is timed when the GPU reaches it): the host time the GPU waited for; in all
+        and by the kind of step waited for (with its steps' device time beside it)."""
         if len(self.events) < 2:
             return {}
-        gaps = sorted(max(0.0, a_end.elapsed_time(b_start)) * 1e3
-                      for (_, a_end), (b_start, _) in zip(self.events, self.events[1:]))
-        return dict(mean=statistics.fmean(gaps), median=gaps[len(gaps) // 2], p90=gaps[int(len(gaps) * 0.9)])
+        gaps = [(max(0.0, a_end.elapsed_time(b_start)) * 1e3, kind)
+                for (_, a_end, _), (b_start, _, kind) in zip(self.events, self.events[1:])]
+        us = sorted(g for g, _ in gaps)
+        by_kind = {}
+        for kind in sorted({k for _, _, k in self.events}):
+            mine = [g for g, k in gaps if k == kind]
+            busy = [a.elapsed_time(b) for a, b, k in self.events if k == kind]
+            by_kind[kind] = dict(steps=len(busy), idle_before_ms=round(sum(mine) / 1e3, 3),
+                                 idle_over_1ms=sum(g > 1e3 for g in mine), device_ms=round(sum(busy), 3))
+        return dict(mean=statistics.fmean(us), median=us[len(us) // 2], p90=us[int(len(us) * 0.9)], by_next_step=by_kind)
 
     def restore(self) -> None:
         for obj, name in reversed(self._undo):

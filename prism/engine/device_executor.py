@@ -144,7 +144,9 @@ class DeviceExecutor:
     def _build(self, engine_config: EngineConfig) -> None:
         layout = KVLayout.plan(self.config, self.dtype, engine_config.block_size, self.pool,
                                self.budget_pages)
-        self.kv = PagedKVCache(self.model_id, self.config, layout, self.pool)
+        own_stream = engine_config.own_stream and self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if own_stream else None
+        self.kv = PagedKVCache(self.model_id, self.config, layout, self.pool, stream)
         self.kv_geometry = KVGeometry(layout.block_size, layout.blocks_per_page,
                                       layout.num_virtual_pages, self.kv.pages_per_kv_page)
         # A tensor-parallel rank keeps a page only if every rank could map it.
@@ -152,8 +154,7 @@ class DeviceExecutor:
         self.max_model_len = context_limit(engine_config, self.config)
         ops = make_ops(self.device, engine_config.kernels)
         model = LlamaModel(self.config, self.weights, self.max_model_len, ops, self.tp)
-        own_stream = engine_config.own_stream and self.device.type == "cuda"
-        self.runner = ModelRunner(model, self.kv, self.device, torch.cuda.Stream(self.device) if own_stream else None)
+        self.runner = ModelRunner(model, self.kv, self.device, stream)
         graph_batch = min(engine_config.cuda_graph_max_batch, engine_config.max_num_seqs)
         graph_tokens = min(engine_config.mixed_graph_max_tokens, engine_config.max_num_batched_tokens)
         if self.device.type == "cuda" and ops.name == "triton":
@@ -200,7 +201,9 @@ class DeviceExecutor:
         return self.runner.launch(plan, after)
 
     def collect(self, step: InFlightStep) -> list[SampledToken]:
-        return self.runner.collect(step)
+        sampled = self.runner.collect(step)
+        self.kv.reclaim()  # pages freed while this step was queued may go now
+        return sampled
 
     def is_done(self, step: InFlightStep) -> bool:
         return self.runner.is_done(step)
@@ -209,6 +212,7 @@ class DeviceExecutor:
         self.runner.forget(seq)
 
     def unmap_weights(self) -> None:
+        self.kv.reclaim(wait=True)  # evicted: its KV pages go back to the pool now
         if not self.weights.copy_dropped:
             self.weights.save_host_copy()  # once: weights never change after loading
         self.weights.unmap()

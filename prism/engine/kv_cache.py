@@ -7,9 +7,17 @@ num_kv_heads, head_dim] whose address never changes, so block tables and CUDA gr
 valid while pages come and go. Page-major because a driver call costs about the same for one
 page as for a hundred: one arena per layer (2 x num_layers calls per KV page) made growing a
 batch's KV cost ~20% of its time to first token on an H100 (benchmarks/engine.py --elastic).
+
+Unmapping a page must wait until no queued kernel uses it. With overlap (core.py) a request
+finishes while the next step is already queued, which may still write the request's last
+blocks; waiting for that step then would stall the host for the rest of it. So a page freed
+while this model's stream has work queued is unmapped later: once an event recorded behind
+that work has passed (checked on every step's collection and whenever the pool is short), or
+at once if the page is mapped again meanwhile.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +61,14 @@ class KVLayout:
 class PagedKVCache:
     """Owns the K/V arenas of one model and maps KV pages for its BlockManager."""
 
-    def __init__(self, model_id: str, config: ModelConfig, layout: KVLayout, pool: PagePool):
+    def __init__(self, model_id: str, config: ModelConfig, layout: KVLayout, pool: PagePool,
+                 stream: torch.cuda.Stream | None = None):
+        """`stream`: the CUDA stream of this model's steps (None: the current stream)."""
         self.layout = layout
         self.pool = pool
+        self._stream = stream
+        self._unmap_after: dict[int, torch.cuda.Event] = {}  # KV page -> the point its kernels end
+        self._lock = threading.Lock()  # the pool may run reclaim() from another model's thread
         self.owner = Owner(model_id, "kv")
         self.num_layers = config.num_layers
         self._pages_per_kv_page = 2 * config.num_layers
@@ -63,6 +76,8 @@ class PagedKVCache:
         self._arena: Arena | None = Arena(pool, self.owner, nbytes)
         self.k_caches = [self._layer_view(2 * n) for n in range(config.num_layers)]
         self.v_caches = [self._layer_view(2 * n + 1) for n in range(config.num_layers)]
+        self._on_cuda = self._arena.tensor.device.type == "cuda"
+        pool.add_reclaimer(self.reclaim)
 
     def _layer_view(self, index: int) -> torch.Tensor:
         """The view of physical page `index` of every KV page (2n: layer n's K, 2n+1: its V)."""
@@ -81,22 +96,54 @@ class PagedKVCache:
         return self._pages_per_kv_page
 
     def num_mappable_pages(self) -> int:
-        return mappable_kv_pages(self.pool, self.owner, self.pages_per_kv_page)
+        self.pool.reclaim()
+        return mappable_kv_pages(self.pool, self.owner, self.pages_per_kv_page) + len(self._unmap_after)
 
     def map_page(self, page: int) -> bool:
+        with self._lock:
+            if self._unmap_after.pop(page, None) is not None:
+                return True  # its deferred unmap had not happened: it is still mapped
         n = self._pages_per_kv_page
         return self._arena.map(page * n, n, chunk_pages=n)  # all or nothing
 
     def unmap_page(self, page: int) -> None:
         n = self._pages_per_kv_page
-        self._arena.unmap(page * n, n)
+        if not self._on_cuda:
+            self._arena.unmap(page * n, n)
+            return
+        stream = self._stream or torch.cuda.current_stream(self._arena.tensor.device)
+        if stream.query():  # nothing queued on this model's stream: no kernel can use the page
+            self._arena.unmap(page * n, n, device_done=True)
+            return
+        passed = torch.cuda.Event()
+        passed.record(stream)
+        with self._lock:
+            self._unmap_after[page] = passed
+
+    def reclaim(self, wait: bool = False) -> None:
+        """Unmap the pages whose deferred unmap's event has passed (`wait`: all of them,
+        waiting for the device)."""
+        n = self._pages_per_kv_page
+        with self._lock:
+            for page, passed in list(self._unmap_after.items()):
+                if wait:
+                    passed.synchronize()
+                elif not passed.query():
+                    continue
+                del self._unmap_after[page]
+                self._arena.unmap(page * n, n, device_done=True)
 
     # ---- lifetime ------------------------------------------------------------------------
     @property
     def num_mapped_pages(self) -> int:
-        return self._arena.num_mapped_pages // self._pages_per_kv_page if self._arena else 0
+        """KV pages mapped and not waiting to be unmapped."""
+        if self._arena is None:
+            return 0
+        return self._arena.num_mapped_pages // self._pages_per_kv_page - len(self._unmap_after)
 
     def close(self) -> None:
         if self._arena is not None:
+            self.pool.remove_reclaimer(self.reclaim)
+            self.reclaim(wait=True)
             self._arena.close()
             self._arena = None

@@ -77,6 +77,8 @@ class Arena:
         if already:
             raise ValueError(f"pages {already[:8]} of the arena are already mapped")
         if not self.pool.can_allocate(self.owner, num_pages):
+            self.pool.reclaim()  # unmaps deferred until the device passed them give pages back
+        if not self.pool.can_allocate(self.owner, num_pages):
             # Refuse before touching anything, so a refusal leaves the pool exactly as it was.
             self.pool.note_refusal()
             return False
@@ -111,9 +113,10 @@ class Arena:
         self._num_mapped += num_pages
         return True
 
-    def unmap(self, first_page: int, num_pages: int) -> None:
+    def unmap(self, first_page: int, num_pages: int, device_done: bool = False) -> None:
         """Unmap every chunk inside [first_page, first_page + num_pages) and free it to the
-        pool. Unmapped pages in the range are skipped; a chunk straddling an edge is an error."""
+        pool. Unmapped pages in the range are skipped; a chunk straddling an edge is an error.
+        `device_done`: no queued kernel touches these pages any more (MemoryBackend.unmap)."""
         self._check_range(first_page, num_pages)
         end = first_page + num_pages
         starts = []
@@ -127,13 +130,13 @@ class Arena:
                     f"straddles the range [{first_page}, {end})"
                 )
             starts.append(start)
-        self._unmap_chunks(starts)
+        self._unmap_chunks(starts, device_done)
 
-    def _unmap_chunks(self, starts: list[int]) -> None:
+    def _unmap_chunks(self, starts: list[int], device_done: bool = False) -> None:
         for page in starts:
             chunk = self._chunks[page]
             start = self.pool.clock()
-            self._backend.unmap(self._addr(page), chunk.num_pages)
+            self._backend.unmap(self._addr(page), chunk.num_pages, device_done)
             self.pool.record_unmap(self.pool.clock() - start)
             del self._chunks[page]
             self._chunk_start[page : page + chunk.num_pages] = [_UNMAPPED] * chunk.num_pages

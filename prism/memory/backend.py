@@ -53,8 +53,10 @@ class MemoryBackend(ABC):
         """Map chunk at addr (page aligned, inside a reserved range) and make it accessible."""
 
     @abstractmethod
-    def unmap(self, addr: int, num_pages: int) -> None:
-        """Unmap exactly one earlier map() call's pages, starting at addr."""
+    def unmap(self, addr: int, num_pages: int, device_done: bool = False) -> None:
+        """Unmap exactly one earlier map() call's pages, starting at addr. `device_done`: the
+        caller knows that no queued kernel touches them any more (the backend need not wait
+        for the device first)."""
 
     @abstractmethod
     def tensor(self, base: int, num_bytes: int) -> torch.Tensor:

@@ -161,13 +161,14 @@ class CudaVmmBackend(MemoryBackend):
             raise
         self._mapped[addr] = num_bytes
 
-    def unmap(self, addr: int, num_pages: int) -> None:
+    def unmap(self, addr: int, num_pages: int, device_done: bool = False) -> None:
         num_bytes = num_pages * self.page_size
         if self._mapped.get(addr) != num_bytes:
             raise ValueError(f"{num_pages} pages at {addr:#x} were not mapped by one map() call")
         # Kernels queued earlier may still read or write these pages; unmapping under them
-        # would be a sticky fault.
-        self.synchronize()
+        # would be a sticky fault. cuMemUnmap itself does not wait for them.
+        if not device_done:
+            self.synchronize()
         self._call("cuMemUnmap", addr, num_bytes)
         del self._mapped[addr]
 

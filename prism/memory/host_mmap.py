@@ -122,7 +122,7 @@ class HostMmapBackend(MemoryBackend):
         touched = whole[offset : offset + num_bytes : _TOUCH_STRIDE]
         touched.copy_(touched.clone())
 
-    def unmap(self, addr: int, num_pages: int) -> None:
+    def unmap(self, addr: int, num_pages: int, device_done: bool = False) -> None:
         if self._mapped.get(addr) != num_pages:
             raise ValueError(f"{num_pages} pages at {addr:#x} were not mapped by one map() call")
         num_bytes = num_pages * self.page_size

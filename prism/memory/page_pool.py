@@ -12,6 +12,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from prism.memory.backend import MemoryBackend, PhysicalChunk
 
@@ -85,6 +86,7 @@ class PagePool:
         self._map_times: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
         self._unmap_times: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
         self._counts = collections.Counter()
+        self._reclaimers: list[Callable[[], None]] = []
         self._closed = False
         self.refill_spares()
 
@@ -155,6 +157,25 @@ class PagePool:
             self._used += num_pages
             self._holder[chunk.handle] = owner
             return chunk
+
+    def add_reclaimer(self, reclaim: Callable[[], None]) -> None:
+        """Register an owner's way to give back pages whose unmapping it deferred (until the
+        device has passed the kernels that used them): run before the pool says it is full."""
+        with self._lock:
+            self._reclaimers.append(reclaim)
+
+    def remove_reclaimer(self, reclaim: Callable[[], None]) -> None:
+        with self._lock:
+            if reclaim in self._reclaimers:
+                self._reclaimers.remove(reclaim)
+
+    def reclaim(self) -> None:
+        """Run every owner's reclaimer (without waiting for the device). Not under the pool's
+        lock: a reclaimer takes its own lock, then the pool's as it frees."""
+        with self._lock:
+            reclaimers = list(self._reclaimers)
+        for reclaim in reclaimers:
+            reclaim()
 
     def note_refusal(self) -> None:
         """Count a request refused by a caller that asked can_allocate() first."""

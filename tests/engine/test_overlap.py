@@ -163,3 +163,43 @@ def test_on_cuda_the_launch_never_waits_for_the_device(folder):
     finally:
         engine.close()
     assert_same_outputs(overlapped, plain)
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_page_freed_behind_queued_work_is_unmapped_later_without_waiting(folder):
+    """A request that finishes while the next step is queued frees KV pages that step may
+    still write: their unmap waits until the device has passed it, without the host waiting."""
+    import time
+
+    import torch
+
+    engine = engine_for(folder, device="cuda:0")
+    kv, pool, backend = engine.kv, engine.pool, engine.pool.backend
+    waits = []
+    synchronize = backend.synchronize
+    backend.synchronize = lambda: (waits.append(1), synchronize())
+    per_page = kv.pages_per_kv_page
+    try:
+        page = kv.layout.num_virtual_pages - 1  # one the block manager does not hold
+        before, mapped = pool.pages_of(kv.owner), kv.num_mapped_pages
+        assert kv.map_page(page) and pool.pages_of(kv.owner) == before + per_page
+        torch.cuda._sleep(1 << 30)  # about half a second of queued work on the model's stream
+        t0 = time.perf_counter()
+        kv.unmap_page(page)
+        assert time.perf_counter() - t0 < 0.05 and not waits
+        assert kv.num_mapped_pages == mapped and pool.pages_of(kv.owner) == before + per_page
+        assert kv.num_mappable_pages() >= 1  # the deferred page counts as room
+        assert kv.map_page(page) and pool.pages_of(kv.owner) == before + per_page  # kept, not remapped
+        kv.unmap_page(page)
+        kv.reclaim()  # the device has not passed the event yet
+        assert pool.pages_of(kv.owner) == before + per_page
+        torch.cuda.synchronize()
+        kv.reclaim()
+        assert pool.pages_of(kv.owner) == before and kv.num_mapped_pages == mapped
+        assert kv.map_page(page)
+        kv.unmap_page(page)  # nothing queued: unmapped at once
+        assert pool.pages_of(kv.owner) == before and not waits
+        outputs = engine.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))
+        assert len(outputs[0].token_ids) == 4
+    finally:
+        engine.close()

@@ -184,3 +184,26 @@ def test_timings_reach_the_pool(backend):
     assert stats.num_maps == 2 and stats.num_unmaps == 2
     assert stats.map_latency_s == (1.0, 1.0) and stats.unmap_latency_s == (1.0, 1.0)
     arena.close()
+
+
+def test_a_full_pool_runs_the_reclaimers_before_refusing(backend):
+    """An owner that deferred unmapping pages (until the device passed them) gives them back
+    when another arena is refused for lack of room: the map then succeeds."""
+    pool = PagePool(backend, 4, num_spare_pages=0)
+    kv, weights = Arena(pool, KV, 4 * PAGE), Arena(pool, W, 4 * PAGE)
+    assert kv.map(0, 3)
+    deferred = [1, 2]  # pages kv no longer uses but has not unmapped yet
+    calls = []
+
+    def reclaim():
+        calls.append(len(deferred))
+        while deferred:
+            kv.unmap(deferred.pop(), 1, device_done=True)
+
+    pool.add_reclaimer(reclaim)
+    assert weights.map(0, 1) and calls == []  # room enough: nothing reclaimed
+    assert weights.map(1, 2) and calls == [2]  # 1 + 3 + 2 > 4: the reclaimer freed two pages
+    assert pool.pages_of(KV) == 1 and pool.pages_of(W) == 3
+    pool.remove_reclaimer(reclaim)
+    assert not weights.map(3, 1) and calls == [2]  # full, and nobody left to reclaim
+    kv.close(), weights.close()
