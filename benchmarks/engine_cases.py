@@ -7,6 +7,7 @@ measured in the same run with its ratio).
 from __future__ import annotations
 
 import cProfile
+import gc
 import pstats
 import statistics
 import time
@@ -308,6 +309,17 @@ class StepTimes:
         self._wrap(engine.blocks, "map_ahead", "mapping ahead")
         self._wrap(engine.kv, "map_page", "KV pages mapped", count=True)
         self._wrap(engine.kv, "unmap_page", "KV pages unmapped", count=True)
+        self._gc_started = 0.0
+        gc.callbacks.append(self._time_gc)
+
+    def _time_gc(self, phase: str, info: dict) -> None:
+        """Python's garbage collections: a full one stops the host for the whole heap."""
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        label = f"garbage collection, generation {info['generation']}"
+        self.seconds[label] += time.perf_counter() - self._gc_started
+        self.steps[label] += 1
 
     def _wrap(self, obj, name: str, label: str, count_kind: bool = False, count: bool = False) -> None:
         inner = getattr(obj, name)
@@ -355,9 +367,12 @@ class StepTimes:
             busy = [a.elapsed_time(b) for a, b, k in self.events if k == kind]
             by_kind[kind] = dict(steps=len(busy), idle_before_ms=round(sum(mine) / 1e3, 3),
                                  idle_over_1ms=sum(g > 1e3 for g in mine), device_ms=round(sum(busy), 3))
-        return dict(mean=statistics.fmean(us), median=us[len(us) // 2], p90=us[int(len(us) * 0.9)], by_next_step=by_kind)
+        longest = sorted(range(len(gaps)), key=lambda i: -gaps[i][0])[:20]
+        return dict(mean=statistics.fmean(us), median=us[len(us) // 2], p90=us[int(len(us) * 0.9)], by_next_step=by_kind,
+                    longest=[dict(before_step=i + 1, kind=gaps[i][1], us=round(gaps[i][0])) for i in sorted(longest)])
 
     def restore(self) -> None:
+        gc.callbacks.remove(self._time_gc)
         for obj, name in reversed(self._undo):
             delattr(obj, name)  # back to the class's method
 
