@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import re
 import statistics
@@ -38,6 +37,7 @@ from prism.config import DeviceConfig, EngineConfig  # noqa: E402
 from prism.engine.llm_engine import LLMEngine  # noqa: E402
 from prism.engine.profiler import measure_h2d_bandwidth, timed_decode_steps  # noqa: E402
 from prism.kernels import decode_attention  # noqa: E402
+from prism.worker.process import freeze_startup_heap  # noqa: E402
 from prism.engine.sequence import ScheduledChunk, Sequence, StepPlan  # noqa: E402
 
 
@@ -168,8 +168,8 @@ def parse_args() -> argparse.Namespace:
                     help="also run offline with these (input, output) lengths (benchmarks/traces/azure-conv-lengths-1000.json)")
     ap.add_argument("--host-profile", type=int, default=0, metavar="N",
                     help="offline: also the host's N slowest functions (own wall time, cProfile) in a run with overlap")
-    ap.add_argument("--gc-freeze", action="store_true",
-                    help="gc.freeze() once the engine is built: full garbage collections no longer walk its objects")
+    ap.add_argument("--no-gc-freeze", action="store_true",
+                    help="leave the startup heap in Python's full garbage collections (the server's workers freeze it)")
     ap.add_argument("--max-seqs", type=int, default=256, help="engine's max_num_seqs (and CUDA graph batch) for offline")
     ap.add_argument("--decode-sweep", action="store_true",
                     help="first time the decode kernel's tile configurations at the largest batch; use the fastest")
@@ -202,9 +202,8 @@ def main() -> int:
     max_seqs = max(args.batches + [args.max_seqs if args.offline or args.offline_azure else 1])
     t0 = time.perf_counter()
     engine = build_engine(args.model, args, max_seqs)
-    if args.gc_freeze:
-        gc.collect()
-        gc.freeze()
+    if not args.no_gc_freeze:
+        freeze_startup_heap()  # as the server's device workers do once started
     print(f"engine ready in {time.perf_counter() - t0:.1f} s (kernels {engine.runner.model.ops.name}, "
           f"graphs {'off' if engine.runner.graphs is None else engine.runner.graphs.buckets})", flush=True)
     cases, extra, errors = run_cases(engine, args, ceilings)

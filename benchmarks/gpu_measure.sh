@@ -12,7 +12,7 @@
 #
 #   benchmarks/gpu_measure.sh [STEP...]     # STEP: tests gemm qwen kernels graphs pairs offline hostwaits
 #                                           # (default: all but offline and hostwaits)
-# hostwaits: the offline runs of the 8B (with and without gc.freeze) and the 1B at cap 1,024, with
+# hostwaits: the offline runs of the 8B (with and without the startup heap frozen) and the 1B at cap 1,024, with
 # the GPU's idle time by the kind of step waited for and the host's garbage collections.
 set -uo pipefail
 out=$(mktemp -d)
@@ -61,12 +61,12 @@ for step in $steps; do
                     --offline 1000 --max-seqs 1024
             done ;;
         hostwaits)
+            engine 8b-hostwaits-gc-unfrozen 110 --memory-gib "$mem" --model llama-3.1-8b:random --batches 1 --prefill \
+                --offline 1000 --max-seqs 1024 --no-gc-freeze
             engine 8b-hostwaits 110 --memory-gib "$mem" --model llama-3.1-8b:random --batches 1 --prefill \
                 --offline 1000 --max-seqs 1024
-            engine 8b-hostwaits-gcfreeze 110 --memory-gib "$mem" --model llama-3.1-8b:random --batches 1 --prefill \
-                --offline 1000 --max-seqs 1024 --gc-freeze
-            engine 1b-hostwaits-gcfreeze 60 --memory-gib "$mem" --model llama-3.2-1b:random --batches 1 --prefill \
-                --offline 1000 --max-seqs 1024 --gc-freeze ;;
+            engine 1b-hostwaits 60 --memory-gib "$mem" --model llama-3.2-1b:random --batches 1 --prefill \
+                --offline 1000 --max-seqs 1024 ;;
         *) echo "unknown step: $step" >&2; exit 2 ;;
     esac
 done

@@ -8,6 +8,7 @@ steps every `idle_tick_s` so idle models get evicted on time.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import multiprocessing as mp
@@ -107,6 +108,7 @@ def run_worker(config: WorkerConfig, inbox: zmq.Socket, outbox: zmq.Socket, idle
         traceback.print_exc()  # the whole story goes to the worker's stderr (the server log)
         send(msg.Failed(one_line(e)))
         return
+    freeze_startup_heap()
     try:
         send(msg.Ready(config.device.device_id, [worker.model_info(m) for m in worker.engines]))
         _serve(worker, inbox, send, idle_tick_s)
@@ -115,6 +117,16 @@ def run_worker(config: WorkerConfig, inbox: zmq.Socket, outbox: zmq.Socket, idle
         raise
     finally:
         worker.close()
+
+
+def freeze_startup_heap() -> None:
+    """Keep every object alive now (torch's and the libraries' modules, the models) out of
+    Python's full garbage collections for good, as vLLM and SGLang do once started: a full
+    collection walks every tracked object, and walking the startup heap stopped the host long
+    enough for the GPU to run dry between steps (benchmarks/results/engine-notes.md, session 12).
+    Garbage made since start-up is collected first, so none of it is kept."""
+    gc.collect()
+    gc.freeze()
 
 
 def _open_step_log(worker):
