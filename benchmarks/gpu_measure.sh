@@ -10,7 +10,7 @@
 # Every output is tarred into $OUT/measure-DATE.tgz after each step (the device tool brings back
 # a bounded number of files, and a call stopped at its limit still returns what $OUT holds).
 #
-#   benchmarks/gpu_measure.sh [STEP...]     # STEP: tests gemm qwen kernels graphs pairs offline hostwaits
+#   benchmarks/gpu_measure.sh [STEP...]     # STEP: tests tests-memory gemm qwen kernels graphs pairs offline small hostwaits
 #                                           # (default: all but offline and hostwaits)
 # hostwaits: the offline runs of the 8B (with and without the startup heap frozen) and the 1B at cap 1,024, with
 # the GPU's idle time by the kind of step waited for and the host's garbage collections.
@@ -43,10 +43,18 @@ engine() {  # NAME ESTIMATE_S ENGINE.PY ARGS...: one benchmarks/engine.py run, i
     run "$name" "$estimate" python3 benchmarks/engine.py --out "$out/$name.json" "$@"
 }
 
+small_models() {  # the engine table of llama-3.2-1b and qwen2.5-7b, cap 1,024
+    for model in llama-3.2-1b qwen2.5-7b; do
+        engine "$model-seqs1024" 130 --memory-gib "$mem" --model "$model:random" --batches 1 64 256 1024 \
+            --offline 1000 --max-seqs 1024
+    done
+}
+
 steps=${*:-tests gemm qwen kernels graphs pairs}
 for step in $steps; do
     case $step in
         tests) run tests 120 python3 -m pytest -q -s -m gpu tests/kernels tests/engine/test_profiler.py tests/engine/test_piecewise_graphs.py tests/worker/test_worker_own_pace.py ;;
+        tests-memory) run tests-memory 60 python3 -m pytest -q -m gpu tests/memory tests/engine/test_overlap.py tests/worker/test_worker_own_pace.py ;;
         gemm) run gemm 150 python3 benchmarks/gemm_shapes.py --quick --out "$out/gemm-shapes.json" ;;
         qwen) engine engine-qwen2.5-7b 150 --model qwen2.5-7b:random --offline 1000 --mixed 32:0 64:32 ;;
         kernels) engine engine-8b-profile 90 --model llama-3.1-8b:random --profile --batches 1 64 256 --prefill ;;
@@ -56,10 +64,8 @@ for step in $steps; do
         offline)
             engine 8b-seqs1024 170 --memory-gib "$mem" --model llama-3.1-8b:random --batches 1 64 256 --offline 1000 --max-seqs 1024
             engine 8b-seqs256 110 --memory-gib "$mem" --model llama-3.1-8b:random --batches 1 --prefill --offline 1000 --max-seqs 256
-            for model in llama-3.2-1b qwen2.5-7b; do
-                engine "$model-seqs1024" 130 --memory-gib "$mem" --model "$model:random" --batches 1 64 256 1024 \
-                    --offline 1000 --max-seqs 1024
-            done ;;
+            small_models ;;
+        small) small_models ;;
         hostwaits)
             engine 8b-hostwaits-gc-unfrozen 110 --memory-gib "$mem" --model llama-3.1-8b:random --batches 1 --prefill \
                 --offline 1000 --max-seqs 1024 --no-gc-freeze
