@@ -344,6 +344,8 @@ def print_table(result: dict) -> None:
             rate = (f"{c['output_tokens_per_s']:.0f} output tok/s; of the wall time: "
                     + ", ".join(f"{k} {v:.2f} s" + (f" ({counts[k]}x)" if counts[k] is not None else "")
                                 for k, v in sec.items()))
+            if c.get("allocator"):
+                rate += "; torch allocator: " + ", ".join(f"{k} {v}" for k, v in c["allocator"].items())
             if idle:
                 rate += f"; GPU idle between steps {idle['mean']:.0f} us mean, {idle['median']:.0f} median" + "".join(
                     f"; before {k} steps {v['idle_before_ms']:.0f} ms ({v['idle_over_1ms']} over 1 ms), "

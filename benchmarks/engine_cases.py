@@ -419,9 +419,22 @@ def _host_profile(engine, prompts, params, lengths, label, top: int) -> list[dic
     return found
 
 
+ALLOCATOR_EVENTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def _allocator_events(device: torch.device) -> dict[str, int]:
+    """torch's caching allocator counters: a retry frees its cached blocks (a device-wide
+    wait) because the device had no memory left for an activation."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: stats.get(k, 0) for k in ALLOCATOR_EVENTS}
+
+
 def _offline_run(engine, prompts, params, lengths, label) -> tuple[dict, list]:
     times = StepTimes(engine)
     synchronize(engine.device)
+    allocator_before = _allocator_events(engine.device)
     t0 = time.perf_counter()
     try:
         outs = engine.generate(prompts, params)
@@ -429,6 +442,7 @@ def _offline_run(engine, prompts, params, lengths, label) -> tuple[dict, list]:
     finally:
         times.restore()
     elapsed = time.perf_counter() - t0
+    allocator = {k: v - allocator_before[k] for k, v in _allocator_events(engine.device).items()}
     out_tokens = sum(len(o.token_ids) for o in outs)
     in_tokens = sum(n for n, _ in lengths)
     return dict(phase="offline", model=engine.source.name, lengths=label,
@@ -437,4 +451,4 @@ def _offline_run(engine, prompts, params, lengths, label) -> tuple[dict, list]:
                 time_ms=elapsed * 1e3, output_tokens=out_tokens,
                 output_tokens_per_s=out_tokens / elapsed, total_tokens_per_s=(out_tokens + in_tokens) / elapsed,
                 seconds={k: round(v, 6) for k, v in times.seconds.items()}, steps=dict(times.steps),
-                gpu_idle_between_steps_us=times.gpu_idle_between_steps_us()), [o.token_ids for o in outs]
+                gpu_idle_between_steps_us=times.gpu_idle_between_steps_us(), allocator=allocator), [o.token_ids for o in outs]

@@ -123,6 +123,8 @@ class PagedKVCache:
     def reclaim(self, wait: bool = False) -> None:
         """Unmap the pages whose deferred unmap's event has passed (`wait`: all of them,
         waiting for the device)."""
+        if not self._unmap_after:  # the common case, on every step: no lock taken
+            return
         n = self._pages_per_kv_page
         with self._lock:
             for page, passed in list(self._unmap_after.items()):
