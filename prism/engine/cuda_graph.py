@@ -23,6 +23,7 @@ import torch
 from prism.engine.attention import AttentionMetadata
 from prism.engine.kv_cache import PagedKVCache
 from prism.engine.llama import LlamaModel
+from prism.engine.transfer import padded_block_tables
 
 _POOLS: dict[torch.device, tuple] = {}
 
@@ -113,8 +114,8 @@ class DecodeGraphs:
         n = len(host.input_ids)
         bucket = self.bucket_for(n)
         graph, out = self._graphs[bucket]
-        width = max(len(t) for t in host.block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in host.block_tables], dtype=torch.int32)
+        tables = torch.from_numpy(padded_block_tables(host.block_tables))
+        width = tables.shape[1]
         ints = torch.tensor([host.input_ids, host.positions, host.slots], dtype=torch.long)
         self.input_ids[:n].copy_(ints[0], non_blocking=True)
         self.positions[:n].copy_(ints[1], non_blocking=True)

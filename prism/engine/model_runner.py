@@ -19,7 +19,7 @@ from prism.engine.kv_cache import PagedKVCache
 from prism.engine.llama import LlamaModel
 from prism.engine.sampler import LogprobsOnDevice, compute_logprobs, make_generator, sample
 from prism.engine.sequence import SampledToken, Sequence, StepPlan
-from prism.engine.transfer import HostResult, device_tensor, to_host_async
+from prism.engine.transfer import HostResult, device_tensor, padded_block_tables, to_host_async
 
 VECTORIZE_ABOVE = 16  # chunks longer than this compute their slots with numpy
 
@@ -134,12 +134,10 @@ class ModelRunner:
 
     def to_device(self, hb: HostBatch) -> DeviceBatch:
         lay = self.kv.layout
-        max_blocks = max((len(t) for t in hb.block_tables), default=0)
-        padded = [t + [0] * (max_blocks - len(t)) for t in hb.block_tables]
         starts = np.concatenate([[0], np.cumsum(hb.query_lens, dtype=np.int64)]).tolist()
         meta = AttentionMetadata(
             slot_mapping=self._tensor(hb.slots, torch.long),
-            block_tables=self._tensor(padded, torch.int32),
+            block_tables=self._tensor(padded_block_tables(hb.block_tables), torch.int32),
             context_lens=self._tensor(hb.context_lens, torch.int32),
             query_start_loc=self._tensor(starts, torch.int32),
             query_lens_host=hb.query_lens,

@@ -1,8 +1,12 @@
 """Step inputs to the device without waiting for the step in flight (engine/transfer.py)."""
+import random
+
+import numpy as np
 import pytest
 import torch
 
-from prism.engine.transfer import PINNED_STAGING_BYTES, HostResult, device_tensor, to_host_async
+from prism.engine.transfer import (PINNED_STAGING_BYTES, HostResult, device_tensor, padded_block_tables,
+                                   to_host_async)
 
 
 def sizes():
@@ -16,6 +20,17 @@ def test_on_the_cpu_the_host_tensor_is_the_result():
     out = device_tensor(data, torch.long, "cpu")
     assert out.dtype == torch.long and out.tolist() == data
     assert to_host_async(out) is out
+
+
+def test_block_tables_are_padded_with_block_zero_as_the_plain_lists_would_be():
+    rng = random.Random(3)
+    for num in (0, 1, 7, 300):
+        tables = [[rng.randrange(1, 10**6) for _ in range(rng.randrange(0, 40))] for _ in range(num)]
+        width = max(map(len, tables), default=0)
+        expected = [t + [0] * (width - len(t)) for t in tables]
+        got = padded_block_tables(tables)
+        assert got.dtype == np.int32 and got.shape == (num, width) and got.tolist() == expected
+        assert device_tensor(got, torch.int32, "cpu").tolist() == expected
 
 
 @pytest.mark.gpu
