@@ -8,9 +8,11 @@ exceed the budget releases spares first. Refusals are answers, never exceptions.
 from __future__ import annotations
 
 import collections
+import inspect
 import statistics
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -86,7 +88,7 @@ class PagePool:
         self._map_times: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
         self._unmap_times: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
         self._counts = collections.Counter()
-        self._reclaimers: list[Callable[[], None]] = []
+        self._reclaimers: list[Callable[[], Callable[[], None] | None]] = []  # weak where they can be
         self._closed = False
         self.refill_spares()
 
@@ -160,22 +162,24 @@ class PagePool:
 
     def add_reclaimer(self, reclaim: Callable[[], None]) -> None:
         """Register an owner's way to give back pages whose unmapping it deferred (until the
-        device has passed the kernels that used them): run before the pool says it is full."""
+        device has passed the kernels that used them): run before the pool says it is full.
+        A bound method is held weakly: registering does not keep its owner alive."""
+        ref = weakref.WeakMethod(reclaim) if inspect.ismethod(reclaim) else (lambda: reclaim)
         with self._lock:
-            self._reclaimers.append(reclaim)
+            self._reclaimers.append(ref)
 
     def remove_reclaimer(self, reclaim: Callable[[], None]) -> None:
         with self._lock:
-            if reclaim in self._reclaimers:
-                self._reclaimers.remove(reclaim)
+            self._reclaimers = [r for r in self._reclaimers if r() not in (None, reclaim)]
 
     def reclaim(self) -> None:
         """Run every owner's reclaimer (without waiting for the device). Not under the pool's
         lock: a reclaimer takes its own lock, then the pool's as it frees."""
         with self._lock:
-            reclaimers = list(self._reclaimers)
+            reclaimers = [r() for r in self._reclaimers]
         for reclaim in reclaimers:
-            reclaim()
+            if reclaim is not None:
+                reclaim()
 
     def note_refusal(self) -> None:
         """Count a request refused by a caller that asked can_allocate() first."""

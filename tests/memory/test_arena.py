@@ -207,3 +207,29 @@ def test_a_full_pool_runs_the_reclaimers_before_refusing(backend):
     pool.remove_reclaimer(reclaim)
     assert not weights.map(3, 1) and calls == [2]  # full, and nobody left to reclaim
     kv.close(), weights.close()
+
+
+def test_a_reclaimer_method_does_not_keep_its_owner_alive(backend):
+    import weakref
+
+    class Cache:
+        calls = 0
+
+        def reclaim(self):
+            Cache.calls += 1
+
+    pool = PagePool(backend, 4, num_spare_pages=0)
+    cache = Cache()
+    pool.add_reclaimer(cache.reclaim)
+    pool.reclaim()
+    assert Cache.calls == 1
+    alive = weakref.ref(cache)
+    del cache
+    assert alive() is None  # the pool held it weakly
+    pool.reclaim()
+    assert Cache.calls == 1
+    kept = Cache()
+    pool.add_reclaimer(kept.reclaim)
+    pool.remove_reclaimer(kept.reclaim)
+    pool.reclaim()
+    assert Cache.calls == 1
