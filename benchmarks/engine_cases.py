@@ -422,13 +422,20 @@ def _host_profile(engine, prompts, params, lengths, label, top: int) -> list[dic
 ALLOCATOR_EVENTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
 
 
+HOST_ALLOCATOR_EVENTS = ("num_host_alloc", "host_alloc_time.total")
+
+
 def _allocator_events(device: torch.device) -> dict[str, int]:
-    """torch's caching allocator counters: a retry frees its cached blocks (a device-wide
-    wait) because the device had no memory left for an activation."""
+    """torch's caching allocators' counters: a device retry frees its cached blocks (a
+    device-wide wait) because the device had no memory left for an activation; a new pinned
+    host block (num_host_alloc, host_alloc_time.total in us) is a cudaHostAlloc, which may
+    wait for the device too (step inputs are staged in pinned memory, transfer.py)."""
     if device.type != "cuda":
         return {}
     stats = torch.cuda.memory_stats(device)
-    return {k: stats.get(k, 0) for k in ALLOCATOR_EVENTS}
+    found = {k: stats.get(k, 0) for k in ALLOCATOR_EVENTS}
+    host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+    return found | {k: host.get(k, 0) for k in HOST_ALLOCATOR_EVENTS}
 
 
 def _offline_run(engine, prompts, params, lengths, label) -> tuple[dict, list]:
