@@ -420,8 +420,6 @@ def _host_profile(engine, prompts, params, lengths, label, top: int) -> list[dic
 
 
 ALLOCATOR_EVENTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
-
-
 HOST_ALLOCATOR_EVENTS = ("num_host_alloc", "host_alloc_time.total")
 
 
