@@ -48,6 +48,27 @@ def test_32_concurrent_requests_match_one_at_a_time(folder, device):
     assert all(len(o.token_ids) == sp.max_tokens for o, sp in zip(together, params))
 
 
+def test_generate_drops_token_events_as_it_goes(folder):
+    """Nobody streams generate()'s events: they must not pile up over a long batch (kept,
+    they would reach the old generation that every full garbage collection walks)."""
+    prompts, params = mixed_requests(32, seed=4)
+    engine = engine_for(folder)
+    pending_events = []
+    step = engine.step
+
+    def watched_step(*args, **kwargs):
+        pending_events.append(len(engine._events))
+        return step(*args, **kwargs)
+
+    engine.step = watched_step
+    try:
+        outputs = engine.generate(prompts, params)
+    finally:
+        engine.close()
+    assert sum(len(o.token_ids) for o in outputs) > 10 * len(prompts) > max(pending_events)
+    assert pending_events[0] == 0 and len(pending_events) > 10
+
+
 def test_burst_beyond_memory_preempts_and_loses_nothing(folder):
     # Short prompts are all admitted at once; their long outputs then outgrow the memory.
     prompts, params = mixed_requests(32, seed=1, max_prompt=30, max_output=80)
