@@ -102,6 +102,7 @@ class PagedKVCache:
     def map_page(self, page: int) -> bool:
         with self._lock:
             if self._unmap_after.pop(page, None) is not None:
+                self.pool.note_deferred(-self._pages_per_kv_page)
                 return True  # its deferred unmap had not happened: it is still mapped
         n = self._pages_per_kv_page
         return self._arena.map(page * n, n, chunk_pages=n)  # all or nothing
@@ -119,6 +120,7 @@ class PagedKVCache:
         passed.record(stream)
         with self._lock:
             self._unmap_after[page] = passed
+            self.pool.note_deferred(n)
 
     def reclaim(self, wait: bool = False) -> None:
         """Unmap the pages whose deferred unmap's event has passed (`wait`: all of them,
@@ -134,6 +136,7 @@ class PagedKVCache:
                     continue
                 del self._unmap_after[page]
                 self._arena.unmap(page * n, n, device_done=True)
+                self.pool.note_deferred(-n)
 
     # ---- lifetime ------------------------------------------------------------------------
     @property

@@ -89,6 +89,7 @@ class PagePool:
         self._unmap_times: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
         self._counts = collections.Counter()
         self._reclaimers: list[Callable[[], Callable[[], None] | None]] = []  # weak where they can be
+        self._deferred = 0  # pages whose owners deferred their unmapping (note_deferred)
         self._closed = False
         self.refill_spares()
 
@@ -172,9 +173,17 @@ class PagePool:
         with self._lock:
             self._reclaimers = [r for r in self._reclaimers if r() not in (None, reclaim)]
 
+    def note_deferred(self, num_pages: int) -> None:
+        """An owner deferred unmapping `num_pages` pages (negative: it unmapped or kept them
+        since). While none are, reclaim() costs one look: it runs on every room query."""
+        with self._lock:
+            self._deferred += num_pages
+
     def reclaim(self) -> None:
-        """Run every owner's reclaimer (without waiting for the device). Not under the pool's
-        lock: a reclaimer takes its own lock, then the pool's as it frees."""
+        """Run every owner's reclaimer (without waiting for the device) if any page waits.
+        Not under the pool's lock: a reclaimer takes its own lock, then the pool's as it frees."""
+        if not self._deferred:
+            return
         with self._lock:
             reclaimers = [r() for r in self._reclaimers]
         for reclaim in reclaimers:
