@@ -168,6 +168,8 @@ def parse_args() -> argparse.Namespace:
                     help="also run offline with these (input, output) lengths (benchmarks/traces/azure-conv-lengths-1000.json)")
     ap.add_argument("--host-profile", type=int, default=0, metavar="N",
                     help="offline: also the host's N slowest functions (own wall time, cProfile) in a run with overlap")
+    ap.add_argument("--api-profile", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                    help="offline: also the CUDA runtime calls of launches FIRST..LAST by host time (torch.profiler), overlap on")
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="leave the startup heap in Python's full garbage collections (the server's workers freeze it)")
     ap.add_argument("--max-seqs", type=int, default=256, help="engine's max_num_seqs (and CUDA graph batch) for offline")
@@ -259,7 +261,7 @@ def run_cases(engine: LLMEngine, args, ceilings: dict) -> tuple[list[dict], dict
     if args.offline:
         lens = [tuple(args.offline_lens)] * args.offline
         cases += attempt("offline", lambda: cases_mod.offline_case(engine, lens, f"{lens[0][0]}+{lens[0][1]}",
-                                                                                 args.host_profile))
+                                                                                 args.host_profile, args.api_profile))
     if args.offline_azure:
         pairs = [tuple(p) for p in json.loads(Path(args.offline_azure).read_text())["pairs"]]
         cases += attempt("offline azure", lambda: cases_mod.offline_case(engine, pairs, "azure conv"))
@@ -366,6 +368,9 @@ def print_table(result: dict) -> None:
             rate = f"{c['tokens_per_s']:.0f} tok/s" + (f", {c['per_op_ratio']:.2f}x per operation" if "per_op_ratio" in c else "")
         ceiling = f"{c['roofline_ms']:>10.2f} {c['roofline_ratio']:>6.2f}" if "roofline_ms" in c else f"{'':>17}"
         print(f"{what:>18} {batch:>5} {ctx:>9} {c['time_ms']:>9.2f} {ceiling}  {rate}")
+        for gap in (c.get("gpu_idle_between_steps_us") or {}).get("longest", [])[:8]:
+            print("    idle before step " + ", ".join(f"{k} {v}" for k, v in gap.items() if k != "before_step")
+                  + f" (step {gap['before_step']})")
 
 
 if __name__ == "__main__":

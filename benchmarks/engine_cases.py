@@ -296,11 +296,13 @@ class StepTimes:
     def __init__(self, engine: LLMEngine):
         self.seconds: dict[str, float] = defaultdict(float)
         self.steps: dict[str, int] = defaultdict(int)
-        self.events: list[tuple] = []  # (started, ended, kind) of each step's device work
+        self.events: list[tuple] = []  # (started, ended, kind, host start, host end) of each launch
         self.cuda = engine.device.type == "cuda"
+        self._clock: tuple | None = None  # (event, perf_counter) at one instant: GPU and host times on one axis
+        self._batch_built = None  # an event recorded once the launching step's inputs were built
         self._undo = []
         self._wrap(engine.scheduler, "schedule", "schedule")
-        self._wrap(engine.runner, "host_batch", "host batch (inside the steps)")
+        self._wrap(engine.runner, "host_batch", "host batch (inside the steps)", marks_start=True)
         self._wrap(engine.runner, "launch", "", count_kind=True)  # forward + sampling queued, by kind
         self._wrap(engine.runner, "collect", "waiting for tokens")
         self._wrap(engine.scheduler, "commit", "commit")
@@ -312,6 +314,14 @@ class StepTimes:
         self._gc_started = 0.0
         gc.callbacks.append(self._time_gc)
 
+    def start_clock(self) -> None:
+        """Call with the device idle: an event recorded now is reached at once, so later events'
+        times from it and the host's perf_counter from now share one axis (to tens of us)."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._clock = (event, time.perf_counter())
+
     def _time_gc(self, phase: str, info: dict) -> None:
         """Python's garbage collections: a full one stops the host for the whole heap."""
         if phase == "start":
@@ -321,26 +331,32 @@ class StepTimes:
         self.seconds[label] += time.perf_counter() - self._gc_started
         self.steps[label] += 1
 
-    def _wrap(self, obj, name: str, label: str, count_kind: bool = False, count: bool = False) -> None:
+    def _wrap(self, obj, name: str, label: str, count_kind: bool = False, count: bool = False,
+              marks_start: bool = False) -> None:
+        """count_kind: the launch, timed by the kind of step, with events around its device
+        work; its device work starts once the host has built the step's inputs (marks_start:
+        host_batch), so the GPU's idle time counts that host time too."""
         inner = getattr(obj, name)
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             if count_kind and self.cuda:
-                started = torch.cuda.Event(enable_timing=True)
-                started.record()
+                self._batch_built = None
             try:
                 return inner(*args, **kwargs)
             finally:
+                if marks_start and self.cuda:
+                    self._batch_built = torch.cuda.Event(enable_timing=True)
+                    self._batch_built.record()
                 if count_kind:
                     plan = args[0]
                     kind = "decode" if all(c.num_tokens == 1 for c in plan.chunks) else "mixed"
                     self.steps[kind] += 1
                     self.seconds[f"{kind} steps"] += time.perf_counter() - t0
-                    if self.cuda:
+                    if self.cuda and self._batch_built is not None:
                         ended = torch.cuda.Event(enable_timing=True)
                         ended.record()
-                        self.events.append((started, ended, kind))
+                        self.events.append((self._batch_built, ended, kind, t0, time.perf_counter()))
                 else:
                     self.seconds[label] += time.perf_counter() - t0
                     if count:
@@ -358,18 +374,33 @@ class StepTimes:
         and by the kind of step waited for (with its steps' device time beside it)."""
         if len(self.events) < 2:
             return {}
-        gaps = [(max(0.0, a_end.elapsed_time(b_start)) * 1e3, kind)
-                for (_, a_end, _), (b_start, _, kind) in zip(self.events, self.events[1:])]
+        gaps = [(max(0.0, a[1].elapsed_time(b[0])) * 1e3, b[2]) for a, b in zip(self.events, self.events[1:])]
         us = sorted(g for g, _ in gaps)
         by_kind = {}
-        for kind in sorted({k for _, _, k in self.events}):
+        for kind in sorted({e[2] for e in self.events}):
             mine = [g for g, k in gaps if k == kind]
-            busy = [a.elapsed_time(b) for a, b, k in self.events if k == kind]
+            busy = [e[0].elapsed_time(e[1]) for e in self.events if e[2] == kind]
             by_kind[kind] = dict(steps=len(busy), idle_before_ms=round(sum(mine) / 1e3, 3),
                                  idle_over_1ms=sum(g > 1e3 for g in mine), device_ms=round(sum(busy), 3))
         longest = sorted(range(len(gaps)), key=lambda i: -gaps[i][0])[:20]
         return dict(mean=statistics.fmean(us), median=us[len(us) // 2], p90=us[int(len(us) * 0.9)], by_next_step=by_kind,
-                    longest=[dict(before_step=i + 1, kind=gaps[i][1], us=round(gaps[i][0])) for i in sorted(longest)])
+                    longest=[dict(before_step=i + 1, kind=gaps[i][1], us=round(gaps[i][0])) | self._timeline(i + 1)
+                             for i in sorted(longest)])
+
+    def _timeline(self, i: int) -> dict:
+        """What the host did around the GPU's idle time before step i, in us on one axis with
+        the GPU (start_clock): when the previous launch call began and returned against when
+        the GPU finished that step's work, and when step i's launch call began. A launch that
+        returns only as its own work ends had waited for the device inside (a synchronizing
+        call, a full launch queue); one that returned early left the host time to build step i."""
+        if self._clock is None:
+            return {}
+        ref, host0 = self._clock
+        prev, this = self.events[i - 1], self.events[i]
+        gpu_end = ref.elapsed_time(prev[1]) * 1e3
+        return dict(previous_launch_us=round((prev[4] - prev[3]) * 1e6),
+                    previous_launch_returned_before_its_gpu_end_us=round(gpu_end - (prev[4] - host0) * 1e6),
+                    launch_began_after_gpu_end_us=round((this[3] - host0) * 1e6 - gpu_end))
 
     def restore(self) -> None:
         gc.callbacks.remove(self._time_gc)
@@ -378,12 +409,15 @@ class StepTimes:
 
 
 def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str,
-                 host_profile: int = 0) -> list[dict]:
+                 host_profile: int = 0, api_profile: tuple[int, int] | None = None) -> list[dict]:
     """All requests submitted at once to engine.generate (continuous batching); output tokens
     per second, where the wall time went and the GPU's idle time between steps: with overlap
     (the engine's default) and without, on the same engine. `host_profile` > 0: that many of
     the host's functions by own wall time (cProfile) in a third run with overlap, which shows
-    what the host waits in (a call that waits for the device is slow in itself)."""
+    what the host waits in (a call that waits for the device is slow in itself). `api_profile`
+    (first, last launch): the CUDA runtime calls of those steps by host time (torch.profiler)
+    in another run with overlap: a launch queue that is full shows as slow kernel launches, a
+    synchronizing copy or wait as a slow call of its own."""
     prompts = random_prompts(engine.config.vocab_size, [n for n, _ in lengths])
     params = [SamplingParams(temperature=0, max_tokens=out, ignore_eos=True) for _, out in lengths]
     engine.generate(prompts[:8], params[:8])  # warm-up
@@ -400,7 +434,39 @@ def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str,
         rows[0]["same_tokens_as_without_overlap"] = tokens[True] == tokens[False]
     if host_profile:
         rows[0]["host_profile"] = _host_profile(engine, prompts, params, lengths, label, host_profile)
+    if api_profile:
+        rows[0]["api_profile"] = _api_profile(engine, prompts, params, lengths, label, *api_profile)
     return rows
+
+
+def _api_profile(engine, prompts, params, lengths, label, first: int, last: int, top: int = 16) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (engine.device.type == "cuda"))
+    launch, launched = engine.runner.launch, [0]
+
+    def windowed(plan, after):
+        launched[0] += 1
+        if launched[0] == first:
+            prof.start()
+        try:
+            return launch(plan, after)
+        finally:
+            if launched[0] == last:
+                prof.stop()
+
+    engine.runner.launch = windowed
+    try:
+        _offline_run(engine, prompts, params, lengths, label)
+    finally:
+        vars(engine.runner).pop("launch", None)  # StepTimes.restore may have removed it already
+    averages = prof.key_averages()
+    runtime = sorted((a for a in averages if a.key.startswith("cu")), key=lambda a: -a.self_cpu_time_total)[:top]
+    found = [dict(call=a.key, calls=a.count, host_ms=round(a.self_cpu_time_total / 1e3, 3),
+                  mean_us=round(a.self_cpu_time_total / max(1, a.count), 1)) for a in runtime]
+    for r in found:
+        print(f"  {r['host_ms']:9.3f} ms {r['calls']:7d}x {r['mean_us']:9.1f} us  {r['call']}", flush=True)
+    return dict(launches=[first, last], runtime_calls=found)
 
 
 def _host_profile(engine, prompts, params, lengths, label, top: int) -> list[dict]:
@@ -439,6 +505,7 @@ def _allocator_events(device: torch.device) -> dict[str, int]:
 def _offline_run(engine, prompts, params, lengths, label) -> tuple[dict, list]:
     times = StepTimes(engine)
     synchronize(engine.device)
+    times.start_clock()
     allocator_before = _allocator_events(engine.device)
     t0 = time.perf_counter()
     try:

@@ -10,12 +10,13 @@
 # Every output is tarred into $OUT/measure-DATE.tgz after each step (the device tool brings back
 # a bounded number of files, and a call stopped at its limit still returns what $OUT holds).
 #
-#   benchmarks/gpu_measure.sh [STEP...]     # STEP: tests tests-memory gemm qwen kernels graphs pairs offline small hostwaits microbatch
+#   benchmarks/gpu_measure.sh [STEP...]     # STEP: tests tests-memory gemm qwen kernels graphs pairs offline small hostwaits microbatch graphs8192
 #                                           # (default: tests gemm qwen kernels graphs pairs)
 # microbatch: two 8B decodes side by side on two streams against alternated at batches up to 256
 # (context 512, to fit an H100): the most that running a large batch as two halves whose
 # attention and GEMMs overlap could gain (issue 16's offline target needs that overlap).
-# hostwaits: the offline runs of the 8B (with and without the startup heap frozen) and the 1B at cap 1,024, with
+# graphs8192: the 8B offline run with every step of prefill up to 8,192 tokens as piecewise graphs.
+# hostwaits: the offline runs of the 8B and the 1B at cap 1,024, with
 # the GPU's idle time by the kind of step waited for and the host's garbage collections.
 set -uo pipefail
 out=$(mktemp -d)
@@ -72,12 +73,12 @@ for step in $steps; do
         microbatch) engine 8b-two-streams-large 150 --memory-gib "${MEMORY_GIB:-70}" --model llama-3.1-8b:random \
                         --batches 1 --prefill --context 512 --two-streams 64 128 256 ;;
         hostwaits)
-            engine 8b-hostwaits-gc-unfrozen 110 --memory-gib "$mem" --model llama-3.1-8b:random --batches 1 --prefill \
-                --offline 1000 --max-seqs 1024 --no-gc-freeze
-            engine 8b-hostwaits 110 --memory-gib "$mem" --model llama-3.1-8b:random --batches 1 --prefill \
-                --offline 1000 --max-seqs 1024
+            engine 8b-hostwaits 150 --memory-gib "$mem" --model llama-3.1-8b:random --batches 1 --prefill \
+                --offline 1000 --max-seqs 1024 --api-profile "${API_FIRST:-10}" "${API_LAST:-16}"
             engine 1b-hostwaits 60 --memory-gib "$mem" --model llama-3.2-1b:random --batches 1 --prefill \
                 --offline 1000 --max-seqs 1024 ;;
+        graphs8192) engine 8b-graphs8192 170 --memory-gib "$mem" --model llama-3.1-8b:random --batches 1 --prefill \
+                        --offline 1000 --max-seqs 1024 --graph-tokens 8192 ;;
         *) echo "unknown step: $step" >&2; exit 2 ;;
     esac
 done

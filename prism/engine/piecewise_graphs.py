@@ -24,7 +24,7 @@ from prism.engine.attention import AttentionMetadata
 from prism.engine.kv_cache import PagedKVCache
 from prism.engine.llama import LlamaModel
 
-DEFAULT_BUCKETS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+DEFAULT_BUCKETS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
 def token_buckets(max_tokens: int) -> list[int]:

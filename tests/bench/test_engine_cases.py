@@ -25,11 +25,13 @@ def tiny_engine(tiny_checkpoint, **kw):
 def test_offline_case_counts_tokens_and_splits_the_wall_time(tiny_checkpoint):
     engine = tiny_engine(tiny_checkpoint)
     try:
-        with_overlap, without = engine_cases.offline_case(engine, [(20, 5), (7, 3), (33, 4)], "mixed", host_profile=5)
+        with_overlap, without = engine_cases.offline_case(engine, [(20, 5), (7, 3), (33, 4)], "mixed", host_profile=5,
+                                                            api_profile=(1, 3))
         assert (with_overlap["overlap"], without["overlap"]) == (True, False) and engine.overlap
         profile = with_overlap["host_profile"]
         assert len(profile) == 5 and profile[0]["own_s"] >= profile[-1]["own_s"] and profile[0]["calls"] >= 1
         assert with_overlap["same_tokens_as_without_overlap"]
+        assert with_overlap["api_profile"] == dict(launches=[1, 3], runtime_calls=[])  # CUDA calls: none on the CPU
         for case in (with_overlap, without):
             assert case["output_tokens"] == 12 and case["requests"] == 3
             assert case["steps"]["mixed"] >= 1 and case["steps"]["decode"] >= 1

@@ -25,7 +25,7 @@ def test_buckets_cover_every_size_up_to_the_largest():
     assert token_buckets(256) == [16, 32, 64, 96, 128, 192, 256]
     assert token_buckets(100) == [16, 32, 64, 96] and token_buckets(8) == [8]
     assert token_buckets(2048)[-3:] == [1024, 1536, 2048]
-    big = token_buckets(4096)
+    big = token_buckets(8192)
     assert all(b / a <= 1.5 for a, b in zip(big[6:], big[7:]))  # padding under half a step beyond 256
 
 
