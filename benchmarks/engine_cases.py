@@ -300,6 +300,8 @@ class StepTimes:
         self.cuda = engine.device.type == "cuda"
         self._clock: tuple | None = None  # (event, perf_counter) at one instant: GPU and host times on one axis
         self._batch_built = None  # an event recorded once the launching step's inputs were built
+        self._marks: list[float] = []  # host times in the launching step: its inputs built, each attention call
+        self.marks: list[list[float]] = []  # of each launch, in ms from its start
         self._undo = []
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.runner, "host_batch", "host batch (inside the steps)", marks_start=True)
@@ -309,10 +311,23 @@ class StepTimes:
         self._wrap(engine, "step", "engine.step (all of the above and bookkeeping)")
         self._wrap(engine, "_process_tokens", "processing tokens")
         self._wrap(engine.blocks, "map_ahead", "mapping ahead")
+        self._mark_calls(engine.runner.model, "attention")
         self._wrap(engine.kv, "map_page", "KV pages mapped", count=True)
         self._wrap(engine.kv, "unmap_page", "KV pages unmapped", count=True)
         self._gc_started = 0.0
         gc.callbacks.append(self._time_gc)
+
+    def _mark_calls(self, obj, name: str) -> None:
+        """The host time of every call of obj.name within a launch (where the host is while
+        it queues a step layer by layer)."""
+        inner = getattr(obj, name)
+
+        def marked(*args, **kwargs):
+            self._marks.append(time.perf_counter())
+            return inner(*args, **kwargs)
+
+        setattr(obj, name, marked)
+        self._undo.append((obj, name))
 
     def start_clock(self) -> None:
         """Call with the device idle: an event recorded now is reached at once, so later events'
@@ -340,20 +355,23 @@ class StepTimes:
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
-            if count_kind and self.cuda:
-                self._batch_built = None
+            if count_kind:
+                self._batch_built, self._marks = None, []
             try:
                 return inner(*args, **kwargs)
             finally:
-                if marks_start and self.cuda:
-                    self._batch_built = torch.cuda.Event(enable_timing=True)
-                    self._batch_built.record()
+                if marks_start:
+                    self._marks.append(time.perf_counter())
+                    if self.cuda:
+                        self._batch_built = torch.cuda.Event(enable_timing=True)
+                        self._batch_built.record()
                 if count_kind:
                     plan = args[0]
                     kind = "decode" if all(c.num_tokens == 1 for c in plan.chunks) else "mixed"
                     self.steps[kind] += 1
                     self.seconds[f"{kind} steps"] += time.perf_counter() - t0
                     if self.cuda and self._batch_built is not None:
+                        self.marks.append([round((m - t0) * 1e3, 3) for m in self._marks])
                         ended = torch.cuda.Event(enable_timing=True)
                         ended.record()
                         self.events.append((self._batch_built, ended, kind, t0, time.perf_counter()))
@@ -402,6 +420,17 @@ class StepTimes:
                     previous_launch_returned_before_its_gpu_end_us=round(gpu_end - (prev[4] - host0) * 1e6),
                     launch_began_after_gpu_end_us=round((this[3] - host0) * 1e6 - gpu_end))
 
+    def timeline(self) -> list[dict]:
+        """Every launch on one axis with the GPU (ms from start_clock): the host's launch call,
+        the GPU's span of the step's work, and where the host was inside the call (ms from its
+        start: the inputs built, then each attention call of an eager step)."""
+        if self._clock is None:
+            return []
+        ref, host0 = self._clock
+        return [dict(kind=kind, host=[round((a - host0) * 1e3, 3), round((b - host0) * 1e3, 3)],
+                     gpu=[round(ref.elapsed_time(started), 3), round(ref.elapsed_time(ended), 3)], marks=marks)
+                for (started, ended, kind, a, b), marks in zip(self.events, self.marks)]
+
     def restore(self) -> None:
         gc.callbacks.remove(self._time_gc)
         for obj, name in reversed(self._undo):
@@ -415,7 +444,7 @@ def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str,
     (the engine's default) and without, on the same engine. `host_profile` > 0: that many of
     the host's functions by own wall time (cProfile) in a third run with overlap, which shows
     what the host waits in (a call that waits for the device is slow in itself). `api_profile`
-    (first, last launch): the CUDA runtime calls of those steps by host time (torch.profiler)
+    (first, last launch): the host calls of those steps (CUDA runtime, torch ops) by host time (torch.profiler)
     in another run with overlap: a launch queue that is full shows as slow kernel launches, a
     synchronizing copy or wait as a slow call of its own."""
     prompts = random_prompts(engine.config.vocab_size, [n for n, _ in lengths])
@@ -461,12 +490,12 @@ def _api_profile(engine, prompts, params, lengths, label, first: int, last: int,
     finally:
         vars(engine.runner).pop("launch", None)  # StepTimes.restore may have removed it already
     averages = prof.key_averages()
-    runtime = sorted((a for a in averages if a.key.startswith("cu")), key=lambda a: -a.self_cpu_time_total)[:top]
+    runtime = sorted(averages, key=lambda a: -a.self_cpu_time_total)[:top]  # CUDA runtime calls and torch ops
     found = [dict(call=a.key, calls=a.count, host_ms=round(a.self_cpu_time_total / 1e3, 3),
                   mean_us=round(a.self_cpu_time_total / max(1, a.count), 1)) for a in runtime]
     for r in found:
         print(f"  {r['host_ms']:9.3f} ms {r['calls']:7d}x {r['mean_us']:9.1f} us  {r['call']}", flush=True)
-    return dict(launches=[first, last], runtime_calls=found)
+    return dict(launches=[first, last], host_calls=found)
 
 
 def _host_profile(engine, prompts, params, lengths, label, top: int) -> list[dict]:
@@ -523,4 +552,5 @@ def _offline_run(engine, prompts, params, lengths, label) -> tuple[dict, list]:
                 time_ms=elapsed * 1e3, output_tokens=out_tokens,
                 output_tokens_per_s=out_tokens / elapsed, total_tokens_per_s=(out_tokens + in_tokens) / elapsed,
                 seconds={k: round(v, 6) for k, v in times.seconds.items()}, steps=dict(times.steps),
-                gpu_idle_between_steps_us=times.gpu_idle_between_steps_us(), allocator=allocator), [o.token_ids for o in outs]
+                gpu_idle_between_steps_us=times.gpu_idle_between_steps_us(), allocator=allocator,
+                timeline=times.timeline()), [o.token_ids for o in outs]

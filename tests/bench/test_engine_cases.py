@@ -31,7 +31,8 @@ def test_offline_case_counts_tokens_and_splits_the_wall_time(tiny_checkpoint):
         profile = with_overlap["host_profile"]
         assert len(profile) == 5 and profile[0]["own_s"] >= profile[-1]["own_s"] and profile[0]["calls"] >= 1
         assert with_overlap["same_tokens_as_without_overlap"]
-        assert with_overlap["api_profile"] == dict(launches=[1, 3], runtime_calls=[])  # CUDA calls: none on the CPU
+        api = with_overlap["api_profile"]
+        assert api["launches"] == [1, 3] and api["host_calls"] and not any(c["call"].startswith("cuda") for c in api["host_calls"])
         for case in (with_overlap, without):
             assert case["output_tokens"] == 12 and case["requests"] == 3
             assert case["steps"]["mixed"] >= 1 and case["steps"]["decode"] >= 1
