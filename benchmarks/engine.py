@@ -169,7 +169,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--host-profile", type=int, default=0, metavar="N",
                     help="offline: also the host's N slowest functions (own wall time, cProfile) in a run with overlap")
     ap.add_argument("--api-profile", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
-                    help="offline: also the host calls (CUDA runtime, torch ops) of launches FIRST..LAST by host time (torch.profiler), overlap on")
+                    help="offline: also the host calls (CUDA runtime, torch ops) of launches FIRST..LAST "
+                         "by host time (torch.profiler), overlap on")
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="leave the startup heap in Python's full garbage collections (the server's workers freeze it)")
     ap.add_argument("--max-seqs", type=int, default=256, help="engine's max_num_seqs (and CUDA graph batch) for offline")

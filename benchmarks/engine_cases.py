@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -300,8 +301,8 @@ class StepTimes:
         self.cuda = engine.device.type == "cuda"
         self._clock: tuple | None = None  # (event, perf_counter) at one instant: GPU and host times on one axis
         self._batch_built = None  # an event recorded once the launching step's inputs were built
-        self._marks: list[float] = []  # host times in the launching step: its inputs built, each attention call
-        self.marks: list[list[float]] = []  # of each launch, in ms from its start
+        self._marks: list[tuple[str, float]] = []  # (what, host time) in the launching step
+        self.marks: list[list] = []  # of each launch: [what, ms from its start]
         self._undo = []
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.runner, "host_batch", "host batch (inside the steps)", marks_start=True)
@@ -311,7 +312,10 @@ class StepTimes:
         self._wrap(engine, "step", "engine.step (all of the above and bookkeeping)")
         self._wrap(engine, "_process_tokens", "processing tokens")
         self._wrap(engine.blocks, "map_ahead", "mapping ahead")
-        self._mark_calls(engine.runner.model, "attention")
+        import prism.engine.model_runner as runner_module
+        for obj, name in ((engine.runner, "to_device"), (engine.runner.model, "attention"),
+                          (engine.runner.model, "logits"), (runner_module, "sample"), (runner_module, "to_host_async")):
+            self._mark_calls(obj, name)
         self._wrap(engine.kv, "map_page", "KV pages mapped", count=True)
         self._wrap(engine.kv, "unmap_page", "KV pages unmapped", count=True)
         self._gc_started = 0.0
@@ -319,15 +323,15 @@ class StepTimes:
 
     def _mark_calls(self, obj, name: str) -> None:
         """The host time of every call of obj.name within a launch (where the host is while
-        it queues a step layer by layer)."""
+        it queues a step: its inputs copied, each layer's attention, the logits, sampling)."""
         inner = getattr(obj, name)
 
         def marked(*args, **kwargs):
-            self._marks.append(time.perf_counter())
+            self._marks.append((name, time.perf_counter()))
             return inner(*args, **kwargs)
 
         setattr(obj, name, marked)
-        self._undo.append((obj, name))
+        self._undo.append((obj, name, inner if isinstance(obj, ModuleType) else None))
 
     def start_clock(self) -> None:
         """Call with the device idle: an event recorded now is reached at once, so later events'
@@ -341,6 +345,7 @@ class StepTimes:
         """Python's garbage collections: a full one stops the host for the whole heap."""
         if phase == "start":
             self._gc_started = time.perf_counter()
+            self._marks.append((f"gc {info['generation']}", self._gc_started))
             return
         label = f"garbage collection, generation {info['generation']}"
         self.seconds[label] += time.perf_counter() - self._gc_started
@@ -361,7 +366,7 @@ class StepTimes:
                 return inner(*args, **kwargs)
             finally:
                 if marks_start:
-                    self._marks.append(time.perf_counter())
+                    self._marks.append(("built", time.perf_counter()))
                     if self.cuda:
                         self._batch_built = torch.cuda.Event(enable_timing=True)
                         self._batch_built.record()
@@ -371,7 +376,7 @@ class StepTimes:
                     self.steps[kind] += 1
                     self.seconds[f"{kind} steps"] += time.perf_counter() - t0
                     if self.cuda and self._batch_built is not None:
-                        self.marks.append([round((m - t0) * 1e3, 3) for m in self._marks])
+                        self.marks.append(_runs([(what, round((m - t0) * 1e3, 3)) for what, m in self._marks]))
                         ended = torch.cuda.Event(enable_timing=True)
                         ended.record()
                         self.events.append((self._batch_built, ended, kind, t0, time.perf_counter()))
@@ -384,7 +389,7 @@ class StepTimes:
             self.steps[label] = self.seconds[label] = 0  # reported when never called too
 
         setattr(obj, name, timed)
-        self._undo.append((obj, name))
+        self._undo.append((obj, name, None))
 
     def gpu_idle_between_steps_us(self) -> dict:
         """The GPU's idle time from the end of one step's work to the start of the next's
@@ -433,8 +438,23 @@ class StepTimes:
 
     def restore(self) -> None:
         gc.callbacks.remove(self._time_gc)
-        for obj, name in reversed(self._undo):
-            delattr(obj, name)  # back to the class's method
+        for obj, name, original in reversed(self._undo):
+            if original is not None:  # a module's function
+                setattr(obj, name, original)
+            else:
+                delattr(obj, name)  # back to the class's method
+
+
+def _runs(marks: list[tuple[str, float]]) -> list[list]:
+    """Consecutive marks of one kind as [what, first ms, last ms, count] (32 attention calls
+    in one entry)."""
+    out: list[list] = []
+    for what, ms in marks:
+        if out and out[-1][0] == what:
+            out[-1][2], out[-1][3] = ms, out[-1][3] + 1
+        else:
+            out.append([what, ms, ms, 1])
+    return out
 
 
 def offline_case(engine: LLMEngine, lengths: list[tuple[int, int]], label: str,
