@@ -159,6 +159,7 @@ class DeviceExecutor:
         graph_tokens = min(engine_config.mixed_graph_max_tokens, engine_config.max_num_batched_tokens)
         if self.device.type == "cuda" and ops.name == "triton":
             self.runner.capture_graphs(graph_batch, graph_tokens, self.max_model_len, private_pool=own_stream)
+            self.runner.launch_every_gemm(engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
             self._warm_up_eager_kernels()
 
     def _warm_up_eager_kernels(self) -> None:

@@ -182,6 +182,13 @@ class LlamaModel:
             mlp = tp.all_reduce(mlp)
         return ops.add_rms_norm(mlp, h, next_norm, eps)
 
+    def projections(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of each linear layer of a block, as forward applies them: every
+        block has the same shapes."""
+        layer = self.layers[0]
+        return [(layer.qkv, layer.qkv_bias), (layer.o, layer.o_bias if self.tp is None else None),
+                (layer.gate_up, None), (layer.down, None)]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the whole vocabulary (on every rank of a TP group)."""
         logits = F.linear(hidden, self.lm_head)

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from prism.engine.attention import AttentionMetadata
 from prism.engine.cuda_graph import DecodeGraphs, HostDecodeBatch, shared_pool
@@ -22,6 +23,13 @@ from prism.engine.sequence import SampledToken, Sequence, StepPlan
 from prism.engine.transfer import HostResult, device_tensor, padded_block_tables, to_host_async
 
 VECTORIZE_ABOVE = 16  # chunks longer than this compute their slots with numpy
+
+# On CUDA an eager step with prefill pads its rows to a multiple of this (padding rows store no
+# KV and are never attended nor sampled). cuBLAS picks its kernel by the row count, and the
+# first launch of a kernel in the process waits for everything queued on the device (measured:
+# benchmarks/first_use_waits.py), which with overlap stalls the host for a whole step. With
+# padded row counts, startup can launch every GEMM shape that steps will meet (launch_every_gemm).
+EAGER_ROW_MULTIPLE = 32
 
 
 @dataclass
@@ -81,6 +89,7 @@ class ModelRunner:
         self.device = device
         self.stream = stream
         self._generators: dict[str, torch.Generator | None] = {}
+        self.eager_row_multiple = 1  # EAGER_ROW_MULTIPLE once launch_every_gemm ran (CUDA)
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
 
@@ -132,11 +141,14 @@ class ModelRunner:
     def prepare(self, plan: StepPlan) -> DeviceBatch:
         return self.to_device(self.host_batch(plan))
 
-    def to_device(self, hb: HostBatch) -> DeviceBatch:
+    def to_device(self, hb: HostBatch, row_multiple: int = 1) -> DeviceBatch:
+        """The step's tensors; `row_multiple`: its token rows padded to a multiple of this
+        (the padding stores no KV: slot -1)."""
         lay = self.kv.layout
         starts = np.concatenate([[0], np.cumsum(hb.query_lens, dtype=np.int64)]).tolist()
+        pad = -len(hb.input_ids) % row_multiple
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(hb.slots, torch.long),
+            slot_mapping=self._tensor(hb.slots + [-1] * pad, torch.long),
             block_tables=self._tensor(padded_block_tables(hb.block_tables), torch.int32),
             context_lens=self._tensor(hb.context_lens, torch.int32),
             query_start_loc=self._tensor(starts, torch.int32),
@@ -149,8 +161,8 @@ class ModelRunner:
             max_context_len=max(hb.context_lens, default=0),
         )
         return DeviceBatch(
-            input_ids=self._tensor(hb.input_ids, torch.long),
-            positions=self._tensor(hb.positions, torch.long),
+            input_ids=self._tensor(hb.input_ids + [0] * pad, torch.long),
+            positions=self._tensor(hb.positions + [0] * pad, torch.long),
             meta=meta,
             logits_indices=self._tensor(hb.logits_rows, torch.long),
             sampled_seqs=hb.sampled_seqs,
@@ -179,10 +191,13 @@ class ModelRunner:
         if self._graph_fits(hb):
             return self.graphs.run(HostDecodeBatch(
                 hb.input_ids, hb.positions, hb.slots, hb.context_lens, hb.block_tables), pending)
-        batch = self.to_device(hb)
+        graphs = self.mixed_graphs is not None and self.mixed_graphs.fits(len(hb.input_ids))
+        # Eager decode steps stay unpadded: the decode kernels take one row per sequence.
+        pad = not graphs and max(hb.query_lens) > 1
+        batch = self.to_device(hb, self.eager_row_multiple if pad else 1)
         if pending is not None:
             batch.input_ids.index_copy_(0, *pending)
-        if self.mixed_graphs is not None and self.mixed_graphs.fits(len(hb.input_ids)):
+        if graphs:
             hidden = self.mixed_graphs.run(batch.input_ids, batch.positions, batch.meta)
         else:
             hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv)
@@ -244,6 +259,29 @@ class ModelRunner:
         token_list = step.host_tokens.tolist()
         lps = step.logprobs.to_host(len(token_list)) if step.logprobs is not None else [None] * len(token_list)
         return [SampledToken(s, t, lp) for s, t, lp in zip(step.seqs, token_list, lps)]
+
+    @torch.inference_mode()
+    def launch_every_gemm(self, max_sampled_rows: int, max_eager_tokens: int) -> None:
+        """Launch once each GEMM shape that steps outside CUDA graphs can meet: the LM head at
+        every number of sampled rows up to `max_sampled_rows`, the blocks' projections at
+        every padded row count of an eager step with prefill up to `max_eager_tokens`; then
+        pad eager steps (EAGER_ROW_MULTIPLE). Nothing is queued yet, so the first launches'
+        waits cost nothing here."""
+        m, step = self.model, EAGER_ROW_MULTIPLE
+        first = step if self.mixed_graphs is None else self.mixed_graphs.max_tokens + 1
+        eager_rows = range(-(-first // step) * step, max_eager_tokens + step, step)
+        projections = m.projections()
+        widest = max(w.shape[1] for w, _ in projections)
+        scratch = torch.zeros(max(max_sampled_rows, eager_rows.stop), widest, dtype=m.embed.dtype, device=self.device)
+        hidden = scratch[:, : m.lm_head.shape[1]]
+        for rows in range(1, max_sampled_rows + 1):
+            F.linear(hidden[:rows], m.lm_head)
+        for rows in eager_rows:
+            for weight, bias in projections:
+                F.linear(scratch[:rows, : weight.shape[1]], weight, bias)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.eager_row_multiple = step
 
     @torch.inference_mode()
     def logits_for(self, plan: StepPlan) -> torch.Tensor:

@@ -182,6 +182,28 @@ def test_serving_compiles_no_kernel_after_start(folder):
     assert after == before
 
 
+def test_eager_steps_padded_to_a_row_multiple_give_the_same_tokens(folder):
+    """Once every GEMM shape was launched at start (CUDA does it), eager steps with prefill
+    pad their rows to a multiple of 32: padding rows store no KV and change no token."""
+    prompts, params = mixed_requests(24, seed=7)
+    engine = engine_for(folder)
+    rows = []
+    forward = engine.runner.model.forward
+    engine.runner.model.forward = lambda ids, pos, meta, kv: (rows.append((len(ids), meta.max_query_len > 1)),
+                                                               forward(ids, pos, meta, kv))[1]
+    try:
+        plain = engine.generate(prompts, params)
+        assert any(n % 32 for n, _ in rows)
+        engine.runner.launch_every_gemm(engine.scheduler.config.max_num_seqs, 48)
+        assert engine.runner.eager_row_multiple == 32
+        rows.clear()
+        padded = engine.generate(prompts, params)
+    finally:
+        engine.close()
+    assert all(n % 32 == 0 for n, prefill in rows if prefill) and any(prefill for _, prefill in rows)
+    assert [o.token_ids for o in padded] == [o.token_ids for o in plain]
+
+
 def test_kv_pages_are_mapped_while_the_step_runs_not_when_the_next_is_planned(folder):
     """Growing sequences map their next pages during the previous step (map_ahead), so after
     the first step the scheduler finds its blocks mapped already."""

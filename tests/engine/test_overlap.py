@@ -203,3 +203,39 @@ def test_on_cuda_a_page_freed_behind_queued_work_is_unmapped_later_without_waiti
         assert len(outputs[0].token_ids) == 4
     finally:
         engine.close()
+
+
+@pytest.mark.gpu
+def test_on_cuda_no_launch_waits_for_the_work_queued_before_it(folder):
+    """A kernel's first launch in the process waits for everything queued on the device
+    (cuBLAS picks its GEMM kernel by the row count), which sync debug mode does not see.
+    Before every launch 100 ms of work is queued: steps of rows never seen before, eager
+    ones among them (prompts up to 500 tokens, graphs only up to 256), launch in well under."""
+    import time
+
+    import torch
+
+    prompts, params = mixed_requests(40, seed=11, max_prompt=500, max_output=6)
+    engine = engine_for(folder, overlap=True, device="cuda:0", kernels="triton", max_num_batched_tokens=512)
+    launch, held = engine.executor.launch, []
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(10**7)  # a kernel that spins for this many cycles
+    torch.cuda.synchronize()
+    cycles = int(10**7 * 0.1 / (time.perf_counter() - t0))  # ~100 ms
+
+    def timed_launch(plan, after):
+        torch.cuda._sleep(cycles)
+        t0 = time.perf_counter()
+        try:
+            return launch(plan, after)
+        finally:
+            held.append((time.perf_counter() - t0, plan.num_tokens))
+
+    engine.executor.launch = timed_launch
+    try:
+        engine.generate(prompts, params)
+    finally:
+        engine.close()
+    assert any(n > 256 for _, n in held)
+    assert max(s for s, _ in held) < 0.05, sorted(held, reverse=True)[:5]
