@@ -6,7 +6,9 @@ every kernel already queued. cuBLAS picks its kernel by the problem's shape, so 
 row count is new to the process can meet a kernel never launched before. This queues ~QUEUE_MS
 of work, launches the LM head's GEMM (M x hidden by vocab x hidden, as a step's logits) and
 times the host call, for each M twice: the first pass meets each kernel's first use, the
-second none.
+second none. Then the same for staging a step's inputs behind queued work: a pinned host
+buffer of a size the caching host allocator has not held yet (cudaHostAlloc) and of one it
+holds, and copies from pageable memory of growing sizes (non_blocking).
 
     python3 benchmarks/first_use_waits.py [--hidden 4096 --vocab 128256] [--rows 1 1100 7]
 """
@@ -34,6 +36,28 @@ def launch_ms(h: torch.Tensor, w: torch.Tensor, busy: tuple, count: int) -> floa
     elapsed = time.perf_counter() - t0
     torch.cuda.synchronize()
     return elapsed * 1e3
+
+
+def staging_ms(busy: tuple, count: int, dev: torch.device) -> dict[str, float]:
+    """Host time of each way of staging a step's input behind `count` queued GEMMs."""
+    def timed(fn, *args, **kwargs) -> float:
+        torch.cuda.synchronize()
+        queue_work(*busy, count)
+        t0 = time.perf_counter()
+        fn(*args, **kwargs)
+        elapsed = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        return elapsed * 1e3
+
+    found = {}
+    for kib in (64, 1024, 16384):
+        n = kib << 8  # int32 elements
+        for when in ("new size", "cached"):
+            found[f"pinned alloc {kib} KiB, {when}"] = timed(torch.empty, n, dtype=torch.int32, pin_memory=True)
+        host = torch.arange(n, dtype=torch.int32)
+        found[f"pageable copy {kib} KiB"] = timed(host.to, dev, non_blocking=True)
+        found[f"pinned copy {kib} KiB"] = timed(host.pin_memory().to, dev, non_blocking=True)
+    return found
 
 
 def main() -> int:
@@ -69,6 +93,9 @@ def main() -> int:
         print(f"  {name} pass: launches that waited (over a quarter of the queue): {len(result['waited_' + name])}, "
               f"host time per launch median {sorted(p)[len(p) // 2]:.3f} ms, max {max(p):.1f} ms"
               + (f", at M = {result['waited_' + name][:20]}" if result["waited_" + name] else ""))
+    result["staging_ms"] = staging_ms(busy, args.queue, dev)
+    for name, ms in result["staging_ms"].items():
+        print(f"  {name}: {ms:.3f} ms host time")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f)

@@ -210,12 +210,12 @@ def test_on_cuda_no_launch_waits_for_the_work_queued_before_it(folder):
     """A kernel's first launch in the process waits for everything queued on the device
     (cuBLAS picks its GEMM kernel by the row count), which sync debug mode does not see.
     Before every launch 100 ms of work is queued: steps of rows never seen before, eager
-    ones among them (prompts up to 500 tokens, graphs only up to 256), launch in well under."""
+    ones among them (steps up to 512 tokens, graphs only up to 256), launch in well under."""
     import time
 
     import torch
 
-    prompts, params = mixed_requests(40, seed=11, max_prompt=500, max_output=6)
+    prompts, params = mixed_requests(40, seed=11, max_prompt=250, max_output=6)  # context limit 256
     engine = engine_for(folder, overlap=True, device="cuda:0", kernels="triton", max_num_batched_tokens=512)
     launch, held = engine.executor.launch, []
     torch.cuda.synchronize()
