@@ -160,24 +160,34 @@ class DeviceExecutor:
         if self.device.type == "cuda" and ops.name == "triton":
             self.runner.capture_graphs(graph_batch, graph_tokens, self.max_model_len, private_pool=own_stream)
             self.runner.launch_every_gemm(engine_config.max_num_seqs, engine_config.max_num_batched_tokens)
-            self._warm_up_eager_kernels()
+            self._warm_up_eager_kernels(engine_config.max_num_batched_tokens)
 
-    def _warm_up_eager_kernels(self) -> None:
-        """Compile the kernels of steps that run outside CUDA graphs (prefill, mixed) now: a
-        Triton compile is a pause of about a second, and serving must not meet it mid-trace.
-        One step with a long and a one-token sequence covers both tile shapes of the prefill
-        kernel. Skipped when the pool has no room (the kernels then compile on first use).
-        Its blocks come from a block manager of its own over the same KV pages, all given
+    def _warm_up_eager_kernels(self, max_step_tokens: int) -> None:
+        """Launch now what steps outside CUDA graphs launch, as the overlapped engine does: a
+        Triton compile is a pause of about a second, and a kernel's first launch in the
+        process waits for all work queued on the device (lazy module loading), which here is
+        none. Three steps: a prefill of a long and a one-token sequence (both tile shapes of
+        the prefill kernel), their decode with the tokens still pending on the device, and a
+        prefill beyond the piecewise graphs' largest bucket (run eagerly) when steps can be
+        that large. Skipped when the pool has no room (first uses then come mid-serving).
+        Their blocks come from a block manager of their own over the same KV pages, all given
         back afterwards, so the engine core's starts from the same (empty) state."""
         g = self.kv_geometry
         blocks = BlockManager(g.num_virtual_pages, g.blocks_per_page, g.block_size, self.kv_mapper)
-        long_len = min(self.max_model_len - 1, 4 * g.block_size + 1)
-        greedy = SamplingParams(temperature=0, max_tokens=1)
-        seqs = [Sequence(f"warm-up-{n}", [0] * n, greedy) for n in (long_len, 1)]
+        room = self.max_model_len - 2  # each sequence decodes one token after its prompt
+        small = _warm_up_seqs("small", [min(room, 4 * g.block_size + 1), 1])
+        eager_from = self.runner.mixed_graphs.max_tokens + 1 if self.runner.mixed_graphs else 0
+        big = _warm_up_seqs("eager", _lengths_summing_to(eager_from, room)) if 0 < eager_from <= max_step_tokens else []
+        seqs = small + big
         try:
-            if all(blocks.allocate(seq, seq.num_tokens) for seq in seqs):
-                self.runner.execute(StepPlan(tuple(ScheduledChunk(s, 0, s.num_tokens) for s in seqs)))
-                torch.cuda.synchronize(self.device)
+            if room >= 1 and all(blocks.allocate(seq, seq.num_tokens + 1) for seq in seqs):
+                prefill = self.runner.launch(_prefill_plan(small), None)
+                for seq in small:
+                    seq.add_pending()
+                decode = self.runner.launch(StepPlan(tuple(ScheduledChunk(s, s.num_tokens - 1, 1) for s in small)), prefill)
+                launched = [prefill, decode] + ([self.runner.launch(_prefill_plan(big), decode)] if big else [])
+                for step in launched:  # each waits for its step: all of them done before the blocks go
+                    self.runner.collect(step)
         finally:
             for seq in seqs:
                 blocks.free(seq)
@@ -254,3 +264,18 @@ def _counted(tensors, bar):
     for item in tensors:
         yield item
         bar.update(1)
+
+
+def _warm_up_seqs(tag: str, lengths: list[int]) -> list[Sequence]:
+    greedy = SamplingParams(temperature=0, max_tokens=2)
+    return [Sequence(f"warm-up-{tag}-{i}", [0] * n, greedy) for i, n in enumerate(lengths)]
+
+
+def _lengths_summing_to(total: int, longest: int) -> list[int]:
+    """Prompt lengths of at most `longest` tokens that add up to `total`."""
+    full, rest = divmod(total, longest)
+    return [longest] * full + [rest] * (rest > 0)
+
+
+def _prefill_plan(seqs: list[Sequence]) -> StepPlan:
+    return StepPlan(tuple(ScheduledChunk(s, 0, s.num_tokens) for s in seqs))

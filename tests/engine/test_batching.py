@@ -204,6 +204,22 @@ def test_eager_steps_padded_to_a_row_multiple_give_the_same_tokens(folder):
     assert [o.token_ids for o in padded] == [o.token_ids for o in plain]
 
 
+def test_the_warm_up_steps_leave_the_engine_as_it_was(folder):
+    """The start-up warm-up (run on CUDA: prefill, the decode of its pending tokens, an eager
+    prefill) gives back its blocks and pages and changes no request's tokens."""
+    prompts, params = mixed_requests(12, seed=5)
+    plain, warmed = engine_for(folder), engine_for(folder)
+    try:
+        pages = warmed.pool.pages_of(warmed.kv.owner)
+        warmed.executor._warm_up_eager_kernels(48)
+        assert warmed.pool.pages_of(warmed.kv.owner) == pages
+        outputs = [e.generate(prompts, params) for e in (plain, warmed)]
+    finally:
+        plain.close()
+        warmed.close()
+    assert [o.token_ids for o in outputs[1]] == [o.token_ids for o in outputs[0]]
+
+
 def test_kv_pages_are_mapped_while_the_step_runs_not_when_the_next_is_planned(folder):
     """Growing sequences map their next pages during the previous step (map_ahead), so after
     the first step the scheduler finds its blocks mapped already."""
