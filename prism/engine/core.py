@@ -20,9 +20,10 @@ mask), penalties (the token history).
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from typing import TYPE_CHECKING, Callable
+
+import msgspec
 
 from prism.config import EngineConfig
 from prism.engine.block_manager import BlockManager
@@ -281,7 +282,7 @@ class EngineCore:
             event = self.outputs.on_token(seq, token, now, logprobs)
             # A complete grammar ends the request as a stop (also on its max_tokens-th token).
             if seq.grammar is not None and event.finish_reason is not FinishReason.STOP and seq.grammar.advance(token):
-                event = dataclasses.replace(event, finish_reason=FinishReason.STOP)
+                event = msgspec.structs.replace(event, finish_reason=FinishReason.STOP)
             self._events.append(event)
             if event.finish_reason is not None:
                 finished.append(self._finish(seq, event.finish_reason, now))

@@ -117,16 +117,14 @@ class ModelRunner:
         hb = HostBatch()
         for chunk in plan.chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
-            hb.input_ids += seq.token_ids(start, start + n)
-            hb.positions += range(start, start + n)
-            if n > VECTORIZE_ABOVE:
-                pos = np.arange(start, start + n)
-                block = np.asarray(seq.block_table, dtype=np.int64)[pos // bs]
-                hb.slots += ((block // bpp) * tpp + (block % bpp) * bs + pos % bs).tolist()
+            if n == 1:  # a decode: most rows of most steps
+                hb.input_ids.append(seq.token_at(start))
+                hb.positions.append(start)
+                hb.slots.append(_slot(seq.block_table, start, bs, bpp, tpp))
             else:
-                for pos in range(start, start + n):
-                    block = seq.block_table[pos // bs]
-                    hb.slots.append((block // bpp) * tpp + (block % bpp) * bs + pos % bs)
+                hb.input_ids += seq.token_ids(start, start + n)
+                hb.positions += range(start, start + n)
+                hb.slots += _chunk_slots(seq.block_table, start, n, bs, bpp, tpp)
             hb.query_lens.append(n)
             hb.context_lens.append(start + n)
             hb.block_tables.append(seq.block_table)
@@ -235,7 +233,8 @@ class ModelRunner:
         logits = apply_grammar_masks(self.model.logits(hidden), hb.sampled_seqs)  # structured output
         params = [s.params for s in hb.sampled_seqs]
         gens = [self._generator(s) for s in hb.sampled_seqs]
-        history = [(s.prompt_token_ids, s.output_token_ids) for s in hb.sampled_seqs]
+        history = [(s.prompt_token_ids, s.output_token_ids) for s in hb.sampled_seqs] \
+            if any(p.uses_penalties for p in params) else None
         tokens = sample(logits, params, gens, history)
         tp = self.model.tp
         if tp is not None and not all(p.greedy for p in params):
@@ -297,3 +296,18 @@ class ModelRunner:
 
     def forget(self, seq: Sequence) -> None:
         self._generators.pop(seq.req_id, None)
+
+
+def _chunk_slots(block_table: list[int], start: int, n: int, bs: int, bpp: int, tpp: int) -> list[int]:
+    """KV slots of positions [start, start + n): (page, slot in page) flattened."""
+    if n > VECTORIZE_ABOVE:
+        pos = np.arange(start, start + n)
+        block = np.asarray(block_table, dtype=np.int64)[pos // bs]
+        return ((block // bpp) * tpp + (block % bpp) * bs + pos % bs).tolist()
+    return [_slot(block_table, p, bs, bpp, tpp) for p in range(start, start + n)]
+
+
+def _slot(block_table: list[int], pos: int, bs: int, bpp: int, tpp: int) -> int:
+    """The KV slot of position `pos`: its block's page times tokens per page, plus its place there."""
+    block = block_table[pos // bs]
+    return (block // bpp) * tpp + (block % bpp) * bs + pos % bs

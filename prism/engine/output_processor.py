@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from prism.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from prism.engine.sequence import Sequence
 from prism.engine.tokenizer import Tokenizer
 from prism.types import CompletionOutput, FinishReason, TokenLogprobs
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token of one request, as it should be streamed."""
+class TokenEvent(msgspec.Struct, frozen=True):
+    """One generated token of one request, as it should be streamed (a Struct: one is made
+    per token of every running request each step, several times faster than a dataclass)."""
 
     req_id: str
     token_id: int

@@ -82,18 +82,23 @@ class Scheduler:
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
 
+        block_size = self.blocks.block_size
         for seq in list(self.running):
             if budget == 0:
                 break
-            is_decode = seq.num_uncomputed_tokens == 1
+            uncomputed = seq.num_uncomputed_tokens
+            is_decode = uncomputed == 1
             decodes_left -= is_decode and limit is not None
             if seq.status != SeqStatus.RUNNING or self._awaits_last_token(seq):  # preempted earlier in this loop, or done
                 continue
             room = budget if limit is None or is_decode else budget - decodes_left
             if room <= 0:
                 continue
-            num = min(seq.num_uncomputed_tokens, room)
-            if not self._grow_or_preempt(seq, num, preempted, scheduled, allow_preempt):
+            num = min(uncomputed, room)
+            # Most decodes stay inside their last block: no allocation to try (the common
+            # case, for every running sequence on every step).
+            fits = seq.num_computed_tokens + num <= len(seq.block_table) * block_size
+            if not fits and not self._grow_or_preempt(seq, num, preempted, scheduled, allow_preempt):
                 continue
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
             scheduled.add(id(seq))

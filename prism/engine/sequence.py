@@ -90,6 +90,11 @@ class Sequence:
             return self.output_token_ids[start - n_prompt : end - n_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
 
+    def token_at(self, i: int) -> int:
+        """Token i of prompt followed by outputs."""
+        n_prompt = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n_prompt else self.output_token_ids[i - n_prompt]
+
     @property
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
@@ -103,18 +108,22 @@ class SampledToken(NamedTuple):
     logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
-@dataclass(frozen=True)
 class ScheduledChunk:
-    """Compute tokens [start, start + num_tokens) of seq this step; sample after it if the
-    chunk reaches the end of what the sequence knows (a finished prefill, or a decode)."""
+    """Compute tokens [start, start + num_tokens) of seq this step; `samples` after it if the
+    chunk reaches the end of what the sequence knows when planned (a finished prefill, or a
+    decode; the place a launched step holds for its token does not change that). A slotted
+    class: a step of a thousand sequences builds a thousand of them."""
 
-    seq: Sequence
-    start: int
-    num_tokens: int
+    __slots__ = ("seq", "start", "num_tokens", "samples")
 
-    @property
-    def samples(self) -> bool:
-        return self.start + self.num_tokens == self.seq.num_tokens
+    def __init__(self, seq: Sequence, start: int, num_tokens: int):
+        self.seq = seq
+        self.start = start
+        self.num_tokens = num_tokens
+        self.samples = start + num_tokens == seq.num_tokens
+
+    def __repr__(self) -> str:
+        return f"ScheduledChunk({self.seq.req_id!r}, {self.start}, {self.num_tokens})"
 
 
 @dataclass(frozen=True)
