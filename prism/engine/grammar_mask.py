@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from prism.engine.transfer import device_tensor
+
 if TYPE_CHECKING:
     from prism.engine.sequence import Sequence
 
@@ -41,7 +43,7 @@ def apply_grammar_masks(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Ten
         return logits.masked_fill_(torch.from_numpy(forbid), float("-inf"))
     # On a GPU the packed words travel (32x smaller) and are unpacked there.
     allowed = unpack_bitmask(torch.from_numpy(bitmask).to(logits.device, non_blocking=True), vocab)
-    index = torch.tensor(rows, device=logits.device)
+    index = device_tensor(rows, torch.long, logits.device)  # queued: torch.tensor(device=) would wait
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
     return logits
 

@@ -98,7 +98,7 @@ def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> to
     ids = np.full((len(rows), max(width, 1)), vocab, dtype=np.int64)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
-    ids_t = torch.from_numpy(ids).to(device)
+    ids_t = device_tensor(ids, torch.long, device)
     counts = torch.zeros(len(rows), vocab + 1, device=device)
     counts.scatter_add_(1, ids_t, torch.ones_like(ids_t, dtype=counts.dtype))
     return counts[:, :vocab]
