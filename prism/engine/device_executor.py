@@ -175,12 +175,14 @@ class DeviceExecutor:
         g = self.kv_geometry
         blocks = BlockManager(g.num_virtual_pages, g.blocks_per_page, g.block_size, self.kv_mapper)
         room = self.max_model_len - 2  # each sequence decodes one token after its prompt
+        if room < 1:
+            return
         small = _warm_up_seqs("small", [min(room, 4 * g.block_size + 1), 1])
         eager_from = self.runner.mixed_graphs.max_tokens + 1 if self.runner.mixed_graphs else 0
         big = _warm_up_seqs("eager", _lengths_summing_to(eager_from, room)) if 0 < eager_from <= max_step_tokens else []
         seqs = small + big
         try:
-            if room >= 1 and all(blocks.allocate(seq, seq.num_tokens + 1) for seq in seqs):
+            if all(blocks.allocate(seq, seq.num_tokens + 1) for seq in seqs):
                 prefill = self.runner.launch(_prefill_plan(small), None)
                 for seq in small:
                     seq.add_pending()
