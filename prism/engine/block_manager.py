@@ -68,6 +68,11 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def has_slots(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether seq's blocks already hold its first num_tokens tokens (most decodes: one
+        look instead of an allocation attempt)."""
+        return num_tokens <= len(seq.block_table) * self.block_size
+
     def num_new_blocks(self, seq: Sequence, num_tokens: int) -> int:
         """Blocks seq must gain so that its first num_tokens tokens have KV slots."""
         return max(0, self.num_blocks_for(num_tokens) - len(seq.block_table))

@@ -178,8 +178,9 @@ class DeviceExecutor:
         if room < 1:
             return
         small = _warm_up_seqs("small", [min(room, 4 * g.block_size + 1), 1])
-        eager_from = self.runner.mixed_graphs.max_tokens + 1 if self.runner.mixed_graphs else 0
-        big = _warm_up_seqs("eager", _lengths_summing_to(eager_from, room)) if 0 < eager_from <= max_step_tokens else []
+        graphs_up_to = self.runner.largest_graph_tokens  # the small prefill is eager when 0
+        big = _warm_up_seqs("eager", _lengths_summing_to(graphs_up_to + 1, room)) \
+            if 0 < graphs_up_to < max_step_tokens else []
         seqs = small + big
         try:
             if all(blocks.allocate(seq, seq.num_tokens + 1) for seq in seqs):

@@ -259,6 +259,12 @@ class ModelRunner:
         lps = step.logprobs.to_host(len(token_list)) if step.logprobs is not None else [None] * len(token_list)
         return [SampledToken(s, t, lp) for s, t, lp in zip(step.seqs, token_list, lps)]
 
+    @property
+    def largest_graph_tokens(self) -> int:
+        """Steps with prefill up to this many tokens replay piecewise graphs; larger ones run
+        eagerly (0: every one does)."""
+        return self.mixed_graphs.max_tokens if self.mixed_graphs is not None else 0
+
     @torch.inference_mode()
     def launch_every_gemm(self, max_sampled_rows: int, max_eager_tokens: int) -> None:
         """Launch once each GEMM shape that steps outside CUDA graphs can meet: the LM head at
@@ -267,7 +273,7 @@ class ModelRunner:
         pad eager steps (EAGER_ROW_MULTIPLE). Nothing is queued yet, so the first launches'
         waits cost nothing here."""
         m, step = self.model, EAGER_ROW_MULTIPLE
-        first = step if self.mixed_graphs is None else self.mixed_graphs.max_tokens + 1
+        first = self.largest_graph_tokens + 1
         eager_rows = range(-(-first // step) * step, max_eager_tokens + step, step)
         projections = m.projections()
         widest = max(w.shape[1] for w, _ in projections)

@@ -82,7 +82,6 @@ class Scheduler:
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
 
-        block_size = self.blocks.block_size
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -95,10 +94,8 @@ class Scheduler:
             if room <= 0:
                 continue
             num = min(uncomputed, room)
-            # Most decodes stay inside their last block: no allocation to try (the common
-            # case, for every running sequence on every step).
-            fits = seq.num_computed_tokens + num <= len(seq.block_table) * block_size
-            if not fits and not self._grow_or_preempt(seq, num, preempted, scheduled, allow_preempt):
+            has_slots = self.blocks.has_slots(seq, seq.num_computed_tokens + num)
+            if not has_slots and not self._grow_or_preempt(seq, num, preempted, scheduled, allow_preempt):
                 continue
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num))
             scheduled.add(id(seq))
