@@ -8,7 +8,7 @@
   causal attention) at the dense bf16 matmul rate.
 - offline: `--offline N` requests of `--offline-lens IN OUT` tokens (and with `--offline-azure`
   the Azure conv trace's lengths) submitted at once to engine.generate (continuous batching);
-  output tokens per second, and where the wall time went.
+  output tokens per second, and where the wall time went (offline_case.py).
 - `--decode-sweep`, `--activation`, `--elastic`, `--two-streams`: see engine_cases.py.
 
     python3 benchmarks/engine.py --model llama-3.1-8b:random --batches 1 64 256 --context 1024
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import engine_cases as cases_mod  # noqa: E402
+import offline_case  # noqa: E402
 
 from prism.config import DeviceConfig, EngineConfig  # noqa: E402
 from prism.engine.llm_engine import LLMEngine  # noqa: E402
@@ -261,11 +262,11 @@ def run_cases(engine: LLMEngine, args, ceilings: dict) -> tuple[list[dict], dict
         cases += attempt("activation", lambda: cases_mod.activation_case(engine, h2d))
     if args.offline:
         lens = [tuple(args.offline_lens)] * args.offline
-        cases += attempt("offline", lambda: cases_mod.offline_case(engine, lens, f"{lens[0][0]}+{lens[0][1]}",
+        cases += attempt("offline", lambda: offline_case.offline_case(engine, lens, f"{lens[0][0]}+{lens[0][1]}",
                                                                                  args.host_profile, args.api_profile))
     if args.offline_azure:
         pairs = [tuple(p) for p in json.loads(Path(args.offline_azure).read_text())["pairs"]]
-        cases += attempt("offline azure", lambda: cases_mod.offline_case(engine, pairs, "azure conv"))
+        cases += attempt("offline azure", lambda: offline_case.offline_case(engine, pairs, "azure conv"))
     if args.two_streams:
         cases += attempt("two streams", lambda: two_streams_cases(engine, args))
     if args.many_models:

@@ -12,6 +12,7 @@ from prism.types import SamplingParams
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import engine_cases  # noqa: E402
+import offline_case  # noqa: E402
 
 GREEDY_8 = SamplingParams(temperature=0, max_tokens=8)
 
@@ -25,7 +26,7 @@ def tiny_engine(tiny_checkpoint, **kw):
 def test_offline_case_counts_tokens_and_splits_the_wall_time(tiny_checkpoint):
     engine = tiny_engine(tiny_checkpoint)
     try:
-        with_overlap, without = engine_cases.offline_case(engine, [(20, 5), (7, 3), (33, 4)], "mixed", host_profile=5,
+        with_overlap, without = offline_case.offline_case(engine, [(20, 5), (7, 3), (33, 4)], "mixed", host_profile=5,
                                                             api_profile=(1, 3))
         assert (with_overlap["overlap"], without["overlap"]) == (True, False) and engine.overlap
         profile = with_overlap["host_profile"]
